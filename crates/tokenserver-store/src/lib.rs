@@ -1,1 +1,66 @@
-//! placeholder
+//! Storage for tokenserver: one trait per token family, and the backends that implement it.
+//!
+//! The Sync family stores Mozilla's node-assignment schema (`services`, `nodes`, `users`). Every
+//! read-modify-write is one trait method that the backend makes atomic; callers never build one
+//! from several calls. Backends are chosen by URL ([`open`]).
+
+pub mod error;
+pub mod sqlite;
+pub mod sync;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::StoreError;
+pub use sync::SyncStore;
+
+/// Connection settings shared by every backend.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Maximum connections.
+    pub max_size: u32,
+    /// How long a request waits for a pooled connection.
+    pub connection_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self { max_size: 10, connection_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The backend a database URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite:` URLs (the default, embedded).
+    Sqlite,
+    /// `postgres://` and `postgresql://`.
+    Postgres,
+    /// `mysql://` (MySQL and MariaDB).
+    MySql,
+}
+
+impl Backend {
+    /// Recognises the URL scheme.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase()).unwrap_or_default();
+        match scheme.as_str() {
+            "sqlite" => Ok(Self::Sqlite),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            "mysql" => Ok(Self::MySql),
+            _ => Err(StoreError::Config(format!(
+                "unsupported database URL scheme {scheme:?}: use sqlite:, postgres:// or mysql://"
+            ))),
+        }
+    }
+}
+
+/// Opens the Sync store named by `url`.
+pub async fn open_sync(url: &str, pool: &PoolSettings) -> Result<Arc<dyn SyncStore>, StoreError> {
+    match Backend::from_url(url)? {
+        Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(url, pool).await?)),
+        Backend::Postgres | Backend::MySql => Err(StoreError::Config(
+            "PostgreSQL and MySQL backends are not available in this build yet".into(),
+        )),
+    }
+}

@@ -1,0 +1,46 @@
+//! `StoreError`: what a storage call can fail with, independent of the backend.
+
+/// A storage failure. The HTTP layer maps each to a status; driver text never reaches a client.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or the pool is exhausted: retry later (503).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// No node can take a new user (503, catalogue U2).
+    #[error("unable to get a node")]
+    NoNodeAvailable,
+    /// The service row is missing from `services` (500, catalogue U3).
+    #[error("unknown service {0:?}")]
+    UnknownService(String),
+    /// Another writer changed the rows this call was based on; re-read and retry.
+    #[error("concurrent update, retry")]
+    Conflict,
+    /// The row to change does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The row to create already exists.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// A bad URL or setting.
+    #[error("{0}")]
+    Config(String),
+    /// Anything else the database said (500).
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                Self::Unavailable(e.to_string())
+            }
+            sqlx::Error::Database(db) if db.is_unique_violation() => Self::AlreadyExists(db.message().to_string()),
+            // SQLITE_BUSY / SQLITE_LOCKED: another process holds the write lock past busy_timeout.
+            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6" | "517")) => {
+                Self::Unavailable(db.message().to_string())
+            }
+            _ => Self::Backend(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! `SyncStore`: the node-assignment database of the Sync token protocol (Mozilla's schema).
+
+use async_trait::async_trait;
+use tokenserver_core::sync::allocation::NodeState;
+use tokenserver_core::sync::users::UserRow;
+
+use crate::StoreError;
+
+/// Result alias for store calls.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The account state a new assignment row starts with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allocate<'a> {
+    /// Service name, e.g. `sync-1.5`.
+    pub service: &'a str,
+    /// `<fxa_uid>@<domain>`.
+    pub email: &'a str,
+    /// Generation of the new row.
+    pub generation: i64,
+    /// Client state of the new row.
+    pub client_state: &'a str,
+    /// keys_changed_at of the new row.
+    pub keys_changed_at: Option<i64>,
+    /// The uid of the current row the caller saw (`None`: the user had no rows). If the current
+    /// row is no longer this one, or no longer needs a node, the call fails with
+    /// [`StoreError::Conflict`] and changes nothing.
+    pub expected_current: Option<i64>,
+    /// `created_at` of the new row, ms.
+    pub now_ms: i64,
+    /// Capacity release rate.
+    pub release_rate: f32,
+}
+
+/// A change to a user's current row, applied only if it is still current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserChange<'a> {
+    /// Update generation / keys_changed_at in place (Mozilla's `put_user`, with its guards).
+    Update {
+        /// New generation.
+        generation: i64,
+        /// New keys_changed_at.
+        keys_changed_at: Option<i64>,
+    },
+    /// Insert a row with a new client state on the same node, and mark every other live row of
+    /// the user replaced at `now_ms`.
+    NewClientState {
+        /// New generation.
+        generation: i64,
+        /// New keys_changed_at.
+        keys_changed_at: Option<i64>,
+        /// New client state.
+        client_state: &'a str,
+        /// The node of the current row.
+        node_id: i64,
+    },
+}
+
+/// A node row with its service name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Service name.
+    pub service: String,
+    /// Node columns.
+    pub state: NodeState,
+}
+
+/// A node to insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewNode<'a> {
+    /// Service name.
+    pub service: &'a str,
+    /// Node URL (≤ 64 chars).
+    pub node: &'a str,
+    /// Maximum users.
+    pub capacity: i64,
+    /// Slots available right away.
+    pub available: i64,
+    /// Initial load.
+    pub current_load: i64,
+    /// Downed flag.
+    pub downed: bool,
+    /// Backoff flag.
+    pub backoff: bool,
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MigrationReport {
+    /// Versions applied by this call.
+    pub applied: Vec<String>,
+}
+
+/// The Sync node-assignment store. Implementations make each method atomic.
+#[async_trait]
+pub trait SyncStore: Send + Sync + 'static {
+    /// Creates or upgrades the schema; a no-op on an up-to-date database.
+    async fn migrate(&self) -> Result<MigrationReport>;
+
+    /// Cheap liveness check (`SELECT 1`).
+    async fn check(&self) -> Result<()>;
+
+    /// Up to 20 newest rows of a user, newest `created_at` first, then highest `uid`, joined with
+    /// their node. One indexed read.
+    async fn user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>>;
+
+    /// Atomically: checks that the user's current row is still `expected_current` (and, if one,
+    /// that it still needs a node), picks a node by the allocation policy (releasing capacity as
+    /// needed), bumps its load and inserts the new current row. Returns the new row.
+    async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow>;
+
+    /// Atomically applies `change` if `expected_current` is still the user's live current row,
+    /// else fails with [`StoreError::Conflict`]. Returns the uid of the row now current.
+    async fn change_user(
+        &self,
+        service: &str,
+        email: &str,
+        expected_current: i64,
+        change: &UserChange<'_>,
+        now_ms: i64,
+    ) -> Result<i64>;
+
+    /// Race recovery: marks the given older rows replaced at `replaced_at` if they are still live.
+    async fn replace_rows(&self, service: &str, uids: &[i64], replaced_at: i64) -> Result<()>;
+
+    /// FxA delete-user: sets `generation = MAX_GENERATION, replaced_at = now` on live rows.
+    async fn retire_user(&self, service: &str, email: &str, now_ms: i64) -> Result<u64>;
+
+    /// FxA password-change: raises generation / keys_changed_at on the live rows, never lowering.
+    async fn update_user_generation(
+        &self,
+        service: &str,
+        email: &str,
+        generation: Option<i64>,
+        keys_changed_at: Option<i64>,
+    ) -> Result<u64>;
+
+    /// Inserts a node; [`StoreError::AlreadyExists`] if (service, node) exists.
+    async fn add_node(&self, node: &NewNode<'_>) -> Result<NodeRecord>;
+
+    /// Inserts a node with `available = capacity` unless one with that URL exists (Mozilla's
+    /// `init_node_url`). Returns true when a row was added.
+    async fn init_node(&self, service: &str, node: &str, capacity: i64) -> Result<bool>;
+
+    /// All nodes, optionally of one service, by id.
+    async fn list_nodes(&self, service: Option<&str>) -> Result<Vec<NodeRecord>>;
+
+    /// Inserts the service row if missing (by name). Returns its id.
+    async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64>;
+
+    /// The persisted generated master secret, creating it with `generate` on first call.
+    /// Returns the secret and whether it was just created.
+    async fn generated_master_secret(&self, generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)>;
+}
