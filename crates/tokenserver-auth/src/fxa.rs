@@ -237,8 +237,7 @@ impl FxaVerifier {
                     if !scopes_grant(split_scope_claim(&claims.scope), SYNC_SCOPE) {
                         return Err(AuthError::Invalid("token lacks the sync scope"));
                     }
-                    let identity =
-                        Identity { fxa_uid: claims.sub, generation: claims.generation.filter(|g| *g != 0) };
+                    let identity = Identity { fxa_uid: claims.sub, generation: claims.generation.filter(|g| *g != 0) };
                     return Ok(Local::Verified(identity, claims.exp));
                 }
                 Err(e) => match e.kind() {
@@ -261,7 +260,9 @@ impl FxaVerifier {
             .json(&serde_json::json!({ "token": token }))
             .send()
             .await
-            .map_err(|e| AuthError::Unavailable(if e.is_timeout() { "timeout".into() } else { "unreachable".into() }))?;
+            .map_err(|e| {
+                AuthError::Unavailable(if e.is_timeout() { "timeout".into() } else { "unreachable".into() })
+            })?;
         let status = resp.status();
         if status.is_server_error() {
             return Err(AuthError::Unavailable(format!("FxA answered {status}")));

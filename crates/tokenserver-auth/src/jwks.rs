@@ -168,10 +168,5 @@ async fn fetch(client: &reqwest::Client, url: &url::Url) -> Result<Vec<VerifyKey
     }
     let body = crate::fxa::read_limited(resp).await?;
     let set: JwkSet = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-    Ok(set
-        .keys
-        .into_iter()
-        .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
-        .filter_map(|j| j.to_key())
-        .collect())
+    Ok(set.keys.into_iter().filter_map(|v| serde_json::from_value::<Jwk>(v).ok()).filter_map(|j| j.to_key()).collect())
 }

@@ -59,8 +59,8 @@ impl Backend {
 pub async fn open_sync(url: &str, pool: &PoolSettings) -> Result<Arc<dyn SyncStore>, StoreError> {
     match Backend::from_url(url)? {
         Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(url, pool).await?)),
-        Backend::Postgres | Backend::MySql => Err(StoreError::Config(
-            "PostgreSQL and MySQL backends are not available in this build yet".into(),
-        )),
+        Backend::Postgres | Backend::MySql => {
+            Err(StoreError::Config("PostgreSQL and MySQL backends are not available in this build yet".into()))
+        }
     }
 }

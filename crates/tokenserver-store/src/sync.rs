@@ -29,7 +29,7 @@ pub struct Allocate<'a> {
     /// `created_at` of the new row, ms.
     pub now_ms: i64,
     /// Capacity release rate.
-    pub release_rate: f32,
+    pub release_rate: f64,
 }
 
 /// A change to a user's current row, applied only if it is still current.

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `tokenserver` binary.
+
+fn main() -> std::process::ExitCode {
+    tokenserver::cli::main()
+}

@@ -54,12 +54,12 @@ pub fn choose_node(nodes: &[NodeState]) -> Option<&NodeState> {
 /// as a 32-bit float and stores it in an integer column, which rounds to nearest. Below 5 slots at
 /// the default rate that rounds to 0 and a small server can never take another user (Mozilla
 /// issue #1313); we release at least one slot while the node is not full.
-pub fn released_available(node: &NodeState, rate: f32) -> Option<i64> {
+pub fn released_available(node: &NodeState, rate: f64) -> Option<i64> {
     let eligible = node.available <= 0 && node.capacity > node.current_load && node.downed == 0;
     if !eligible {
         return None;
     }
-    let share = node.capacity as f64 * f64::from(rate);
+    let share = node.capacity as f64 * rate;
     let room = (node.capacity - node.current_load) as f64;
     Some((share.min(room).round() as i64).max(1))
 }

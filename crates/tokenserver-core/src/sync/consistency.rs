@@ -128,11 +128,7 @@ pub fn plan_change(c: &Claimed<'_>, s: &Stored<'_>) -> Change {
     let generation = match (c.generation, c.keys_changed_at) {
         (Some(g), _) => g,
         // A key change without a reported generation bumps the generation to keys_changed_at.
-        (None, Some(r))
-            if s.keys_changed_at.is_none_or(|u| r > u) && r > s.generation =>
-        {
-            r
-        }
+        (None, Some(r)) if s.keys_changed_at.is_none_or(|u| r > u) && r > s.generation => r,
         _ => s.generation,
     };
     if c.client_state != s.client_state {

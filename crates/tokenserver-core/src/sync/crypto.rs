@@ -44,10 +44,7 @@ mod tests {
         let salt = hex::decode("000102030405060708090a0b0c").unwrap_or_default();
         let info = hex::decode("f0f1f2f3f4f5f6f7f8f9").unwrap_or_default();
         let okm = hkdf_sha256_32(&ikm, Some(&salt), &[&info]);
-        assert_eq!(
-            hex::encode(okm),
-            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
-        );
+        assert_eq!(hex::encode(okm), "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf");
     }
 
     #[test]

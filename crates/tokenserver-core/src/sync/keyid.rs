@@ -44,8 +44,7 @@ pub fn is_visible_ascii(bytes: &[u8]) -> bool {
 }
 
 fn client_state_header_ok(v: &str) -> bool {
-    (1..=32).contains(&v.len())
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    (1..=32).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Parses `X-KeyID` (raw header bytes, `None` if absent) and the optional `X-Client-State`.
@@ -100,10 +99,7 @@ mod tests {
         assert_eq!(parse("0000000001234-qqo", None), ok(Some(1234), "aaaa"));
         assert_eq!(parse("1234-qqo", None), ok(Some(1234), "aaaa"));
         assert_eq!(parse("2345-u7s", None), ok(Some(2345), "bbbb"));
-        assert_eq!(
-            parse("1-ASNFZ4mrze8BI0VniavN7w", None),
-            ok(Some(1), "0123456789abcdef0123456789abcdef")
-        );
+        assert_eq!(parse("1-ASNFZ4mrze8BI0VniavN7w", None), ok(Some(1), "0123456789abcdef0123456789abcdef"));
         assert_eq!(parse("1234-", None), ok(Some(1234), ""));
         assert_eq!(parse("0-qqo", None), ok(None, "aaaa"));
         assert_eq!(parse("+7-YWFh", None), ok(Some(7), "616161"));

@@ -111,10 +111,7 @@ pub fn derived_secret_with_salt(id: &str, salt: &str, master: &[u8]) -> String {
 }
 
 fn decode(id: &str) -> Result<(Vec<u8>, usize), TokenError> {
-    let raw = URL_SAFE
-        .decode(id)
-        .or_else(|_| URL_SAFE_NO_PAD.decode(id))
-        .map_err(|_| TokenError::Malformed)?;
+    let raw = URL_SAFE.decode(id).or_else(|_| URL_SAFE_NO_PAD.decode(id)).map_err(|_| TokenError::Malformed)?;
     if raw.len() <= SIG_LEN {
         return Err(TokenError::Malformed);
     }
@@ -141,12 +138,7 @@ pub fn derived_secret(id: &str, master: &[u8]) -> Result<String, TokenError> {
 /// Verifies `id` against each secret in turn (what a storage node does), then checks expiry
 /// against `now_s`. An expired token is reported in [`ParsedToken::expired`] when
 /// `allow_expired`, else as [`TokenError::Expired`].
-pub fn parse_token(
-    id: &str,
-    secrets: &[&[u8]],
-    now_s: f64,
-    allow_expired: bool,
-) -> Result<ParsedToken, TokenError> {
+pub fn parse_token(id: &str, secrets: &[&[u8]], now_s: f64, allow_expired: bool) -> Result<ParsedToken, TokenError> {
     let (raw, split) = decode(id)?;
     let (payload_bytes, sig) = raw.split_at(split);
     let secret_index = secrets

@@ -58,13 +58,10 @@ pub struct Resolved {
 pub fn resolve(rows: &[UserRow]) -> Option<Resolved> {
     let mut sorted: Vec<&UserRow> = rows.iter().collect();
     // Stable sort: equal (generation, created_at) keep the SQL order, highest uid first.
-    sorted.sort_by(|a, b| (b.generation, b.created_at).cmp(&(a.generation, a.created_at)));
+    sorted.sort_by_key(|r| std::cmp::Reverse((r.generation, r.created_at)));
     let (current, older) = sorted.split_first()?;
-    let old_client_states = older
-        .iter()
-        .filter(|r| r.client_state != current.client_state)
-        .map(|r| r.client_state.clone())
-        .collect();
+    let old_client_states =
+        older.iter().filter(|r| r.client_state != current.client_state).map(|r| r.client_state.clone()).collect();
     let unreplaced_uids = older.iter().filter(|r| r.replaced_at.is_none()).map(|r| r.uid).collect();
     // Mozilla takes the last row after sorting; the oldest `created_at` is what the name promises.
     let first_seen_at = rows.iter().map(|r| r.created_at).min().unwrap_or(current.created_at);

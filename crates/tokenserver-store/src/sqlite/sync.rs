@@ -98,7 +98,7 @@ async fn service_id(conn: &mut SqliteConnection, service: &str) -> Result<i64> {
 }
 
 /// Picks a node by the policy, releasing capacity in up to [`MAX_RELEASE_ROUNDS`] rounds.
-async fn pick_node(conn: &mut SqliteConnection, service_id: i64, rate: f32) -> Result<NodeState> {
+async fn pick_node(conn: &mut SqliteConnection, service_id: i64, rate: f64) -> Result<NodeState> {
     for _ in 0..=MAX_RELEASE_ROUNDS {
         let rows = sqlx::query(NODES_OF_SERVICE).bind(service_id).fetch_all(&mut *conn).await?;
         let nodes = rows.iter().map(|r| node_state(r, 0)).collect::<std::result::Result<Vec<_>, _>>()?;
@@ -299,13 +299,8 @@ impl SyncStore for SqliteStore {
     async fn init_node(&self, service: &str, node: &str, capacity: i64) -> Result<bool> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let service = service_id(&mut tx, service).await?;
-        let done = sqlx::query(INIT_NODE)
-            .bind(service)
-            .bind(node)
-            .bind(capacity)
-            .bind(capacity)
-            .execute(&mut *tx)
-            .await?;
+        let done =
+            sqlx::query(INIT_NODE).bind(service).bind(node).bind(capacity).bind(capacity).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
@@ -330,10 +325,7 @@ impl SyncStore for SqliteStore {
         Ok(id)
     }
 
-    async fn generated_master_secret(
-        &self,
-        generate: &(dyn Fn() -> String + Send + Sync),
-    ) -> Result<(String, bool)> {
+    async fn generated_master_secret(&self, generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         let existing: Option<String> =
             sqlx::query_scalar("SELECT value FROM tokenserver_meta WHERE name = 'master_secret'")

@@ -1,0 +1,172 @@
+//! Wiring: opens the store, prepares secrets and the verifier, and serves both listeners.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokenserver_auth::fxa::FxaVerifier;
+use tokenserver_core::Secret;
+use tokenserver_store::SyncStore;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::sync::SyncTokens;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Sync node-assignment store.
+    pub store: Arc<dyn SyncStore>,
+    /// FxA verifier (OAuth tokens and SETs).
+    pub verifier: Arc<FxaVerifier>,
+    /// The Sync token flow.
+    pub sync: Arc<SyncTokens>,
+    /// Prometheus exporter, when this process installed one.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Database problem.
+    #[error("database: {0}")]
+    Store(#[from] tokenserver_store::StoreError),
+    /// Anything else, with its explanation.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().ok()).clone()
+}
+
+/// A random 32-byte secret, hex-encoded.
+pub fn generate_secret() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// Opens the store named by the configuration, migrating it when configured to.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn SyncStore>, StartError> {
+    let store = tokenserver_store::open_sync(config.database.url.expose(), &config.database.pool).await?;
+    if config.database.run_migrations {
+        let report = store.migrate().await?;
+        for version in &report.applied {
+            tracing::info!(version = %version, "applied migration");
+        }
+    }
+    Ok(store)
+}
+
+/// The configured master secrets, or the one generated and kept in the database.
+pub async fn master_secrets(config: &Config, store: &dyn SyncStore) -> Result<Vec<Secret<String>>, StartError> {
+    if !config.master_secrets.is_empty() {
+        return Ok(config.master_secrets.clone());
+    }
+    let (secret, created) = store.generated_master_secret(&generate_secret).await?;
+    if created {
+        tracing::warn!(
+            "no master_secret configured: generated one and stored it in the database; \
+             production should set master_secret (SYNC_MASTER_SECRET) and share it with the storage nodes"
+        );
+    } else {
+        tracing::warn!("no master_secret configured: using the one generated on first run (kept in the database)");
+    }
+    Ok(vec![Secret::new(secret)])
+}
+
+/// Builds the application state: store, secrets, bootstrap rows, verifier.
+pub async fn build(config: Config) -> Result<AppState, StartError> {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let store = open_store(&config).await?;
+    let secrets = master_secrets(&config, store.as_ref()).await?;
+    for app in &config.sync.applications {
+        store.ensure_service(&app.service, &app.pattern).await?;
+    }
+    if let Some((url, capacity)) = &config.sync.init_node {
+        if store.init_node("sync-1.5", url, *capacity).await? {
+            tracing::info!(node = %url, capacity, "Initialized syncstorage node entry");
+        }
+    }
+    let nodes = store.list_nodes(None).await?;
+    if !nodes.iter().any(|n| n.state.downed == 0 && n.state.capacity > n.state.current_load) {
+        tracing::warn!("no storage node can take users yet: add one with `tokenserver node add <url> --capacity <n>`");
+    }
+    let verifier = Arc::new(FxaVerifier::new(&config.fxa).map_err(StartError::Other)?);
+    {
+        let verifier = verifier.clone();
+        tokio::spawn(async move {
+            verifier.prefetch_keys().await;
+        });
+    }
+    let sync = SyncTokens::new(&config, &secrets, store.clone(), verifier.clone()).map_err(StartError::Other)?;
+    Ok(AppState { config: Arc::new(config), store, verifier, sync: Arc::new(sync), metrics: metrics_handle() })
+}
+
+/// Serves the public and internal routers until `shutdown` resolves.
+pub async fn serve(
+    state: AppState,
+    public: TcpListener,
+    internal: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let public_srv =
+        axum::serve(public, crate::http::public_router(state.clone())).with_graceful_shutdown(wait(rx.clone()));
+    let internal_srv = axum::serve(internal, crate::http::internal_router(state)).with_graceful_shutdown(wait(rx));
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let (a, b) = tokio::join!(public_srv, internal_srv);
+    a.and(b)
+}
+
+/// A server started by [`start`].
+pub struct Running {
+    /// Bound public address.
+    pub public_addr: SocketAddr,
+    /// Bound internal address.
+    pub internal_addr: SocketAddr,
+    /// The state it serves (tests use its store).
+    pub state: AppState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Builds the state, binds both listeners (port 0 allowed) and serves in the background.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let public = TcpListener::bind(&config.public_addr)
+        .await
+        .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", config.public_addr)))?;
+    let internal = TcpListener::bind(&config.internal_addr)
+        .await
+        .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", config.internal_addr)))?;
+    let public_addr = public.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    let internal_addr = internal.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    let state = build(config).await?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(state.clone(), public, internal, async move {
+        let _ = rx.await;
+    }));
+    Ok(Running { public_addr, internal_addr, state, stop: Some(tx), task })
+}

@@ -1,0 +1,249 @@
+//! Command line: `serve` (the default), `migrate`, `node add|list`, `token inspect`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+use tokenserver_core::sync::tokenlib::parse_token;
+
+use crate::app;
+use crate::config::{self, Config};
+use crate::ops::node::{self, NodeSpec};
+
+/// Issues, checks, rotates and revokes tokens (Mozilla Tokenserver compatible).
+#[derive(Debug, Parser)]
+#[command(name = "tokenserver", version, about)]
+pub struct Cli {
+    /// TOML configuration file (Mozilla's syncserver files work as they are).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (public and internal listeners).
+    Serve,
+    /// Create or upgrade the database schema, then exit.
+    Migrate,
+    /// Storage node operations.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Token utilities.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `node …`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Register a storage node.
+    Add(NodeAdd),
+    /// List nodes with their load.
+    List {
+        /// Only this service (e.g. sync-1.5).
+        #[arg(long)]
+        service: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `node add`.
+#[derive(Debug, Args)]
+pub struct NodeAdd {
+    /// Node URL, e.g. https://sync-1.example.com
+    pub url: String,
+    /// Maximum number of users.
+    #[arg(long)]
+    pub capacity: i64,
+    /// Slots available now (default: ceil(capacity × release rate)).
+    #[arg(long)]
+    pub available: Option<i64>,
+    /// Initial load.
+    #[arg(long, default_value_t = 0)]
+    pub current_load: i64,
+    /// Add it downed.
+    #[arg(long)]
+    pub downed: bool,
+    /// Add it in backoff.
+    #[arg(long)]
+    pub backoff: bool,
+    /// Service.
+    #[arg(long, default_value = "sync-1.5")]
+    pub service: String,
+}
+
+/// `token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Verify a Sync token as a storage node would, and print its payload and derived key.
+    Inspect {
+        /// The token (`id` of the token response).
+        id: String,
+        /// Master secret to try (repeatable); default: the configured ones.
+        #[arg(long = "secret")]
+        secrets: Vec<String>,
+    },
+}
+
+fn env_vars() -> Vec<(String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect()
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load(cli.config.as_deref(), &env_vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tokenserver: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    crate::telemetry::init_logging(config.human_logs || !serving);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokenserver: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenserver: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> Result<(), String> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            let store = tokenserver_store::open_sync(config.database.url.expose(), &config.database.pool)
+                .await
+                .map_err(|e| e.to_string())?;
+            let report = store.migrate().await.map_err(|e| e.to_string())?;
+            if report.applied.is_empty() {
+                println!("database schema is up to date");
+            } else {
+                println!("applied migrations: {}", report.applied.join(", "));
+            }
+            Ok(())
+        }
+        Command::Node(cmd) => node_command(cmd, config).await,
+        Command::Token(TokenCommand::Inspect { id, secrets }) => inspect(&id, secrets, &config).await,
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let running = app::start(config).await.map_err(|e| e.to_string())?;
+    tracing::info!(internal = %running.internal_addr, "Server running on http://{}", running.public_addr);
+    shutdown_signal().await;
+    tracing::info!("Server closing");
+    running.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn node_command(cmd: NodeCommand, config: Config) -> Result<(), String> {
+    let store = app::open_store(&config).await.map_err(|e| e.to_string())?;
+    match cmd {
+        NodeCommand::Add(a) => {
+            let spec = NodeSpec {
+                node: a.url,
+                capacity: a.capacity,
+                available: a.available,
+                current_load: a.current_load,
+                downed: a.downed,
+                backoff: a.backoff,
+                service: Some(a.service),
+            };
+            let view = node::add(store.as_ref(), &spec, config.sync.release_rate).await.map_err(|e| e.to_string())?;
+            println!(
+                "added node {} (id {}, service {}, capacity {}, available {})",
+                view.node, view.id, view.service, view.capacity, view.available
+            );
+            Ok(())
+        }
+        NodeCommand::List { service, json } => {
+            let nodes = node::list(store.as_ref(), service.as_deref()).await.map_err(|e| e.to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes).unwrap_or_default());
+                return Ok(());
+            }
+            println!(
+                "{:>5}  {:<10}  {:<40}  {:>8}  {:>9}  {:>8}  FLAGS",
+                "ID", "SERVICE", "NODE", "LOAD", "CAPACITY", "AVAIL"
+            );
+            for n in nodes {
+                let flags = [(n.downed, "downed"), (n.backoff, "backoff")]
+                    .iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, f)| *f)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                println!(
+                    "{:>5}  {:<10}  {:<40}  {:>8}  {:>9}  {:>8}  {}",
+                    n.id, n.service, n.node, n.current_load, n.capacity, n.available, flags
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn inspect(id: &str, secrets: Vec<String>, config: &Config) -> Result<(), String> {
+    let secrets: Vec<String> = if !secrets.is_empty() {
+        secrets
+    } else {
+        let store = app::open_store(config).await.map_err(|e| e.to_string())?;
+        app::master_secrets(config, store.as_ref())
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|s| s.expose().clone())
+            .collect()
+    };
+    let bytes: Vec<&[u8]> = secrets.iter().map(|s| s.as_bytes()).collect();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let parsed = parse_token(id.trim(), &bytes, now, true).map_err(|e| format!("invalid token: {e}"))?;
+    let out = serde_json::json!({
+        "valid": true,
+        "expired": parsed.expired,
+        "secret_index": parsed.secret_index,
+        "payload": parsed.payload,
+        "key": parsed.key,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    Ok(())
+}

@@ -1,0 +1,215 @@
+//! The configuration as written: TOML file keys and environment variables, before validation.
+//!
+//! Key names follow Mozilla's syncstorage-rs settings (`master_secret`, `host`, `port`,
+//! `[tokenserver] database_url`, …) so an upstream `--config` file works unchanged.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use tokenserver_auth::jwks::Jwk;
+
+/// Booleans as deployments write them: `true`/`false`, `1`/`0`, `"yes"`/`"no"`.
+pub fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bool(bool),
+        Int(i64),
+        Str(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bool(b) => Ok(b),
+        Raw::Int(0) => Ok(false),
+        Raw::Int(1) => Ok(true),
+        Raw::Str(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" | "" => Ok(false),
+            other => Err(serde::de::Error::custom(format!("expected a boolean, found {other:?}"))),
+        },
+        Raw::Int(other) => Err(serde::de::Error::custom(format!("expected a boolean, found {other}"))),
+    }
+}
+
+/// One master secret or a list of them (newest last, like mozsvc secrets files).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Secrets {
+    /// A single secret.
+    One(String),
+    /// Several; the last one signs.
+    Many(Vec<String>),
+}
+
+/// Top level of the file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FileConfig {
+    /// Public listener address.
+    pub host: String,
+    /// Public listener port.
+    pub port: u16,
+    /// Token signing secret(s), shared with the storage nodes.
+    pub master_secret: Option<Secrets>,
+    /// A file holding master secrets, one per line, newest last.
+    pub master_secret_file: Option<String>,
+    /// Human-readable logs instead of JSON.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub human_logs: bool,
+    /// The internal (admin) listener.
+    pub internal: InternalFile,
+    /// Sync token service settings (Mozilla's `[tokenserver]` table).
+    pub tokenserver: SyncFile,
+    /// Mozilla's storage settings: accepted and ignored (we are not a storage node).
+    #[serde(skip_serializing)]
+    pub syncstorage: Option<serde::de::IgnoredAny>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            master_secret: None,
+            master_secret_file: None,
+            human_logs: false,
+            internal: InternalFile::default(),
+            tokenserver: SyncFile::default(),
+            syncstorage: None,
+        }
+    }
+}
+
+/// `[internal]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct InternalFile {
+    /// Internal listener address (loopback by default).
+    pub host: String,
+    /// Internal listener port.
+    pub port: u16,
+    /// When set, internal APIs require `Authorization: Bearer <admin_key>`.
+    pub admin_key: Option<String>,
+}
+
+impl Default for InternalFile {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), port: 8001, admin_key: None }
+    }
+}
+
+/// One application served at `/1.0/{name}/{version}`.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct ApplicationFile {
+    /// Endpoint pattern: `{node}`, `{uid}` and `{service}` are substituted.
+    pub pattern: Option<String>,
+    /// Default and maximum token lifetime, seconds.
+    pub token_duration: Option<u64>,
+    /// `node_type` in responses.
+    pub node_type: Option<String>,
+}
+
+/// `[tokenserver]`: Mozilla's names, plus ours.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SyncFile {
+    /// `sqlite:…`, `postgres://…`, `mysql://…`.
+    pub database_url: String,
+    /// Pool size.
+    pub database_pool_max_size: u32,
+    /// Seconds to wait for a pooled connection.
+    pub database_pool_connection_timeout: f64,
+    /// Seconds a request's database call may take before a 504.
+    pub database_request_timeout: Option<f64>,
+    /// Create / upgrade the schema at startup.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub run_migrations: bool,
+    /// `email = <fxa_uid>@<fxa_email_domain>`.
+    pub fxa_email_domain: String,
+    /// HMAC key of the metrics hashes.
+    pub fxa_metrics_hash_secret: String,
+    /// FxA OAuth server.
+    pub fxa_oauth_server_url: String,
+    /// Seconds for each call to FxA.
+    pub fxa_oauth_request_timeout: f64,
+    /// Configured FxA signing key.
+    pub fxa_oauth_primary_jwk: Option<Jwk>,
+    /// Second key, for rotation.
+    pub fxa_oauth_secondary_jwk: Option<Jwk>,
+    /// Verified-token cache entries (0 disables).
+    pub fxa_oauth_cache_size: usize,
+    /// Longest a verified token is cached, seconds.
+    pub fxa_oauth_cache_ttl: u64,
+    /// Minimum seconds between JWKS fetches.
+    pub fxa_oauth_jwks_refresh_interval: u64,
+    /// Capacity release fraction (default 0.1).
+    pub node_capacity_release_rate: Option<f64>,
+    /// `node_type` in responses for applications that do not set one.
+    pub node_type: String,
+    /// Default and maximum token lifetime, seconds.
+    pub token_duration: u64,
+    /// Node inserted at startup if missing.
+    pub init_node_url: Option<String>,
+    /// Its capacity (and initial availability).
+    pub init_node_capacity: i64,
+    /// Allow creating first rows for unknown users.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub allow_new_users: bool,
+    /// Mount `POST /1.0/webhooks/fxa/events`.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub fxa_webhook_enabled: bool,
+    /// Count webhook events without applying them.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub fxa_webhook_metrics_only: bool,
+    /// Expected SET audience.
+    pub fxa_webhook_set_client_id: Option<String>,
+    /// Expected SET issuer.
+    pub fxa_webhook_set_issuer: Option<String>,
+    /// Applications by `name-version`; default `sync-1.5`.
+    pub applications: BTreeMap<String, ApplicationFile>,
+    /// Mozilla-only knobs accepted for drop-in compatibility and ignored.
+    #[serde(skip_serializing)]
+    pub enabled: Option<serde::de::IgnoredAny>,
+    #[serde(skip_serializing)]
+    pub additional_blocking_threads_for_fxa_requests: Option<serde::de::IgnoredAny>,
+    #[serde(skip_serializing)]
+    pub statsd_label: Option<serde::de::IgnoredAny>,
+    /// Spanner migration mode: not supported; rejected at validation when set.
+    pub spanner_node_id: Option<i64>,
+}
+
+impl Default for SyncFile {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://tokenserver.db".into(),
+            database_pool_max_size: 10,
+            database_pool_connection_timeout: 30.0,
+            database_request_timeout: None,
+            run_migrations: true,
+            fxa_email_domain: "api.accounts.firefox.com".into(),
+            fxa_metrics_hash_secret: "secret".into(),
+            fxa_oauth_server_url: "https://oauth.accounts.firefox.com".into(),
+            fxa_oauth_request_timeout: 10.0,
+            fxa_oauth_primary_jwk: None,
+            fxa_oauth_secondary_jwk: None,
+            fxa_oauth_cache_size: 10_000,
+            fxa_oauth_cache_ttl: 300,
+            fxa_oauth_jwks_refresh_interval: 30,
+            node_capacity_release_rate: None,
+            node_type: "spanner".into(),
+            token_duration: 3600,
+            init_node_url: None,
+            init_node_capacity: 100_000,
+            allow_new_users: true,
+            fxa_webhook_enabled: false,
+            fxa_webhook_metrics_only: false,
+            fxa_webhook_set_client_id: None,
+            fxa_webhook_set_issuer: None,
+            applications: BTreeMap::new(),
+            enabled: None,
+            additional_blocking_threads_for_fxa_requests: None,
+            statsd_label: None,
+            spanner_node_id: None,
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Configuration: defaults → TOML file → `SYNC_*` → `TOKENSERVER_*`, then validated into a
+//! [`Config`] whose fields cannot be invalid. A bad value stops startup with one line naming the
+//! key; an unknown key is warned about and ignored (deployments carry removed upstream keys).
+
+mod env;
+mod file;
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use tokenserver_auth::fxa::{oauth_base, FxaSettings};
+use tokenserver_core::Secret;
+use tokenserver_store::PoolSettings;
+
+pub use file::FileConfig;
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("{key}: {why}"))
+}
+
+/// One application served at `/1.0/{name}/{version}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Application {
+    /// URL `{application}` segment.
+    pub name: String,
+    /// URL `{version}` segment.
+    pub version: String,
+    /// `services.service`: `name-version`.
+    pub service: String,
+    /// Endpoint pattern.
+    pub pattern: String,
+    /// Default and maximum token lifetime, seconds.
+    pub token_duration: u64,
+    /// `node_type` in responses.
+    pub node_type: String,
+}
+
+/// Database settings.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// URL (may hold a password: never logged).
+    pub url: Secret<String>,
+    /// Pool.
+    pub pool: PoolSettings,
+    /// Per-call timeout on the request path.
+    pub request_timeout: Option<Duration>,
+    /// Migrate at startup.
+    pub run_migrations: bool,
+}
+
+/// Sync protocol settings.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Applications, `sync-1.5` by default.
+    pub applications: Vec<Application>,
+    /// `@domain` of emails.
+    pub email_domain: String,
+    /// HMAC key of the metrics hashes.
+    pub metrics_hash_secret: Secret<String>,
+    /// Capacity release fraction.
+    pub release_rate: f64,
+    /// Allow first rows for unknown users.
+    pub allow_new_users: bool,
+    /// Node added at startup.
+    pub init_node: Option<(String, i64)>,
+}
+
+/// Webhook settings.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Route mounted.
+    pub enabled: bool,
+    /// Count only.
+    pub metrics_only: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public listener `host:port`.
+    pub public_addr: String,
+    /// Internal listener `host:port`.
+    pub internal_addr: String,
+    /// Bearer key for internal APIs.
+    pub admin_key: Option<Secret<String>>,
+    /// Human-readable logs.
+    pub human_logs: bool,
+    /// Master secrets, newest last; empty means "generate and keep one in the database".
+    pub master_secrets: Vec<Secret<String>>,
+    /// Database.
+    pub database: DatabaseConfig,
+    /// Sync protocol.
+    pub sync: SyncConfig,
+    /// FxA verifier.
+    pub fxa: FxaSettings,
+    /// FxA webhook.
+    pub webhook: WebhookConfig,
+    /// Warnings to log once logging is up (unknown keys, risky defaults).
+    pub warnings: Vec<String>,
+}
+
+/// Builds the layered figment from a file and the process environment.
+fn figment(path: Option<&Path>, vars: &[(String, String)]) -> Figment {
+    let mut fig = Figment::from(Serialized::defaults(FileConfig::default()));
+    if let Some(path) = path {
+        fig = fig.merge(Toml::file_exact(path));
+    }
+    for prefix in env::PREFIXES {
+        for (name, value) in vars {
+            if let Some(path) = env::key_path(name, prefix) {
+                let v = env::value_for(&path, value);
+                fig = fig.merge(Serialized::globals(env::nested(&path, v)));
+            }
+        }
+    }
+    fig
+}
+
+/// Loads and validates the configuration from `path` (optional) and `vars` (the environment).
+pub fn load(path: Option<&Path>, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+    if let Some(p) = path {
+        if !p.exists() {
+            return Err(ConfigError(format!("--config: file {} does not exist", p.display())));
+        }
+    }
+    let fig = figment(path, vars);
+    let raw: FileConfig = fig.extract().map_err(|e| ConfigError(one_line(&e)))?;
+    let mut warnings = Vec::new();
+    if let Ok(value) = fig.extract::<figment::value::Value>() {
+        let _ = serde_ignored::deserialize(&value, |p| {
+            let key = p.to_string();
+            // `?` paths are the insides of keys we accept and ignore on purpose (`syncstorage`).
+            if !key.ends_with('?') {
+                warnings.push(format!("unknown configuration key {key} ignored"));
+            }
+        })
+        .map(|_: FileConfig| ());
+    }
+    validate(raw, warnings)
+}
+
+fn one_line(e: &figment::Error) -> String {
+    let mut parts = Vec::new();
+    for err in e.clone() {
+        let key = if err.path.is_empty() { String::new() } else { format!("{}: ", err.path.join(".")) };
+        let source = err.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+        parts.push(format!("{key}{}{source}", err.kind));
+    }
+    parts.join("; ")
+}
+
+fn seconds(key: &str, v: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(v).map_err(|_| bad(key, "must be a non-negative number of seconds"))
+}
+
+fn parse_application(key: &str) -> Result<(String, String), ConfigError> {
+    let (name, version) = key
+        .rsplit_once('-')
+        .filter(|(n, v)| !n.is_empty() && !v.is_empty() && !n.contains('/') && !v.contains('/'))
+        .ok_or_else(|| bad(&format!("tokenserver.applications.{key}"), "name must be <application>-<version>"))?;
+    if key.len() > 30 {
+        return Err(bad(&format!("tokenserver.applications.{key}"), "services.service holds at most 30 characters"));
+    }
+    Ok((name.to_string(), version.to_string()))
+}
+
+fn read_secret_file(path: &str) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad("master_secret_file", format!("{path}: {e}")))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect())
+}
+
+/// Checks a node URL: http(s), no path, at most 64 characters (`nodes.node` is VARCHAR(64)).
+pub fn check_node_url(url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(format!("{url:?} must be an http or https URL"));
+    }
+    if url.len() > 64 {
+        return Err(format!("{url:?} is longer than 64 characters (nodes.node is VARCHAR(64))"));
+    }
+    if url.ends_with('/') {
+        return Err(format!("{url:?} must not end with '/': the endpoint is <node>/1.5/<uid>"));
+    }
+    Ok(())
+}
+
+fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
+    let ts = raw.tokenserver;
+    let mut master_secrets: Vec<String> = match raw.master_secret {
+        Some(file::Secrets::One(s)) => vec![s],
+        Some(file::Secrets::Many(v)) => v,
+        None => Vec::new(),
+    };
+    if let Some(path) = &raw.master_secret_file {
+        master_secrets.extend(read_secret_file(path)?);
+    }
+    if master_secrets.iter().any(String::is_empty) {
+        return Err(bad("master_secret", "must not be empty"));
+    }
+
+    tokenserver_store::Backend::from_url(&ts.database_url).map_err(|e| bad("tokenserver.database_url", e))?;
+    if ts.database_pool_max_size == 0 {
+        return Err(bad("tokenserver.database_pool_max_size", "must be at least 1"));
+    }
+    let pool = PoolSettings {
+        max_size: ts.database_pool_max_size,
+        connection_timeout: seconds(
+            "tokenserver.database_pool_connection_timeout",
+            ts.database_pool_connection_timeout,
+        )?,
+    };
+    let request_timeout =
+        ts.database_request_timeout.map(|s| seconds("tokenserver.database_request_timeout", s)).transpose()?;
+
+    if ts.fxa_email_domain.is_empty() || ts.fxa_email_domain.contains('@') {
+        return Err(bad("tokenserver.fxa_email_domain", "must be a domain such as api.accounts.firefox.com"));
+    }
+    oauth_base(&ts.fxa_oauth_server_url).map_err(|e| bad("tokenserver.fxa_oauth_server_url", e))?;
+    let release_rate = ts.node_capacity_release_rate.unwrap_or(0.1);
+    if !(release_rate > 0.0 && release_rate <= 1.0) {
+        return Err(bad("tokenserver.node_capacity_release_rate", "must be in (0, 1]"));
+    }
+    if !matches!(ts.node_type.as_str(), "mysql" | "postgres" | "spanner") {
+        return Err(bad("tokenserver.node_type", "must be mysql, postgres or spanner"));
+    }
+    if ts.spanner_node_id.is_some() {
+        return Err(bad("tokenserver.spanner_node_id", "Spanner migration mode is not supported"));
+    }
+    let init_node = match ts.init_node_url {
+        Some(url) => {
+            check_node_url(&url).map_err(|e| bad("tokenserver.init_node_url", e))?;
+            if ts.init_node_capacity < 1 {
+                return Err(bad("tokenserver.init_node_capacity", "must be at least 1"));
+            }
+            Some((url, ts.init_node_capacity))
+        }
+        None => None,
+    };
+
+    let mut apps = ts.applications;
+    if apps.is_empty() {
+        apps.insert("sync-1.5".into(), file::ApplicationFile::default());
+    }
+    let mut applications = Vec::new();
+    for (service, app) in apps {
+        let (name, version) = parse_application(&service)?;
+        let token_duration = app.token_duration.unwrap_or(ts.token_duration);
+        let node_type = app.node_type.unwrap_or_else(|| ts.node_type.clone());
+        if !matches!(node_type.as_str(), "mysql" | "postgres" | "spanner") {
+            return Err(bad(
+                &format!("tokenserver.applications.{service}.node_type"),
+                "must be mysql, postgres or spanner",
+            ));
+        }
+        let pattern = app.pattern.unwrap_or_else(|| format!("{{node}}/{version}/{{uid}}"));
+        if !pattern.contains("{uid}") {
+            return Err(bad(&format!("tokenserver.applications.{service}.pattern"), "must contain {uid}"));
+        }
+        applications.push(Application { name, version, service, pattern, token_duration, node_type });
+    }
+
+    let jwks: Vec<_> = [ts.fxa_oauth_primary_jwk, ts.fxa_oauth_secondary_jwk].into_iter().flatten().collect();
+    for (i, jwk) in jwks.iter().enumerate() {
+        let key = if i == 0 { "tokenserver.fxa_oauth_primary_jwk" } else { "tokenserver.fxa_oauth_secondary_jwk" };
+        if jwk.to_key().is_none() {
+            return Err(bad(key, "not a usable RSA signature key (needs kty=RSA, n, e)"));
+        }
+    }
+    let fxa = FxaSettings {
+        server_url: ts.fxa_oauth_server_url.clone(),
+        request_timeout: seconds("tokenserver.fxa_oauth_request_timeout", ts.fxa_oauth_request_timeout)?,
+        jwks,
+        cache_capacity: ts.fxa_oauth_cache_size,
+        cache_ttl: Duration::from_secs(ts.fxa_oauth_cache_ttl),
+        jwks_min_refresh: Duration::from_secs(ts.fxa_oauth_jwks_refresh_interval),
+        set_client_id: ts.fxa_webhook_set_client_id.clone(),
+        set_issuer: ts.fxa_webhook_set_issuer.clone(),
+    };
+    if fxa.request_timeout.is_zero() {
+        return Err(bad("tokenserver.fxa_oauth_request_timeout", "must be positive"));
+    }
+    if ts.fxa_webhook_enabled && (fxa.set_client_id.is_none() || fxa.set_issuer.is_none()) {
+        warnings.push(
+            "fxa_webhook_enabled without fxa_webhook_set_client_id and fxa_webhook_set_issuer: every event will be refused".into(),
+        );
+    }
+
+    if ts.fxa_metrics_hash_secret == "secret" {
+        warnings
+            .push("tokenserver.fxa_metrics_hash_secret is the default \"secret\": set your own in production".into());
+    }
+    if ts.fxa_email_domain.contains("stage") || ts.fxa_oauth_server_url.contains("stage") {
+        warnings.push("FxA settings point at Mozilla's *stage* servers: real Firefox accounts will be refused".into());
+    }
+
+    Ok(Config {
+        public_addr: format!("{}:{}", raw.host, raw.port),
+        internal_addr: format!("{}:{}", raw.internal.host, raw.internal.port),
+        admin_key: raw.internal.admin_key.filter(|k| !k.is_empty()).map(Secret::new),
+        human_logs: raw.human_logs,
+        master_secrets: master_secrets.into_iter().map(Secret::new).collect(),
+        database: DatabaseConfig {
+            url: Secret::new(ts.database_url),
+            pool,
+            request_timeout,
+            run_migrations: ts.run_migrations,
+        },
+        sync: SyncConfig {
+            applications,
+            email_domain: ts.fxa_email_domain,
+            metrics_hash_secret: Secret::new(ts.fxa_metrics_hash_secret),
+            release_rate,
+            allow_new_users: ts.allow_new_users,
+            init_node,
+        },
+        fxa,
+        webhook: WebhookConfig { enabled: ts.fxa_webhook_enabled, metrics_only: ts.fxa_webhook_metrics_only },
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn with_file(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("ts-config-{}-{}", std::process::id(), rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).map_err(|e| ConfigError(e.to_string()))?;
+        let path = dir.join("local.toml");
+        std::fs::write(&path, toml).map_err(|e| ConfigError(e.to_string()))?;
+        let out = load(Some(&path), &vars(env));
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let c = load(None, &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.public_addr, "127.0.0.1:8000");
+        assert_eq!(c.internal_addr, "127.0.0.1:8001");
+        assert_eq!(c.database.url.expose(), "sqlite://tokenserver.db");
+        assert!(c.master_secrets.is_empty());
+        assert_eq!(c.sync.email_domain, "api.accounts.firefox.com");
+        assert_eq!(c.fxa.server_url, "https://oauth.accounts.firefox.com");
+        assert_eq!(c.sync.applications.len(), 1);
+        let app = &c.sync.applications[0];
+        assert_eq!((app.name.as_str(), app.version.as_str()), ("sync", "1.5"));
+        assert_eq!(app.pattern, "{node}/1.5/{uid}");
+        assert_eq!(app.token_duration, 3600);
+        assert_eq!(app.node_type, "spanner");
+        assert!((c.sync.release_rate - 0.1).abs() < f64::EPSILON);
+    }
+
+    #[test]
+    fn mozilla_env_names_and_upstream_toml_work() {
+        let toml = r#"
+master_secret = "from-file"
+human_logs = 1
+host = "0.0.0.0"
+syncstorage.enabled = true
+syncstorage.database_url = "mysql://x"
+tokenserver.enabled = true
+tokenserver.database_url = "sqlite://file.db"
+tokenserver.node_type = "mysql"
+tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
+"#;
+        let env = [
+            ("SYNC_MASTER_SECRET", "0123"),
+            ("SYNC_TOKENSERVER__FXA_EMAIL_DOMAIN", "example.org"),
+            ("SYNC_TOKENSERVER__TOKEN_DURATION", "600"),
+            ("SYNC_TOKENSERVER__ALLOW_NEW_USERS", "0"),
+            ("SYNC_TOKENSERVER__NODE_CAPACITY_RELEASE_RATE", "1"),
+            ("SYNC_TOKENSERVER__INIT_NODE_URL", "https://sync.example.org"),
+            ("SYNC_TOKENSERVER__INIT_NODE_CAPACITY", "5"),
+            ("SYNC_TOKENSERVER__FXA_OAUTH_PRIMARY_JWK__KTY", "RSA"),
+            ("SYNC_TOKENSERVER__FXA_OAUTH_PRIMARY_JWK__KID", "20190730-15e473fd"),
+            ("SYNC_TOKENSERVER__FXA_OAUTH_PRIMARY_JWK__N", "15OpVGC7ws_SlU0gRbRh1Iwo8_gR8ElX2CDnbN5blKyXLg-ll0ogktoDXc-tDvTabRTxi7AXU0wWQ247odhHT47y5uz0GASYXdfPponynQ_xR9CpNn1eEL1gvDhQN9rfPIzfncl8FUi9V4WMd5f600QC81yDw9dX-Z8gdkru0aDaoEKF9-wU2TqrCNcQdiJCX9BISotjz_9cmGwKXFEekQNJWBeRQxH2bUmgwUK0HaqwW9WbYOs-zstNXXWFsgK9fbDQqQeGehXLZM4Cy5Mgl_iuSvnT3rLzPo2BmlxMLUvRqBx3_v8BTtwmNGA0v9O0FJS_mnDq0Iue0Dz8BssQCQ"),
+            ("SYNC_TOKENSERVER__FXA_OAUTH_PRIMARY_JWK__E", "AQAB"),
+            ("SYNC_TOKENSERVER__FXA_OAUTH_PRIMARY_JWK__FXA_CREATED_AT", "1564502400"),
+            ("SYNC_TOKENSERVER__ADDITIONAL_BLOCKING_THREADS_FOR_FXA_REQUESTS", "10"),
+            ("TOKENSERVER_PORT", "9000"),
+            ("TOKENSERVER_TEST_POSTGRES_URL", "postgres://ignored"),
+        ];
+        let c = with_file(toml, &env).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.master_secrets.iter().map(|s| s.expose().as_str()).collect::<Vec<_>>(), ["0123"]);
+        assert!(c.human_logs);
+        assert_eq!(c.public_addr, "0.0.0.0:9000");
+        assert_eq!(c.database.url.expose(), "sqlite://file.db");
+        assert_eq!(c.sync.email_domain, "example.org");
+        assert_eq!(c.sync.applications[0].token_duration, 600);
+        assert_eq!(c.sync.applications[0].node_type, "mysql");
+        assert!(!c.sync.allow_new_users);
+        assert!((c.sync.release_rate - 1.0).abs() < f64::EPSILON);
+        assert_eq!(c.sync.init_node, Some(("https://sync.example.org".to_string(), 5)));
+        assert_eq!(c.fxa.jwks.len(), 1);
+        assert!(c.warnings.iter().any(|w| w.contains("fxa_browserid_audience")), "{:?}", c.warnings);
+        assert!(!c.warnings.iter().any(|w| w.contains("syncstorage") || w.contains("blocking")), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn tokenserver_env_beats_sync_env_and_master_secret_lists() {
+        let env = [("SYNC_TOKENSERVER__DATABASE_URL", "sqlite://a.db"), ("TOKENSERVER_DATABASE_URL", "sqlite://b.db")];
+        let c = with_file("master_secret = [\"old\", \"new\"]\n[tokenserver.applications.\"sync-1.5\"]\n[tokenserver.applications.notes-2]\ntoken_duration = 60\n", &env)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.database.url.expose(), "sqlite://b.db");
+        assert_eq!(c.master_secrets.iter().map(|s| s.expose().as_str()).collect::<Vec<_>>(), ["old", "new"]);
+        let notes = c.sync.applications.iter().find(|a| a.name == "notes").unwrap_or_else(|| unreachable!());
+        assert_eq!((notes.version.as_str(), notes.pattern.as_str(), notes.token_duration), ("2", "{node}/2/{uid}", 60));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("SYNC_PORT", "http")], "port"),
+            (&[("SYNC_TOKENSERVER__DATABASE_URL", "redis://x")], "tokenserver.database_url"),
+            (&[("SYNC_TOKENSERVER__NODE_TYPE", "oracle")], "tokenserver.node_type"),
+            (&[("SYNC_TOKENSERVER__INIT_NODE_URL", "ftp://x")], "tokenserver.init_node_url"),
+            (&[("SYNC_TOKENSERVER__ALLOW_NEW_USERS", "maybe")], "tokenserver.allow_new_users"),
+            (&[("SYNC_TOKENSERVER__NODE_CAPACITY_RELEASE_RATE", "2")], "tokenserver.node_capacity_release_rate"),
+            (&[("SYNC_TOKENSERVER__FXA_OAUTH_SERVER_URL", "nope")], "tokenserver.fxa_oauth_server_url"),
+            (&[("SYNC_TOKENSERVER__FXA_OAUTH_PRIMARY_JWK__KTY", "EC")], "tokenserver.fxa_oauth_primary_jwk"),
+            (&[("SYNC_TOKENSERVER__SPANNER_NODE_ID", "800")], "tokenserver.spanner_node_id"),
+            (&[("SYNC_MASTER_SECRET", "")], "master_secret"),
+        ];
+        for (env, key) in cases {
+            let err = load(None, &vars(env)).map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(key), "{env:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        assert!(load(Some(Path::new("/nonexistent/x.toml")), &[]).is_err());
+    }
+
+    #[test]
+    fn node_urls() {
+        assert!(check_node_url("https://sync.example.com").is_ok());
+        assert!(check_node_url("http://localhost:8000").is_ok());
+        assert!(check_node_url("https://sync.example.com/").is_err());
+        assert!(check_node_url(&format!("https://{}.com", "a".repeat(60))).is_err());
+        assert!(check_node_url("sync.example.com").is_err());
+    }
+
+    #[test]
+    fn debug_never_prints_secrets() {
+        let c = load(
+            None,
+            &vars(&[("SYNC_MASTER_SECRET", "topsecret"), ("SYNC_TOKENSERVER__FXA_METRICS_HASH_SECRET", "alsosecret")]),
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("topsecret") && !dbg.contains("alsosecret"));
+    }
+}

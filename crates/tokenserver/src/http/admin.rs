@@ -1,0 +1,82 @@
+//! The internal listener: node administration and Prometheus metrics. Guarded by the optional
+//! admin key (`Authorization: Bearer <key>`, compared in constant time).
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tokenserver_store::StoreError;
+
+use crate::app::AppState;
+use crate::http::error::ApiError;
+use crate::ops::node::{self, NodeSpec, OpsError};
+
+/// Routes of the internal listener (state still to be applied).
+pub fn router(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/nodes", get(list_nodes).post(add_node))
+        .layer(axum::middleware::from_fn_with_state(state, require_admin_key))
+        .route("/__lbheartbeat__", get(crate::http::health::lbheartbeat))
+}
+
+async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.admin_key {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(presented.as_bytes().ct_eq(key.expose().as_bytes())) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "metrics_disabled", "metrics are not enabled").into_response(),
+    }
+}
+
+fn ops_error(e: OpsError) -> ApiError {
+    match e {
+        OpsError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", m),
+        OpsError::Store(StoreError::AlreadyExists(m)) => ApiError::new(StatusCode::CONFLICT, "node_already_exists", m),
+        OpsError::Store(StoreError::UnknownService(s)) => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_service", format!("no service {s:?}"))
+        }
+        OpsError::Store(StoreError::Unavailable(_)) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable")
+        }
+        OpsError::Store(other) => {
+            tracing::error!(error = %other, "node operation failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    service: Option<String>,
+}
+
+async fn list_nodes(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+    let nodes = node::list(state.store.as_ref(), q.service.as_deref()).await.map_err(ops_error)?;
+    Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
+}
+
+async fn add_node(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let spec: NodeSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))?;
+    let view = node::add(state.store.as_ref(), &spec, state.config.sync.release_rate).await.map_err(ops_error)?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}

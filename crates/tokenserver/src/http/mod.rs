@@ -1,0 +1,71 @@
+//! HTTP routers: the public listener (Sync token API, webhook, health) and the internal one
+//! (node administration, metrics).
+
+pub mod admin;
+pub mod error;
+pub mod health;
+pub mod sync;
+pub mod webhook;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tower_http::limit::RequestBodyLimitLayer;
+
+use crate::app::AppState;
+
+/// Total size of request headers accepted (names + values).
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Largest request body accepted anywhere.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Refuses requests whose headers exceed [`MAX_HEADER_BYTES`] with 431.
+async fn limit_headers(req: Request, next: Next) -> Response {
+    let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if size > MAX_HEADER_BYTES {
+        return StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
+    }
+    next.run(req).await
+}
+
+/// Unknown paths: Mozilla keeps an empty 404 under `/1.0/` and answers the JSON number `0`
+/// (Weave's "unknown error") elsewhere.
+async fn not_found(req: Request) -> Response {
+    if req.uri().path().starts_with("/1.0/") {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let mut resp = Response::new(Body::from("0"));
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+async fn root() -> Response {
+    (StatusCode::FOUND, [(header::LOCATION, "https://mozilla-services.readthedocs.io/en/latest/token/apis.html")])
+        .into_response()
+}
+
+/// The public listener's routes.
+pub fn public_router(state: AppState) -> Router {
+    let mut router = Router::new().route("/", get(root)).merge(sync::router()).merge(health::router());
+    if state.config.webhook.enabled {
+        router = router.merge(webhook::router());
+    }
+    router
+        .fallback(not_found)
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(limit_headers))
+        .with_state(state)
+}
+
+/// The internal listener's routes.
+pub fn internal_router(state: AppState) -> Router {
+    admin::router(state.clone())
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(limit_headers))
+        .with_state(state)
+}

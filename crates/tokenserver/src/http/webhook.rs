@@ -1,0 +1,77 @@
+//! `POST /1.0/webhooks/fxa/events`: FxA security event tokens (spec §1.8).
+//!
+//! The SET is verified (RS256, `aud`, `iss`, `exp` if present); `delete-user` retires the account
+//! and `password-change` raises its generation to `changeTime - 1`, so the first client presenting
+//! the new generation passes. Events apply to every configured application. The body is ignored.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+
+use crate::app::AppState;
+use crate::http::error::SyncError;
+use crate::sync::{bearer_token, store_error};
+
+const DELETE_USER: &str = "https://schemas.accounts.firefox.com/event/delete-user";
+const PASSWORD_CHANGE: &str = "https://schemas.accounts.firefox.com/event/password-change";
+
+/// Routes of this module.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/1.0/webhooks/fxa/events", post(handle_fxa_events))
+}
+
+async fn handle_fxa_events(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match process(&state, &headers).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError> {
+    let token = bearer_token(headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes))?;
+    let claims = state.verifier.verify_set(token).await.map_err(|e| {
+        tracing::info!(reason = %e, "webhook SET refused");
+        SyncError::invalid_credentials()
+    })?;
+    let Some(events) = claims.events.as_object() else {
+        return Ok(());
+    };
+    metrics::counter!("tokenserver_webhook_events_received_total").increment(events.len() as u64);
+    if state.config.webhook.metrics_only {
+        return Ok(());
+    }
+    let email = format!("{}@{}", claims.sub, state.config.sync.email_domain);
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
+    )
+    .unwrap_or(i64::MAX);
+    for (event, data) in events {
+        match event.as_str() {
+            DELETE_USER => {
+                for app in &state.config.sync.applications {
+                    state.store.retire_user(&app.service, &email, now_ms).await.map_err(|e| store_error(&e))?;
+                }
+                metrics::counter!("tokenserver_webhook_events_processed_total", "event_type" => "delete_user")
+                    .increment(1);
+            }
+            PASSWORD_CHANGE => {
+                let Some(change_time) = data.get("changeTime").and_then(serde_json::Value::as_i64) else {
+                    continue;
+                };
+                for app in &state.config.sync.applications {
+                    state
+                        .store
+                        .update_user_generation(&app.service, &email, Some(change_time - 1), None)
+                        .await
+                        .map_err(|e| store_error(&e))?;
+                }
+                metrics::counter!("tokenserver_webhook_events_processed_total", "event_type" => "password_change")
+                    .increment(1);
+            }
+            other => tracing::info!(event = other, "ignoring unknown FxA event"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! tokenserver: issues, checks, rotates and revokes tokens. This crate is the binary's library:
+//! configuration, CLI, HTTP routers and the flows that tie `tokenserver-core` rules to
+//! `tokenserver-store` backends and `tokenserver-auth` verifiers.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod ops;
+pub mod sync;
+pub mod telemetry;

@@ -1,0 +1,3 @@
+//! Operations shared by the CLI and the internal API, so both behave identically.
+
+pub mod node;

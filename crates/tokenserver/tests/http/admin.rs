@@ -1,0 +1,143 @@
+//! The internal listener (node API, metrics, admin key) and the CLI binary.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn node_api_on_the_internal_listener() {
+    let s = TestServer::start(&[]).await;
+    let add = |body: Value| s.http.post(format!("{}/v1/nodes", s.internal)).json(&body).send();
+    let r = add(json!({"node": "https://sync-1.example.com", "capacity": 1000})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["available"], 100, "ceil(capacity × 0.1)");
+    assert_eq!((v["current_load"].as_i64(), v["downed"].as_bool()), (Some(0), Some(false)));
+    let r = add(json!({"node": "https://sync-1.example.com", "capacity": 10})).await.unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "node_already_exists");
+    let r = add(json!({"node": "sync-2", "capacity": 10})).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let r = add(json!({"node": "https://x.example.com", "capacity": 0})).await.unwrap();
+    assert_eq!(r.status(), 422);
+    let r = add(json!({"node": "https://x.example.com", "capacity": 5, "service": "nope-1"})).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = s.http.get(format!("{}/v1/nodes", s.internal)).send().await.unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 1);
+    // The node API is not on the public listener.
+    let r = s.http.get(format!("{}/v1/nodes", s.base)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // Metrics are exported.
+    assert_eq!(s.token(&Jwt::new("u1", Some(1)).sign(), "1-qqo").await.status, 200);
+    let text = s.http.get(format!("{}/metrics", s.internal)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("tokenserver_token_requests_total"), "{text}");
+}
+
+#[tokio::test]
+async fn admin_key_guards_the_internal_api() {
+    let s = TestServer::start(&[("TOKENSERVER_INTERNAL__ADMIN_KEY", "s3cret-admin")]).await;
+    let url = format!("{}/v1/nodes", s.internal);
+    let r = s.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unauthorized");
+    let r = s.http.get(&url).bearer_auth("wrong").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s.http.get(&url).bearer_auth("s3cret-admin").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Load balancers may probe liveness without the key.
+    let r = s.http.get(format!("{}/__lbheartbeat__", s.internal)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+fn cli(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenserver"));
+    cmd.current_dir(dir).args(args).env_remove("SYNC_MASTER_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_node_add_list_migrate_and_config_errors() {
+    let dir = TempDir::new();
+    let (code, out, err) = cli(&dir.0, &["node", "add", "https://sync-1.example.com", "--capacity", "1000"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("added node https://sync-1.example.com (id 1, service sync-1.5, capacity 1000, available 100)"),
+        "{out}"
+    );
+    assert!(dir.0.join("tokenserver.db").exists(), "zero configuration uses ./tokenserver.db");
+    let (code, out, _) = cli(&dir.0, &["node", "list", "--json"], &[]);
+    assert_eq!(code, 0);
+    let nodes: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(nodes[0]["node"], "https://sync-1.example.com");
+    assert_eq!(nodes[0]["capacity"], 1000);
+    let (code, out, _) = cli(&dir.0, &["node", "list"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("https://sync-1.example.com") && out.contains("1000"), "{out}");
+    let (code, _, err) = cli(&dir.0, &["node", "add", "https://sync-1.example.com", "--capacity", "5"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+    let (code, out, _) = cli(&dir.0, &["migrate"], &[]);
+    assert_eq!((code, out.trim()), (0, "database schema is up to date"));
+    // A bad setting: exit 2, one line naming the key.
+    let (code, _, err) = cli(&dir.0, &["node", "list"], &[("SYNC_TOKENSERVER__NODE_TYPE", "oracle")]);
+    assert_eq!(code, 2);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("tokenserver.node_type"), "{err}");
+}
+
+#[tokio::test]
+async fn cli_token_inspect_verifies_like_a_storage_node() {
+    let s = TestServer::start(&[]).await;
+    s.add_node(NODE, 100, 100).await;
+    let body = s.token(&Jwt::new("u1", Some(1234)).sign(), "1234-qqo").await.json();
+    let id = body["id"].as_str().unwrap();
+    let dir = TempDir::new();
+    let (code, out, err) = cli(&dir.0, &["token", "inspect", id, "--secret", "old", "--secret", SECRET], &[]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["expired"], false);
+    assert_eq!(v["secret_index"], 1);
+    assert_eq!(v["key"], body["key"]);
+    assert_eq!(v["payload"]["fxa_kid"], "0000000001234-qqo");
+    assert_eq!(v["payload"]["uid"], body["uid"]);
+    let (code, _, err) = cli(&dir.0, &["token", "inspect", id, "--secret", "wrong"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid signature"), "{err}");
+    // With no --secret, the configured secrets are used.
+    let (code, out, _) = cli(&dir.0, &["token", "inspect", id], &[("SYNC_MASTER_SECRET", SECRET)]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"valid\": true"));
+}
+
+#[tokio::test]
+async fn generated_master_secret_is_persisted_across_restarts() {
+    let dir = TempDir::new();
+    let db = format!("sqlite://{}/ts.db", dir.0.display());
+    let vars = |db: &str| -> Vec<(String, String)> {
+        [("TOKENSERVER_PORT", "0"), ("TOKENSERVER_INTERNAL__PORT", "0"), ("TOKENSERVER_DATABASE_URL", db)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let cfg = tokenserver::config::load(None, &vars(&db)).unwrap();
+    let store = tokenserver::app::open_store(&cfg).await.unwrap();
+    let first = tokenserver::app::master_secrets(&cfg, store.as_ref()).await.unwrap();
+    drop(store);
+    let store = tokenserver::app::open_store(&cfg).await.unwrap();
+    let second = tokenserver::app::master_secrets(&cfg, store.as_ref()).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].expose(), second[0].expose());
+    assert_eq!(first[0].expose().len(), 64);
+}

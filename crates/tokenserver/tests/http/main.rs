@@ -1,0 +1,14 @@
+//! Black-box HTTP tests: a real tokenserver on a real socket, a mock FxA, a real SQLite file.
+//! One binary for all of them (link time), one module per area.
+
+// Tests may unwrap: a failure is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod admin;
+mod common;
+mod concurrency;
+mod identity;
+mod python_tokenlib;
+mod sync_api;
+mod validation;
+mod webhook;
