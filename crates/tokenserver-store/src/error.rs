@@ -29,17 +29,35 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// A unique violation on `nodes` reads as "node … already exists".
+pub(crate) fn node_exists(e: sqlx::Error, node: &str) -> StoreError {
+    match StoreError::from(e) {
+        StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!("node {node}")),
+        other => other,
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-                Self::Unavailable(e.to_string())
-            }
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(e.to_string()),
             sqlx::Error::Database(db) if db.is_unique_violation() => Self::AlreadyExists(db.message().to_string()),
-            // SQLITE_BUSY / SQLITE_LOCKED: another process holds the write lock past busy_timeout.
-            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6" | "517")) => {
-                Self::Unavailable(db.message().to_string())
-            }
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                // PostgreSQL serialization failure / deadlock; MySQL deadlock: retry.
+                Some("40001" | "40P01" | "1213") => Self::Conflict,
+                // SQLITE_BUSY / SQLITE_LOCKED (another process holds the write lock past
+                // busy_timeout); PostgreSQL connection and shutdown classes; MySQL lock wait timeout.
+                Some("5" | "6" | "517" | "57P01" | "57P02" | "57P03" | "1205") => {
+                    Self::Unavailable(db.message().to_string())
+                }
+                Some(code) if code.starts_with("08") => Self::Unavailable(db.message().to_string()),
+                _ => Self::Backend(e.to_string()),
+            },
             _ => Self::Backend(e.to_string()),
         }
     }

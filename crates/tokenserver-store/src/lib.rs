@@ -5,8 +5,14 @@
 //! from several calls. Backends are chosen by URL ([`open`]).
 
 pub mod error;
+mod migrate;
+pub mod mysql;
+pub mod postgres;
 pub mod sqlite;
 pub mod sync;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod tx;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,8 +65,7 @@ impl Backend {
 pub async fn open_sync(url: &str, pool: &PoolSettings) -> Result<Arc<dyn SyncStore>, StoreError> {
     match Backend::from_url(url)? {
         Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(url, pool).await?)),
-        Backend::Postgres | Backend::MySql => {
-            Err(StoreError::Config("PostgreSQL and MySQL backends are not available in this build yet".into()))
-        }
+        Backend::Postgres => Ok(Arc::new(postgres::PgStore::open(url, pool).await?)),
+        Backend::MySql => Ok(Arc::new(mysql::MySqlStore::open(url, pool).await?)),
     }
 }

@@ -152,3 +152,19 @@ pub trait SyncStore: Send + Sync + 'static {
     /// Returns the secret and whether it was just created.
     async fn generated_master_secret(&self, generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)>;
 }
+
+/// The record of a node just inserted with `id`.
+pub(crate) fn node_record(node: &NewNode<'_>, id: i64) -> NodeRecord {
+    NodeRecord {
+        service: node.service.to_string(),
+        state: NodeState {
+            id,
+            node: node.node.to_string(),
+            available: node.available,
+            current_load: node.current_load,
+            capacity: node.capacity,
+            downed: i64::from(node.downed),
+            backoff: i64::from(node.backoff),
+        },
+    }
+}

@@ -2,11 +2,12 @@
 
 use async_trait::async_trait;
 use sqlx::{Row, SqliteConnection};
-use tokenserver_core::sync::allocation::{choose_node, released_available, NodeState, MAX_RELEASE_ROUNDS};
-use tokenserver_core::sync::users::{resolve, Status, UserRow};
+use tokenserver_core::sync::allocation::NodeState;
+use tokenserver_core::sync::users::UserRow;
 
 use super::SqliteStore;
 use crate::sync::{Allocate, MigrationReport, NewNode, NodeRecord, Result, SyncStore, UserChange};
+use crate::tx::{self, NewUser, SyncTx};
 use crate::StoreError;
 
 const SERVICE_ID: &str = "SELECT id FROM services WHERE service = ?";
@@ -97,26 +98,81 @@ async fn service_id(conn: &mut SqliteConnection, service: &str) -> Result<i64> {
         .ok_or_else(|| StoreError::UnknownService(service.to_string()))
 }
 
-/// Picks a node by the policy, releasing capacity in up to [`MAX_RELEASE_ROUNDS`] rounds.
-async fn pick_node(conn: &mut SqliteConnection, service_id: i64, rate: f64) -> Result<NodeState> {
-    for _ in 0..=MAX_RELEASE_ROUNDS {
-        let rows = sqlx::query(NODES_OF_SERVICE).bind(service_id).fetch_all(&mut *conn).await?;
-        let nodes = rows.iter().map(|r| node_state(r, 0)).collect::<std::result::Result<Vec<_>, _>>()?;
-        if let Some(node) = choose_node(&nodes) {
-            return Ok(node.clone());
-        }
-        let mut released = 0;
-        for node in &nodes {
-            if let Some(available) = released_available(node, rate) {
-                sqlx::query(RELEASE).bind(available).bind(node.id).execute(&mut *conn).await?;
-                released += 1;
-            }
-        }
-        if released == 0 {
-            break;
-        }
+/// A write transaction. Writes are serialized by the single writer connection, so the row locks
+/// other backends take are not needed here.
+struct Tx(sqlx::Transaction<'static, sqlx::Sqlite>);
+
+#[async_trait]
+impl SyncTx for Tx {
+    async fn service_id(&mut self, service: &str) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(SERVICE_ID).bind(service).fetch_optional(&mut *self.0).await?)
     }
-    Err(StoreError::NoNodeAvailable)
+
+    async fn lock_user(&mut self, _service_id: i64, _email: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn user_rows(&mut self, service: &str, email: &str) -> Result<Vec<UserRow>> {
+        rows_of(&mut self.0, service, email).await
+    }
+
+    async fn lock_nodes(&mut self, service_id: i64) -> Result<Vec<NodeState>> {
+        let rows = sqlx::query(NODES_OF_SERVICE).bind(service_id).fetch_all(&mut *self.0).await?;
+        Ok(rows.iter().map(|r| node_state(r, 0)).collect::<std::result::Result<_, _>>()?)
+    }
+
+    async fn set_available(&mut self, node_id: i64, available: i64) -> Result<()> {
+        sqlx::query(RELEASE).bind(available).bind(node_id).execute(&mut *self.0).await?;
+        Ok(())
+    }
+
+    async fn add_user_to_node(&mut self, node_id: i64) -> Result<()> {
+        sqlx::query(ADD_USER_TO_NODE).bind(node_id).execute(&mut *self.0).await?;
+        Ok(())
+    }
+
+    async fn insert_user(&mut self, u: NewUser<'_>) -> Result<i64> {
+        Ok(sqlx::query_scalar(POST_USER)
+            .bind(u.service_id)
+            .bind(u.email)
+            .bind(u.generation)
+            .bind(u.client_state)
+            .bind(u.created_at)
+            .bind(u.node_id)
+            .bind(u.keys_changed_at)
+            .fetch_one(&mut *self.0)
+            .await?)
+    }
+
+    async fn put_user(&mut self, service_id: i64, email: &str, generation: i64, kca: Option<i64>) -> Result<()> {
+        sqlx::query(PUT_USER)
+            .bind(generation)
+            .bind(kca)
+            .bind(service_id)
+            .bind(email)
+            .bind(generation)
+            .bind(kca)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn replace_others(&mut self, service_id: i64, email: &str, keep_uid: i64, now_ms: i64) -> Result<()> {
+        sqlx::query(REPLACE_OTHERS)
+            .bind(now_ms)
+            .bind(service_id)
+            .bind(email)
+            .bind(keep_uid)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    async fn write_tx(&self) -> Result<Tx> {
+        Ok(Tx(self.write.begin_with("BEGIN IMMEDIATE").await?))
+    }
 }
 
 #[async_trait]
@@ -136,40 +192,10 @@ impl SyncStore for SqliteStore {
     }
 
     async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        let service = service_id(&mut tx, req.service).await?;
-        let rows = rows_of(&mut tx, req.service, req.email).await?;
-        let still_expected = match (req.expected_current, resolve(&rows)) {
-            (None, None) => true,
-            (Some(uid), Some(r)) => r.current.uid == uid && r.status == Status::NeedsNode,
-            _ => false,
-        };
-        if !still_expected {
-            return Err(StoreError::Conflict);
-        }
-        let node = pick_node(&mut tx, service, req.release_rate).await?;
-        sqlx::query(ADD_USER_TO_NODE).bind(node.id).execute(&mut *tx).await?;
-        let uid: i64 = sqlx::query_scalar(POST_USER)
-            .bind(service)
-            .bind(req.email)
-            .bind(req.generation)
-            .bind(req.client_state)
-            .bind(req.now_ms)
-            .bind(node.id)
-            .bind(req.keys_changed_at)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(UserRow {
-            uid,
-            node_id: Some(node.id),
-            node: Some(node.node),
-            generation: req.generation,
-            keys_changed_at: req.keys_changed_at,
-            client_state: req.client_state.to_string(),
-            created_at: req.now_ms,
-            replaced_at: None,
-        })
+        let mut tx = self.write_tx().await?;
+        let row = tx::allocate(&mut tx, req).await?;
+        tx.0.commit().await?;
+        Ok(row)
     }
 
     async fn change_user(
@@ -180,49 +206,10 @@ impl SyncStore for SqliteStore {
         change: &UserChange<'_>,
         now_ms: i64,
     ) -> Result<i64> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        let service_id = service_id(&mut tx, service).await?;
-        let rows = rows_of(&mut tx, service, email).await?;
-        match resolve(&rows) {
-            Some(r) if r.current.uid == expected_current && r.status == Status::Assigned => {}
-            _ => return Err(StoreError::Conflict),
-        }
-        let current = match change {
-            UserChange::Update { generation, keys_changed_at } => {
-                sqlx::query(PUT_USER)
-                    .bind(generation)
-                    .bind(keys_changed_at)
-                    .bind(service_id)
-                    .bind(email)
-                    .bind(generation)
-                    .bind(keys_changed_at)
-                    .execute(&mut *tx)
-                    .await?;
-                expected_current
-            }
-            UserChange::NewClientState { generation, keys_changed_at, client_state, node_id } => {
-                let uid: i64 = sqlx::query_scalar(POST_USER)
-                    .bind(service_id)
-                    .bind(email)
-                    .bind(generation)
-                    .bind(client_state)
-                    .bind(now_ms)
-                    .bind(node_id)
-                    .bind(keys_changed_at)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                sqlx::query(REPLACE_OTHERS)
-                    .bind(now_ms)
-                    .bind(service_id)
-                    .bind(email)
-                    .bind(uid)
-                    .execute(&mut *tx)
-                    .await?;
-                uid
-            }
-        };
-        tx.commit().await?;
-        Ok(current)
+        let mut tx = self.write_tx().await?;
+        let uid = tx::change(&mut tx, service, email, expected_current, change, now_ms).await?;
+        tx.0.commit().await?;
+        Ok(uid)
     }
 
     async fn replace_rows(&self, service: &str, uids: &[i64], replaced_at: i64) -> Result<()> {
@@ -277,23 +264,9 @@ impl SyncStore for SqliteStore {
             .bind(i64::from(node.backoff))
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| match StoreError::from(e) {
-                StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!("node {}", node.node)),
-                other => other,
-            })?;
+            .map_err(|e| crate::error::node_exists(e, node.node))?;
         tx.commit().await?;
-        Ok(NodeRecord {
-            service: node.service.to_string(),
-            state: NodeState {
-                id,
-                node: node.node.to_string(),
-                available: node.available,
-                current_load: node.current_load,
-                capacity: node.capacity,
-                downed: i64::from(node.downed),
-                backoff: i64::from(node.backoff),
-            },
-        })
+        Ok(crate::sync::node_record(node, id))
     }
 
     async fn init_node(&self, service: &str, node: &str, capacity: i64) -> Result<bool> {

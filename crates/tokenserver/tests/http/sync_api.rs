@@ -262,13 +262,8 @@ async fn oversized_headers_are_refused() {
     let big = vec![b'a'; 40 * 1024];
     let r = s.request(Method::GET, "/1.0/sync/1.5", &[("x-padding", &big)]).await;
     assert_eq!(r.status, 431);
-    let r = s
-        .http
-        .post(format!("{}/1.0/webhooks/fxa/events", s.base))
-        .body(vec![b'x'; 100 * 1024])
-        .send()
-        .await
-        .unwrap();
+    let r =
+        s.http.post(format!("{}/1.0/webhooks/fxa/events", s.base)).body(vec![b'x'; 100 * 1024]).send().await.unwrap();
     assert_eq!(r.status(), 413);
 }
 

@@ -1,0 +1,105 @@
+//! Test support: a fresh, isolated database per test on every backend.
+//!
+//! PostgreSQL tests get their own schema inside `TOKENSERVER_TEST_POSTGRES_URL`'s database,
+//! MySQL tests their own database on `TOKENSERVER_TEST_MYSQL_URL`'s server, SQLite tests a file in
+//! a temporary directory. When a variable is unset the backend is skipped with a printed notice;
+//! when it is set and the server is unreachable, the test fails (CI must never skip silently).
+
+use std::str::FromStr;
+
+use sqlx::Connection;
+
+use crate::Backend;
+
+/// A database created for one test; dropped (best effort) by [`FreshDb::drop_now`].
+#[derive(Debug, Clone)]
+pub struct FreshDb {
+    /// URL to give the store / server.
+    pub url: String,
+    /// Which backend.
+    pub backend: Backend,
+    /// Schema (PostgreSQL) or database (MySQL) name, or the SQLite directory.
+    pub name: String,
+    admin_url: String,
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+fn env(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            eprintln!("skipped: {name} is not set");
+            None
+        }
+    }
+}
+
+/// Creates a fresh database for `backend`, or `None` (skipped) when its URL variable is unset.
+#[allow(clippy::panic)]
+pub async fn fresh(backend: Backend) -> Option<FreshDb> {
+    match backend {
+        Backend::Sqlite => {
+            let dir = std::env::temp_dir().join(unique("ts-sqlite-"));
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                panic!("cannot create {}: {e}", dir.display());
+            }
+            let url = format!("sqlite://{}/tokenserver.db", dir.display());
+            Some(FreshDb { url, backend, name: dir.display().to_string(), admin_url: String::new() })
+        }
+        Backend::Postgres => {
+            let admin_url = env("TOKENSERVER_TEST_POSTGRES_URL")?;
+            let schema = unique("ts_");
+            let mut conn = match sqlx::PgConnection::connect(&admin_url).await {
+                Ok(c) => c,
+                Err(e) => panic!("TOKENSERVER_TEST_POSTGRES_URL is set but unreachable: {e}"),
+            };
+            if let Err(e) = sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await {
+                panic!("cannot create schema {schema}: {e}");
+            }
+            let sep = if admin_url.contains('?') { '&' } else { '?' };
+            let url = format!("{admin_url}{sep}options=-c%20search_path%3D{schema}");
+            Some(FreshDb { url, backend, name: schema, admin_url })
+        }
+        Backend::MySql => {
+            let admin_url = env("TOKENSERVER_TEST_MYSQL_URL")?;
+            let db = unique("tokenserver_t_");
+            let mut conn = match sqlx::MySqlConnection::connect(&admin_url).await {
+                Ok(c) => c,
+                Err(e) => panic!("TOKENSERVER_TEST_MYSQL_URL is set but unreachable: {e}"),
+            };
+            if let Err(e) = sqlx::query(&format!("CREATE DATABASE {db}")).execute(&mut conn).await {
+                panic!("cannot create database {db}: {e}");
+            }
+            let mut url = match url::Url::from_str(&admin_url) {
+                Ok(u) => u,
+                Err(e) => panic!("bad TOKENSERVER_TEST_MYSQL_URL: {e}"),
+            };
+            url.set_path(&format!("/{db}"));
+            Some(FreshDb { url: url.to_string(), backend, name: db, admin_url })
+        }
+    }
+}
+
+impl FreshDb {
+    /// Drops the schema / database / directory.
+    pub async fn drop_now(&self) {
+        match self.backend {
+            Backend::Sqlite => {
+                let _ = std::fs::remove_dir_all(&self.name);
+            }
+            Backend::Postgres => {
+                if let Ok(mut c) = sqlx::PgConnection::connect(&self.admin_url).await {
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)).execute(&mut c).await;
+                }
+            }
+            Backend::MySql => {
+                if let Ok(mut c) = sqlx::MySqlConnection::connect(&self.admin_url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", self.name)).execute(&mut c).await;
+                }
+            }
+        }
+    }
+}

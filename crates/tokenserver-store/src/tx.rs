@@ -1,0 +1,151 @@
+//! The Sync read-modify-writes, written once over [`SyncTx`]: each backend supplies the SQL of
+//! the steps and the locking that makes the whole transaction atomic (SQLite: one serialized
+//! writer; PostgreSQL and MySQL: `SELECT … FOR UPDATE` on the service's nodes and on the user's
+//! rows, in that order everywhere, so concurrent calls cannot deadlock).
+
+use async_trait::async_trait;
+use tokenserver_core::sync::allocation::{choose_node, released_available, NodeState, MAX_RELEASE_ROUNDS};
+use tokenserver_core::sync::users::{resolve, Status, UserRow};
+
+use crate::sync::{Allocate, Result, UserChange};
+use crate::StoreError;
+
+/// A new `users` row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewUser<'a> {
+    pub service_id: i64,
+    pub email: &'a str,
+    pub generation: i64,
+    pub client_state: &'a str,
+    pub created_at: i64,
+    pub node_id: i64,
+    pub keys_changed_at: Option<i64>,
+}
+
+/// The steps of a Sync write transaction.
+#[async_trait]
+pub(crate) trait SyncTx: Send {
+    /// `services.id` of a service name.
+    async fn service_id(&mut self, service: &str) -> Result<Option<i64>>;
+    /// Locks the user's rows against concurrent writers (no-op where writes are serialized).
+    async fn lock_user(&mut self, service_id: i64, email: &str) -> Result<()>;
+    /// The user's rows, as `SyncStore::user_rows` reads them.
+    async fn user_rows(&mut self, service: &str, email: &str) -> Result<Vec<UserRow>>;
+    /// The service's nodes by id, locked against concurrent allocations.
+    async fn lock_nodes(&mut self, service_id: i64) -> Result<Vec<NodeState>>;
+    /// `UPDATE nodes SET available = ? WHERE id = ?`.
+    async fn set_available(&mut self, node_id: i64, available: i64) -> Result<()>;
+    /// `current_load + 1`, `available - 1` (floor 0).
+    async fn add_user_to_node(&mut self, node_id: i64) -> Result<()>;
+    /// Inserts a row; returns its uid.
+    async fn insert_user(&mut self, user: NewUser<'_>) -> Result<i64>;
+    /// Mozilla's guarded `put_user`.
+    async fn put_user(&mut self, service_id: i64, email: &str, generation: i64, kca: Option<i64>) -> Result<()>;
+    /// Marks every other live row of the user replaced.
+    async fn replace_others(&mut self, service_id: i64, email: &str, keep_uid: i64, now_ms: i64) -> Result<()>;
+}
+
+async fn service_id(tx: &mut impl SyncTx, service: &str) -> Result<i64> {
+    tx.service_id(service).await?.ok_or_else(|| StoreError::UnknownService(service.to_string()))
+}
+
+/// Picks one of the (locked) `nodes` by the policy, releasing capacity in up to
+/// [`MAX_RELEASE_ROUNDS`] rounds.
+async fn pick_node(tx: &mut impl SyncTx, mut nodes: Vec<NodeState>, rate: f64) -> Result<NodeState> {
+    for _ in 0..MAX_RELEASE_ROUNDS {
+        if let Some(node) = choose_node(&nodes) {
+            return Ok(node.clone());
+        }
+        let mut released = false;
+        for node in &mut nodes {
+            if let Some(available) = released_available(node, rate) {
+                tx.set_available(node.id, available).await?;
+                node.available = available;
+                released = true;
+            }
+        }
+        if !released {
+            break;
+        }
+    }
+    choose_node(&nodes).cloned().ok_or(StoreError::NoNodeAvailable)
+}
+
+/// `SyncStore::allocate_user`, inside the caller's transaction.
+pub(crate) async fn allocate(tx: &mut impl SyncTx, req: &Allocate<'_>) -> Result<UserRow> {
+    let service_id = service_id(tx, req.service).await?;
+    // Nodes first, then the user: the one lock order of every write.
+    let nodes = tx.lock_nodes(service_id).await?;
+    tx.lock_user(service_id, req.email).await?;
+    let rows = tx.user_rows(req.service, req.email).await?;
+    let still_expected = match (req.expected_current, resolve(&rows)) {
+        (None, None) => true,
+        (Some(uid), Some(r)) => r.current.uid == uid && r.status == Status::NeedsNode,
+        _ => false,
+    };
+    if !still_expected {
+        return Err(StoreError::Conflict);
+    }
+    let node = pick_node(tx, nodes, req.release_rate).await?;
+    tx.add_user_to_node(node.id).await?;
+    let uid = tx
+        .insert_user(NewUser {
+            service_id,
+            email: req.email,
+            generation: req.generation,
+            client_state: req.client_state,
+            created_at: req.now_ms,
+            node_id: node.id,
+            keys_changed_at: req.keys_changed_at,
+        })
+        .await?;
+    Ok(UserRow {
+        uid,
+        node_id: Some(node.id),
+        node: Some(node.node),
+        generation: req.generation,
+        keys_changed_at: req.keys_changed_at,
+        client_state: req.client_state.to_string(),
+        created_at: req.now_ms,
+        replaced_at: None,
+    })
+}
+
+/// `SyncStore::change_user`, inside the caller's transaction.
+pub(crate) async fn change(
+    tx: &mut impl SyncTx,
+    service: &str,
+    email: &str,
+    expected_current: i64,
+    change: &UserChange<'_>,
+    now_ms: i64,
+) -> Result<i64> {
+    let service_id = service_id(tx, service).await?;
+    tx.lock_user(service_id, email).await?;
+    let rows = tx.user_rows(service, email).await?;
+    match resolve(&rows) {
+        Some(r) if r.current.uid == expected_current && r.status == Status::Assigned => {}
+        _ => return Err(StoreError::Conflict),
+    }
+    match change {
+        UserChange::Update { generation, keys_changed_at } => {
+            tx.put_user(service_id, email, *generation, *keys_changed_at).await?;
+            Ok(expected_current)
+        }
+        UserChange::NewClientState { generation, keys_changed_at, client_state, node_id } => {
+            let uid = tx
+                .insert_user(NewUser {
+                    service_id,
+                    email,
+                    generation: *generation,
+                    client_state,
+                    created_at: now_ms,
+                    node_id: *node_id,
+                    keys_changed_at: *keys_changed_at,
+                })
+                .await?;
+            tx.replace_others(service_id, email, uid, now_ms).await?;
+            Ok(uid)
+        }
+    }
+}

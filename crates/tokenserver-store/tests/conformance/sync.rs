@@ -1,0 +1,315 @@
+//! `SyncStore` cases: every store operation and the allocation policy.
+
+use futures::future::join_all;
+use tokenserver_core::sync::users::{resolve, Status};
+use tokenserver_store::sync::{Allocate, NewNode, UserChange};
+use tokenserver_store::{StoreError, SyncStore};
+
+const SVC: &str = "sync-1.5";
+const RATE: f64 = 0.1;
+
+fn alloc<'a>(email: &'a str, expected: Option<i64>, now: i64) -> Allocate<'a> {
+    Allocate {
+        service: SVC,
+        email,
+        generation: 10,
+        client_state: "aaaa",
+        keys_changed_at: Some(10),
+        expected_current: expected,
+        now_ms: now,
+        release_rate: RATE,
+    }
+}
+
+async fn node(
+    s: &dyn SyncStore,
+    url: &str,
+    capacity: i64,
+    available: i64,
+    load: i64,
+    downed: bool,
+    backoff: bool,
+) -> i64 {
+    s.add_node(&NewNode { service: SVC, node: url, capacity, available, current_load: load, downed, backoff })
+        .await
+        .unwrap()
+        .state
+        .id
+}
+
+/// (available, current_load) of every node, by id.
+async fn loads(s: &dyn SyncStore) -> Vec<(i64, i64, i64)> {
+    s.list_nodes(Some(SVC))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.state.id, n.state.available, n.state.current_load))
+        .collect()
+}
+
+pub async fn migrate_is_idempotent_and_seeds_sync15(s: &dyn SyncStore) {
+    assert!(s.migrate().await.unwrap().applied.is_empty());
+    let id = s.ensure_service(SVC, "{node}/1.5/{uid}").await.unwrap();
+    assert_eq!(s.ensure_service(SVC, "{node}/1.5/{uid}").await.unwrap(), id);
+    let other = s.ensure_service("notes-2", "{node}/2/{uid}").await.unwrap();
+    assert_ne!(other, id);
+    s.check().await.unwrap();
+}
+
+pub async fn new_user_is_allocated_to_the_least_loaded_node(s: &dyn SyncStore) {
+    let n1 = node(s, "https://n1", 100, 10, 2, false, false).await;
+    let n2 = node(s, "https://n2", 100, 10, 3, false, false).await;
+    let n3 = node(s, "https://n3", 100, 10, 1, false, false).await;
+    assert!(s.user_rows(SVC, "a@x").await.unwrap().is_empty());
+    let row = s.allocate_user(&alloc("a@x", None, 1000)).await.unwrap();
+    assert_eq!((row.node_id, row.node.as_deref()), (Some(n3), Some("https://n3")));
+    assert_eq!(
+        (row.generation, row.keys_changed_at, row.client_state.as_str(), row.created_at),
+        (10, Some(10), "aaaa", 1000)
+    );
+    assert_eq!(loads(s).await, vec![(n1, 10, 2), (n2, 10, 3), (n3, 9, 2)]);
+    let rows = s.user_rows(SVC, "a@x").await.unwrap();
+    assert_eq!(rows, vec![row]);
+}
+
+pub async fn allocation_skips_downed_backoff_and_full_nodes(s: &dyn SyncStore) {
+    node(s, "https://down", 100, 10, 0, true, false).await;
+    node(s, "https://back", 100, 10, 0, false, true).await;
+    node(s, "https://full", 10, 10, 10, false, false).await;
+    let ok = node(s, "https://ok", 100, 10, 50, false, false).await;
+    let row = s.allocate_user(&alloc("a@x", None, 1)).await.unwrap();
+    assert_eq!(row.node_id, Some(ok));
+}
+
+pub async fn ties_go_to_the_lowest_node_id(s: &dyn SyncStore) {
+    let first = node(s, "https://b", 100, 10, 5, false, false).await;
+    node(s, "https://a", 100, 10, 5, false, false).await;
+    assert_eq!(s.allocate_user(&alloc("a@x", None, 1)).await.unwrap().node_id, Some(first));
+    let mut empty = Vec::new();
+    for url in ["https://e1", "https://e2"] {
+        empty.push(node(s, url, 100, 10, 0, false, false).await);
+    }
+    // Empty nodes win over loaded ones, the lowest id among them.
+    assert_eq!(s.allocate_user(&alloc("b@x", None, 1)).await.unwrap().node_id, Some(empty[0]));
+}
+
+pub async fn capacity_is_released_gradually_with_mozillas_rounding(s: &dyn SyncStore) {
+    let n1 = node(s, "https://n1", 10, 0, 1, false, false).await;
+    let n2 = node(s, "https://n2", 100, 0, 0, false, false).await;
+    let n3 = node(s, "https://n3", 8, 0, 5, false, false).await;
+    let n4 = node(s, "https://n4", 10, 0, 0, false, true).await;
+    let n5 = node(s, "https://n5", 10, 0, 0, true, false).await;
+    let row = s.allocate_user(&alloc("a@x", None, 1)).await.unwrap();
+    assert_eq!(row.node_id, Some(n2));
+    // n1: 10 × 0.1 = 1; n2: 10, chosen → 9; n3: LEAST(0.8, 3) rounds to 1; backoff n4 gets
+    // capacity but is not chosen; downed n5 gets none.
+    assert_eq!(loads(s).await, vec![(n1, 1, 1), (n2, 9, 1), (n3, 1, 5), (n4, 1, 0), (n5, 0, 0)]);
+}
+
+pub async fn all_nodes_full_is_no_node_available_and_writes_nothing(s: &dyn SyncStore) {
+    assert!(matches!(s.allocate_user(&alloc("a@x", None, 1)).await, Err(StoreError::NoNodeAvailable)));
+    let n = node(s, "https://full", 5, 0, 5, false, false).await;
+    assert!(matches!(s.allocate_user(&alloc("a@x", None, 1)).await, Err(StoreError::NoNodeAvailable)));
+    assert!(s.user_rows(SVC, "a@x").await.unwrap().is_empty());
+    assert_eq!(loads(s).await, vec![(n, 0, 5)]);
+}
+
+pub async fn allocation_conflicts_when_the_user_changed_meanwhile(s: &dyn SyncStore) {
+    let n = node(s, "https://n", 100, 10, 0, false, false).await;
+    let row = s.allocate_user(&alloc("a@x", None, 1)).await.unwrap();
+    // Someone else created the user first.
+    assert!(matches!(s.allocate_user(&alloc("a@x", None, 2)).await, Err(StoreError::Conflict)));
+    // The current row is assigned: nothing to re-allocate.
+    assert!(matches!(s.allocate_user(&alloc("a@x", Some(row.uid), 2)).await, Err(StoreError::Conflict)));
+    assert_eq!(s.user_rows(SVC, "a@x").await.unwrap().len(), 1);
+    assert_eq!(loads(s).await, vec![(n, 9, 1)]);
+}
+
+pub async fn replaced_user_is_reallocated_with_its_account_state(s: &dyn SyncStore) {
+    node(s, "https://n", 100, 10, 0, false, false).await;
+    let first = s.allocate_user(&alloc("a@x", None, 100)).await.unwrap();
+    s.replace_rows(SVC, &[first.uid], 150).await.unwrap();
+    let r = resolve(&s.user_rows(SVC, "a@x").await.unwrap()).unwrap();
+    assert_eq!(r.status, Status::NeedsNode);
+    let mut req = alloc("a@x", Some(first.uid), 200);
+    req.generation = 42;
+    let second = s.allocate_user(&req).await.unwrap();
+    assert_ne!(second.uid, first.uid);
+    let r = resolve(&s.user_rows(SVC, "a@x").await.unwrap()).unwrap();
+    assert_eq!((r.current.uid, r.status, r.current.generation), (second.uid, Status::Assigned, 42));
+    // Re-allocating the old row again is a conflict.
+    assert!(matches!(s.allocate_user(&alloc("a@x", Some(first.uid), 300)).await, Err(StoreError::Conflict)));
+}
+
+pub async fn retired_nodeless_user_is_never_allocated(s: &dyn SyncStore) {
+    node(s, "https://n", 100, 10, 0, false, false).await;
+    let row = s.allocate_user(&alloc("a@x", None, 100)).await.unwrap();
+    assert_eq!(s.retire_user(SVC, "a@x", 200).await.unwrap(), 1);
+    let r = resolve(&s.user_rows(SVC, "a@x").await.unwrap()).unwrap();
+    assert_eq!((r.current.generation, r.current.replaced_at), (i64::MAX, Some(200)));
+    // Retired but still on its node: served as is (status Assigned), never re-allocated.
+    assert_eq!(r.status, Status::Assigned);
+    assert!(matches!(s.allocate_user(&alloc("a@x", Some(row.uid), 300)).await, Err(StoreError::Conflict)));
+}
+
+pub async fn update_is_guarded_and_never_lowers(s: &dyn SyncStore) {
+    node(s, "https://n", 100, 10, 0, false, false).await;
+    let row = s.allocate_user(&alloc("a@x", None, 100)).await.unwrap();
+    let up = UserChange::Update { generation: 20, keys_changed_at: Some(15) };
+    assert_eq!(s.change_user(SVC, "a@x", row.uid, &up, 200).await.unwrap(), row.uid);
+    let cur = &s.user_rows(SVC, "a@x").await.unwrap()[0];
+    assert_eq!((cur.generation, cur.keys_changed_at), (20, Some(15)));
+    // The SQL guard refuses to lower either value.
+    let down = UserChange::Update { generation: 5, keys_changed_at: Some(15) };
+    s.change_user(SVC, "a@x", row.uid, &down, 300).await.unwrap();
+    let down_kca = UserChange::Update { generation: 30, keys_changed_at: Some(1) };
+    s.change_user(SVC, "a@x", row.uid, &down_kca, 300).await.unwrap();
+    let cur = &s.user_rows(SVC, "a@x").await.unwrap()[0];
+    assert_eq!((cur.generation, cur.keys_changed_at), (20, Some(15)));
+}
+
+pub async fn new_client_state_inserts_a_row_and_replaces_the_others(s: &dyn SyncStore) {
+    let n = node(s, "https://n", 100, 10, 0, false, false).await;
+    let row = s.allocate_user(&alloc("a@x", None, 100)).await.unwrap();
+    let ch = UserChange::NewClientState { generation: 20, keys_changed_at: Some(20), client_state: "bbbb", node_id: n };
+    let uid = s.change_user(SVC, "a@x", row.uid, &ch, 200).await.unwrap();
+    assert_ne!(uid, row.uid);
+    let rows = s.user_rows(SVC, "a@x").await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].uid, rows[0].client_state.as_str(), rows[0].replaced_at, rows[0].created_at),
+        (uid, "bbbb", None, 200)
+    );
+    assert_eq!((rows[1].uid, rows[1].replaced_at), (row.uid, Some(200)));
+    assert_eq!(rows[0].node_id, Some(n));
+    // No load change.
+    assert_eq!(loads(s).await, vec![(n, 9, 1)]);
+    let r = resolve(&rows).unwrap();
+    assert_eq!(r.old_client_states, vec!["aaaa".to_string()]);
+}
+
+pub async fn change_conflicts_when_the_row_is_no_longer_current(s: &dyn SyncStore) {
+    let n = node(s, "https://n", 100, 10, 0, false, false).await;
+    let row = s.allocate_user(&alloc("a@x", None, 100)).await.unwrap();
+    let ch = UserChange::NewClientState { generation: 20, keys_changed_at: Some(20), client_state: "bbbb", node_id: n };
+    s.change_user(SVC, "a@x", row.uid, &ch, 200).await.unwrap();
+    let up = UserChange::Update { generation: 30, keys_changed_at: Some(20) };
+    assert!(matches!(s.change_user(SVC, "a@x", row.uid, &up, 300).await, Err(StoreError::Conflict)));
+    assert!(matches!(s.change_user(SVC, "nobody@x", 1, &up, 300).await, Err(StoreError::Conflict)));
+}
+
+pub async fn race_recovery_marks_rows_replaced(s: &dyn SyncStore) {
+    node(s, "https://n", 100, 10, 0, false, false).await;
+    let a = s.allocate_user(&alloc("a@x", None, 100)).await.unwrap();
+    s.replace_rows(SVC, &[a.uid], 150).await.unwrap();
+    // Replaced rows keep their first replaced_at.
+    s.replace_rows(SVC, &[a.uid], 999).await.unwrap();
+    assert_eq!(s.user_rows(SVC, "a@x").await.unwrap()[0].replaced_at, Some(150));
+}
+
+pub async fn retire_and_password_change(s: &dyn SyncStore) {
+    node(s, "https://n", 100, 10, 0, false, false).await;
+    s.allocate_user(&alloc("a@x", None, 100)).await.unwrap();
+    assert_eq!(s.update_user_generation(SVC, "a@x", Some(4999), None).await.unwrap(), 1);
+    let cur = &s.user_rows(SVC, "a@x").await.unwrap()[0];
+    assert_eq!((cur.generation, cur.keys_changed_at), (4999, Some(10)));
+    // Never lowered.
+    assert_eq!(s.update_user_generation(SVC, "a@x", Some(5), None).await.unwrap(), 0);
+    assert_eq!(s.update_user_generation(SVC, "nobody@x", Some(5), None).await.unwrap(), 0);
+    assert_eq!(s.retire_user(SVC, "a@x", 7000).await.unwrap(), 1);
+    assert_eq!(s.retire_user(SVC, "a@x", 8000).await.unwrap(), 0);
+    let cur = &s.user_rows(SVC, "a@x").await.unwrap()[0];
+    assert_eq!((cur.generation, cur.replaced_at), (i64::MAX, Some(7000)));
+}
+
+pub async fn node_operations(s: &dyn SyncStore) {
+    let id = node(s, "https://n", 100, 10, 0, false, false).await;
+    let dup = s
+        .add_node(&NewNode {
+            service: SVC,
+            node: "https://n",
+            capacity: 1,
+            available: 1,
+            current_load: 0,
+            downed: false,
+            backoff: false,
+        })
+        .await;
+    assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
+    assert!(!s.init_node(SVC, "https://n", 5).await.unwrap());
+    assert!(s.init_node(SVC, "https://m", 5).await.unwrap());
+    let nodes = s.list_nodes(None).await.unwrap();
+    assert_eq!(nodes.len(), 2);
+    assert_eq!((nodes[0].state.id, nodes[0].service.as_str()), (id, SVC));
+    let m = &nodes[1].state;
+    assert_eq!(
+        (m.node.as_str(), m.available, m.capacity, m.current_load, m.downed, m.backoff),
+        ("https://m", 5, 5, 0, 0, 0)
+    );
+    assert!(s.list_nodes(Some("other-1")).await.unwrap().is_empty());
+}
+
+pub async fn unknown_service_is_reported(s: &dyn SyncStore) {
+    let mut req = alloc("a@x", None, 1);
+    req.service = "nope-1";
+    assert!(matches!(s.allocate_user(&req).await, Err(StoreError::UnknownService(_))));
+    let nn = NewNode {
+        service: "nope-1",
+        node: "https://n",
+        capacity: 1,
+        available: 1,
+        current_load: 0,
+        downed: false,
+        backoff: false,
+    };
+    assert!(matches!(s.add_node(&nn).await, Err(StoreError::UnknownService(_))));
+    assert!(s.user_rows("nope-1", "a@x").await.unwrap().is_empty());
+}
+
+pub async fn concurrent_first_allocations_create_one_row(s: &dyn SyncStore) {
+    let n = node(s, "https://n", 100, 100, 0, false, false).await;
+    let results = futures_join(s, 20, |_| "a@x".to_string()).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 1, "{results:?}");
+    assert!(results.iter().all(|r| matches!(r, Ok(_) | Err(StoreError::Conflict))), "{results:?}");
+    assert_eq!(s.user_rows(SVC, "a@x").await.unwrap().len(), 1);
+    assert_eq!(loads(s).await, vec![(n, 99, 1)]);
+}
+
+pub async fn concurrent_allocations_respect_capacity(s: &dyn SyncStore) {
+    let n = node(s, "https://n", 10, 10, 0, false, false).await;
+    let results = futures_join(s, 30, |i| format!("user{i}@x")).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 10, "{results:?}");
+    assert!(results.iter().all(|r| matches!(r, Ok(_) | Err(StoreError::NoNodeAvailable))), "{results:?}");
+    assert_eq!(loads(s).await, vec![(n, 0, 10)]);
+}
+
+pub async fn concurrent_changes_leave_one_live_row(s: &dyn SyncStore) {
+    let n = node(s, "https://n", 100, 100, 0, false, false).await;
+    let row = s.allocate_user(&alloc("a@x", None, 100)).await.unwrap();
+    let states: Vec<String> = (0..20).map(|i| format!("{i:032x}")).collect();
+    let futs = states.iter().enumerate().map(|(i, cs)| {
+        let ch = UserChange::NewClientState {
+            generation: 20 + i as i64,
+            keys_changed_at: Some(20 + i as i64),
+            client_state: cs,
+            node_id: n,
+        };
+        async move { s.change_user(SVC, "a@x", row.uid, &ch, 200 + i as i64).await }
+    });
+    let results = join_all(futs).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    let rows = s.user_rows(SVC, "a@x").await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows.iter().filter(|r| r.replaced_at.is_none()).count(), 1);
+}
+
+async fn futures_join(
+    s: &dyn SyncStore,
+    n: usize,
+    email: impl Fn(usize) -> String,
+) -> Vec<Result<tokenserver_core::sync::users::UserRow, StoreError>> {
+    let emails: Vec<String> = (0..n).map(email).collect();
+    join_all(emails.iter().map(|e| async move { s.allocate_user(&alloc(e, None, 1)).await })).await
+}
