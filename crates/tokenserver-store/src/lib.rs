@@ -69,3 +69,22 @@ pub async fn open_sync(url: &str, pool: &PoolSettings) -> Result<Arc<dyn SyncSto
         Backend::MySql => Ok(Arc::new(mysql::MySqlStore::open(url, pool).await?)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_schemes() {
+        assert_eq!(Backend::from_url("sqlite://tokenserver.db").ok(), Some(Backend::Sqlite));
+        assert_eq!(Backend::from_url("sqlite::memory:").ok(), Some(Backend::Sqlite));
+        assert_eq!(Backend::from_url("postgres://u:p@h/db").ok(), Some(Backend::Postgres));
+        assert_eq!(Backend::from_url("postgresql:///tokenserver?host=/run/postgresql").ok(), Some(Backend::Postgres));
+        assert_eq!(
+            Backend::from_url("mysql://u@localhost/db?socket=/run/mysqld/mysqld.sock").ok(),
+            Some(Backend::MySql)
+        );
+        assert!(Backend::from_url("redis://x").is_err());
+        assert!(Backend::from_url("nonsense").is_err());
+    }
+}

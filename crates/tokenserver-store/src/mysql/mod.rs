@@ -178,3 +178,17 @@ impl MySqlStore {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_socket_spellings_are_accepted() {
+        let a = normalise_url("mysql://u@localhost/db?unix_socket=/run/mysqld/mysqld.sock");
+        assert_eq!(a, "mysql://u@localhost/db?socket=/run/mysqld/mysqld.sock");
+        assert!(MySqlConnectOptions::from_str(&a).is_ok());
+        let b = normalise_url("mysql://u@localhost/db?socket=%2Fvar%2Flib%2Fmysql%2Fmysql.sock");
+        assert!(MySqlConnectOptions::from_str(&b).is_ok());
+    }
+}

@@ -11,11 +11,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 use tokenserver::app::{self, Running};
 use tokenserver::config;
 use tokenserver_store::sync::NewNode;
+use tokenserver_store::testing::{fresh, FreshDb};
+use tokenserver_store::Backend;
 
 pub const SYNC_SCOPE: &str = "https://identity.mozilla.com/apps/oldsync";
 pub const TEST_KEY_PEM: &[u8] = include_bytes!("../fixtures/test-rsa.pem");
@@ -138,14 +139,61 @@ pub fn key_id(kca: i64, client_state_hex: &str) -> String {
     format!("{kca}-{}", URL_SAFE_NO_PAD.encode(hex::decode(client_state_hex).unwrap()))
 }
 
+/// Direct access to the server's database, for assertions and for playing "another process".
+pub enum TestDb {
+    Sqlite(sqlx::SqlitePool),
+    Pg(sqlx::PgPool),
+    My(sqlx::MySqlPool),
+}
+
+/// Runs the same code on whichever pool the test database uses.
+macro_rules! on_pool {
+    ($db:expr, |$p:ident| $body:expr) => {
+        match $db {
+            TestDb::Sqlite($p) => $body,
+            TestDb::Pg($p) => $body,
+            TestDb::My($p) => $body,
+        }
+    };
+}
+
+/// An integer column as i64, whether the backend stores INTEGER or BIGINT.
+fn int<R: Row>(r: &R, i: usize) -> Option<i64>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i32: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    r.try_get::<Option<i64>, _>(i).or_else(|_| r.try_get::<Option<i32>, _>(i).map(|v| v.map(i64::from))).unwrap()
+}
+
+/// A transaction holding the locks every allocation needs (SQLite's write lock, or the node rows).
+pub enum Blocker {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Pg(sqlx::Transaction<'static, sqlx::Postgres>),
+    My(sqlx::Transaction<'static, sqlx::MySql>),
+}
+
+impl Blocker {
+    pub async fn release(self) {
+        match self {
+            Blocker::Sqlite(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut *c).await.unwrap();
+            }
+            Blocker::Pg(tx) => tx.rollback().await.unwrap(),
+            Blocker::My(tx) => tx.rollback().await.unwrap(),
+        }
+    }
+}
+
 pub struct TestServer {
     pub running: Option<Running>,
     pub base: String,
     pub internal: String,
-    pub db: SqlitePool,
+    pub db: TestDb,
     pub fxa: MockFxa,
     pub http: reqwest::Client,
-    _dir: TempDir,
+    fresh: FreshDb,
 }
 
 pub struct TempDir(pub std::path::PathBuf);
@@ -177,20 +225,25 @@ impl Response {
 }
 
 impl TestServer {
-    /// Starts a server with the default test settings plus `extra` environment-style settings.
+    /// Starts a server on SQLite with the default test settings plus `extra` environment-style
+    /// settings.
     pub async fn start(extra: &[(&str, &str)]) -> Self {
-        let fxa = MockFxa::start().await;
-        Self::start_with(fxa, extra).await
+        Self::start_on(Backend::Sqlite, extra).await.unwrap()
     }
 
-    pub async fn start_with(fxa: MockFxa, extra: &[(&str, &str)]) -> Self {
-        let dir = TempDir::new();
-        let db_url = format!("sqlite://{}/ts.db", dir.0.display());
+    /// Starts a server on a fresh database of `backend`; `None` when that backend is skipped.
+    pub async fn start_on(backend: Backend, extra: &[(&str, &str)]) -> Option<Self> {
+        let fxa = MockFxa::start().await;
+        let db = fresh(backend).await?;
+        Some(Self::start_with(fxa, db, extra).await)
+    }
+
+    pub async fn start_with(fxa: MockFxa, fresh_db: FreshDb, extra: &[(&str, &str)]) -> Self {
         let mut vars: Vec<(String, String)> = vec![
             ("TOKENSERVER_HOST".into(), "127.0.0.1".into()),
             ("TOKENSERVER_PORT".into(), "0".into()),
             ("TOKENSERVER_INTERNAL__PORT".into(), "0".into()),
-            ("TOKENSERVER_DATABASE_URL".into(), db_url.clone()),
+            ("TOKENSERVER_DATABASE_URL".into(), fresh_db.url.clone()),
             ("SYNC_MASTER_SECRET".into(), SECRET.into()),
             ("SYNC_TOKENSERVER__FXA_METRICS_HASH_SECRET".into(), SECRET.into()),
             ("SYNC_TOKENSERVER__FXA_EMAIL_DOMAIN".into(), DOMAIN.into()),
@@ -199,7 +252,11 @@ impl TestServer {
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let cfg = config::load(None, &vars).unwrap_or_else(|e| panic!("{e}"));
         let running = app::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
-        let db = SqlitePoolOptions::new().max_connections(2).connect(&db_url).await.unwrap();
+        let db = match fresh_db.backend {
+            Backend::Sqlite => TestDb::Sqlite(sqlx::SqlitePool::connect(&fresh_db.url).await.unwrap()),
+            Backend::Postgres => TestDb::Pg(sqlx::PgPool::connect(&fresh_db.url).await.unwrap()),
+            Backend::MySql => TestDb::My(sqlx::MySqlPool::connect(&fresh_db.url).await.unwrap()),
+        };
         Self {
             base: format!("http://{}", running.public_addr),
             internal: format!("http://{}", running.internal_addr),
@@ -207,7 +264,37 @@ impl TestServer {
             db,
             fxa,
             http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
-            _dir: dir,
+            fresh: fresh_db,
+        }
+    }
+
+    /// Stops the server and drops its database.
+    pub async fn finish(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+        on_pool!(&self.db, |p| p.close().await);
+        self.fresh.drop_now().await;
+    }
+
+    /// Holds the locks an allocation needs until [`Blocker::release`].
+    pub async fn block_allocations(&self) -> Blocker {
+        match &self.db {
+            TestDb::Sqlite(p) => {
+                let mut c = p.acquire().await.unwrap();
+                sqlx::query("BEGIN IMMEDIATE").execute(&mut *c).await.unwrap();
+                Blocker::Sqlite(c)
+            }
+            TestDb::Pg(p) => {
+                let mut tx = p.begin().await.unwrap();
+                sqlx::query("SELECT id FROM nodes FOR UPDATE").fetch_all(&mut *tx).await.unwrap();
+                Blocker::Pg(tx)
+            }
+            TestDb::My(p) => {
+                let mut tx = p.begin().await.unwrap();
+                sqlx::query("SELECT id FROM nodes FOR UPDATE").fetch_all(&mut *tx).await.unwrap();
+                Blocker::My(tx)
+            }
         }
     }
 
@@ -251,44 +338,49 @@ impl TestServer {
             .await
     }
 
-    /// Rows of a user: (uid, generation, client_state, created_at, replaced_at, nodeid, keys_changed_at).
+    /// Rows of a user, all columns in Mozilla's order.
     pub async fn user_rows(&self, user: &str) -> Vec<UserRowView> {
-        sqlx::query("SELECT * FROM users WHERE email = ? ORDER BY uid")
-            .bind(format!("{user}@{DOMAIN}"))
-            .fetch_all(&self.db)
+        let sql = format!("SELECT * FROM users WHERE email = '{user}@{DOMAIN}' ORDER BY uid");
+        on_pool!(&self.db, |p| sqlx::query(&sql)
+            .fetch_all(p)
             .await
             .unwrap()
             .iter()
             .map(|r| UserRowView {
-                uid: r.get(0),
-                service: r.get(1),
+                uid: int(r, 0).unwrap(),
+                service: int(r, 1).unwrap(),
                 email: r.get(2),
-                generation: r.get(3),
+                generation: int(r, 3).unwrap(),
                 client_state: r.get(4),
-                created_at: r.get(5),
-                replaced_at: r.get(6),
-                nodeid: r.get(7),
-                keys_changed_at: r.get(8),
+                created_at: int(r, 5).unwrap(),
+                replaced_at: int(r, 6),
+                nodeid: int(r, 7).unwrap(),
+                keys_changed_at: int(r, 8),
             })
-            .collect()
+            .collect())
     }
 
     /// (available, current_load, capacity) of a node.
     pub async fn node_load(&self, id: i64) -> (i64, i64, i64) {
-        let r = sqlx::query("SELECT available, current_load, capacity FROM nodes WHERE id = ?")
-            .bind(id)
-            .fetch_one(&self.db)
-            .await
-            .unwrap();
-        (r.get(0), r.get(1), r.get(2))
+        let sql = format!("SELECT available, current_load, capacity FROM nodes WHERE id = {id}");
+        on_pool!(&self.db, |p| {
+            let r = sqlx::query(&sql).fetch_one(p).await.unwrap();
+            (int(&r, 0).unwrap(), int(&r, 1).unwrap(), int(&r, 2).unwrap())
+        })
     }
 
+    /// Runs a statement as another process would.
     pub async fn sql(&self, statement: &str) {
-        sqlx::query(statement).execute(&self.db).await.unwrap();
+        on_pool!(&self.db, |p| {
+            sqlx::query(statement).execute(p).await.unwrap();
+        })
     }
 
     pub async fn count_users(&self) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&self.db).await.unwrap()
+        on_pool!(&self.db, |p| {
+            let r = sqlx::query("SELECT COUNT(*) FROM users").fetch_one(p).await.unwrap();
+            int(&r, 0).unwrap()
+        })
     }
 }
 

@@ -5,9 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod admin;
+mod backends;
 mod common;
-mod concurrency;
 mod identity;
+mod proxy;
 mod python_tokenlib;
 mod sync_api;
 mod validation;
