@@ -12,15 +12,16 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
+use crate::migrate::{plan, Existing, Migration, CREATE_BOOKKEEPING};
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
-/// Schema migrations: (version, SQL). Versions follow diesel's naming so the bookkeeping table
-/// looks like Mozilla's on every backend; the schema itself mirrors Mozilla's PostgreSQL one.
-const MIGRATIONS: &[(&str, &str)] = &[
-    (
-        "20250902195720",
-        r#"
+/// Schema migrations. Versions follow diesel's naming so the bookkeeping table looks like
+/// Mozilla's on every backend; the schema itself mirrors Mozilla's PostgreSQL one.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: "20250902195720",
+        sql: r#"
 CREATE TABLE IF NOT EXISTS services (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     service VARCHAR(30) UNIQUE,
@@ -53,21 +54,17 @@ CREATE INDEX IF NOT EXISTS replaced_at_idx ON users (service, replaced_at);
 CREATE INDEX IF NOT EXISTS node_idx ON users (nodeid);
 INSERT OR IGNORE INTO services (service, pattern) VALUES ('sync-1.5', '{node}/1.5/{uid}');
 "#,
-    ),
-    (
-        "20261123000001",
-        r#"
+    },
+    Migration {
+        version: "20261123000001",
+        sql: r#"
 CREATE TABLE IF NOT EXISTS tokenserver_meta (
     name VARCHAR(64) PRIMARY KEY NOT NULL,
     value TEXT NOT NULL
 );
 "#,
-    ),
+    },
 ];
-
-const CREATE_BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS __diesel_schema_migrations (\
-    version VARCHAR(50) PRIMARY KEY NOT NULL, \
-    run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)";
 
 /// The SQLite store.
 #[derive(Debug, Clone)]
@@ -108,26 +105,37 @@ impl SqliteStore {
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(CREATE_BOOKKEEPING).execute(&mut *tx).await?;
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' \
+             AND name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let has_bookkeeping = tables.iter().any(|t| t == "__diesel_schema_migrations");
+        let applied: Vec<String> = if has_bookkeeping {
+            sqlx::query_scalar("SELECT version FROM __diesel_schema_migrations").fetch_all(&mut *tx).await?
+        } else {
+            Vec::new()
+        };
+        let existing = Existing {
+            schema_tables: tables.iter().filter(|t| !t.starts_with("__")).count(),
+            has_bookkeeping,
+            applied,
+        };
+        let todo = plan(MIGRATIONS, &existing);
+        if !todo.is_empty() && !has_bookkeeping {
+            sqlx::query(CREATE_BOOKKEEPING).execute(&mut *tx).await?;
+        }
         let mut report = MigrationReport::default();
-        for &(version, sql) in MIGRATIONS {
-            let done: Option<String> =
-                sqlx::query_scalar("SELECT version FROM __diesel_schema_migrations WHERE version = ?")
-                    .bind(version)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if done.is_some() {
-                continue;
-            }
-            // The migration SQL has no `;` inside literals, so splitting on it is exact.
-            for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        for m in todo {
+            for statement in m.statements() {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
             sqlx::query("INSERT INTO __diesel_schema_migrations (version) VALUES (?)")
-                .bind(version)
+                .bind(m.version)
                 .execute(&mut *tx)
                 .await?;
-            report.applied.push(version.to_string());
+            report.applied.push(m.version.to_string());
         }
         tx.commit().await?;
         Ok(report)
