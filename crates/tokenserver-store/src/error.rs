@@ -29,14 +29,6 @@ pub enum StoreError {
     Backend(String),
 }
 
-/// A unique violation on `nodes` reads as "node … already exists".
-pub(crate) fn node_exists(e: sqlx::Error, node: &str) -> StoreError {
-    match StoreError::from(e) {
-        StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!("node {node}")),
-        other => other,
-    }
-}
-
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {

@@ -8,6 +8,7 @@ pub mod error;
 mod migrate;
 pub mod mysql;
 pub mod postgres;
+mod sql_backend;
 pub mod sqlite;
 pub mod sync;
 #[cfg(feature = "testing")]

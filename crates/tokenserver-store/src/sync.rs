@@ -168,3 +168,7 @@ pub(crate) fn node_record(node: &NewNode<'_>, id: i64) -> NodeRecord {
         },
     }
 }
+
+/// Why PostgreSQL and MySQL cannot generate a master secret.
+pub(crate) const NO_GENERATED_SECRET: &str = "master_secret must be set when the database is PostgreSQL or MySQL \
+    (Mozilla's schema has nowhere to keep a generated one)";
