@@ -7,8 +7,10 @@
 //!   `Option<&str>`, `None` where writes are already serialized;
 //! * `insert_id(query, executor)` — runs an `INSERT` and returns the new row's id
 //!   (`RETURNING` or `LAST_INSERT_ID()`);
-//! * on the store: `reader()`, `writer()` pools and `begin_write()`, plus `run_migrations()` and
-//!   `generated_secret()`.
+//! * on the store: `reader()`, `writer()` pools and `begin_write()`, plus `run_migrations()` (which
+//!   takes the backend's migration lock and calls the generated `apply_migrations`) and
+//!   `generated_secret()`;
+//! * `sql::EXISTING_TABLES`, `sql::APPLIED_VERSIONS`, `sql::RECORD_VERSION` for the bookkeeping.
 //!
 //! Everything else — what each method does and the transactional logic of `tx.rs` — is
 //! written once.
@@ -60,6 +62,39 @@ macro_rules! sync_store {
 
         async fn require_service(conn: &mut $conn, service: &str) -> Result<i64> {
             service_id(conn, service).await?.ok_or_else(|| StoreError::UnknownService(service.to_string()))
+        }
+
+        /// Brings the schema up to date on `conn` (which holds the backend's migration lock):
+        /// reads what exists, plans with [`crate::migrate::plan`], applies and records.
+        pub(super) async fn apply_migrations(
+            conn: &mut $conn,
+            all: &[crate::migrate::Migration],
+        ) -> Result<MigrationReport> {
+            let tables: Vec<String> = sqlx::query_scalar(sql::EXISTING_TABLES).fetch_all(&mut *conn).await?;
+            let has_bookkeeping = tables.iter().any(|t| t == "__diesel_schema_migrations");
+            let applied: Vec<String> = if has_bookkeeping {
+                sqlx::query_scalar(sql::APPLIED_VERSIONS).fetch_all(&mut *conn).await?
+            } else {
+                Vec::new()
+            };
+            let existing = crate::migrate::Existing {
+                schema_tables: tables.iter().filter(|t| !t.starts_with("__")).count(),
+                has_bookkeeping,
+                applied,
+            };
+            let todo = crate::migrate::plan(all, &existing);
+            if !todo.is_empty() && !has_bookkeeping {
+                sqlx::query(crate::migrate::CREATE_BOOKKEEPING).execute(&mut *conn).await?;
+            }
+            let mut report = MigrationReport::default();
+            for m in todo {
+                for statement in m.statements() {
+                    sqlx::query(statement).execute(&mut *conn).await?;
+                }
+                sqlx::query(sql::RECORD_VERSION).bind(m.version).execute(&mut *conn).await?;
+                report.applied.push(m.version.to_string());
+            }
+            Ok(report)
         }
 
         /// A write transaction.

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySqlPool};
 
-use crate::migrate::{plan, Existing, Migration};
+use crate::migrate::Migration;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -135,47 +135,9 @@ impl MySqlStore {
         if locked != Some(1) {
             return Err(StoreError::Unavailable("could not take the migration lock".into()));
         }
-        let result = self.migrate_locked(&mut conn).await;
+        let result = sync::apply_migrations(&mut conn, MIGRATIONS).await;
         let _ = sqlx::query("SELECT RELEASE_LOCK('tokenserver_migrations')").execute(&mut *conn).await;
         result
-    }
-
-    async fn migrate_locked(&self, conn: &mut sqlx::MySqlConnection) -> Result<MigrationReport, StoreError> {
-        let tables: Vec<String> = sqlx::query_scalar(
-            "SELECT CAST(table_name AS CHAR) FROM information_schema.tables WHERE table_schema = DATABASE() \
-             AND table_name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        let has_bookkeeping = tables.iter().any(|t| t == "__diesel_schema_migrations");
-        let applied: Vec<String> = if has_bookkeeping {
-            sqlx::query_scalar("SELECT CAST(version AS CHAR) FROM __diesel_schema_migrations")
-                .fetch_all(&mut *conn)
-                .await?
-        } else {
-            Vec::new()
-        };
-        let existing = Existing {
-            schema_tables: tables.iter().filter(|t| !t.starts_with("__")).count(),
-            has_bookkeeping,
-            applied,
-        };
-        let todo = plan(MIGRATIONS, &existing);
-        if !todo.is_empty() && !has_bookkeeping {
-            sqlx::query(crate::migrate::CREATE_BOOKKEEPING).execute(&mut *conn).await?;
-        }
-        let mut report = MigrationReport::default();
-        for m in todo {
-            for statement in m.statements() {
-                sqlx::query(statement).execute(&mut *conn).await?;
-            }
-            sqlx::query("INSERT INTO __diesel_schema_migrations (version) VALUES (?)")
-                .bind(m.version)
-                .execute(&mut *conn)
-                .await?;
-            report.applied.push(m.version.to_string());
-        }
-        Ok(report)
     }
 }
 

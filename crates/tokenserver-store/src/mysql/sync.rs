@@ -7,6 +7,14 @@ use super::MySqlStore;
 use crate::sync::NO_GENERATED_SECRET;
 
 mod sql {
+    pub const EXISTING_TABLES: &str = "SELECT CAST(table_name AS CHAR) FROM information_schema.tables \
+        WHERE table_schema = DATABASE() \
+        AND table_name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')";
+
+    pub const APPLIED_VERSIONS: &str = "SELECT CAST(version AS CHAR) FROM __diesel_schema_migrations";
+
+    pub const RECORD_VERSION: &str = "INSERT INTO __diesel_schema_migrations (version) VALUES (?)";
+
     pub const SERVICE_ID: &str = "SELECT id FROM services WHERE service = ?";
 
     pub const USER_ROWS: &str = "SELECT users.uid, nodes.id, nodes.node, users.generation, users.keys_changed_at, \

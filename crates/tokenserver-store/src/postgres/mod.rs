@@ -12,7 +12,7 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use crate::migrate::{plan, Existing, Migration};
+use crate::migrate::Migration;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -76,40 +76,10 @@ impl PgStore {
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {
+        // PostgreSQL DDL is transactional: one transaction, serialized by an advisory lock.
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
-        let tables: Vec<String> = sqlx::query_scalar(
-            "SELECT table_name::TEXT FROM information_schema.tables WHERE table_schema = current_schema() \
-             AND table_name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let has_bookkeeping = tables.iter().any(|t| t == "__diesel_schema_migrations");
-        let applied: Vec<String> = if has_bookkeeping {
-            sqlx::query_scalar("SELECT version::TEXT FROM __diesel_schema_migrations").fetch_all(&mut *tx).await?
-        } else {
-            Vec::new()
-        };
-        let existing = Existing {
-            schema_tables: tables.iter().filter(|t| !t.starts_with("__")).count(),
-            has_bookkeeping,
-            applied,
-        };
-        let todo = plan(MIGRATIONS, &existing);
-        if !todo.is_empty() && !has_bookkeeping {
-            sqlx::query(crate::migrate::CREATE_BOOKKEEPING).execute(&mut *tx).await?;
-        }
-        let mut report = MigrationReport::default();
-        for m in todo {
-            for statement in m.statements() {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
-            sqlx::query("INSERT INTO __diesel_schema_migrations (version) VALUES ($1)")
-                .bind(m.version)
-                .execute(&mut *tx)
-                .await?;
-            report.applied.push(m.version.to_string());
-        }
+        let report = sync::apply_migrations(&mut tx, MIGRATIONS).await?;
         tx.commit().await?;
         Ok(report)
     }

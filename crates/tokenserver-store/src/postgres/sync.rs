@@ -8,6 +8,14 @@ use super::PgStore;
 use crate::sync::NO_GENERATED_SECRET;
 
 mod sql {
+    pub const EXISTING_TABLES: &str = "SELECT table_name::TEXT FROM information_schema.tables \
+        WHERE table_schema = current_schema() \
+        AND table_name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')";
+
+    pub const APPLIED_VERSIONS: &str = "SELECT version::TEXT FROM __diesel_schema_migrations";
+
+    pub const RECORD_VERSION: &str = "INSERT INTO __diesel_schema_migrations (version) VALUES ($1)";
+
     pub const SERVICE_ID: &str = "SELECT id::BIGINT FROM services WHERE service = $1";
 
     pub const USER_ROWS: &str =

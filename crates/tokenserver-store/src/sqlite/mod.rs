@@ -12,7 +12,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-use crate::migrate::{plan, Existing, Migration, CREATE_BOOKKEEPING};
+use crate::migrate::Migration;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -105,38 +105,7 @@ impl SqliteStore {
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        let tables: Vec<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'table' \
-             AND name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let has_bookkeeping = tables.iter().any(|t| t == "__diesel_schema_migrations");
-        let applied: Vec<String> = if has_bookkeeping {
-            sqlx::query_scalar("SELECT version FROM __diesel_schema_migrations").fetch_all(&mut *tx).await?
-        } else {
-            Vec::new()
-        };
-        let existing = Existing {
-            schema_tables: tables.iter().filter(|t| !t.starts_with("__")).count(),
-            has_bookkeeping,
-            applied,
-        };
-        let todo = plan(MIGRATIONS, &existing);
-        if !todo.is_empty() && !has_bookkeeping {
-            sqlx::query(CREATE_BOOKKEEPING).execute(&mut *tx).await?;
-        }
-        let mut report = MigrationReport::default();
-        for m in todo {
-            for statement in m.statements() {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
-            sqlx::query("INSERT INTO __diesel_schema_migrations (version) VALUES (?)")
-                .bind(m.version)
-                .execute(&mut *tx)
-                .await?;
-            report.applied.push(m.version.to_string());
-        }
+        let report = sync::apply_migrations(&mut tx, MIGRATIONS).await?;
         tx.commit().await?;
         Ok(report)
     }

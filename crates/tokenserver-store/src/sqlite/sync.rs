@@ -6,6 +6,13 @@ use sqlx::Sqlite;
 use super::SqliteStore;
 
 mod sql {
+    pub const EXISTING_TABLES: &str = "SELECT name FROM sqlite_master WHERE type = 'table' \
+        AND name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')";
+
+    pub const APPLIED_VERSIONS: &str = "SELECT version FROM __diesel_schema_migrations";
+
+    pub const RECORD_VERSION: &str = "INSERT INTO __diesel_schema_migrations (version) VALUES (?)";
+
     pub const SERVICE_ID: &str = "SELECT id FROM services WHERE service = ?";
 
     pub const USER_ROWS: &str = "SELECT users.uid, nodes.id, nodes.node, users.generation, users.keys_changed_at, \
