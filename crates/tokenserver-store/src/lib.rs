@@ -36,6 +36,10 @@ impl Default for PoolSettings {
     }
 }
 
+/// Connections idle longer than this are pinged before use: after an outage they are found dead
+/// and replaced, while under load (connections never idle that long) no request pays a ping.
+pub(crate) const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// The backend a database URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -7,7 +7,9 @@
 //!   `Option<&str>`, `None` where writes are already serialized;
 //! * `insert_id(query, executor)` — runs an `INSERT` and returns the new row's id
 //!   (`RETURNING` or `LAST_INSERT_ID()`);
-//! * on the store: `reader()`, `writer()` pools and `begin_write()`, plus `run_migrations()` (which
+//! * on the store: `reader()`, `writer()` pools and `begin_write()`, `read_user_rows()` (the hot
+//!   read; the generated `sqlx_user_rows()` unless the backend has a faster path), plus
+//!   `run_migrations()` (which
 //!   takes the backend's migration lock and calls the generated `apply_migrations`) and
 //!   `generated_secret()`;
 //! * `sql::EXISTING_TABLES`, `sql::APPLIED_VERSIONS`, `sql::RECORD_VERSION` for the bookkeeping.
@@ -95,6 +97,14 @@ macro_rules! sync_store {
                 report.applied.push(m.version.to_string());
             }
             Ok(report)
+        }
+
+        impl $store {
+            /// A user's rows through the sqlx read pool.
+            async fn sqlx_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
+                let mut conn = self.reader().acquire().await?;
+                rows_of(&mut conn, service, email).await
+            }
         }
 
         /// A write transaction.
@@ -187,8 +197,7 @@ macro_rules! sync_store {
             }
 
             async fn user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-                let mut conn = self.reader().acquire().await?;
-                rows_of(&mut conn, service, email).await
+                self.read_user_rows(service, email).await
             }
 
             async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow> {

@@ -107,7 +107,7 @@ pub fn main() -> ExitCode {
         }
     };
     let serving = matches!(cli.command, None | Some(Command::Serve));
-    crate::telemetry::init_logging(config.human_logs || !serving);
+    let _log_guard = crate::telemetry::init_logging(config.human_logs || !serving);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

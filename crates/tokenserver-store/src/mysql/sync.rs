@@ -94,6 +94,10 @@ impl MySqlStore {
         Ok(self.pool.begin().await?)
     }
 
+    async fn read_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
+        self.sqlx_user_rows(service, email).await
+    }
+
     async fn generated_secret(&self, _generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {
         Err(StoreError::Config(NO_GENERATED_SECRET.into()))
     }

@@ -71,6 +71,15 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(pool.max_size)
             .acquire_timeout(pool.connection_timeout)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > crate::PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options);
         Ok(Self { pool })
     }

@@ -1,8 +1,13 @@
 //! SQLite backend: the embedded default. Mozilla's node-assignment schema in one file.
 //!
-//! Reads go through a pool of connections in WAL mode; writes go through a single connection,
-//! each in a `BEGIN IMMEDIATE` transaction, so every read-modify-write is serialized within
-//! this process and takes SQLite's write lock up front against other processes (the CLI).
+//! Writes go through a single sqlx connection, each in a `BEGIN IMMEDIATE` transaction, so every
+//! read-modify-write is serialized within this process and takes SQLite's write lock up front
+//! against other processes (the CLI).
+//!
+//! The request path's one read (a user's rows) runs inline on the calling thread through a small
+//! pool of read-only `rusqlite` connections in WAL mode (readers never wait for the writer):
+//! an indexed lookup answered from the page cache takes microseconds, while a hop to sqlx's
+//! per-connection worker thread and back costs more than the query on a 2-core machine.
 
 mod sync;
 
@@ -66,11 +71,70 @@ CREATE TABLE IF NOT EXISTS tokenserver_meta (
     },
 ];
 
+/// How long an inline read may wait on a lock (only WAL recovery or a checkpoint can make it).
+const READ_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Read-only connections used inline, at most `max_idle` kept.
+struct ReadConns {
+    path: std::path::PathBuf,
+    idle: std::sync::Mutex<Vec<rusqlite::Connection>>,
+    max_idle: usize,
+}
+
+impl std::fmt::Debug for ReadConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadConns").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+fn rusqlite_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+impl ReadConns {
+    fn open(&self) -> rusqlite::Result<rusqlite::Connection> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(READ_BUSY_TIMEOUT)?;
+        // Pages are read through a memory map rather than a read() per page.
+        conn.pragma_update(None, "mmap_size", 256i64 * 1024 * 1024)?;
+        Ok(conn)
+    }
+
+    /// Runs `f` on an idle connection (or a new one) and returns the connection to the pool.
+    fn with<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let pooled = match self.idle.lock() {
+            Ok(mut idle) => idle.pop(),
+            Err(poisoned) => poisoned.into_inner().pop(),
+        };
+        let conn = match pooled {
+            Some(c) => c,
+            None => self.open().map_err(rusqlite_error)?,
+        };
+        let out = f(&conn).map_err(rusqlite_error);
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < self.max_idle {
+                idle.push(conn);
+            }
+        }
+        out
+    }
+}
+
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
+    /// Inline readers; `None` for an in-memory database (one per connection: reads use sqlx).
+    inline: Option<std::sync::Arc<ReadConns>>,
 }
 
 impl SqliteStore {
@@ -85,22 +149,34 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(false);
+        // A local file cannot drop a connection: no ping before each acquire (sqlx's default, an
+        // extra round trip to the connection's worker thread per query).
         let write = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(pool.connection_timeout)
             .connect_with(options.clone())
             .await?;
+        let options_for_reads = options.clone();
         // An in-memory database exists once per connection: share the writer.
         let read = if in_memory {
             write.clone()
         } else {
             SqlitePoolOptions::new()
                 .max_connections(pool.max_size.max(1))
+                .test_before_acquire(false)
                 .acquire_timeout(pool.connection_timeout)
-                .connect_with(options.read_only(true))
+                .connect_with(options_for_reads.clone().read_only(true))
                 .await?
         };
-        Ok(Self { read, write })
+        let inline = (!in_memory).then(|| {
+            std::sync::Arc::new(ReadConns {
+                path: options_for_reads.get_filename().to_path_buf(),
+                idle: std::sync::Mutex::new(Vec::new()),
+                max_idle: pool.max_size.max(1) as usize,
+            })
+        });
+        Ok(Self { read, write, inline })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {

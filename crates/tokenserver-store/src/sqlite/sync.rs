@@ -36,20 +36,24 @@ mod sql {
         (service, email, generation, client_state, created_at, nodeid, keys_changed_at, replaced_at) \
         VALUES (?, ?, ?, ?, ?, ?, ?, NULL) RETURNING uid";
 
-    pub const PUT_USER: &str = "UPDATE users SET generation = ?, keys_changed_at = ? \
+    // SQLite's planner, without statistics, prefers replaced_at_idx (service, replaced_at) for
+    // these, i.e. a scan of every live user of the service: the writes that filter by email are
+    // pinned to lookup_idx (email, service, created_at).
+    pub const PUT_USER: &str = "UPDATE users INDEXED BY lookup_idx SET generation = ?, keys_changed_at = ? \
         WHERE service = ? AND email = ? AND generation <= ? \
         AND COALESCE(keys_changed_at, 0) <= COALESCE(?, keys_changed_at, 0) AND replaced_at IS NULL";
 
-    pub const REPLACE_OTHERS: &str = "UPDATE users SET replaced_at = ? \
+    pub const REPLACE_OTHERS: &str = "UPDATE users INDEXED BY lookup_idx SET replaced_at = ? \
         WHERE service = ? AND email = ? AND replaced_at IS NULL AND uid <> ?";
 
     pub const REPLACE_USER: &str = "UPDATE users SET replaced_at = ? \
         WHERE service = (SELECT id FROM services WHERE service = ?) AND uid = ? AND replaced_at IS NULL";
 
-    pub const RETIRE_USER: &str = "UPDATE users SET generation = ?, replaced_at = ? \
+    pub const RETIRE_USER: &str = "UPDATE users INDEXED BY lookup_idx SET generation = ?, replaced_at = ? \
         WHERE service = (SELECT id FROM services WHERE service = ?) AND email = ? AND replaced_at IS NULL";
 
-    pub const UPDATE_USER_GENERATION: &str = "UPDATE users SET generation = COALESCE(?, generation), \
+    pub const UPDATE_USER_GENERATION: &str =
+        "UPDATE users INDEXED BY lookup_idx SET generation = COALESCE(?, generation), \
         keys_changed_at = COALESCE(?, keys_changed_at) \
         WHERE service = (SELECT id FROM services WHERE service = ?) AND email = ? \
         AND generation <= COALESCE(?, generation) \
@@ -88,6 +92,29 @@ impl SqliteStore {
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// A user's rows: inline through `rusqlite` when the database is a file.
+    async fn read_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
+        let Some(inline) = &self.inline else {
+            return self.sqlx_user_rows(service, email).await;
+        };
+        inline.with(|conn| {
+            let mut stmt = conn.prepare_cached(sql::USER_ROWS)?;
+            let rows = stmt.query_map((email, service), |r| {
+                Ok(UserRow {
+                    uid: r.get(0)?,
+                    node_id: r.get(1)?,
+                    node: r.get(2)?,
+                    generation: r.get(3)?,
+                    keys_changed_at: r.get(4)?,
+                    client_state: r.get(5)?,
+                    created_at: r.get(6)?,
+                    replaced_at: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
     }
 
     async fn generated_secret(&self, generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {

@@ -1,0 +1,515 @@
+//! `tokenserver-bench`: measures tokenserver against a trivial axum server in the same run.
+//!
+//! `run` benchmarks the Sync scenarios on each backend; `scale` repeats the cached-token scenario
+//! with millions of users in the database. Results are printed and written as a Markdown table.
+
+mod load;
+mod populate;
+mod procs;
+mod tokens;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use load::{Expect, Outcome, Req, ReqGen};
+use populate::Backend;
+use rand::{Rng, SeedableRng};
+use tokens::{pool, Claims, SYNC_SCOPE};
+
+#[derive(Parser)]
+#[command(about = "Benchmark harness for tokenserver")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Measured seconds per scenario.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Warm-up seconds before measuring.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// PostgreSQL server for the PostgreSQL runs.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    postgres_url: String,
+    /// MySQL / MariaDB server for the MariaDB runs.
+    #[arg(long, default_value = "mysql://root@127.0.0.1:3306/mysql")]
+    mysql_url: String,
+    /// Where to write the Markdown report.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The server's `RUST_LOG` (the default logs one line per issued token, as in production).
+    #[arg(long, default_value = "info")]
+    server_log: String,
+    /// Only these scenarios (1-5); all by default.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<u8>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The Sync scenarios on each backend.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Backends: sqlite, postgres, mysql.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+        backends: Vec<String>,
+        /// Existing users in the database.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Size of the new-user token pool (scenario 3 stops early if it runs out).
+        #[arg(long, default_value_t = 40_000)]
+        new_users: usize,
+    },
+    /// Scenario 2 with 1,000 users, then with `--users` users in the database (SQLite).
+    Scale {
+        #[command(flatten)]
+        common: Common,
+        /// Users to bulk-load.
+        #[arg(long, default_value_t = 10_000_000)]
+        users: u64,
+    },
+}
+
+struct Ctx {
+    bin_dir: PathBuf,
+    work: PathBuf,
+    cache: PathBuf,
+    common: Common,
+}
+
+impl Ctx {
+    fn tokenserver(&self) -> PathBuf {
+        self.bin_dir.join("tokenserver")
+    }
+
+    fn admin_url(&self, backend: Backend) -> String {
+        match backend {
+            Backend::Sqlite => self.work.display().to_string(),
+            Backend::Postgres => self.common.postgres_url.clone(),
+            Backend::MySql => self.common.mysql_url.clone(),
+        }
+    }
+
+    fn env(&self, db_url: &str, cache: bool) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("SYNC_MASTER_SECRET".into(), "bench-master-secret".into()),
+            ("SYNC_TOKENSERVER__FXA_METRICS_HASH_SECRET".into(), "bench-metrics-secret".into()),
+            ("TOKENSERVER_DATABASE_URL".into(), db_url.into()),
+            ("SYNC_TOKENSERVER__FXA_EMAIL_DOMAIN".into(), populate::DOMAIN.into()),
+            // Never reached: the bench key is configured, and every token is a JWT.
+            ("SYNC_TOKENSERVER__FXA_OAUTH_SERVER_URL".into(), "http://127.0.0.1:9".into()),
+            ("RUST_LOG".into(), self.common.server_log.clone()),
+        ];
+        if !cache {
+            env.push(("TOKENSERVER_FXA_OAUTH_CACHE_SIZE".into(), "0".into()));
+        }
+        env.extend(tokens::jwk_env());
+        env
+    }
+
+    fn wants(&self, scenario: u8) -> bool {
+        self.common.scenarios.is_empty() || self.common.scenarios.contains(&scenario)
+    }
+
+    fn duration(&self) -> (Duration, Duration) {
+        (Duration::from_secs(self.common.warmup), Duration::from_secs(self.common.duration))
+    }
+}
+
+/// One line of the report.
+struct Row {
+    backend: String,
+    scenario: String,
+    outcome: Outcome,
+    sample: Sample,
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+fn req(token: &str, key_id: String, expect: Expect) -> Req {
+    Req { path: "/1.0/sync/1.5".into(), headers: vec![("authorization", bearer(token)), ("x-keyid", key_id)], expect }
+}
+
+fn random_key_id(kca: i64) -> String {
+    format!("{kca}-{}", URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>()))
+}
+
+/// Runs the load and returns its figures with the server's peak RSS (KiB) and its CPU time per
+/// request (µs, warm-up included in both numerator and denominator).
+fn measure(server: &procs::Server, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
+    let sampler = procs::RssSampler::start(server.child.id());
+    let (warmup, duration) = ctx.duration();
+    let outcome = load::run(server.addr, gens, warmup, duration)?;
+    let (rss_kib, cpu) = sampler.stop();
+    let total_requests = outcome.rps * (warmup + duration).as_secs_f64();
+    let cpu_us_per_req = cpu.as_secs_f64() * 1e6 / total_requests.max(1.0);
+    Ok((outcome, Sample { rss_kib, cpu_us_per_req }))
+}
+
+/// What was sampled from the server process during a run.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rss_kib: u64,
+    cpu_us_per_req: f64,
+}
+
+/// Each connection cycles over its own users (`u % connections == c`) with their tokens.
+fn cached_users(users: &Arc<Vec<String>>, range: std::ops::Range<usize>, conns: usize) -> Vec<ReqGen> {
+    (0..conns)
+        .map(|c| {
+            let mine: Vec<usize> = range.clone().filter(|u| u % conns == c).collect();
+            let users = users.clone();
+            let mut i = 0usize;
+            Box::new(move || {
+                let u = *mine.get(i % mine.len().max(1))?;
+                i += 1;
+                Some(req(&users[u], "0-".into(), Expect::Success))
+            }) as ReqGen
+        })
+        .collect()
+}
+
+fn hello_gens(conns: usize) -> Vec<ReqGen> {
+    (0..conns)
+        .map(|_| Box::new(|| Some(Req { path: "/".into(), headers: Vec::new(), expect: Expect::Success })) as ReqGen)
+        .collect()
+}
+
+fn run_hello(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<f64, String> {
+    let hello = procs::hello(&ctx.bin_dir.join("bench-hello"))?;
+    let gens = hello_gens(ctx.common.connections);
+    let (outcome, sample) = measure(&hello, gens, ctx)?;
+    let rps = outcome.rps;
+    eprintln!("hello: {:.0} req/s", rps);
+    rows.push(Row { backend: "-".into(), scenario: "hello (axum, fixed JSON)".into(), outcome, sample });
+    Ok(rps)
+}
+
+struct Pools {
+    users: Arc<Vec<String>>,
+    new_users: Arc<Vec<String>>,
+    password: Arc<Vec<String>>,
+    bad_sig: Arc<Vec<String>>,
+    bad_scope: Arc<Vec<String>>,
+}
+
+const PASSWORD_CHANGES_PER_USER: usize = 3;
+
+fn pools(ctx: &Ctx, users: usize, new_users: usize) -> Pools {
+    let user = |sub: String| Claims { sub, generation: None, scope: SYNC_SCOPE, other_key: false };
+    let half = users / 2;
+    Pools {
+        users: Arc::new(pool(&ctx.cache, "users", users, |i| user(format!("bench{i}")))),
+        new_users: Arc::new(pool(&ctx.cache, "new-users", new_users, |i| user(format!("new{i}")))),
+        password: Arc::new(pool(
+            &ctx.cache,
+            &format!("password-{users}"),
+            (users - half) * PASSWORD_CHANGES_PER_USER,
+            |i| {
+                let u = half + i / PASSWORD_CHANGES_PER_USER;
+                let g = 1_000_000_000 + (i % PASSWORD_CHANGES_PER_USER) as i64 + 1;
+                Claims { sub: format!("bench{u}"), generation: Some(g), scope: SYNC_SCOPE, other_key: false }
+            },
+        )),
+        bad_sig: Arc::new(pool(&ctx.cache, "bad-signature", 100, |i| Claims {
+            sub: format!("bench{i}"),
+            generation: None,
+            scope: SYNC_SCOPE,
+            other_key: true,
+        })),
+        bad_scope: Arc::new(pool(&ctx.cache, "bad-scope", 100, |i| Claims {
+            sub: format!("bench{i}"),
+            generation: None,
+            scope: "unrelated scopes",
+            other_key: false,
+        })),
+    }
+}
+
+/// Scenario 4: every request changes the user's keys (new client state, newer keys_changed_at).
+fn key_change_gens(p: &Pools, range: std::ops::Range<usize>, conns: usize) -> Vec<ReqGen> {
+    (0..conns)
+        .map(|c| {
+            let mine: Vec<usize> = range.clone().filter(|u| u % conns == c).collect();
+            let mut kca = vec![0i64; mine.len()];
+            let users = p.users.clone();
+            let mut i = 0usize;
+            Box::new(move || {
+                if mine.is_empty() {
+                    return None;
+                }
+                let k = i % mine.len();
+                i += 1;
+                kca[k] += 1;
+                Some(req(&users[mine[k]], random_key_id(kca[k]), Expect::Success))
+            }) as ReqGen
+        })
+        .collect()
+}
+
+/// Scenario 5: Mozilla's load-test mix — valid 3000, bad signature 100, bad scope 100, key
+/// change 20, password change 20.
+fn mixed_gens(p: &Pools, range: std::ops::Range<usize>, conns: usize) -> Vec<ReqGen> {
+    let half = range.start;
+    (0..conns)
+        .map(|c| {
+            let mine: Vec<usize> = range.clone().filter(|u| u % conns == c).collect();
+            let mut state: Vec<(i64, String, usize)> = mine.iter().map(|_| (0, "0-".to_string(), 0)).collect();
+            let (users, password, bad_sig, bad_scope) =
+                (p.users.clone(), p.password.clone(), p.bad_sig.clone(), p.bad_scope.clone());
+            let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
+            Box::new(move || {
+                if mine.is_empty() {
+                    return None;
+                }
+                let k = rng.random_range(0..mine.len());
+                let u = mine[k];
+                let pick = rng.random_range(0..3240u32);
+                let (kca, key_id, pw_used) = &mut state[k];
+                Some(match pick {
+                    0..3000 => req(&users[u], key_id.clone(), Expect::Success),
+                    3000..3100 => req(&bad_sig[rng.random_range(0..bad_sig.len())], "0-".into(), Expect::Status(401)),
+                    3100..3200 => {
+                        req(&bad_scope[rng.random_range(0..bad_scope.len())], "0-".into(), Expect::Status(401))
+                    }
+                    3200..3220 => {
+                        *kca += 1;
+                        *key_id = random_key_id(*kca);
+                        req(&users[u], key_id.clone(), Expect::Success)
+                    }
+                    _ if *pw_used < PASSWORD_CHANGES_PER_USER => {
+                        let token = &password[(u - half) * PASSWORD_CHANGES_PER_USER + *pw_used];
+                        *pw_used += 1;
+                        req(token, key_id.clone(), Expect::Success)
+                    }
+                    _ => req(&users[u], key_id.clone(), Expect::Success),
+                })
+            }) as ReqGen
+        })
+        .collect()
+}
+
+async fn prepare(ctx: &Ctx, backend: Backend, users: u64) -> Result<String, String> {
+    let url = populate::fresh_database(backend, &ctx.admin_url(backend)).await?;
+    let env = ctx.env(&url, true);
+    let bin = ctx.tokenserver();
+    procs::tokenserver_cmd(&bin, &env, &["migrate"])?;
+    procs::tokenserver_cmd(
+        &bin,
+        &env,
+        &["node", "add", populate::NODE, "--capacity", "1000000000", "--available", "1000000000"],
+    )?;
+    populate::users(backend, &url, 0, users).await?;
+    Ok(url)
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    match s {
+        "sqlite" => Ok(Backend::Sqlite),
+        "postgres" | "postgresql" => Ok(Backend::Postgres),
+        "mysql" | "mariadb" => Ok(Backend::MySql),
+        other => Err(format!("unknown backend {other:?}")),
+    }
+}
+
+async fn run_backend(ctx: &Ctx, backend: Backend, p: &Pools, users: usize, rows: &mut Vec<Row>) -> Result<(), String> {
+    let url = prepare(ctx, backend, users as u64).await?;
+    let conns = ctx.common.connections;
+    let log = ctx.work.join(format!("tokenserver-{}.log", backend.name()));
+    let mut push = |scenario: &str, (outcome, sample): (Outcome, Sample)| {
+        eprintln!(
+            "{} / {scenario}: {:.0} req/s, p99 {:.2} ms, unexpected {}",
+            backend.name(),
+            outcome.rps,
+            outcome.p99_ms,
+            outcome.unexpected
+        );
+        rows.push(Row { backend: backend.name().into(), scenario: scenario.into(), outcome, sample });
+    };
+
+    if ctx.wants(2) {
+        let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
+        push("2 existing users, cached JWT", measure(&server, cached_users(&p.users, 0..users, conns), ctx)?);
+    }
+    if ctx.wants(1) {
+        let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, false), &log)?;
+        push(
+            "1 existing users, RS256 verify per request",
+            measure(&server, cached_users(&p.users, 0..users, conns), ctx)?,
+        );
+    }
+    let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
+    if ctx.wants(3) {
+        let next = Arc::new(AtomicUsize::new(0));
+        let gens: Vec<ReqGen> = (0..conns)
+            .map(|_| {
+                let (next, pool) = (next.clone(), p.new_users.clone());
+                Box::new(move || {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    pool.get(i).map(|t| req(t, "0-".into(), Expect::Success))
+                }) as ReqGen
+            })
+            .collect();
+        push("3 new users (allocation)", measure(&server, gens, ctx)?);
+    }
+    let half = users / 2;
+    if ctx.wants(4) {
+        push("4 client-state change per request", measure(&server, key_change_gens(p, 0..half, conns), ctx)?);
+    }
+    if ctx.wants(5) {
+        push("5 mixed (Mozilla load-test weights)", measure(&server, mixed_gens(p, half..users, conns), ctx)?);
+    }
+    drop(server);
+    Ok(())
+}
+
+fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "### {title}\n");
+    let _ = writeln!(
+        md,
+        "{} connections, {} s warm-up + {} s measured per scenario, load generator on one core of the same machine.\n",
+        ctx.common.connections, ctx.common.warmup, ctx.common.duration
+    );
+    let _ = writeln!(
+        md,
+        "| Backend | Scenario | req/s | × hello | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | peak RSS MiB |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let o = &r.outcome;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.1} |",
+            r.backend,
+            r.scenario,
+            o.rps,
+            o.rps / hello_rps,
+            o.p50_ms,
+            o.p99_ms,
+            o.max_ms,
+            o.non_2xx,
+            o.unexpected + o.errors,
+            r.sample.cpu_us_per_req,
+            r.sample.rss_kib as f64 / 1024.0
+        );
+    }
+    md
+}
+
+fn write_out(ctx: &Ctx, md: &str) -> Result<(), String> {
+    println!("{md}");
+    if let Some(path) = &ctx.common.out {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(path, md).map_err(|e| e.to_string())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn ctx(common: Common) -> Result<Ctx, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin_dir = exe.parent().ok_or("no binary directory")?.to_path_buf();
+    let target = bin_dir.parent().unwrap_or(Path::new("."));
+    let work = std::env::temp_dir().join(format!("tokenserver-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    Ok(Ctx { bin_dir: bin_dir.clone(), work, cache: target.join("bench-cache"), common })
+}
+
+async fn main_async(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Run { common, backends, users, new_users } => {
+            let ctx = ctx(common)?;
+            let backends: Vec<Backend> = backends.iter().map(|b| parse_backend(b)).collect::<Result<_, _>>()?;
+            let p = pools(&ctx, users, new_users);
+            let mut rows = Vec::new();
+            let hello = run_hello(&ctx, &mut rows)?;
+            for b in backends {
+                run_backend(&ctx, b, &p, users, &mut rows).await?;
+            }
+            let md = report(&rows, hello, &ctx, "Sync token endpoint");
+            write_out(&ctx, &md)?;
+            let _ = std::fs::remove_dir_all(&ctx.work);
+            Ok(())
+        }
+        Command::Scale { common, users } => {
+            let ctx = ctx(common)?;
+            let conns = ctx.common.connections;
+            let small = 1000usize;
+            let p = pools(&ctx, small, 1);
+            let mut rows = Vec::new();
+            let hello = run_hello(&ctx, &mut rows)?;
+            let url = prepare(&ctx, Backend::Sqlite, small as u64).await?;
+            let log = ctx.work.join("tokenserver-scale.log");
+            let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
+            let (o, sample) = measure(&server, cached_users(&p.users, 0..small, conns), &ctx)?;
+            rows.push(Row {
+                backend: "SQLite".into(),
+                scenario: format!("2 cached JWT, {small} users in DB"),
+                outcome: o,
+                sample,
+            });
+            drop(server);
+            eprintln!("bulk-loading {users} users");
+            let started = std::time::Instant::now();
+            populate::users(Backend::Sqlite, &url, small as u64, users).await?;
+            eprintln!("loaded in {:.0} s", started.elapsed().as_secs_f64());
+            // 1,000 users spread over the whole table.
+            let stride = (users / small as u64).max(1);
+            let spread = Arc::new(pool(&ctx.cache, &format!("spread-{users}"), small, |i| Claims {
+                sub: format!("bench{}", i as u64 * stride),
+                generation: None,
+                scope: SYNC_SCOPE,
+                other_key: false,
+            }));
+            let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
+            let (o, sample) = measure(&server, cached_users(&spread, 0..small, conns), &ctx)?;
+            rows.push(Row {
+                backend: "SQLite".into(),
+                scenario: format!("2 cached JWT, {users} users in DB"),
+                outcome: o,
+                sample,
+            });
+            drop(server);
+            let md = report(&rows, hello, &ctx, "Scale of the user table");
+            write_out(&ctx, &md)?;
+            let _ = std::fs::remove_dir_all(&ctx.work);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main_async(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenserver-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Server processes: start, wait until ready, sample memory, stop.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A free local port (bound, read, released).
+pub fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// A running server process, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the hello server and reads its address from its first line of output.
+pub fn hello(bin: &Path) -> Result<Server, String> {
+    let mut child = Command::new(bin).stdout(Stdio::piped()).spawn().map_err(|e| format!("{}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+    let addr = line.trim().parse().map_err(|e| format!("hello said {line:?}: {e}"))?;
+    Ok(Server { child, addr })
+}
+
+fn ready(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let req = format!("GET /__lbheartbeat__ HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
+}
+
+/// Starts tokenserver with `env` (on top of a clean environment), logs to `log`.
+pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<Server, String> {
+    let port = free_port()?;
+    let internal = free_port()?;
+    let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
+    let child = Command::new(bin)
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("TOKENSERVER_PORT", port.to_string())
+        .env("TOKENSERVER_INTERNAL__PORT", internal.to_string())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut server = Server { child, addr };
+    let start = Instant::now();
+    while !ready(addr) {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            return Err(format!("tokenserver exited with {status} (see its log)"));
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err("tokenserver did not become ready in 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(server)
+}
+
+/// Samples a process's resident memory every 50 ms; [`RssSampler::stop`] returns the peak (KiB)
+/// and the CPU time the process used meanwhile.
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pid: u32,
+    cpu_start: Duration,
+}
+
+/// User + system CPU time of a process (`/proc/<pid>/stat`, clock ticks of 10 ms).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+        let (s, p) = (stop.clone(), peak.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(kib) = rss_kib(pid) {
+                    p.fetch_max(kib, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Self { stop, peak, thread: Some(thread), pid, cpu_start: cpu_time(pid) }
+    }
+
+    /// Peak RSS (KiB) and CPU time used since `start`.
+    pub fn stop(mut self) -> (u64, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        (self.peak.load(Ordering::Relaxed), cpu_time(self.pid).saturating_sub(self.cpu_start))
+    }
+}
+
+/// Runs `tokenserver <args>` to completion.
+pub fn tokenserver_cmd(bin: &Path, env: &[(String, String)], args: &[&str]) -> Result<(), String> {
+    let out = Command::new(bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("tokenserver {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
