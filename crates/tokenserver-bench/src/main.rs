@@ -333,8 +333,10 @@ async fn run_backend(ctx: &Ctx, backend: Backend, p: &Pools, users: usize, rows:
     let log = ctx.work.join(format!("tokenserver-{}.log", backend.name()));
     let mut push = |scenario: &str, (outcome, sample): (Outcome, Sample)| {
         eprintln!(
-            "{} / {scenario}: {:.0} req/s, p99 {:.2} ms, unexpected {}",
+            "{} / {scenario}: {} requests in {:.1} s = {:.0} req/s, p99 {:.2} ms, unexpected {}",
             backend.name(),
+            outcome.requests,
+            outcome.seconds,
             outcome.rps,
             outcome.p99_ms,
             outcome.unexpected
