@@ -73,6 +73,7 @@ pub struct FxaVerifier {
     keys: KeyStore,
     cache: Option<quick_cache::sync::Cache<[u8; 32], Cached>>,
     cache_ttl: Duration,
+    access_validation: Validation,
     set_client_id: Option<String>,
     set_issuer: Option<String>,
 }
@@ -134,6 +135,21 @@ pub(crate) async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>,
     Ok(body)
 }
 
+/// The keys to try, in order: those whose `kid` matches the token's if any do, else all.
+fn candidates<'a>(keys: &'a [VerifyKey], kid: Option<&'a str>) -> impl Iterator<Item = &'a VerifyKey> {
+    let matching = kid.filter(|kid| keys.iter().any(|k| k.kid == *kid));
+    keys.iter().filter(move |k| matching.is_none_or(|m| k.kid == m))
+}
+
+/// RS256; `exp` checked with leeway when present, never required; no `aud`/`iss` (FxA's rules).
+fn access_validation() -> Validation {
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.required_spec_claims = HashSet::new();
+    validation.validate_aud = false;
+    validation.leeway = LEEWAY_S;
+    validation
+}
+
 enum Local {
     Verified(Identity, Option<u64>),
     /// Not something the key set can judge: ask FxA.
@@ -167,6 +183,7 @@ impl FxaVerifier {
             keys,
             cache,
             cache_ttl: settings.cache_ttl,
+            access_validation: access_validation(),
             set_client_id: settings.set_client_id.clone(),
             set_issuer: settings.set_issuer.clone(),
         })
@@ -186,29 +203,18 @@ impl FxaVerifier {
         self.keys.current().len()
     }
 
-    /// Keys to try for a token whose header names `kid`: the matching ones if any, else all.
-    async fn candidate_keys(&self, kid: Option<&str>) -> Vec<VerifyKey> {
-        let pick = |keys: &[VerifyKey]| -> Option<Vec<VerifyKey>> {
-            match kid {
-                Some(kid) => {
-                    let matching: Vec<VerifyKey> = keys.iter().filter(|k| k.kid == kid).cloned().collect();
-                    (!matching.is_empty()).then_some(matching)
-                }
-                None => (!keys.is_empty()).then(|| keys.to_vec()),
-            }
-        };
+    /// The key set to judge a token whose header names `kid`: the held keys, refreshed first
+    /// (rate-limited) when they come from FxA and none matches `kid`.
+    async fn keys_for(&self, kid: Option<&str>) -> Arc<Vec<VerifyKey>> {
         let keys = self.keys.current();
-        if let Some(found) = pick(&keys) {
-            return found;
+        let known = match kid {
+            Some(kid) => keys.iter().any(|k| k.kid == kid),
+            None => !keys.is_empty(),
+        };
+        if known || !self.keys.is_remote() {
+            return keys;
         }
-        if self.keys.is_remote() {
-            let refreshed = self.keys.refresh().await;
-            if let Some(found) = pick(&refreshed) {
-                return found;
-            }
-            return refreshed.to_vec();
-        }
-        keys.to_vec()
+        self.keys.refresh().await
     }
 
     async fn verify_local(&self, token: &str) -> Result<Local, AuthError> {
@@ -219,16 +225,12 @@ impl FxaVerifier {
             metrics::counter!("tokenserver_jwt_errors_total", "kind" => "decoding_error").increment(1);
             return Ok(Local::AskRemote);
         }
-        let keys = self.candidate_keys(header.kid.as_deref()).await;
+        let keys = self.keys_for(header.kid.as_deref()).await;
         if keys.is_empty() {
             return Ok(Local::AskRemote);
         }
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.required_spec_claims = HashSet::new();
-        validation.validate_aud = false;
-        validation.leeway = LEEWAY_S;
-        for key in &keys {
-            match jsonwebtoken::decode::<AccessClaims>(token, &key.key, &validation) {
+        for key in candidates(&keys, header.kid.as_deref()) {
+            match jsonwebtoken::decode::<AccessClaims>(token, &key.key, &self.access_validation) {
                 Ok(data) => {
                     if !typ_ok(data.header.typ.as_deref()) {
                         return Err(AuthError::Invalid("token type is not at+jwt"));
@@ -293,7 +295,8 @@ impl FxaVerifier {
         validation.leeway = LEEWAY_S;
         validation.set_audience(&[client_id]);
         validation.set_issuer(&[issuer]);
-        for key in self.candidate_keys(header.kid.as_deref()).await {
+        let keys = self.keys_for(header.kid.as_deref()).await;
+        for key in candidates(&keys, header.kid.as_deref()) {
             match jsonwebtoken::decode::<SetClaims>(token, &key.key, &validation) {
                 Ok(data) => return Ok(data.claims),
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
