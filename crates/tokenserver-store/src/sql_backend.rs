@@ -7,8 +7,9 @@
 //!   `Option<&str>`, `None` where writes are already serialized;
 //! * `insert_id(query, executor)` — runs an `INSERT` and returns the new row's id
 //!   (`RETURNING` or `LAST_INSERT_ID()`);
-//! * on the store: `reader()`, `writer()` pools and `begin_write()`, `read_user_rows()` (the hot
-//!   read; the generated `sqlx_user_rows()` unless the backend has a faster path), plus
+//! * on the store: `reader()`, `writer()` pools and `begin_write()`, `read_user_rows()`,
+//!   `write_allocate()` and `write_change()` (the request path; the generated `sqlx_*` versions
+//!   unless the backend has a faster path), plus
 //!   `run_migrations()` (which
 //!   takes the backend's migration lock and calls the generated `apply_migrations`) and
 //!   `generated_secret()`;
@@ -100,6 +101,31 @@ macro_rules! sync_store {
         }
 
         impl $store {
+            /// `allocate_user` in a sqlx write transaction.
+            #[allow(dead_code)]
+            async fn sqlx_allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
+                let mut tx = Tx(self.begin_write().await?);
+                let row = tx::allocate(&mut tx, req).await?;
+                tx.0.commit().await?;
+                Ok(row)
+            }
+
+            /// `change_user` in a sqlx write transaction.
+            #[allow(dead_code)]
+            async fn sqlx_change(
+                &self,
+                service: &str,
+                email: &str,
+                expected_current: i64,
+                change: &UserChange<'_>,
+                now_ms: i64,
+            ) -> Result<i64> {
+                let mut tx = Tx(self.begin_write().await?);
+                let uid = tx::change(&mut tx, service, email, expected_current, change, now_ms).await?;
+                tx.0.commit().await?;
+                Ok(uid)
+            }
+
             /// A user's rows through the sqlx read pool.
             async fn sqlx_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
                 let mut conn = self.reader().acquire().await?;
@@ -201,10 +227,7 @@ macro_rules! sync_store {
             }
 
             async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow> {
-                let mut tx = Tx(self.begin_write().await?);
-                let row = tx::allocate(&mut tx, req).await?;
-                tx.0.commit().await?;
-                Ok(row)
+                self.write_allocate(req).await
             }
 
             async fn change_user(
@@ -215,10 +238,7 @@ macro_rules! sync_store {
                 change: &UserChange<'_>,
                 now_ms: i64,
             ) -> Result<i64> {
-                let mut tx = Tx(self.begin_write().await?);
-                let uid = tx::change(&mut tx, service, email, expected_current, change, now_ms).await?;
-                tx.0.commit().await?;
-                Ok(uid)
+                self.write_change(service, email, expected_current, change, now_ms).await
             }
 
             async fn replace_rows(&self, service: &str, uids: &[i64], replaced_at: i64) -> Result<()> {

@@ -10,6 +10,7 @@
 //! per-connection worker thread and back costs more than the query on a 2-core machine.
 
 mod sync;
+mod write;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -87,7 +88,7 @@ impl std::fmt::Debug for ReadConns {
     }
 }
 
-fn rusqlite_error(e: rusqlite::Error) -> StoreError {
+pub(super) fn rusqlite_error(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
     match e.sqlite_error_code() {
         Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable(e.to_string()),
@@ -135,6 +136,8 @@ pub struct SqliteStore {
     write: SqlitePool,
     /// Inline readers; `None` for an in-memory database (one per connection: reads use sqlx).
     inline: Option<std::sync::Arc<ReadConns>>,
+    /// The request path's writer; `None` for an in-memory database (writes use sqlx).
+    writer: Option<std::sync::Arc<write::Writer>>,
 }
 
 impl SqliteStore {
@@ -176,7 +179,9 @@ impl SqliteStore {
                 max_idle: pool.max_size.max(1) as usize,
             })
         });
-        Ok(Self { read, write, inline })
+        let writer = (!in_memory)
+            .then(|| std::sync::Arc::new(write::Writer::new(options_for_reads.get_filename().to_path_buf())));
+        Ok(Self { read, write, inline, writer })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {

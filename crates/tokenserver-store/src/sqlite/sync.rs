@@ -3,9 +3,9 @@
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::Sqlite;
 
-use super::SqliteStore;
+use super::{write, SqliteStore};
 
-mod sql {
+pub(super) mod sql {
     pub const EXISTING_TABLES: &str = "SELECT name FROM sqlite_master WHERE type = 'table' \
         AND name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')";
 
@@ -73,6 +73,20 @@ mod sql {
     pub const INSERT_SERVICE: &str = "INSERT INTO services (service, pattern) VALUES (?, ?)";
 }
 
+/// A `users` row as `USER_ROWS` selects it, read through rusqlite.
+pub(super) fn user_row_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
+    Ok(UserRow {
+        uid: r.get(0)?,
+        node_id: r.get(1)?,
+        node: r.get(2)?,
+        generation: r.get(3)?,
+        keys_changed_at: r.get(4)?,
+        client_state: r.get(5)?,
+        created_at: r.get(6)?,
+        replaced_at: r.get(7)?,
+    })
+}
+
 /// Runs an `INSERT … RETURNING id`.
 async fn insert_id<'q>(
     q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
@@ -94,6 +108,69 @@ impl SqliteStore {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
     }
 
+    /// `allocate_user` on the rusqlite writer when the database is a file.
+    async fn write_allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
+        let Some(writer) = &self.writer else {
+            let mut tx = Tx(self.begin_write().await?);
+            let row = tx::allocate(&mut tx, req).await?;
+            tx.0.commit().await?;
+            return Ok(row);
+        };
+        let (service, email, client_state) =
+            (req.service.to_string(), req.email.to_string(), req.client_state.to_string());
+        let owned = (req.generation, req.keys_changed_at, req.expected_current, req.now_ms, req.release_rate);
+        writer
+            .run(move |wtx| {
+                let (generation, keys_changed_at, expected_current, now_ms, release_rate) = owned;
+                let req = Allocate {
+                    service: &service,
+                    email: &email,
+                    generation,
+                    client_state: &client_state,
+                    keys_changed_at,
+                    expected_current,
+                    now_ms,
+                    release_rate,
+                };
+                write::run_now(tx::allocate(wtx, &req))
+            })
+            .await
+    }
+
+    /// `change_user` on the rusqlite writer when the database is a file.
+    async fn write_change(
+        &self,
+        service: &str,
+        email: &str,
+        expected_current: i64,
+        change: &UserChange<'_>,
+        now_ms: i64,
+    ) -> Result<i64> {
+        let Some(writer) = &self.writer else {
+            let mut tx = Tx(self.begin_write().await?);
+            let uid = tx::change(&mut tx, service, email, expected_current, change, now_ms).await?;
+            tx.0.commit().await?;
+            return Ok(uid);
+        };
+        let (service, email) = (service.to_string(), email.to_string());
+        let owned = match change {
+            UserChange::Update { generation, keys_changed_at } => (*generation, *keys_changed_at, None, 0),
+            UserChange::NewClientState { generation, keys_changed_at, client_state, node_id } => {
+                (*generation, *keys_changed_at, Some(client_state.to_string()), *node_id)
+            }
+        };
+        writer
+            .run(move |wtx| {
+                let (generation, keys_changed_at, client_state, node_id) = owned;
+                let change = match &client_state {
+                    None => UserChange::Update { generation, keys_changed_at },
+                    Some(cs) => UserChange::NewClientState { generation, keys_changed_at, client_state: cs, node_id },
+                };
+                write::run_now(tx::change(wtx, &service, &email, expected_current, &change, now_ms))
+            })
+            .await
+    }
+
     /// A user's rows: inline through `rusqlite` when the database is a file.
     async fn read_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
         let Some(inline) = &self.inline else {
@@ -101,18 +178,7 @@ impl SqliteStore {
         };
         inline.with(|conn| {
             let mut stmt = conn.prepare_cached(sql::USER_ROWS)?;
-            let rows = stmt.query_map((email, service), |r| {
-                Ok(UserRow {
-                    uid: r.get(0)?,
-                    node_id: r.get(1)?,
-                    node: r.get(2)?,
-                    generation: r.get(3)?,
-                    keys_changed_at: r.get(4)?,
-                    client_state: r.get(5)?,
-                    created_at: r.get(6)?,
-                    replaced_at: r.get(7)?,
-                })
-            })?;
+            let rows = stmt.query_map((email, service), user_row_rusqlite)?;
             rows.collect()
         })
     }
