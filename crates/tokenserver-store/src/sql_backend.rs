@@ -7,19 +7,22 @@
 //!   `Option<&str>`, `None` where writes are already serialized;
 //! * `insert_id(query, executor)` — runs an `INSERT` and returns the new row's id
 //!   (`RETURNING` or `LAST_INSERT_ID()`);
-//! * on the store: `reader()`, `writer()` pools and `begin_write()`, `read_user_rows()`,
-//!   `write_allocate()` and `write_change()` (the request path; the generated `sqlx_*` versions
-//!   unless the backend has a faster path), plus
+//! * on the store: `reader()`, `writer()` pools and `begin_write()`, plus
 //!   `run_migrations()` (which
 //!   takes the backend's migration lock and calls the generated `apply_migrations`) and
 //!   `generated_secret()`;
-//! * `sql::EXISTING_TABLES`, `sql::APPLIED_VERSIONS`, `sql::RECORD_VERSION` for the bookkeeping.
+//! * `sql::EXISTING_TABLES`, `sql::APPLIED_VERSIONS`, `sql::RECORD_VERSION` for the bookkeeping;
+//! * `request_path:` the methods serving the request path's read, allocation and change — the
+//!   generated `sqlx_user_rows`, `sqlx_allocate`, `sqlx_change`, or faster ones of its own.
 //!
 //! Everything else — what each method does and the transactional logic of `tx.rs` — is
 //! written once.
 
 macro_rules! sync_store {
-    (store: $store:ty, db: $db:ty, row: $row:ty, conn: $conn:ty $(,)?) => {
+    (
+        store: $store:ty, db: $db:ty, row: $row:ty, conn: $conn:ty,
+        request_path: ($user_rows:ident, $allocate:ident, $change:ident) $(,)?
+    ) => {
         use async_trait::async_trait;
         use sqlx::Row;
         use tokenserver_core::sync::allocation::NodeState;
@@ -102,7 +105,6 @@ macro_rules! sync_store {
 
         impl $store {
             /// `allocate_user` in a sqlx write transaction.
-            #[allow(dead_code)]
             async fn sqlx_allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
                 let mut tx = Tx(self.begin_write().await?);
                 let row = tx::allocate(&mut tx, req).await?;
@@ -111,7 +113,6 @@ macro_rules! sync_store {
             }
 
             /// `change_user` in a sqlx write transaction.
-            #[allow(dead_code)]
             async fn sqlx_change(
                 &self,
                 service: &str,
@@ -223,11 +224,11 @@ macro_rules! sync_store {
             }
 
             async fn user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-                self.read_user_rows(service, email).await
+                self.$user_rows(service, email).await
             }
 
             async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow> {
-                self.write_allocate(req).await
+                self.$allocate(req).await
             }
 
             async fn change_user(
@@ -238,7 +239,7 @@ macro_rules! sync_store {
                 change: &UserChange<'_>,
                 now_ms: i64,
             ) -> Result<i64> {
-                self.write_change(service, email, expected_current, change, now_ms).await
+                self.$change(service, email, expected_current, change, now_ms).await
             }
 
             async fn replace_rows(&self, service: &str, uids: &[i64], replaced_at: i64) -> Result<()> {

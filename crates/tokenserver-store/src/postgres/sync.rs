@@ -96,28 +96,11 @@ impl PgStore {
         Ok(self.pool.begin().await?)
     }
 
-    async fn read_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-        self.sqlx_user_rows(service, email).await
-    }
-
-    async fn write_allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
-        self.sqlx_allocate(req).await
-    }
-
-    async fn write_change(
-        &self,
-        service: &str,
-        email: &str,
-        expected_current: i64,
-        change: &UserChange<'_>,
-        now_ms: i64,
-    ) -> Result<i64> {
-        self.sqlx_change(service, email, expected_current, change, now_ms).await
-    }
-
     async fn generated_secret(&self, _generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {
         Err(StoreError::Config(NO_GENERATED_SECRET.into()))
     }
 }
 
-crate::sql_backend::sync_store!(store: PgStore, db: Postgres, row: PgRow, conn: sqlx::PgConnection);
+crate::sql_backend::sync_store!(store: PgStore, db: Postgres, row: PgRow, conn: sqlx::PgConnection,
+    request_path: (sqlx_user_rows, sqlx_allocate, sqlx_change),
+);

@@ -115,10 +115,7 @@ impl SqliteStore {
     /// `allocate_user` on the rusqlite writer when the database is a file.
     async fn write_allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
         let Some(writer) = &self.writer else {
-            let mut tx = Tx(self.begin_write().await?);
-            let row = tx::allocate(&mut tx, req).await?;
-            tx.0.commit().await?;
-            return Ok(row);
+            return self.sqlx_allocate(req).await;
         };
         let (service, email, client_state) =
             (req.service.to_string(), req.email.to_string(), req.client_state.to_string());
@@ -151,10 +148,7 @@ impl SqliteStore {
         now_ms: i64,
     ) -> Result<i64> {
         let Some(writer) = &self.writer else {
-            let mut tx = Tx(self.begin_write().await?);
-            let uid = tx::change(&mut tx, service, email, expected_current, change, now_ms).await?;
-            tx.0.commit().await?;
-            return Ok(uid);
+            return self.sqlx_change(service, email, expected_current, change, now_ms).await;
         };
         let (service, email) = (service.to_string(), email.to_string());
         let owned = match change {
@@ -206,4 +200,7 @@ impl SqliteStore {
     }
 }
 
-crate::sql_backend::sync_store!(store: SqliteStore, db: Sqlite, row: SqliteRow, conn: sqlx::SqliteConnection);
+crate::sql_backend::sync_store!(
+    store: SqliteStore, db: Sqlite, row: SqliteRow, conn: sqlx::SqliteConnection,
+    request_path: (read_user_rows, write_allocate, write_change),
+);
