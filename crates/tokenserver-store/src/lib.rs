@@ -38,7 +38,25 @@ impl Default for PoolSettings {
 
 /// Connections idle longer than this are pinged before use: after an outage they are found dead
 /// and replaced, while under load (connections never idle that long) no request pays a ping.
-pub(crate) const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// Pool options for a networked database (PostgreSQL, MySQL): sized and timed by `settings`,
+/// pinging only connections that sat idle (sqlx's default pings before every acquire, a round
+/// trip per request).
+pub(crate) fn network_pool<DB: sqlx::Database>(settings: &PoolSettings) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(settings.max_size)
+        .acquire_timeout(settings.connection_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
 
 /// The backend a database URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ mod sync;
 
 use std::str::FromStr;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::mysql::MySqlConnectOptions;
 use sqlx::{Executor, MySqlPool};
 
 use crate::migrate::Migration;
@@ -113,18 +113,7 @@ impl MySqlStore {
     pub async fn open(url: &str, pool: &PoolSettings) -> Result<Self, StoreError> {
         let options = MySqlConnectOptions::from_str(&normalise_url(url))
             .map_err(|e| StoreError::Config(format!("invalid MySQL URL: {e}")))?;
-        let pool = MySqlPoolOptions::new()
-            .max_connections(pool.max_size)
-            .acquire_timeout(pool.connection_timeout)
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for > crate::PING_IF_IDLE_FOR {
-                        sqlx::Connection::ping(conn).await?;
-                    }
-                    Ok(true)
-                })
-            })
+        let pool = crate::network_pool::<sqlx::MySql>(pool)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED").await?;

@@ -9,7 +9,7 @@ mod sync;
 
 use std::str::FromStr;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
 use crate::migrate::Migration;
@@ -68,19 +68,7 @@ impl PgStore {
     pub async fn open(url: &str, pool: &PoolSettings) -> Result<Self, StoreError> {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
-        let pool = PgPoolOptions::new()
-            .max_connections(pool.max_size)
-            .acquire_timeout(pool.connection_timeout)
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for > crate::PING_IF_IDLE_FOR {
-                        sqlx::Connection::ping(conn).await?;
-                    }
-                    Ok(true)
-                })
-            })
-            .connect_lazy_with(options);
+        let pool = crate::network_pool(pool).connect_lazy_with(options);
         Ok(Self { pool })
     }
 
