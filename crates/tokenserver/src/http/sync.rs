@@ -1,5 +1,6 @@
 //! `GET /1.0/{application}/{version}`: the Sync token endpoint.
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -20,10 +21,13 @@ pub fn router() -> Router<AppState> {
 
 async fn get_token(
     State(state): State<AppState>,
-    Path((application, version)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    // A segment that does not decode (e.g. `%FF`) names no application: the flow still checks
+    // the credentials first and then answers the catalogue's 404, never axum's plain-text 400.
+    let (application, version) = path.map(|Path(p)| p).unwrap_or_default();
     let req = TokenRequest {
         authorization: headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
         key_id: headers.get("x-keyid").map(HeaderValue::as_bytes),

@@ -63,7 +63,7 @@ async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError>
                 for app in &state.config.sync.applications {
                     state
                         .store
-                        .update_user_generation(&app.service, &email, Some(change_time - 1), None)
+                        .update_user_generation(&app.service, &email, Some(change_time.saturating_sub(1)), None)
                         .await
                         .map_err(|e| store_error(&e))?;
                 }

@@ -151,6 +151,11 @@ async fn unknown_application_and_version_p1_p2() {
     assert_error(&r, 404, "error", "url", "application", "Unsupported application");
     let r = s.get_path("/1.0/sync/1.2", &jwt, "1-qqo").await;
     assert_error(&r, 404, "error", "url", "1.2", "Unsupported application version");
+    // A segment that is not UTF-8 once decoded: still JSON, still after authentication.
+    let r = s.get_path("/1.0/%FF/1.5", &jwt, "1-qqo").await;
+    assert_error(&r, 404, "error", "url", "application", "Unsupported application");
+    let r = s.request(Method::GET, "/1.0/%FF/1.5", &[]).await;
+    assert_401(&r, UNAUTHORIZED);
     assert_eq!(s.count_users().await, 0);
 }
 
