@@ -4,6 +4,7 @@
 //! is tested with tables of cases and shared by the server, the CLI and every storage backend.
 
 pub mod secret;
+pub mod session;
 pub mod sync;
 
 pub use secret::Secret;

@@ -8,6 +8,7 @@ pub mod error;
 mod migrate;
 pub mod mysql;
 pub mod postgres;
+pub mod session;
 mod sql_backend;
 pub mod sqlite;
 pub mod sync;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::StoreError;
+pub use session::SessionStore;
 pub use sync::SyncStore;
 
 /// Connection settings shared by every backend.

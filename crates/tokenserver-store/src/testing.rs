@@ -103,3 +103,59 @@ impl FreshDb {
         }
     }
 }
+
+/// A session store URL made for one test, with what is needed to clean it up.
+#[derive(Debug, Clone)]
+pub struct SessionDb {
+    /// URL to give the store / server.
+    pub url: String,
+    /// The SQL database behind it, if any.
+    pub sql: Option<FreshDb>,
+}
+
+impl SessionDb {
+    /// Drops what [`fresh_sessions`] created (Redis keys expire on their own).
+    pub async fn drop_now(&self) {
+        if let Some(db) = &self.sql {
+            db.drop_now().await;
+        }
+    }
+}
+
+/// `TOKENSERVER_TEST_REDIS_CLUSTER_URLS` (`redis://h:p,redis://h:p,…`) as one
+/// `redis+cluster://h:p,h:p` URL.
+pub fn cluster_url(urls: &str) -> String {
+    let hosts: Vec<&str> = urls
+        .split(',')
+        .map(|u| u.trim().trim_start_matches("redis://").trim_end_matches('/'))
+        .filter(|h| !h.is_empty())
+        .collect();
+    format!("redis+cluster://{}/", hosts.join(","))
+}
+
+/// A fresh session store URL for `backend`, or `None` (skipped) when its variable is unset.
+/// Redis stores get a key prefix of their own.
+pub async fn fresh_sessions(backend: crate::session::SessionBackend) -> Option<SessionDb> {
+    use crate::session::SessionBackend as B;
+    let prefix = unique("t");
+    Some(match backend {
+        B::Memory => SessionDb { url: "memory:".into(), sql: None },
+        B::Sqlite => {
+            let db = fresh(Backend::Sqlite).await?;
+            SessionDb { url: db.url.clone(), sql: Some(db) }
+        }
+        B::Postgres => {
+            let db = fresh(Backend::Postgres).await?;
+            SessionDb { url: db.url.clone(), sql: Some(db) }
+        }
+        B::Redis => {
+            let url = env("TOKENSERVER_TEST_REDIS_URL")?;
+            let sep = if url.contains('?') { '&' } else { '?' };
+            SessionDb { url: format!("{url}{sep}prefix={prefix}:"), sql: None }
+        }
+        B::RedisCluster => {
+            let urls = env("TOKENSERVER_TEST_REDIS_CLUSTER_URLS")?;
+            SessionDb { url: format!("{}?prefix={prefix}:", cluster_url(&urls)), sql: None }
+        }
+    })
+}

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod schema;
+mod session;
 mod sync;
 
 use std::sync::Arc;
@@ -63,5 +64,52 @@ conformance! {
         concurrent_first_allocations_create_one_row,
         concurrent_allocations_respect_capacity,
         concurrent_changes_leave_one_live_row,
+    ],
+}
+
+/// A session store on a fresh database / key prefix.
+pub async fn open_sessions(
+    backend: tokenserver_store::session::SessionBackend,
+) -> Option<(Arc<dyn tokenserver_store::SessionStore>, tokenserver_store::testing::SessionDb)> {
+    let db = tokenserver_store::testing::fresh_sessions(backend).await?;
+    let store = tokenserver_store::session::open(&db.url, &PoolSettings::default(), 64).await.unwrap();
+    Some((store, db))
+}
+
+macro_rules! session_conformance {
+    (backends: [$($b:ident => $backend:expr),+ $(,)?], cases: $cases:tt $(,)?) => {
+        mod sessions { $( session_conformance!(@one $b, $backend, $cases); )+ }
+    };
+    (@one $b:ident, $backend:expr, [$($case:ident),+ $(,)?]) => {
+        pub mod $b { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let Some((store, db)) = crate::open_sessions($backend).await else { return };
+                crate::session::$case(store.as_ref()).await;
+                drop(store);
+                db.drop_now().await;
+            }
+        )+ }
+    };
+}
+
+session_conformance! {
+    backends: [
+        memory => tokenserver_store::session::SessionBackend::Memory,
+        sqlite => tokenserver_store::session::SessionBackend::Sqlite,
+        postgres => tokenserver_store::session::SessionBackend::Postgres,
+        redis => tokenserver_store::session::SessionBackend::Redis,
+        redis_cluster => tokenserver_store::session::SessionBackend::RedisCluster,
+    ],
+    cases: [
+        rotation_chain_carries_metadata_and_consumes_each_token,
+        unknown_and_expired_tokens_are_refused,
+        metadata_is_merged_and_bounded,
+        retry_inside_the_grace_window_gets_the_same_successor,
+        reuse_after_the_grace_window_revokes_the_chain,
+        ending_a_session_revokes_it,
+        dump_lists_live_sessions_without_tokens,
+        purge_removes_expired_records,
+        concurrent_rotations_issue_one_successor,
     ],
 }

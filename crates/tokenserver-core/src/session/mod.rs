@@ -1,0 +1,10 @@
+//! Session tokens: one-time rotating tokens carrying JSON metadata (HaKr/token_server's model,
+//! with reuse detection, lifetimes and bounded metadata).
+
+pub mod meta;
+pub mod rotation;
+pub mod token;
+
+pub use meta::{MetaError, MetaLimits, MetaUpdate};
+pub use rotation::{decide, replay_answer, Decision, Invalid, RotateRequest, Rotated, RotationPolicy, SessionRecord};
+pub use token::{ChainId, SealedSuccessor, SessionToken, TokenHash};

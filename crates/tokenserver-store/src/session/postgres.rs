@@ -1,0 +1,233 @@
+//! PostgreSQL session store: one transaction per call, the presented token's row locked with
+//! `SELECT … FOR UPDATE`, so two rotations of one token run one after the other and the second
+//! sees the first one's result.
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use tokenserver_core::session::{
+    decide, replay_answer, Decision, Invalid, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord,
+    SessionToken, TokenHash,
+};
+
+use super::{DumpEntry, Result, RotateOutcome, SessionStore};
+use crate::{PoolSettings, StoreError};
+
+const SCHEMA: &[&str] = &[
+    "SELECT pg_advisory_xact_lock(7380567326917437)",
+    "CREATE TABLE IF NOT EXISTS tokenserver_sessions (
+        token_hash BYTEA PRIMARY KEY,
+        chain BYTEA NOT NULL,
+        meta TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        deadline BIGINT NOT NULL,
+        ttl_ms BIGINT NOT NULL,
+        rotated_at BIGINT,
+        successor BYTEA,
+        sealed BYTEA
+    )",
+    "CREATE INDEX IF NOT EXISTS tokenserver_sessions_chain_idx ON tokenserver_sessions (chain)",
+    "CREATE INDEX IF NOT EXISTS tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
+];
+
+const COLUMNS: &str = "meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed";
+
+fn record(row: &PgRow) -> Result<SessionRecord> {
+    let rotated_at: Option<i64> = row.try_get(4)?;
+    let successor: Option<Vec<u8>> = row.try_get(5)?;
+    let sealed: Option<Vec<u8>> = row.try_get(6)?;
+    let rotated = match (rotated_at, successor.as_deref().and_then(TokenHash::from_slice), sealed) {
+        (Some(at), Some(successor), Some(sealed)) => {
+            sealed.as_slice().try_into().ok().map(|s| Rotated { at: at as u64, successor, sealed: SealedSuccessor(s) })
+        }
+        _ => None,
+    };
+    Ok(SessionRecord {
+        meta: row.try_get(0)?,
+        expires_at: row.try_get::<i64, _>(1)? as u64,
+        deadline: row.try_get::<i64, _>(2)? as u64,
+        ttl_ms: row.try_get::<i64, _>(3)? as u64,
+        rotated,
+    })
+}
+
+async fn load(tx: &mut Transaction<'_, Postgres>, hash: &TokenHash, lock: bool) -> Result<Option<SessionRecord>> {
+    let sql = if lock {
+        format!("SELECT {COLUMNS} FROM tokenserver_sessions WHERE token_hash = $1 FOR UPDATE")
+    } else {
+        format!("SELECT {COLUMNS} FROM tokenserver_sessions WHERE token_hash = $1")
+    };
+    let row = sqlx::query(&sql).bind(&hash.0[..]).fetch_optional(&mut **tx).await?;
+    row.as_ref().map(record).transpose()
+}
+
+async fn remove(tx: &mut Transaction<'_, Postgres>, hash: &TokenHash) -> Result<()> {
+    sqlx::query("DELETE FROM tokenserver_sessions WHERE token_hash = $1").bind(&hash.0[..]).execute(&mut **tx).await?;
+    Ok(())
+}
+
+async fn revoke(tx: &mut Transaction<'_, Postgres>, token: &SessionToken) -> Result<()> {
+    sqlx::query("DELETE FROM tokenserver_sessions WHERE chain = $1")
+        .bind(&token.chain().0[..])
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The PostgreSQL session store.
+#[derive(Debug, Clone)]
+pub struct PgSessions {
+    pool: PgPool,
+}
+
+impl PgSessions {
+    /// Connects and creates the table when missing.
+    pub async fn open(url: &str, settings: &PoolSettings) -> Result<Self> {
+        let pool = crate::network_pool::<Postgres>(settings).connect(url).await?;
+        let mut tx = pool.begin().await?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Self { pool })
+    }
+
+    async fn insert(tx: &mut Transaction<'_, Postgres>, token: &SessionToken, r: &SessionRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&token.hash().0[..])
+        .bind(&token.chain().0[..])
+        .bind(&r.meta)
+        .bind(r.expires_at as i64)
+        .bind(r.deadline as i64)
+        .bind(r.ttl_ms as i64)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SessionStore for PgSessions {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        Self::insert(&mut tx, token, record).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
+        let hash = req.presented.hash();
+        let mut tx = self.pool.begin().await?;
+        let current = load(&mut tx, &hash, true).await?;
+        let outcome = match decide(current.as_ref(), req, policy) {
+            Decision::Rotate { rotated, successor, .. } => {
+                sqlx::query(
+                    "UPDATE tokenserver_sessions SET meta = '', rotated_at = $2, successor = $3, sealed = $4 \
+                     WHERE token_hash = $1",
+                )
+                .bind(&hash.0[..])
+                .bind(rotated.at as i64)
+                .bind(&rotated.successor.0[..])
+                .bind(&rotated.sealed.0[..])
+                .execute(&mut *tx)
+                .await?;
+                Self::insert(&mut tx, &req.successor, &successor).await?;
+                RotateOutcome::Rotated { token: req.successor.clone(), record: successor }
+            }
+            Decision::Replay { successor_hash, successor } => {
+                let next = load(&mut tx, &successor_hash, false).await?;
+                match replay_answer(next.as_ref(), req.now) {
+                    Some(record) => RotateOutcome::Replayed { token: successor, record: record.clone() },
+                    None => RotateOutcome::Refused(Invalid::SuccessorGone),
+                }
+            }
+            Decision::RevokeChain { .. } => {
+                revoke(&mut tx, &req.presented).await?;
+                RotateOutcome::Revoked
+            }
+            Decision::Refuse { why, remove: expired } => {
+                if expired {
+                    remove(&mut tx, &hash).await?;
+                }
+                RotateOutcome::Refused(why)
+            }
+            Decision::Reject(e) => RotateOutcome::Rejected(e),
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
+        let hash = token.hash();
+        let mut tx = self.pool.begin().await?;
+        let ended = match load(&mut tx, &hash, true).await? {
+            None => false,
+            Some(r) if !r.alive(now) => {
+                remove(&mut tx, &hash).await?;
+                false
+            }
+            Some(_) => {
+                revoke(&mut tx, token).await?;
+                true
+            }
+        };
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {
+        let rows = sqlx::query(
+            "SELECT expires_at, deadline, meta FROM tokenserver_sessions \
+             WHERE rotated_at IS NULL AND expires_at > $1 AND deadline > $1 LIMIT $2",
+        )
+        .bind(now as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let entries = rows
+            .iter()
+            .map(|r| {
+                Ok(DumpEntry {
+                    expires_at: r.try_get::<i64, _>(0)? as u64,
+                    deadline: r.try_get::<i64, _>(1)? as u64,
+                    meta: r.try_get(2)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        // An estimate is enough here and stays cheap on a large table.
+        let estimate: Option<f32> =
+            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = to_regclass('tokenserver_sessions')")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok((entries, estimate.filter(|n| *n >= 0.0).map(|n| n as u64)))
+    }
+
+    async fn purge(&self, now: u64) -> Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM tokenserver_sessions WHERE token_hash IN \
+                 (SELECT token_hash FROM tokenserver_sessions WHERE expires_at <= $1 LIMIT 10000)",
+            )
+            .bind(now as i64)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            total += done;
+            if done < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn check(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(StoreError::from)
+    }
+}

@@ -1,0 +1,281 @@
+//! SQLite session store (the default): durable in WAL mode, every call on one writer thread.
+//!
+//! Session calls are all small writes, so they go to a dedicated thread that owns one
+//! connection and commits them in groups: it takes every call waiting in its queue (up to
+//! [`MAX_BATCH`]), runs each inside its own savepoint, commits once, and only then answers.
+//! Under load one commit carries many rotations; alone, a call commits at once. A restart loses
+//! nothing that was answered (`synchronous = NORMAL` in WAL survives a process crash; a power cut
+//! may lose the last commits).
+
+use std::str::FromStr;
+use std::sync::mpsc;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokenserver_core::session::{
+    ChainId, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord, SessionToken, TokenHash,
+};
+use tokio::sync::oneshot;
+
+use super::{end_with, rotate_with, DumpEntry, Result, RotateOutcome, SessionOps, SessionStore};
+use crate::StoreError;
+
+/// Most calls committed together.
+const MAX_BATCH: usize = 512;
+/// Expired records deleted per purge statement (keeps each writer turn short).
+const PURGE_BATCH: i64 = 10_000;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS tokenserver_sessions (
+    token_hash BLOB PRIMARY KEY NOT NULL,
+    chain BLOB NOT NULL,
+    meta TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    deadline INTEGER NOT NULL,
+    ttl_ms INTEGER NOT NULL,
+    rotated_at INTEGER,
+    successor BLOB,
+    sealed BLOB
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tokenserver_sessions_chain_idx ON tokenserver_sessions (chain);
+CREATE INDEX IF NOT EXISTS tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at);
+"#;
+
+const LOAD: &str = "SELECT meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
+                    FROM tokenserver_sessions WHERE token_hash = ?1";
+const INSERT: &str = "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const MARK_ROTATED: &str =
+    "UPDATE tokenserver_sessions SET meta = '', rotated_at = ?2, successor = ?3, sealed = ?4 WHERE token_hash = ?1";
+const REMOVE: &str = "DELETE FROM tokenserver_sessions WHERE token_hash = ?1";
+const REVOKE: &str = "DELETE FROM tokenserver_sessions WHERE chain = ?1";
+const DUMP: &str = "SELECT expires_at, deadline, meta FROM tokenserver_sessions \
+                    WHERE rotated_at IS NULL AND expires_at > ?1 AND deadline > ?1 LIMIT ?2";
+const COUNT: &str = "SELECT COUNT(*) FROM tokenserver_sessions";
+const PURGE: &str = "DELETE FROM tokenserver_sessions WHERE token_hash IN \
+                     (SELECT token_hash FROM tokenserver_sessions WHERE expires_at <= ?1 LIMIT ?2)";
+
+fn e(err: rusqlite::Error) -> StoreError {
+    super::super::sqlite::rusqlite_error(err)
+}
+
+/// Reads a row of [`LOAD`].
+fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
+    let rotated_at: Option<i64> = row.get(4)?;
+    let successor: Option<Vec<u8>> = row.get(5)?;
+    let sealed: Option<Vec<u8>> = row.get(6)?;
+    let rotated = match (rotated_at, successor.as_deref().and_then(TokenHash::from_slice), sealed) {
+        (Some(at), Some(successor), Some(sealed)) => {
+            sealed.as_slice().try_into().ok().map(|s| Rotated { at: at as u64, successor, sealed: SealedSuccessor(s) })
+        }
+        _ => None,
+    };
+    Ok(SessionRecord {
+        meta: row.get(0)?,
+        expires_at: row.get::<_, i64>(1)? as u64,
+        deadline: row.get::<_, i64>(2)? as u64,
+        ttl_ms: row.get::<_, i64>(3)? as u64,
+        rotated,
+    })
+}
+
+struct Ops<'a> {
+    conn: &'a Connection,
+}
+
+impl SessionOps for Ops<'_> {
+    fn load(&mut self, hash: &TokenHash) -> Result<Option<SessionRecord>> {
+        let mut stmt = self.conn.prepare_cached(LOAD).map_err(e)?;
+        stmt.query_row([&hash.0[..]], record).optional().map_err(e)
+    }
+
+    fn insert(&mut self, hash: &TokenHash, chain: &ChainId, r: &SessionRecord) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(INSERT).map_err(e)?;
+        stmt.execute(params![
+            &hash.0[..],
+            &chain.0[..],
+            r.meta,
+            r.expires_at as i64,
+            r.deadline as i64,
+            r.ttl_ms as i64
+        ])
+        .map_err(e)?;
+        Ok(())
+    }
+
+    fn mark_rotated(&mut self, hash: &TokenHash, rot: &Rotated) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(MARK_ROTATED).map_err(e)?;
+        stmt.execute(params![&hash.0[..], rot.at as i64, &rot.successor.0[..], &rot.sealed.0[..]]).map_err(e)?;
+        Ok(())
+    }
+
+    fn remove(&mut self, hash: &TokenHash) -> Result<()> {
+        self.conn.prepare_cached(REMOVE).and_then(|mut s| s.execute([&hash.0[..]])).map_err(e)?;
+        Ok(())
+    }
+
+    fn revoke(&mut self, chain: &ChainId, _from: &TokenHash) -> Result<()> {
+        self.conn.prepare_cached(REVOKE).and_then(|mut s| s.execute([&chain.0[..]])).map_err(e)?;
+        Ok(())
+    }
+}
+
+/// Hands a finished call its answer once the batch's commit outcome is known.
+type Deliver = Box<dyn FnOnce(Option<StoreError>) + Send>;
+/// A queued call: runs on the writer's connection (`None`: the transaction could not start),
+/// says whether it failed, and how to answer.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Deliver) + Send>;
+
+/// The SQLite session store.
+#[derive(Debug, Clone)]
+pub struct SqliteSessions {
+    jobs: mpsc::Sender<Job>,
+}
+
+fn open_connection(url: &str) -> Result<Connection> {
+    let conn = if url.contains(":memory:") || url.contains("mode=memory") {
+        Connection::open_in_memory().map_err(e)?
+    } else {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+            .map_err(|err| StoreError::Config(format!("invalid SQLite URL: {err}")))?;
+        Connection::open(options.get_filename()).map_err(e)?
+    };
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(e)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(e)?;
+    conn.execute_batch(SCHEMA).map_err(e)?;
+    Ok(conn)
+}
+
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = err.to_string();
+            for job in batch {
+                let (_, deliver) = job(None);
+                deliver(Some(StoreError::Unavailable(msg.clone())));
+            }
+            let _ = conn.execute_batch("ROLLBACK");
+            continue;
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        for job in batch {
+            let ok = conn.execute_batch("SAVEPOINT call").is_ok();
+            let (failed, deliver) = job(Some(&conn));
+            if ok {
+                let _ = conn.execute_batch(if failed { "ROLLBACK TO call; RELEASE call" } else { "RELEASE call" });
+            }
+            answers.push(deliver);
+        }
+        let commit = conn.execute_batch("COMMIT").err().map(|err| err.to_string());
+        if commit.is_some() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for deliver in answers {
+            deliver(commit.as_ref().map(|m| StoreError::Unavailable(m.clone())));
+        }
+    }
+}
+
+impl SqliteSessions {
+    /// Opens (creating if missing) the database at `url` and starts its writer thread.
+    pub async fn open(url: &str) -> Result<Self> {
+        let url = url.to_string();
+        let conn = tokio::task::spawn_blocking(move || open_connection(&url))
+            .await
+            .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("session-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|err| StoreError::Backend(format!("cannot start the session writer: {err}")))?;
+        Ok(Self { jobs: tx })
+    }
+
+    async fn call<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let out = match conn {
+                Some(conn) => f(conn),
+                None => Err(StoreError::Unavailable("the transaction could not start".into())),
+            };
+            let failed = out.is_err();
+            let deliver: Deliver = Box::new(move |commit_error| {
+                let _ = tx.send(match commit_error {
+                    Some(err) => Err(err),
+                    None => out,
+                });
+            });
+            (failed, deliver)
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Unavailable("the session writer stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Unavailable("the session writer stopped".into()))?
+    }
+}
+
+#[async_trait]
+impl SessionStore for SqliteSessions {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
+        let (hash, chain, record) = (token.hash(), token.chain(), record.clone());
+        self.call(move |conn| Ops { conn }.insert(&hash, &chain, &record)).await
+    }
+
+    async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
+        let (req, policy) = (req.clone(), *policy);
+        self.call(move |conn| rotate_with(&mut Ops { conn }, &req, &policy)).await
+    }
+
+    async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
+        let token = token.clone();
+        self.call(move |conn| end_with(&mut Ops { conn }, &token, now)).await
+    }
+
+    async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(DUMP).map_err(e)?;
+            let rows = stmt
+                .query_map(params![now as i64, limit as i64], |r| {
+                    Ok(DumpEntry {
+                        expires_at: r.get::<_, i64>(0)? as u64,
+                        deadline: r.get::<_, i64>(1)? as u64,
+                        meta: r.get(2)?,
+                    })
+                })
+                .map_err(e)?;
+            let entries = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(e)?;
+            let count: i64 = conn.query_row(COUNT, [], |r| r.get(0)).map_err(e)?;
+            Ok((entries, Some(count as u64)))
+        })
+        .await
+    }
+
+    async fn purge(&self, now: u64) -> Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = self
+                .call(move |conn| {
+                    conn.prepare_cached(PURGE).and_then(|mut s| s.execute(params![now as i64, PURGE_BATCH])).map_err(e)
+                })
+                .await?;
+            total += n as u64;
+            if (n as i64) < PURGE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.call(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(e)).await
+    }
+}
