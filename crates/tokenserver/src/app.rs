@@ -24,6 +24,8 @@ pub struct AppState {
     pub verifier: Arc<FxaVerifier>,
     /// The Sync token flow.
     pub sync: Arc<SyncTokens>,
+    /// Session tokens, when enabled.
+    pub sessions: Option<Arc<crate::session::Sessions>>,
     /// Prometheus exporter, when this process installed one.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -106,7 +108,28 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         });
     }
     let sync = SyncTokens::new(&config, &secrets, store.clone(), verifier.clone()).map_err(StartError::Other)?;
-    Ok(AppState { config: Arc::new(config), store, verifier, sync: Arc::new(sync), metrics: metrics_handle() })
+    let sessions = match &config.sessions {
+        Some(cfg) => {
+            let sessions = Arc::new(crate::session::Sessions::open(cfg, &config.database.pool).await?);
+            sessions.spawn_purge();
+            tracing::info!(
+                backend = sessions.store().backend(),
+                token_lifetime = %humantime::format_duration(cfg.token_lifetime),
+                purge_interval = %humantime::format_duration(cfg.purge_interval),
+                "session tokens enabled"
+            );
+            Some(sessions)
+        }
+        None => None,
+    };
+    Ok(AppState {
+        config: Arc::new(config),
+        store,
+        verifier,
+        sync: Arc::new(sync),
+        sessions,
+        metrics: metrics_handle(),
+    })
 }
 
 /// Serves the public and internal routers until `shutdown` resolves.

@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod ops;
+pub mod session;
 pub mod sync;
 pub mod telemetry;

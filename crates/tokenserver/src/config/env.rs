@@ -9,8 +9,17 @@
 
 use figment::value::Value;
 
-const TOP_LEVEL: &[&str] =
-    &["host", "port", "master_secret", "master_secret_file", "human_logs", "internal", "tokenserver", "syncstorage"];
+const TOP_LEVEL: &[&str] = &[
+    "host",
+    "port",
+    "master_secret",
+    "master_secret_file",
+    "human_logs",
+    "internal",
+    "tokenserver",
+    "sessions",
+    "syncstorage",
+];
 
 /// Settings whose values are always text.
 const STRING_KEYS: &[&str] = &[
@@ -33,6 +42,8 @@ const STRING_KEYS: &[&str] = &[
     "n",
     "e",
     "pattern",
+    "url",
+    "api_key",
 ];
 
 /// Environment prefixes in increasing precedence.

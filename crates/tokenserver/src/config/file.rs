@@ -59,6 +59,8 @@ pub struct FileConfig {
     pub internal: InternalFile,
     /// Sync token service settings (Mozilla's `[tokenserver]` table).
     pub tokenserver: SyncFile,
+    /// Session tokens (`[sessions]`).
+    pub sessions: SessionsFile,
     /// Mozilla's storage settings: accepted and ignored (we are not a storage node).
     #[serde(skip_serializing)]
     pub syncstorage: Option<serde::de::IgnoredAny>,
@@ -74,6 +76,7 @@ impl Default for FileConfig {
             human_logs: false,
             internal: InternalFile::default(),
             tokenserver: SyncFile::default(),
+            sessions: SessionsFile::default(),
             syncstorage: None,
         }
     }
@@ -210,6 +213,75 @@ impl Default for SyncFile {
             additional_blocking_threads_for_fxa_requests: None,
             statsd_label: None,
             spanner_node_id: None,
+        }
+    }
+}
+
+/// A duration written as text (`"2h"`, `"10min"`, `"1500ms"`, `"60days"`) or as seconds.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum DurationText {
+    /// Seconds.
+    Seconds(f64),
+    /// Human form, parsed by `humantime`.
+    Text(String),
+}
+
+/// `[sessions]`: session tokens on the internal listener (HaKr option names where they fit).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SessionsFile {
+    /// Serve the session APIs.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub enabled: bool,
+    /// Store: `memory:`, `sqlite:…`, `postgres://…`, `redis://…`, `redis+cluster://h:p,h:p`;
+    /// default: the Sync database when it is SQLite or PostgreSQL.
+    pub url: Option<String>,
+    /// Idle lifetime: each rotation renews it (HaKr `--token-lifetime`).
+    pub token_lifetime: DurationText,
+    /// Absolute maximum age of a session, whatever its rotations.
+    pub max_age: DurationText,
+    /// How often expired sessions are removed (HaKr `--purge-interval`).
+    pub purge_interval: DurationText,
+    /// How long a retried rotation gets the same successor.
+    pub grace_period: DurationText,
+    /// Revoke a session when a rotated token is reused after the grace period.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub reuse_detection: bool,
+    /// Mount HaKr's `HEAD /dump` (logs all metadata at DEBUG; HaKr `--dump-enabled`).
+    #[serde(deserialize_with = "lenient_bool")]
+    pub dump_enabled: bool,
+    /// Largest metadata, bytes of canonical JSON.
+    pub max_meta_bytes: usize,
+    /// Deepest metadata nesting.
+    pub max_meta_depth: usize,
+    /// Most metadata keys (all levels).
+    pub max_meta_keys: usize,
+    /// Largest request body on the session routes, bytes.
+    pub max_body_bytes: usize,
+    /// Shards of the memory store.
+    pub memory_shards: usize,
+    /// When set, session routes require `Authorization: Bearer <api_key>`.
+    pub api_key: Option<String>,
+}
+
+impl Default for SessionsFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: None,
+            token_lifetime: DurationText::Text("2h".into()),
+            max_age: DurationText::Text("30days".into()),
+            purge_interval: DurationText::Text("1min".into()),
+            grace_period: DurationText::Text("2s".into()),
+            reuse_detection: true,
+            dump_enabled: false,
+            max_meta_bytes: 16 * 1024,
+            max_meta_depth: 8,
+            max_meta_keys: 256,
+            max_body_bytes: 64 * 1024,
+            memory_shards: 256,
+            api_key: None,
         }
     }
 }

@@ -81,6 +81,29 @@ pub struct WebhookConfig {
     pub metrics_only: bool,
 }
 
+/// Session-token settings.
+#[derive(Debug, Clone)]
+pub struct SessionsConfig {
+    /// Store URL (may hold a password: never logged).
+    pub url: Secret<String>,
+    /// Idle lifetime.
+    pub token_lifetime: Duration,
+    /// Absolute maximum age.
+    pub max_age: Duration,
+    /// Purge period.
+    pub purge_interval: Duration,
+    /// Rotation rule (grace, reuse detection, metadata limits).
+    pub policy: tokenserver_core::session::RotationPolicy,
+    /// HaKr's `HEAD /dump`.
+    pub dump_enabled: bool,
+    /// Request body bound on the session routes.
+    pub max_body_bytes: usize,
+    /// Memory store shards.
+    pub memory_shards: usize,
+    /// Bearer key of the session routes.
+    pub api_key: Option<Secret<String>>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -102,6 +125,8 @@ pub struct Config {
     pub fxa: FxaSettings,
     /// FxA webhook.
     pub webhook: WebhookConfig,
+    /// Session tokens; `None` when disabled.
+    pub sessions: Option<SessionsConfig>,
     /// Warnings to log once logging is up (unknown keys, risky defaults).
     pub warnings: Vec<String>,
 }
@@ -191,8 +216,93 @@ pub fn check_node_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn duration(key: &str, v: &file::DurationText) -> Result<Duration, ConfigError> {
+    match v {
+        file::DurationText::Seconds(s) => seconds(key, *s),
+        file::DurationText::Text(t) => humantime::parse_duration(t.trim())
+            .map_err(|e| bad(key, format!("{t:?} is not a duration such as 2h, 10min, 1500ms or 60days ({e})"))),
+    }
+}
+
+fn validate_sessions(
+    s: file::SessionsFile,
+    database_url: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Option<SessionsConfig>, ConfigError> {
+    use tokenserver_store::session::SessionBackend;
+    if !s.enabled {
+        return Ok(None);
+    }
+    let url = match s.url {
+        Some(url) => {
+            SessionBackend::from_url(&url).map_err(|e| bad("sessions.url", e))?;
+            url
+        }
+        None => match tokenserver_store::Backend::from_url(database_url) {
+            Ok(tokenserver_store::Backend::MySql) => {
+                warnings.push(
+                    "session APIs disabled: MySQL does not hold sessions; set sessions.url \
+                     (sqlite:, postgres://, redis://, redis+cluster://, memory:)"
+                        .into(),
+                );
+                return Ok(None);
+            }
+            _ => database_url.to_string(),
+        },
+    };
+    let token_lifetime = duration("sessions.token_lifetime", &s.token_lifetime)?;
+    let max_age = duration("sessions.max_age", &s.max_age)?;
+    let purge_interval = duration("sessions.purge_interval", &s.purge_interval)?;
+    let grace = duration("sessions.grace_period", &s.grace_period)?;
+    if token_lifetime < Duration::from_secs(1) {
+        return Err(bad("sessions.token_lifetime", "must be at least 1s"));
+    }
+    if max_age < token_lifetime {
+        return Err(bad("sessions.max_age", "must be at least sessions.token_lifetime"));
+    }
+    if purge_interval < Duration::from_millis(100) {
+        return Err(bad("sessions.purge_interval", "must be at least 100ms"));
+    }
+    if grace >= token_lifetime {
+        return Err(bad("sessions.grace_period", "must be shorter than sessions.token_lifetime"));
+    }
+    for (key, v) in [
+        ("sessions.max_meta_bytes", s.max_meta_bytes),
+        ("sessions.max_meta_depth", s.max_meta_depth),
+        ("sessions.max_meta_keys", s.max_meta_keys),
+        ("sessions.memory_shards", s.memory_shards),
+    ] {
+        if v == 0 {
+            return Err(bad(key, "must be at least 1"));
+        }
+    }
+    if s.max_body_bytes < s.max_meta_bytes {
+        return Err(bad("sessions.max_body_bytes", "must be at least sessions.max_meta_bytes"));
+    }
+    Ok(Some(SessionsConfig {
+        url: Secret::new(url),
+        token_lifetime,
+        max_age,
+        purge_interval,
+        policy: tokenserver_core::session::RotationPolicy {
+            grace_ms: grace.as_millis() as u64,
+            reuse_detection: s.reuse_detection,
+            limits: tokenserver_core::session::MetaLimits {
+                max_bytes: s.max_meta_bytes,
+                max_depth: s.max_meta_depth,
+                max_keys: s.max_meta_keys,
+            },
+        },
+        dump_enabled: s.dump_enabled,
+        max_body_bytes: s.max_body_bytes,
+        memory_shards: s.memory_shards,
+        api_key: s.api_key.filter(|k| !k.is_empty()).map(Secret::new),
+    }))
+}
+
 fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
     let ts = raw.tokenserver;
+    let sessions = validate_sessions(raw.sessions, &ts.database_url, &mut warnings)?;
     let mut master_secrets: Vec<String> = match raw.master_secret {
         Some(file::Secrets::One(s)) => vec![s],
         Some(file::Secrets::Many(v)) => v,
@@ -322,6 +432,7 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         },
         fxa,
         webhook: WebhookConfig { enabled: ts.fxa_webhook_enabled, metrics_only: ts.fxa_webhook_metrics_only },
+        sessions,
         warnings,
     })
 }
@@ -459,5 +570,54 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
         .unwrap_or_else(|e| unreachable!("{e}"));
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("topsecret") && !dbg.contains("alsosecret"));
+    }
+
+    #[test]
+    fn session_settings() {
+        let c = load(None, &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        let s = c.sessions.unwrap_or_else(|| unreachable!("enabled by default"));
+        assert_eq!(s.url.expose(), "sqlite://tokenserver.db");
+        assert_eq!(s.token_lifetime, Duration::from_secs(7200));
+        assert_eq!(s.max_age, Duration::from_secs(30 * 86400));
+        assert_eq!(s.purge_interval, Duration::from_secs(60));
+        assert_eq!(s.policy.grace_ms, 2000);
+        assert!(s.policy.reuse_detection && !s.dump_enabled);
+
+        let c = load(
+            None,
+            &vars(&[
+                ("TOKENSERVER_SESSIONS__URL", "redis://127.0.0.1/"),
+                ("TOKENSERVER_SESSIONS__TOKEN_LIFETIME", "10min"),
+                ("TOKENSERVER_SESSIONS__PURGE_INTERVAL", "1500ms"),
+                ("TOKENSERVER_SESSIONS__MAX_AGE", "86400"),
+                ("TOKENSERVER_SESSIONS__REUSE_DETECTION", "0"),
+            ]),
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let s = c.sessions.unwrap_or_else(|| unreachable!());
+        assert_eq!(s.url.expose(), "redis://127.0.0.1/");
+        assert_eq!((s.token_lifetime, s.purge_interval), (Duration::from_secs(600), Duration::from_millis(1500)));
+        assert_eq!(s.max_age, Duration::from_secs(86400));
+        assert!(!s.policy.reuse_detection);
+
+        // MySQL holds no sessions: disabled with a warning unless a store is named.
+        let c = load(None, &vars(&[("TOKENSERVER_DATABASE_URL", "mysql://root@localhost/ts")]))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.sessions.is_none());
+        assert!(c.warnings.iter().any(|w| w.contains("sessions.url")));
+        let c =
+            load(None, &vars(&[("TOKENSERVER_SESSIONS__ENABLED", "false")])).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.sessions.is_none());
+
+        for (key, value, named) in [
+            ("TOKENSERVER_SESSIONS__TOKEN_LIFETIME", "2 hours please", "sessions.token_lifetime"),
+            ("TOKENSERVER_SESSIONS__URL", "mysql://x", "sessions.url"),
+            ("TOKENSERVER_SESSIONS__GRACE_PERIOD", "3h", "sessions.grace_period"),
+            ("TOKENSERVER_SESSIONS__MAX_AGE", "1min", "sessions.max_age"),
+            ("TOKENSERVER_SESSIONS__MAX_META_KEYS", "0", "sessions.max_meta_keys"),
+        ] {
+            let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
     }
 }

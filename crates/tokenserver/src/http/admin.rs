@@ -24,15 +24,19 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/__lbheartbeat__", get(crate::http::health::lbheartbeat))
 }
 
+/// True when `Authorization: Bearer <key>` carries `key` (compared in constant time).
+pub fn bearer_matches(headers: &axum::http::HeaderMap, key: &str) -> bool {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(presented.as_bytes().ct_eq(key.as_bytes()))
+}
+
 async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &state.config.admin_key {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(presented.as_bytes().ct_eq(key.expose().as_bytes())) {
+        if !bearer_matches(req.headers(), key.expose()) {
             return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required")
                 .into_response();
         }

@@ -1,9 +1,11 @@
 //! HTTP routers: the public listener (Sync token API, webhook, health) and the internal one
-//! (node administration, metrics).
+//! (node administration, session tokens, metrics).
 
 pub mod admin;
 pub mod error;
+pub mod hakr;
 pub mod health;
+pub mod sessions;
 pub mod sync;
 pub mod webhook;
 
@@ -64,8 +66,11 @@ pub fn public_router(state: AppState) -> Router {
 
 /// The internal listener's routes.
 pub fn internal_router(state: AppState) -> Router {
-    admin::router(state.clone())
-        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(limit_headers))
-        .with_state(state)
+    let mut router = admin::router(state.clone()).layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES));
+    // Session routes carry their own body limit (`sessions.max_body_bytes`, enforced by the JSON
+    // extractor so rejections read as HaKr's did).
+    if let Some(sessions) = sessions::router(&state) {
+        router = router.merge(sessions);
+    }
+    router.layer(axum::middleware::from_fn(limit_headers)).with_state(state)
 }

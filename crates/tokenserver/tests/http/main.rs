@@ -10,6 +10,7 @@ mod common;
 mod identity;
 mod proxy;
 mod python_tokenlib;
+mod sessions;
 mod sync_api;
 mod validation;
 mod webhook;

@@ -1,0 +1,129 @@
+//! HaKr/token_server's API, unchanged: `POST /token` (text/plain token), `PUT /token` (always 200
+//! with `{"Ok":{token,meta}}` or `{"Err":"InvalidToken"}`), `DELETE /token` (always 202), and the
+//! opt-in `HEAD /dump`. Request rejections are axum's plain-text ones, as HaKr's were. Beyond
+//! HaKr: metadata limits (413/422 in text), reuse detection and the grace window.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{head, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokenserver_core::session::{MetaError, MetaUpdate};
+use tokenserver_store::session::RotateOutcome;
+
+use crate::app::AppState;
+use crate::session::SessionError;
+
+/// Most sessions one `HEAD /dump` writes to the log.
+const MAX_LOGGED_DUMP: usize = 10_000;
+
+/// `/token`, and `/dump` when enabled and DEBUG logging is on for tokenserver (HaKr's rule).
+pub fn router(dump_enabled: bool) -> Router<AppState> {
+    let router = Router::new().route("/token", post(create).put(update).delete(remove));
+    let debug = tracing::enabled!(target: "tokenserver", tracing::Level::DEBUG);
+    if dump_enabled && debug {
+        return router.route("/dump", head(dump));
+    }
+    if dump_enabled {
+        tracing::warn!("HEAD /dump will not provide logging; use RUST_LOG='tokenserver=debug'");
+    }
+    router
+}
+
+// Names and shapes are HaKr's: serde's messages (`expected struct CreatePayload with 1 element`)
+// carry them into the 422 bodies.
+#[derive(Deserialize)]
+struct CreatePayload {
+    meta: Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct UpdatePayload {
+    token: String,
+    meta: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+struct RemovePayload {
+    token: String,
+}
+
+fn internal_error() -> Response {
+    (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError").into_response()
+}
+
+fn limit_error(e: &MetaError) -> Response {
+    let status = match e {
+        MetaError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    (status, e.to_string()).into_response()
+}
+
+fn failure(e: SessionError) -> Response {
+    match e {
+        SessionError::Meta(m) => limit_error(&m),
+        other => {
+            tracing::error!(error = %other, "could not acquire read/write lock (session store failed)");
+            internal_error()
+        }
+    }
+}
+
+async fn create(State(state): State<AppState>, Json(p): Json<CreatePayload>) -> Response {
+    let Some(sessions) = state.sessions.as_deref() else { return StatusCode::NOT_FOUND.into_response() };
+    match sessions.create(p.meta, None).await {
+        Ok(issued) => issued.token.encode().into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+async fn update(State(state): State<AppState>, Json(p): Json<UpdatePayload>) -> Response {
+    let Some(sessions) = state.sessions.as_deref() else { return StatusCode::NOT_FOUND.into_response() };
+    let update = p.meta.filter(|m| !m.is_empty()).map(MetaUpdate::Shallow);
+    let body = match sessions.rotate(&p.token, update).await {
+        Ok(RotateOutcome::Rotated { token, record } | RotateOutcome::Replayed { token, record }) => {
+            let meta = if record.meta.is_empty() { "{}" } else { record.meta.as_str() };
+            format!(r#"{{"Ok":{{"token":"{}","meta":{meta}}}}}"#, token.encode())
+        }
+        Ok(RotateOutcome::Refused(_) | RotateOutcome::Revoked) => r#"{"Err":"InvalidToken"}"#.to_string(),
+        Ok(RotateOutcome::Rejected(e)) => return limit_error(&e),
+        Err(e) => return failure(e),
+    };
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn remove(State(state): State<AppState>, Json(p): Json<RemovePayload>) -> Response {
+    let Some(sessions) = state.sessions.as_deref() else { return StatusCode::NOT_FOUND.into_response() };
+    match sessions.end(&p.token).await {
+        Ok(_) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => failure(e),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC, as HaKr's dump writes expiry.
+fn hakr_time(ms: u64) -> String {
+    let text = super::sessions::rfc3339(ms);
+    text.trim_end_matches('Z').replacen('T', " ", 1)
+}
+
+async fn dump(State(state): State<AppState>) -> Response {
+    if let Some(sessions) = state.sessions.as_deref() {
+        match sessions.dump(MAX_LOGGED_DUMP).await {
+            Ok((entries, _)) => {
+                let items: Vec<String> = entries
+                    .iter()
+                    .map(|e| {
+                        let meta = if e.meta.is_empty() { "{}" } else { e.meta.as_str() };
+                        format!(r#"{{"expires":"{}","meta":{meta}}}"#, hakr_time(e.expires_at))
+                    })
+                    .collect();
+                tracing::debug!(target: "tokenserver::session_dump", "DUMP: [{}]", items.join(","));
+            }
+            Err(e) => tracing::error!(error = %e, "DUMP failed"),
+        }
+    }
+    StatusCode::ACCEPTED.into_response()
+}

@@ -1,0 +1,256 @@
+//! Session-token routes on the internal listener: the v1 API (`/v1/sessions…`, JSON envelope
+//! errors, proper statuses) and, beside it, HaKr/token_server's `/token` routes ([`super::hakr`]).
+//! Both share one body limit and the optional `sessions.api_key`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokenserver_core::session::{MetaError, MetaUpdate, SessionRecord, SessionToken};
+use tokenserver_store::session::RotateOutcome;
+use tokenserver_store::StoreError;
+
+use crate::app::AppState;
+use crate::http::admin::bearer_matches;
+use crate::http::error::ApiError;
+use crate::session::SessionError;
+
+/// Most sessions one dump returns.
+pub const MAX_DUMP: usize = 1000;
+
+/// Session routes (HaKr's and v1), when sessions are enabled.
+pub fn router(state: &AppState) -> Option<Router<AppState>> {
+    let sessions = state.sessions.as_ref()?;
+    let config = sessions.config();
+    let mut router = Router::new()
+        .route("/v1/sessions", post(create).delete(end))
+        .route("/v1/sessions/rotate", post(rotate))
+        .merge(super::hakr::router(config.dump_enabled));
+    if config.api_key.is_some() {
+        router = router.layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
+    }
+    // The dump answers to the admin key instead (see `dump`).
+    router = router.route("/v1/sessions/dump", get(dump));
+    Some(router.layer(DefaultBodyLimit::max(config.max_body_bytes)))
+}
+
+async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let key = state.sessions.as_ref().and_then(|s| s.config().api_key.as_ref());
+    if let Some(key) = key {
+        if !bearer_matches(req.headers(), key.expose()) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid session API key is required")
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// RFC 3339 UTC, whole seconds.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// `Json<T>` whose rejections are v1 envelope errors.
+pub struct V1Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for V1Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let text = r.body_text();
+    match r {
+        JsonRejection::MissingJsonContentType(_) => {
+            ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", text)
+        }
+        JsonRejection::JsonSyntaxError(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", text),
+        JsonRejection::JsonDataError(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", text),
+        _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", text)
+        }
+        _ => ApiError::new(r.status(), "invalid_body", text),
+    }
+}
+
+/// The v1 rendering of a metadata limit.
+pub fn meta_error(e: &MetaError) -> ApiError {
+    match e {
+        MetaError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "metadata_too_large", e.to_string()),
+        MetaError::TooDeep { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "metadata_too_deep", e.to_string())
+        }
+        MetaError::TooManyKeys { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "metadata_too_many_keys", e.to_string())
+        }
+    }
+}
+
+fn store_error(e: &StoreError) -> ApiError {
+    match e {
+        StoreError::Unavailable(_) | StoreError::Conflict => {
+            tracing::warn!(error = %e, "session store unavailable");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the session store is unavailable")
+        }
+        other => {
+            tracing::error!(error = %other, "session store failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+        }
+    }
+}
+
+fn session_error(e: SessionError) -> ApiError {
+    match e {
+        SessionError::Meta(m) => meta_error(&m),
+        SessionError::InvalidTtl { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ttl", e.to_string())
+        }
+        SessionError::Store(s) => store_error(&s),
+    }
+}
+
+fn sessions(state: &AppState) -> Result<&crate::session::Sessions, ApiError> {
+    state
+        .sessions
+        .as_deref()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "sessions_disabled", "session tokens are disabled"))
+}
+
+/// `{"token":…,"expires_at":…,"meta":…}`, written around the stored canonical metadata.
+fn issued_body(token: &SessionToken, record: &SessionRecord) -> String {
+    format!(
+        r#"{{"token":"{}","expires_at":"{}","meta":{}}}"#,
+        token.encode(),
+        rfc3339(record.expires_at),
+        if record.meta.is_empty() { "{}" } else { &record.meta }
+    )
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    #[serde(default)]
+    meta: Map<String, Value>,
+    /// Idle lifetime, seconds.
+    ttl: Option<u64>,
+}
+
+async fn create(State(state): State<AppState>, V1Json(body): V1Json<CreateBody>) -> Result<Response, ApiError> {
+    let sessions = sessions(&state)?;
+    let issued = sessions.create(body.meta, body.ttl.map(Duration::from_secs)).await.map_err(session_error)?;
+    Ok(json_response(StatusCode::CREATED, issued_body(&issued.token, &issued.record)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    token: String,
+    /// JSON Merge Patch (RFC 7396) of the metadata.
+    meta: Option<Value>,
+}
+
+fn invalid_token() -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "the session token is invalid, expired or revoked")
+}
+
+async fn rotate(State(state): State<AppState>, V1Json(body): V1Json<RotateBody>) -> Result<Response, ApiError> {
+    let sessions = sessions(&state)?;
+    let update = match body.meta {
+        None => None,
+        Some(patch) if patch.is_object() => Some(MetaUpdate::MergePatch(patch)),
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                "meta must be a JSON object (a merge patch of the metadata)",
+            ))
+        }
+    };
+    match sessions.rotate(&body.token, update).await.map_err(session_error)? {
+        RotateOutcome::Rotated { token, record } | RotateOutcome::Replayed { token, record } => {
+            Ok(json_response(StatusCode::OK, issued_body(&token, &record)))
+        }
+        RotateOutcome::Refused(_) | RotateOutcome::Revoked => Err(invalid_token()),
+        RotateOutcome::Rejected(e) => Err(meta_error(&e)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndBody {
+    token: String,
+}
+
+async fn end(State(state): State<AppState>, V1Json(body): V1Json<EndBody>) -> Result<Response, ApiError> {
+    let sessions = sessions(&state)?;
+    if sessions.end(&body.token).await.map_err(session_error)? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, "session_not_found", "no live session has this token"))
+    }
+}
+
+#[derive(Deserialize)]
+struct DumpQuery {
+    limit: Option<usize>,
+}
+
+async fn dump(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<DumpQuery>,
+) -> Result<Response, ApiError> {
+    // Metadata is personal data: the dump needs the admin key, and exists only when one is set.
+    let Some(key) = &state.config.admin_key else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "dump_requires_admin_key",
+            "set internal.admin_key to use the session dump",
+        ));
+    };
+    if !bearer_matches(&headers, key.expose()) {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required"));
+    }
+    let sessions = sessions(&state)?;
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_DUMP {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_DUMP}"),
+        ));
+    }
+    let (entries, records) = sessions.dump(limit).await.map_err(session_error)?;
+    let list: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let meta: Value = serde_json::from_str(&e.meta).unwrap_or(Value::Object(Map::new()));
+            serde_json::json!({ "expires_at": rfc3339(e.expires_at), "ends_at": rfc3339(e.deadline), "meta": meta })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "sessions": list,
+        "truncated": entries.len() >= limit,
+        "records": records,
+        "generated_at": rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)),
+    });
+    Ok(axum::Json(body).into_response())
+}

@@ -1,0 +1,146 @@
+//! The session-token flows shared by HaKr's routes and the v1 API: draw tokens, apply the
+//! configured lifetimes and limits, call the store once, count outcomes. Both HTTP surfaces are
+//! thin renderings of these results.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokenserver_core::session::{meta, Invalid, MetaError, MetaUpdate, RotateRequest, SessionRecord, SessionToken};
+use tokenserver_store::session::{now_ms, DumpEntry, RotateOutcome};
+use tokenserver_store::{SessionStore, StoreError};
+
+use crate::config::SessionsConfig;
+
+/// Why a session call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Metadata breaks a limit (nothing stored or changed).
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// `ttl` outside 1 s ..= the maximum age.
+    #[error("ttl must be between 1 and {max} seconds")]
+    InvalidTtl {
+        /// Upper bound, seconds.
+        max: u64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A token handed out, with its record.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The token.
+    pub token: SessionToken,
+    /// Its record (metadata, expiry, deadline).
+    pub record: SessionRecord,
+}
+
+/// Session-token service.
+#[derive(Debug)]
+pub struct Sessions {
+    store: Arc<dyn SessionStore>,
+    config: SessionsConfig,
+}
+
+fn count(op: &'static str, outcome: &'static str) {
+    metrics::counter!("tokenserver_session_operations_total", "op" => op, "outcome" => outcome).increment(1);
+}
+
+impl Sessions {
+    /// Opens the configured store.
+    pub async fn open(config: &SessionsConfig, pool: &tokenserver_store::PoolSettings) -> Result<Self, StoreError> {
+        let store = tokenserver_store::session::open(config.url.expose(), pool, config.memory_shards).await?;
+        Ok(Self { store, config: config.clone() })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &SessionsConfig {
+        &self.config
+    }
+
+    /// The store (health checks, tests).
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
+    /// Starts a session with `meta`, idle lifetime `ttl` (default: `token_lifetime`).
+    pub async fn create(&self, meta: Map<String, Value>, ttl: Option<Duration>) -> Result<Issued, SessionError> {
+        let max_age = self.config.max_age;
+        let ttl = match ttl {
+            Some(t) if t < Duration::from_secs(1) || t > max_age => {
+                return Err(SessionError::InvalidTtl { max: max_age.as_secs() })
+            }
+            Some(t) => t,
+            None => self.config.token_lifetime,
+        };
+        let meta = meta::canonical(meta, &self.config.policy.limits).inspect_err(|_| count("create", "rejected"))?;
+        let record = SessionRecord::new(meta, now_ms(), ttl.as_millis() as u64, max_age.as_millis() as u64);
+        let token = SessionToken::new_session();
+        self.store.create(&token, &record).await.inspect_err(|_| count("create", "error"))?;
+        count("create", "ok");
+        Ok(Issued { token, record })
+    }
+
+    /// Exchanges the token written `token` for its successor, applying `update`.
+    pub async fn rotate(&self, token: &str, update: Option<MetaUpdate>) -> Result<RotateOutcome, SessionError> {
+        let Some(presented) = SessionToken::parse(token) else {
+            count("rotate", "unknown");
+            return Ok(RotateOutcome::Refused(Invalid::Unknown));
+        };
+        let req = RotateRequest { successor: presented.successor(), presented, update, now: now_ms() };
+        let outcome = self.store.rotate(&req, &self.config.policy).await.inspect_err(|_| count("rotate", "error"))?;
+        match &outcome {
+            RotateOutcome::Rotated { .. } => count("rotate", "rotated"),
+            RotateOutcome::Replayed { .. } => count("rotate", "replayed"),
+            RotateOutcome::Refused(Invalid::Unknown) => count("rotate", "unknown"),
+            RotateOutcome::Refused(Invalid::Expired) => count("rotate", "expired"),
+            RotateOutcome::Refused(Invalid::SuccessorGone) => count("rotate", "successor_gone"),
+            RotateOutcome::Rejected(_) => count("rotate", "rejected"),
+            RotateOutcome::Revoked => {
+                count("rotate", "revoked");
+                // The chain id is not secret (the token's unguessable part is not logged).
+                tracing::warn!(session = %req.presented.chain(), "rotated session token reused after the grace period: session revoked");
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Ends the session of `token`; false when the token is unknown or expired.
+    pub async fn end(&self, token: &str) -> Result<bool, SessionError> {
+        let Some(token) = SessionToken::parse(token) else {
+            count("end", "unknown");
+            return Ok(false);
+        };
+        let ended = self.store.end(&token, now_ms()).await.inspect_err(|_| count("end", "error"))?;
+        count("end", if ended { "ended" } else { "unknown" });
+        Ok(ended)
+    }
+
+    /// Up to `limit` live sessions.
+    pub async fn dump(&self, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>), SessionError> {
+        Ok(self.store.dump(now_ms(), limit).await?)
+    }
+
+    /// Removes expired sessions every `purge_interval` until the process ends.
+    pub fn spawn_purge(self: &Arc<Self>) {
+        let this = Arc::downgrade(self);
+        let every = self.config.purge_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(sessions) = this.upgrade() else { return };
+                match sessions.store.purge(now_ms()).await {
+                    Ok(0) => tracing::trace!("PURGED: nothing"),
+                    Ok(n) => {
+                        metrics::counter!("tokenserver_sessions_purged_total").increment(n);
+                        tracing::debug!(purged = n, "PURGED: expired sessions removed");
+                    }
+                    Err(e) => tracing::error!(error = %e, "PURGE failed"),
+                }
+            }
+        });
+    }
+}
