@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use tokio::net::TcpStream;
 
@@ -26,13 +26,34 @@ pub enum Expect {
 /// One request.
 #[derive(Debug, Clone)]
 pub struct Req {
+    pub method: hyper::Method,
     pub path: String,
     pub headers: Vec<(&'static str, String)>,
+    pub body: Option<String>,
     pub expect: Expect,
 }
 
-/// Makes one connection's requests; `None` ends the connection (pool exhausted).
-pub type ReqGen = Box<dyn FnMut() -> Option<Req> + Send>;
+impl Req {
+    /// A GET.
+    pub fn get(path: impl Into<String>, headers: Vec<(&'static str, String)>, expect: Expect) -> Self {
+        Self { method: hyper::Method::GET, path: path.into(), headers, body: None, expect }
+    }
+
+    /// A request with a JSON body.
+    pub fn json(method: hyper::Method, path: impl Into<String>, body: String, expect: Expect) -> Self {
+        Self {
+            method,
+            path: path.into(),
+            headers: vec![("content-type", "application/json".into())],
+            body: Some(body),
+            expect,
+        }
+    }
+}
+
+/// Makes one connection's requests, given the previous response's body (`None` at first);
+/// `None` ends the connection (pool exhausted).
+pub type ReqGen = Box<dyn FnMut(Option<&[u8]>) -> Option<Req> + Send>;
 
 /// Figures of one run.
 #[derive(Debug, Clone, Default)]
@@ -67,25 +88,31 @@ async fn connection(
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io).await.map_err(|e| e.to_string())?;
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(io).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let host = addr.to_string();
+    let mut last: Option<Bytes> = None;
     while Instant::now() < deadline {
-        let Some(req) = gen() else { break };
-        let mut builder = Request::get(&req.path).header("host", &host);
+        let Some(req) = gen(last.as_deref()) else { break };
+        let mut builder = Request::builder().method(req.method.clone()).uri(&req.path).header("host", &host);
         for (k, v) in &req.headers {
             builder = builder.header(*k, v);
         }
-        let request = builder.body(Empty::new()).map_err(|e| e.to_string())?;
+        let body = req.body.map(Bytes::from).unwrap_or_default();
+        let request = builder.body(Full::new(body)).map_err(|e| e.to_string())?;
         let start = Instant::now();
         let result = async {
             let resp = sender.send_request(request).await?;
             let status = resp.status().as_u16();
-            resp.into_body().collect().await?;
-            Ok::<u16, hyper::Error>(status)
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<(u16, Bytes), hyper::Error>((status, body))
         }
         .await;
+        let result = result.map(|(status, body)| {
+            last = Some(body);
+            status
+        });
         let end = Instant::now();
         if start < measure_from || end > deadline {
             if result.is_err() {
@@ -187,13 +214,13 @@ mod tests {
         rt.spawn(async move { axum::serve(listener, app).await });
         let gens: Vec<ReqGen> = (0..4)
             .map(|c| {
-                Box::new(move || {
+                Box::new(move |_: Option<&[u8]>| {
                     Some(if c == 0 {
-                        Req { path: "/no".into(), headers: vec![], expect: Expect::Status(401) }
+                        Req::get("/no", vec![], Expect::Status(401))
                     } else if c == 1 {
-                        Req { path: "/no".into(), headers: vec![], expect: Expect::Success }
+                        Req::get("/no", vec![], Expect::Success)
                     } else {
-                        Req { path: "/ok".into(), headers: vec![("x-test", "1".into())], expect: Expect::Success }
+                        Req::get("/ok", vec![("x-test", "1".into())], Expect::Success)
                     })
                 }) as ReqGen
             })

@@ -6,6 +6,7 @@
 mod load;
 mod populate;
 mod procs;
+mod sessions;
 mod tokens;
 
 use std::fmt::Write as _;
@@ -73,6 +74,23 @@ enum Command {
         /// Size of the new-user token pool (scenario 3 stops early if it runs out).
         #[arg(long, default_value_t = 40_000)]
         new_users: usize,
+    },
+    /// Session tokens: create, rotation chain, rotation with metadata, at each store size.
+    Sessions {
+        #[command(flatten)]
+        common: Common,
+        /// Session backends: memory, sqlite, postgres, redis, redis-cluster.
+        #[arg(long, value_delimiter = ',', default_value = "memory,sqlite")]
+        backends: Vec<String>,
+        /// Live sessions to fill the store to before each measurement (ascending).
+        #[arg(long, value_delimiter = ',', default_value = "0,100000,1000000,10000000")]
+        sizes: Vec<u64>,
+        /// Redis server for the redis runs.
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        redis_url: String,
+        /// Redis Cluster nodes for the redis-cluster runs.
+        #[arg(long, default_value = "redis+cluster://127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103/")]
+        redis_cluster_url: String,
     },
     /// Scenario 2 with 1,000 users, then with `--users` users in the database (SQLite).
     Scale {
@@ -143,7 +161,7 @@ fn bearer(t: &str) -> String {
 }
 
 fn req(token: &str, key_id: String, expect: Expect) -> Req {
-    Req { path: "/1.0/sync/1.5".into(), headers: vec![("authorization", bearer(token)), ("x-keyid", key_id)], expect }
+    Req::get("/1.0/sync/1.5", vec![("authorization", bearer(token)), ("x-keyid", key_id)], expect)
 }
 
 fn random_key_id(kca: i64) -> String {
@@ -153,9 +171,14 @@ fn random_key_id(kca: i64) -> String {
 /// Runs the load and returns its figures with the server's peak RSS (KiB) and its CPU time per
 /// request (µs, warm-up included in both numerator and denominator).
 fn measure(server: &procs::Server, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
-    let sampler = procs::RssSampler::start(server.child.id());
+    measure_at(server.child.id(), server.addr, gens, ctx)
+}
+
+/// [`measure`] on a given listener of process `pid`.
+fn measure_at(pid: u32, addr: std::net::SocketAddr, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
+    let sampler = procs::RssSampler::start(pid);
     let (warmup, duration) = ctx.duration();
-    let outcome = load::run(server.addr, gens, warmup, duration)?;
+    let outcome = load::run(addr, gens, warmup, duration)?;
     let (rss_kib, cpu) = sampler.stop();
     let total_requests = outcome.rps * (warmup + duration).as_secs_f64();
     let cpu_us_per_req = cpu.as_secs_f64() * 1e6 / total_requests.max(1.0);
@@ -176,7 +199,7 @@ fn cached_users(users: &Arc<Vec<String>>, range: std::ops::Range<usize>, conns: 
             let mine: Vec<usize> = range.clone().filter(|u| u % conns == c).collect();
             let users = users.clone();
             let mut i = 0usize;
-            Box::new(move || {
+            Box::new(move |_: Option<&[u8]>| {
                 let u = *mine.get(i % mine.len().max(1))?;
                 i += 1;
                 Some(req(&users[u], "0-".into(), Expect::Success))
@@ -187,7 +210,7 @@ fn cached_users(users: &Arc<Vec<String>>, range: std::ops::Range<usize>, conns: 
 
 fn hello_gens(conns: usize) -> Vec<ReqGen> {
     (0..conns)
-        .map(|_| Box::new(|| Some(Req { path: "/".into(), headers: Vec::new(), expect: Expect::Success })) as ReqGen)
+        .map(|_| Box::new(|_: Option<&[u8]>| Some(Req::get("/", Vec::new(), Expect::Success))) as ReqGen)
         .collect()
 }
 
@@ -250,7 +273,7 @@ fn key_change_gens(p: &Pools, range: std::ops::Range<usize>, conns: usize) -> Ve
             let mut kca = vec![0i64; mine.len()];
             let users = p.users.clone();
             let mut i = 0usize;
-            Box::new(move || {
+            Box::new(move |_: Option<&[u8]>| {
                 if mine.is_empty() {
                     return None;
                 }
@@ -274,7 +297,7 @@ fn mixed_gens(p: &Pools, range: std::ops::Range<usize>, conns: usize) -> Vec<Req
             let (users, password, bad_sig, bad_scope) =
                 (p.users.clone(), p.password.clone(), p.bad_sig.clone(), p.bad_scope.clone());
             let mut rng = rand::rngs::SmallRng::from_rng(&mut rand::rng());
-            Box::new(move || {
+            Box::new(move |_: Option<&[u8]>| {
                 if mine.is_empty() {
                     return None;
                 }
@@ -362,7 +385,7 @@ async fn run_backend(ctx: &Ctx, backend: Backend, p: &Pools, users: usize, rows:
         let gens: Vec<ReqGen> = (0..conns)
             .map(|_| {
                 let (next, pool) = (next.clone(), p.new_users.clone());
-                Box::new(move || {
+                Box::new(move |_: Option<&[u8]>| {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     pool.get(i).map(|t| req(t, "0-".into(), Expect::Success))
                 }) as ReqGen
@@ -448,6 +471,36 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 run_backend(&ctx, b, &p, users, &mut rows).await?;
             }
             let md = report(&rows, hello, &ctx, "Sync token endpoint");
+            write_out(&ctx, &md)?;
+            let _ = std::fs::remove_dir_all(&ctx.work);
+            Ok(())
+        }
+        Command::Sessions { common, backends, sizes, redis_url, redis_cluster_url } => {
+            let ctx = ctx(common)?;
+            let mut rows = Vec::new();
+            let hello = run_hello(&ctx, &mut rows)?;
+            for b in &backends {
+                let prefix = format!("bench{}:", std::process::id());
+                let url = match b.as_str() {
+                    "memory" => "memory:".to_string(),
+                    "sqlite" => format!("sqlite://{}/sessions.db", ctx.work.display()),
+                    "postgres" => {
+                        let url = &ctx.common.postgres_url;
+                        let mut conn =
+                            <sqlx::PgConnection as sqlx::Connection>::connect(url).await.map_err(|e| e.to_string())?;
+                        sqlx::query("DROP TABLE IF EXISTS tokenserver_sessions")
+                            .execute(&mut conn)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        url.clone()
+                    }
+                    "redis" => format!("{redis_url}?prefix={prefix}"),
+                    "redis-cluster" => format!("{redis_cluster_url}?prefix={prefix}"),
+                    other => return Err(format!("unknown session backend {other:?}")),
+                };
+                sessions::run_backend(&ctx, b, &url, &sizes, &mut rows)?;
+            }
+            let md = report(&rows, hello, &ctx, "Session tokens");
             write_out(&ctx, &md)?;
             let _ = std::fs::remove_dir_all(&ctx.work);
             Ok(())

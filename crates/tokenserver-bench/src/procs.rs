@@ -18,6 +18,8 @@ pub fn free_port() -> Result<u16, String> {
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The internal listener (tokenserver only).
+    pub internal: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -34,7 +36,7 @@ pub fn hello(bin: &Path) -> Result<Server, String> {
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
     let addr = line.trim().parse().map_err(|e| format!("hello said {line:?}: {e}"))?;
-    Ok(Server { child, addr })
+    Ok(Server { child, addr, internal: None })
 }
 
 fn ready(addr: SocketAddr) -> bool {
@@ -66,7 +68,7 @@ pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<S
         .spawn()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut server = Server { child, addr };
+    let mut server = Server { child, addr, internal: Some(([127, 0, 0, 1], internal).into()) };
     let start = Instant::now();
     while !ready(addr) {
         if let Ok(Some(status)) = server.child.try_wait() {
