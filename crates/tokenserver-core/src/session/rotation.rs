@@ -38,6 +38,18 @@ pub struct Rotated {
     pub sealed: SealedSuccessor,
 }
 
+impl Rotated {
+    /// From a store's three nullable columns (`rotated_at`, `successor`, `sealed`): `None` unless
+    /// all are present and well formed.
+    pub fn from_columns(at: Option<i64>, successor: Option<&[u8]>, sealed: Option<&[u8]>) -> Option<Self> {
+        Some(Self {
+            at: u64::try_from(at?).ok()?,
+            successor: TokenHash::from_slice(successor?)?,
+            sealed: SealedSuccessor(sealed?.try_into().ok()?),
+        })
+    }
+}
+
 impl SessionRecord {
     /// A new session's first record.
     pub fn new(meta: String, now: u64, ttl_ms: u64, max_age_ms: u64) -> Self {
@@ -288,6 +300,21 @@ mod tests {
         );
         let no_grace = RotationPolicy { grace_ms: 0, ..policy() };
         assert_eq!(decide(Some(&rec), &request(&t, 1_000, None), &no_grace), Decision::RevokeChain { from: s.hash() });
+    }
+
+    #[test]
+    fn rotated_columns_must_all_be_present_and_well_formed() {
+        let t = SessionToken::new_session();
+        let s = t.successor();
+        let sealed = t.seal(&s);
+        let want = Rotated { at: 5, successor: s.hash(), sealed };
+        let (h, x) = (&s.hash().0[..], &sealed.0[..]);
+        assert_eq!(Rotated::from_columns(Some(5), Some(h), Some(x)), Some(want));
+        assert_eq!(Rotated::from_columns(None, None, None), None);
+        assert_eq!(Rotated::from_columns(Some(5), Some(h), None), None);
+        assert_eq!(Rotated::from_columns(Some(-1), Some(h), Some(x)), None);
+        assert_eq!(Rotated::from_columns(Some(5), Some(&h[..31]), Some(x)), None);
+        assert_eq!(Rotated::from_columns(Some(5), Some(h), Some(&x[..31])), None);
     }
 
     #[test]

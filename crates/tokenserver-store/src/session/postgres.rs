@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use tokenserver_core::session::{
-    decide, replay_answer, Decision, Invalid, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord,
-    SessionToken, TokenHash,
+    decide, replay_answer, Decision, Invalid, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken,
+    TokenHash,
 };
 
 use super::{DumpEntry, Result, RotateOutcome, SessionStore};
@@ -30,18 +30,16 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
 ];
 
-const COLUMNS: &str = "meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed";
+const LOAD: &str = "SELECT meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
+                    FROM tokenserver_sessions WHERE token_hash = $1";
+const LOAD_FOR_UPDATE: &str = "SELECT meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
+                               FROM tokenserver_sessions WHERE token_hash = $1 FOR UPDATE";
 
 fn record(row: &PgRow) -> Result<SessionRecord> {
     let rotated_at: Option<i64> = row.try_get(4)?;
     let successor: Option<Vec<u8>> = row.try_get(5)?;
     let sealed: Option<Vec<u8>> = row.try_get(6)?;
-    let rotated = match (rotated_at, successor.as_deref().and_then(TokenHash::from_slice), sealed) {
-        (Some(at), Some(successor), Some(sealed)) => {
-            sealed.as_slice().try_into().ok().map(|s| Rotated { at: at as u64, successor, sealed: SealedSuccessor(s) })
-        }
-        _ => None,
-    };
+    let rotated = Rotated::from_columns(rotated_at, successor.as_deref(), sealed.as_deref());
     Ok(SessionRecord {
         meta: row.try_get(0)?,
         expires_at: row.try_get::<i64, _>(1)? as u64,
@@ -52,12 +50,8 @@ fn record(row: &PgRow) -> Result<SessionRecord> {
 }
 
 async fn load(tx: &mut Transaction<'_, Postgres>, hash: &TokenHash, lock: bool) -> Result<Option<SessionRecord>> {
-    let sql = if lock {
-        format!("SELECT {COLUMNS} FROM tokenserver_sessions WHERE token_hash = $1 FOR UPDATE")
-    } else {
-        format!("SELECT {COLUMNS} FROM tokenserver_sessions WHERE token_hash = $1")
-    };
-    let row = sqlx::query(&sql).bind(&hash.0[..]).fetch_optional(&mut **tx).await?;
+    let row =
+        sqlx::query(if lock { LOAD_FOR_UPDATE } else { LOAD }).bind(&hash.0[..]).fetch_optional(&mut **tx).await?;
     row.as_ref().map(record).transpose()
 }
 

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokenserver_core::session::{
-    ChainId, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord, SessionToken, TokenHash,
+    ChainId, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 use tokio::sync::oneshot;
 
@@ -64,12 +64,7 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     let rotated_at: Option<i64> = row.get(4)?;
     let successor: Option<Vec<u8>> = row.get(5)?;
     let sealed: Option<Vec<u8>> = row.get(6)?;
-    let rotated = match (rotated_at, successor.as_deref().and_then(TokenHash::from_slice), sealed) {
-        (Some(at), Some(successor), Some(sealed)) => {
-            sealed.as_slice().try_into().ok().map(|s| Rotated { at: at as u64, successor, sealed: SealedSuccessor(s) })
-        }
-        _ => None,
-    };
+    let rotated = Rotated::from_columns(rotated_at, successor.as_deref(), sealed.as_deref());
     Ok(SessionRecord {
         meta: row.get(0)?,
         expires_at: row.get::<_, i64>(1)? as u64,

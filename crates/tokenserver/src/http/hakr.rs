@@ -13,14 +13,14 @@ use serde_json::{Map, Value};
 use tokenserver_core::session::{MetaError, MetaUpdate};
 use tokenserver_store::session::RotateOutcome;
 
-use crate::app::AppState;
+use super::sessions::{meta_status, SessionsState};
 use crate::session::SessionError;
 
 /// Most sessions one `HEAD /dump` writes to the log.
 const MAX_LOGGED_DUMP: usize = 10_000;
 
 /// `/token`, and `/dump` when enabled and DEBUG logging is on for tokenserver (HaKr's rule).
-pub fn router(dump_enabled: bool) -> Router<AppState> {
+pub fn router(dump_enabled: bool) -> Router<SessionsState> {
     let router = Router::new().route("/token", post(create).put(update).delete(remove));
     let debug = tracing::enabled!(target: "tokenserver", tracing::Level::DEBUG);
     if dump_enabled && debug {
@@ -55,11 +55,7 @@ fn internal_error() -> Response {
 }
 
 fn limit_error(e: &MetaError) -> Response {
-    let status = match e {
-        MetaError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        _ => StatusCode::UNPROCESSABLE_ENTITY,
-    };
-    (status, e.to_string()).into_response()
+    (meta_status(e), e.to_string()).into_response()
 }
 
 fn failure(e: SessionError) -> Response {
@@ -72,18 +68,16 @@ fn failure(e: SessionError) -> Response {
     }
 }
 
-async fn create(State(state): State<AppState>, Json(p): Json<CreatePayload>) -> Response {
-    let Some(sessions) = state.sessions.as_deref() else { return StatusCode::NOT_FOUND.into_response() };
-    match sessions.create(p.meta, None).await {
+async fn create(State(state): State<SessionsState>, Json(p): Json<CreatePayload>) -> Response {
+    match state.sessions.create(p.meta, None).await {
         Ok(issued) => issued.token.encode().into_response(),
         Err(e) => failure(e),
     }
 }
 
-async fn update(State(state): State<AppState>, Json(p): Json<UpdatePayload>) -> Response {
-    let Some(sessions) = state.sessions.as_deref() else { return StatusCode::NOT_FOUND.into_response() };
+async fn update(State(state): State<SessionsState>, Json(p): Json<UpdatePayload>) -> Response {
     let update = p.meta.filter(|m| !m.is_empty()).map(MetaUpdate::Shallow);
-    let body = match sessions.rotate(&p.token, update).await {
+    let body = match state.sessions.rotate(&p.token, update).await {
         Ok(RotateOutcome::Rotated { token, record } | RotateOutcome::Replayed { token, record }) => {
             let meta = if record.meta.is_empty() { "{}" } else { record.meta.as_str() };
             format!(r#"{{"Ok":{{"token":"{}","meta":{meta}}}}}"#, token.encode())
@@ -95,9 +89,8 @@ async fn update(State(state): State<AppState>, Json(p): Json<UpdatePayload>) -> 
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn remove(State(state): State<AppState>, Json(p): Json<RemovePayload>) -> Response {
-    let Some(sessions) = state.sessions.as_deref() else { return StatusCode::NOT_FOUND.into_response() };
-    match sessions.end(&p.token).await {
+async fn remove(State(state): State<SessionsState>, Json(p): Json<RemovePayload>) -> Response {
+    match state.sessions.end(&p.token).await {
         Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err(e) => failure(e),
     }
@@ -109,21 +102,19 @@ fn hakr_time(ms: u64) -> String {
     text.trim_end_matches('Z').replacen('T', " ", 1)
 }
 
-async fn dump(State(state): State<AppState>) -> Response {
-    if let Some(sessions) = state.sessions.as_deref() {
-        match sessions.dump(MAX_LOGGED_DUMP).await {
-            Ok((entries, _)) => {
-                let items: Vec<String> = entries
-                    .iter()
-                    .map(|e| {
-                        let meta = if e.meta.is_empty() { "{}" } else { e.meta.as_str() };
-                        format!(r#"{{"expires":"{}","meta":{meta}}}"#, hakr_time(e.expires_at))
-                    })
-                    .collect();
-                tracing::debug!(target: "tokenserver::session_dump", "DUMP: [{}]", items.join(","));
-            }
-            Err(e) => tracing::error!(error = %e, "DUMP failed"),
+async fn dump(State(state): State<SessionsState>) -> Response {
+    match state.sessions.dump(MAX_LOGGED_DUMP).await {
+        Ok((entries, _)) => {
+            let items: Vec<String> = entries
+                .iter()
+                .map(|e| {
+                    let meta = if e.meta.is_empty() { "{}" } else { e.meta.as_str() };
+                    format!(r#"{{"expires":"{}","meta":{meta}}}"#, hakr_time(e.expires_at))
+                })
+                .collect();
+            tracing::debug!(target: "tokenserver::session_dump", "DUMP: [{}]", items.join(","));
         }
+        Err(e) => tracing::error!(error = %e, "DUMP failed"),
     }
     StatusCode::ACCEPTED.into_response()
 }

@@ -18,37 +18,48 @@ use tokenserver_core::session::{MetaError, MetaUpdate, SessionRecord, SessionTok
 use tokenserver_store::session::RotateOutcome;
 use tokenserver_store::StoreError;
 
+use std::sync::Arc;
+
+use tokenserver_core::Secret;
+
 use crate::app::AppState;
 use crate::http::admin::bearer_matches;
 use crate::http::error::ApiError;
-use crate::session::SessionError;
+use crate::session::{SessionError, Sessions};
 
 /// Most sessions one dump returns.
 pub const MAX_DUMP: usize = 1000;
 
+/// What the session handlers need: the service, and the admin key (for the dump).
+#[derive(Clone)]
+pub struct SessionsState {
+    /// The session service.
+    pub sessions: Arc<Sessions>,
+    /// `internal.admin_key`.
+    pub admin_key: Option<Secret<String>>,
+}
+
 /// Session routes (HaKr's and v1), when sessions are enabled.
 pub fn router(state: &AppState) -> Option<Router<AppState>> {
-    let sessions = state.sessions.as_ref()?;
+    let sessions = state.sessions.clone()?;
     let config = sessions.config();
     let mut router = Router::new()
         .route("/v1/sessions", post(create).delete(end))
         .route("/v1/sessions/rotate", post(rotate))
         .merge(super::hakr::router(config.dump_enabled));
-    if config.api_key.is_some() {
-        router = router.layer(axum::middleware::from_fn_with_state(state.clone(), require_api_key));
+    if let Some(key) = config.api_key.clone() {
+        router = router.layer(axum::middleware::from_fn_with_state(key, require_api_key));
     }
     // The dump answers to the admin key instead (see `dump`).
     router = router.route("/v1/sessions/dump", get(dump));
-    Some(router.layer(DefaultBodyLimit::max(config.max_body_bytes)))
+    let limit = DefaultBodyLimit::max(config.max_body_bytes);
+    Some(router.layer(limit).with_state(SessionsState { sessions, admin_key: state.config.admin_key.clone() }))
 }
 
-async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let key = state.sessions.as_ref().and_then(|s| s.config().api_key.as_ref());
-    if let Some(key) = key {
-        if !bearer_matches(req.headers(), key.expose()) {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid session API key is required")
-                .into_response();
-        }
+async fn require_api_key(State(key): State<Secret<String>>, req: Request, next: Next) -> Response {
+    if !bearer_matches(req.headers(), key.expose()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid session API key is required")
+            .into_response();
     }
     next.run(req).await
 }
@@ -87,17 +98,22 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     }
 }
 
-/// The v1 rendering of a metadata limit.
-pub fn meta_error(e: &MetaError) -> ApiError {
+/// The status of a metadata limit, on both APIs: size 413, shape 422.
+pub fn meta_status(e: &MetaError) -> StatusCode {
     match e {
-        MetaError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "metadata_too_large", e.to_string()),
-        MetaError::TooDeep { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "metadata_too_deep", e.to_string())
-        }
-        MetaError::TooManyKeys { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "metadata_too_many_keys", e.to_string())
-        }
+        MetaError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        MetaError::TooDeep { .. } | MetaError::TooManyKeys { .. } => StatusCode::UNPROCESSABLE_ENTITY,
     }
+}
+
+/// The v1 rendering of a metadata limit.
+fn meta_error(e: &MetaError) -> ApiError {
+    let code = match e {
+        MetaError::TooLarge { .. } => "metadata_too_large",
+        MetaError::TooDeep { .. } => "metadata_too_deep",
+        MetaError::TooManyKeys { .. } => "metadata_too_many_keys",
+    };
+    ApiError::new(meta_status(e), code, e.to_string())
 }
 
 fn store_error(e: &StoreError) -> ApiError {
@@ -123,13 +139,6 @@ fn session_error(e: SessionError) -> ApiError {
     }
 }
 
-fn sessions(state: &AppState) -> Result<&crate::session::Sessions, ApiError> {
-    state
-        .sessions
-        .as_deref()
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "sessions_disabled", "session tokens are disabled"))
-}
-
 /// `{"token":…,"expires_at":…,"meta":…}`, written around the stored canonical metadata.
 fn issued_body(token: &SessionToken, record: &SessionRecord) -> String {
     format!(
@@ -153,9 +162,8 @@ struct CreateBody {
     ttl: Option<u64>,
 }
 
-async fn create(State(state): State<AppState>, V1Json(body): V1Json<CreateBody>) -> Result<Response, ApiError> {
-    let sessions = sessions(&state)?;
-    let issued = sessions.create(body.meta, body.ttl.map(Duration::from_secs)).await.map_err(session_error)?;
+async fn create(State(state): State<SessionsState>, V1Json(body): V1Json<CreateBody>) -> Result<Response, ApiError> {
+    let issued = state.sessions.create(body.meta, body.ttl.map(Duration::from_secs)).await.map_err(session_error)?;
     Ok(json_response(StatusCode::CREATED, issued_body(&issued.token, &issued.record)))
 }
 
@@ -171,8 +179,7 @@ fn invalid_token() -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "the session token is invalid, expired or revoked")
 }
 
-async fn rotate(State(state): State<AppState>, V1Json(body): V1Json<RotateBody>) -> Result<Response, ApiError> {
-    let sessions = sessions(&state)?;
+async fn rotate(State(state): State<SessionsState>, V1Json(body): V1Json<RotateBody>) -> Result<Response, ApiError> {
     let update = match body.meta {
         None => None,
         Some(patch) if patch.is_object() => Some(MetaUpdate::MergePatch(patch)),
@@ -184,7 +191,7 @@ async fn rotate(State(state): State<AppState>, V1Json(body): V1Json<RotateBody>)
             ))
         }
     };
-    match sessions.rotate(&body.token, update).await.map_err(session_error)? {
+    match state.sessions.rotate(&body.token, update).await.map_err(session_error)? {
         RotateOutcome::Rotated { token, record } | RotateOutcome::Replayed { token, record } => {
             Ok(json_response(StatusCode::OK, issued_body(&token, &record)))
         }
@@ -199,9 +206,8 @@ struct EndBody {
     token: String,
 }
 
-async fn end(State(state): State<AppState>, V1Json(body): V1Json<EndBody>) -> Result<Response, ApiError> {
-    let sessions = sessions(&state)?;
-    if sessions.end(&body.token).await.map_err(session_error)? {
+async fn end(State(state): State<SessionsState>, V1Json(body): V1Json<EndBody>) -> Result<Response, ApiError> {
+    if state.sessions.end(&body.token).await.map_err(session_error)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::new(StatusCode::NOT_FOUND, "session_not_found", "no live session has this token"))
@@ -214,12 +220,12 @@ struct DumpQuery {
 }
 
 async fn dump(
-    State(state): State<AppState>,
+    State(state): State<SessionsState>,
     headers: HeaderMap,
     Query(q): Query<DumpQuery>,
 ) -> Result<Response, ApiError> {
     // Metadata is personal data: the dump needs the admin key, and exists only when one is set.
-    let Some(key) = &state.config.admin_key else {
+    let Some(key) = &state.admin_key else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "dump_requires_admin_key",
@@ -229,7 +235,6 @@ async fn dump(
     if !bearer_matches(&headers, key.expose()) {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required"));
     }
-    let sessions = sessions(&state)?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_DUMP {
         return Err(ApiError::new(
@@ -238,7 +243,7 @@ async fn dump(
             format!("limit must be between 1 and {MAX_DUMP}"),
         ));
     }
-    let (entries, records) = sessions.dump(limit).await.map_err(session_error)?;
+    let (entries, records) = state.sessions.dump(limit).await.map_err(session_error)?;
     let list: Vec<Value> = entries
         .iter()
         .map(|e| {
