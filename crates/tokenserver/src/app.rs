@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
+use axum::ServiceExt as _;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokenserver_auth::fxa::FxaVerifier;
 use tokenserver_core::Secret;
@@ -143,9 +144,10 @@ pub async fn serve(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let public_srv =
-        axum::serve(public, crate::http::public_router(state.clone())).with_graceful_shutdown(wait(rx.clone()));
-    let internal_srv = axum::serve(internal, crate::http::internal_router(state)).with_graceful_shutdown(wait(rx));
+    let public_srv = axum::serve(public, crate::http::public_service(state.clone()).into_make_service())
+        .with_graceful_shutdown(wait(rx.clone()));
+    let internal_srv = axum::serve(internal, crate::http::internal_service(state).into_make_service())
+        .with_graceful_shutdown(wait(rx));
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);

@@ -2,6 +2,7 @@
 //! configured lifetimes and limits, call the store once, count outcomes. Both HTTP surfaces are
 //! thin renderings of these results.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,22 +44,58 @@ pub struct Issued {
 pub struct Sessions {
     store: Arc<dyn SessionStore>,
     config: SessionsConfig,
+    counters: OpCounters,
 }
 
-fn count(op: &'static str, outcome: &'static str) {
-    metrics::counter!("tokenserver_session_operations_total", "op" => op, "outcome" => outcome).increment(1);
+/// Every `(op, outcome)` pair of `tokenserver_session_operations_total`.
+const OUTCOMES: &[(&str, &[&str])] = &[
+    ("create", &["ok", "rejected", "error"]),
+    ("rotate", &["rotated", "replayed", "unknown", "expired", "successor_gone", "rejected", "revoked", "error"]),
+    ("end", &["ended", "unknown", "error"]),
+];
+
+/// The operation counters, registered once: building a labelled key per call allocated on
+/// every request. Registering up front also shows every series, at 0, from the start.
+struct OpCounters(HashMap<(&'static str, &'static str), metrics::Counter>);
+
+impl OpCounters {
+    fn register() -> Self {
+        // The recorder must be in place before handles are taken (a handle taken earlier counts nothing).
+        let _ = crate::app::metrics_handle();
+        let mut map = HashMap::new();
+        for (op, outcomes) in OUTCOMES {
+            for outcome in *outcomes {
+                let counter =
+                    metrics::counter!("tokenserver_session_operations_total", "op" => *op, "outcome" => *outcome);
+                map.insert((*op, *outcome), counter);
+            }
+        }
+        Self(map)
+    }
+}
+
+impl std::fmt::Debug for OpCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpCounters").field("series", &self.0.len()).finish()
+    }
 }
 
 impl Sessions {
     /// Opens the configured store.
     pub async fn open(config: &SessionsConfig, pool: &tokenserver_store::PoolSettings) -> Result<Self, StoreError> {
         let store = tokenserver_store::session::open(config.url.expose(), pool, config.memory_shards).await?;
-        Ok(Self { store, config: config.clone() })
+        Ok(Self { store, config: config.clone(), counters: OpCounters::register() })
     }
 
     /// The settings in force.
     pub fn config(&self) -> &SessionsConfig {
         &self.config
+    }
+
+    fn count(&self, op: &'static str, outcome: &'static str) {
+        if let Some(counter) = self.counters.0.get(&(op, outcome)) {
+            counter.increment(1);
+        }
     }
 
     /// The store (health checks, tests).
@@ -76,31 +113,33 @@ impl Sessions {
             Some(t) => t,
             None => self.config.token_lifetime,
         };
-        let meta = meta::canonical(meta, &self.config.policy.limits).inspect_err(|_| count("create", "rejected"))?;
+        let meta =
+            meta::canonical(meta, &self.config.policy.limits).inspect_err(|_| self.count("create", "rejected"))?;
         let record = SessionRecord::new(meta, now_ms(), ttl.as_millis() as u64, max_age.as_millis() as u64);
         let token = SessionToken::new_session();
-        self.store.create(&token, &record).await.inspect_err(|_| count("create", "error"))?;
-        count("create", "ok");
+        self.store.create(&token, &record).await.inspect_err(|_| self.count("create", "error"))?;
+        self.count("create", "ok");
         Ok(Issued { token, record })
     }
 
     /// Exchanges the token written `token` for its successor, applying `update`.
     pub async fn rotate(&self, token: &str, update: Option<MetaUpdate>) -> Result<RotateOutcome, SessionError> {
         let Some(presented) = SessionToken::parse(token) else {
-            count("rotate", "unknown");
+            self.count("rotate", "unknown");
             return Ok(RotateOutcome::Refused(Invalid::Unknown));
         };
         let req = RotateRequest { successor: presented.successor(), presented, update, now: now_ms() };
-        let outcome = self.store.rotate(&req, &self.config.policy).await.inspect_err(|_| count("rotate", "error"))?;
+        let outcome =
+            self.store.rotate(&req, &self.config.policy).await.inspect_err(|_| self.count("rotate", "error"))?;
         match &outcome {
-            RotateOutcome::Rotated { .. } => count("rotate", "rotated"),
-            RotateOutcome::Replayed { .. } => count("rotate", "replayed"),
-            RotateOutcome::Refused(Invalid::Unknown) => count("rotate", "unknown"),
-            RotateOutcome::Refused(Invalid::Expired) => count("rotate", "expired"),
-            RotateOutcome::Refused(Invalid::SuccessorGone) => count("rotate", "successor_gone"),
-            RotateOutcome::Rejected(_) => count("rotate", "rejected"),
+            RotateOutcome::Rotated { .. } => self.count("rotate", "rotated"),
+            RotateOutcome::Replayed { .. } => self.count("rotate", "replayed"),
+            RotateOutcome::Refused(Invalid::Unknown) => self.count("rotate", "unknown"),
+            RotateOutcome::Refused(Invalid::Expired) => self.count("rotate", "expired"),
+            RotateOutcome::Refused(Invalid::SuccessorGone) => self.count("rotate", "successor_gone"),
+            RotateOutcome::Rejected(_) => self.count("rotate", "rejected"),
             RotateOutcome::Revoked => {
-                count("rotate", "revoked");
+                self.count("rotate", "revoked");
                 // The chain id is not secret (the token's unguessable part is not logged).
                 tracing::warn!(session = %req.presented.chain(), "rotated session token reused after the grace period: session revoked");
             }
@@ -111,11 +150,11 @@ impl Sessions {
     /// Ends the session of `token`; false when the token is unknown or expired.
     pub async fn end(&self, token: &str) -> Result<bool, SessionError> {
         let Some(token) = SessionToken::parse(token) else {
-            count("end", "unknown");
+            self.count("end", "unknown");
             return Ok(false);
         };
-        let ended = self.store.end(&token, now_ms()).await.inspect_err(|_| count("end", "error"))?;
-        count("end", if ended { "ended" } else { "unknown" });
+        let ended = self.store.end(&token, now_ms()).await.inspect_err(|_| self.count("end", "error"))?;
+        self.count("end", if ended { "ended" } else { "unknown" });
         Ok(ended)
     }
 

@@ -6,9 +6,16 @@
 //! Under load one commit carries many rotations; alone, a call commits at once. A restart loses
 //! nothing that was answered (`synchronous = NORMAL` in WAL survives a process crash; a power cut
 //! may lose the last commits).
+//!
+//! Rows are keyed by (session id, token hash), so a session's records sit side by side: a
+//! rotation reads, updates and inserts on one leaf page, and revocation is a key-range delete.
+//! The expiry index grows at its right edge (expiry = now + lifetime). Checkpoints (copying the
+//! WAL back into the database, with an fsync) run on a thread of their own so that the writer
+//! never waits for one.
 
 use std::str::FromStr;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -24,36 +31,62 @@ use crate::StoreError;
 const MAX_BATCH: usize = 512;
 /// Expired records deleted per purge statement (keeps each writer turn short).
 const PURGE_BATCH: i64 = 10_000;
+/// How often the checkpointer looks at the WAL.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// Page cache of the writer, KiB (negative `cache_size`): the hot part of the table stays in it.
+const CACHE_KIB: i64 = 65_536;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS tokenserver_sessions (
-    token_hash BLOB PRIMARY KEY NOT NULL,
     chain BLOB NOT NULL,
+    token_hash BLOB NOT NULL,
     meta TEXT NOT NULL,
     expires_at INTEGER NOT NULL,
     deadline INTEGER NOT NULL,
     ttl_ms INTEGER NOT NULL,
     rotated_at INTEGER,
     successor BLOB,
-    sealed BLOB
+    sealed BLOB,
+    PRIMARY KEY (chain, token_hash)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tokenserver_sessions_chain_idx ON tokenserver_sessions (chain);
 CREATE INDEX IF NOT EXISTS tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at);
 "#;
 
+/// The first layout (keyed by token hash alone, with a separate session-id index) is rewritten
+/// into the current one on open.
+const MIGRATE_FROM_HASH_KEY: &str = r#"
+CREATE TABLE tokenserver_sessions_new (
+    chain BLOB NOT NULL,
+    token_hash BLOB NOT NULL,
+    meta TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    deadline INTEGER NOT NULL,
+    ttl_ms INTEGER NOT NULL,
+    rotated_at INTEGER,
+    successor BLOB,
+    sealed BLOB,
+    PRIMARY KEY (chain, token_hash)
+) WITHOUT ROWID;
+INSERT INTO tokenserver_sessions_new
+    SELECT chain, token_hash, meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed
+    FROM tokenserver_sessions;
+DROP TABLE tokenserver_sessions;
+ALTER TABLE tokenserver_sessions_new RENAME TO tokenserver_sessions;
+"#;
+
 const LOAD: &str = "SELECT meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
-                    FROM tokenserver_sessions WHERE token_hash = ?1";
-const INSERT: &str = "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
+                    FROM tokenserver_sessions WHERE chain = ?1 AND token_hash = ?2";
+const INSERT: &str = "INSERT INTO tokenserver_sessions (chain, token_hash, meta, expires_at, deadline, ttl_ms) \
                       VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-const MARK_ROTATED: &str =
-    "UPDATE tokenserver_sessions SET meta = '', rotated_at = ?2, successor = ?3, sealed = ?4 WHERE token_hash = ?1";
-const REMOVE: &str = "DELETE FROM tokenserver_sessions WHERE token_hash = ?1";
+const MARK_ROTATED: &str = "UPDATE tokenserver_sessions SET meta = '', rotated_at = ?3, successor = ?4, sealed = ?5 \
+                            WHERE chain = ?1 AND token_hash = ?2";
+const REMOVE: &str = "DELETE FROM tokenserver_sessions WHERE chain = ?1 AND token_hash = ?2";
 const REVOKE: &str = "DELETE FROM tokenserver_sessions WHERE chain = ?1";
 const DUMP: &str = "SELECT expires_at, deadline, meta FROM tokenserver_sessions \
                     WHERE rotated_at IS NULL AND expires_at > ?1 AND deadline > ?1 LIMIT ?2";
 const COUNT: &str = "SELECT COUNT(*) FROM tokenserver_sessions";
-const PURGE: &str = "DELETE FROM tokenserver_sessions WHERE token_hash IN \
-                     (SELECT token_hash FROM tokenserver_sessions WHERE expires_at <= ?1 LIMIT ?2)";
+const PURGE: &str = "DELETE FROM tokenserver_sessions WHERE (chain, token_hash) IN \
+                     (SELECT chain, token_hash FROM tokenserver_sessions WHERE expires_at <= ?1 LIMIT ?2)";
 
 fn e(err: rusqlite::Error) -> StoreError {
     super::super::sqlite::rusqlite_error(err)
@@ -74,21 +107,24 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
     })
 }
 
+/// One call's steps. Every record a call touches belongs to the session `chain` (a rotation's
+/// successor shares its predecessor's session id).
 struct Ops<'a> {
     conn: &'a Connection,
+    chain: ChainId,
 }
 
 impl SessionOps for Ops<'_> {
     fn load(&mut self, hash: &TokenHash) -> Result<Option<SessionRecord>> {
         let mut stmt = self.conn.prepare_cached(LOAD).map_err(e)?;
-        stmt.query_row([&hash.0[..]], record).optional().map_err(e)
+        stmt.query_row(params![&self.chain.0[..], &hash.0[..]], record).optional().map_err(e)
     }
 
     fn insert(&mut self, hash: &TokenHash, chain: &ChainId, r: &SessionRecord) -> Result<()> {
         let mut stmt = self.conn.prepare_cached(INSERT).map_err(e)?;
         stmt.execute(params![
-            &hash.0[..],
             &chain.0[..],
+            &hash.0[..],
             r.meta,
             r.expires_at as i64,
             r.deadline as i64,
@@ -100,12 +136,14 @@ impl SessionOps for Ops<'_> {
 
     fn mark_rotated(&mut self, hash: &TokenHash, rot: &Rotated) -> Result<()> {
         let mut stmt = self.conn.prepare_cached(MARK_ROTATED).map_err(e)?;
-        stmt.execute(params![&hash.0[..], rot.at as i64, &rot.successor.0[..], &rot.sealed.0[..]]).map_err(e)?;
+        stmt.execute(params![&self.chain.0[..], &hash.0[..], rot.at as i64, &rot.successor.0[..], &rot.sealed.0[..]])
+            .map_err(e)?;
         Ok(())
     }
 
     fn remove(&mut self, hash: &TokenHash) -> Result<()> {
-        self.conn.prepare_cached(REMOVE).and_then(|mut s| s.execute([&hash.0[..]])).map_err(e)?;
+        let mut stmt = self.conn.prepare_cached(REMOVE).map_err(e)?;
+        stmt.execute(params![&self.chain.0[..], &hash.0[..]]).map_err(e)?;
         Ok(())
     }
 
@@ -127,19 +165,59 @@ pub struct SqliteSessions {
     jobs: mpsc::Sender<Job>,
 }
 
-fn open_connection(url: &str) -> Result<Connection> {
-    let conn = if url.contains(":memory:") || url.contains("mode=memory") {
-        Connection::open_in_memory().map_err(e)?
-    } else {
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
-            .map_err(|err| StoreError::Config(format!("invalid SQLite URL: {err}")))?;
-        Connection::open(options.get_filename()).map_err(e)?
+/// The database file a URL names (`None`: in memory).
+fn file_of(url: &str) -> Result<Option<std::path::PathBuf>> {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return Ok(None);
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+        .map_err(|err| StoreError::Config(format!("invalid SQLite URL: {err}")))?;
+    Ok(Some(options.get_filename().to_path_buf()))
+}
+
+fn open_connection(file: Option<&std::path::Path>) -> Result<Connection> {
+    let conn = match file {
+        None => Connection::open_in_memory().map_err(e)?,
+        Some(path) => Connection::open(path).map_err(e)?,
     };
-    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(e)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(e)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(e)?;
-    conn.execute_batch(SCHEMA).map_err(e)?;
     Ok(conn)
+}
+
+/// Creates the table, or brings an older layout up to date.
+fn prepare_schema(conn: &Connection) -> Result<()> {
+    let old_layout: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'tokenserver_sessions_chain_idx')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(e)?;
+    if old_layout {
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_FROM_HASH_KEY} {SCHEMA} COMMIT;")).map_err(|err| {
+            let _ = conn.execute_batch("ROLLBACK");
+            e(err)
+        })?;
+        tracing::info!("session table rewritten with (session id, token hash) keys");
+    }
+    conn.execute_batch(SCHEMA).map_err(e)
+}
+
+/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`], on its own connection
+/// (a passive checkpoint never blocks the writer), until the writer stops.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %err, "session store checkpoint failed");
+        }
+    }
+}
+
+/// Runs one of the writer's transaction-control statements (prepared once).
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
@@ -151,7 +229,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(err) = control(&conn, "BEGIN IMMEDIATE") {
             let msg = err.to_string();
             for job in batch {
                 let (_, deliver) = job(None);
@@ -162,14 +240,17 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
         }
         let mut answers = Vec::with_capacity(batch.len());
         for job in batch {
-            let ok = conn.execute_batch("SAVEPOINT call").is_ok();
+            let ok = control(&conn, "SAVEPOINT call").is_ok();
             let (failed, deliver) = job(Some(&conn));
             if ok {
-                let _ = conn.execute_batch(if failed { "ROLLBACK TO call; RELEASE call" } else { "RELEASE call" });
+                if failed {
+                    let _ = control(&conn, "ROLLBACK TO call");
+                }
+                let _ = control(&conn, "RELEASE call");
             }
             answers.push(deliver);
         }
-        let commit = conn.execute_batch("COMMIT").err().map(|err| err.to_string());
+        let commit = control(&conn, "COMMIT").err().map(|err| err.to_string());
         if commit.is_some() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -180,16 +261,44 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
 }
 
 impl SqliteSessions {
-    /// Opens (creating if missing) the database at `url` and starts its writer thread.
+    /// Opens (creating if missing) the database at `url` and starts its writer thread (and, for
+    /// a file, its checkpointer).
     pub async fn open(url: &str) -> Result<Self> {
-        let url = url.to_string();
-        let conn = tokio::task::spawn_blocking(move || open_connection(&url))
-            .await
-            .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
+        let file = file_of(url)?;
+        let opened = file.clone();
+        let (conn, checkpointer) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let conn = open_connection(opened.as_deref())?;
+            prepare_schema(&conn)?;
+            conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(e)?;
+            let checkpointer = match &opened {
+                Some(path) => {
+                    // The checkpointer does this connection's checkpoints; the WAL file is cut
+                    // back after each reset so a burst does not leave it large.
+                    conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(e)?;
+                    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(e)?;
+                    Some(open_connection(Some(path))?)
+                }
+                None => None,
+            };
+            Ok((conn, checkpointer))
+        })
+        .await
+        .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
         let (tx, rx) = mpsc::channel::<Job>();
+        // The checkpointer stops when the writer does (its `stop` sender is dropped).
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        if let Some(cp) = checkpointer {
+            std::thread::Builder::new()
+                .name("session-checkpoint".into())
+                .spawn(move || checkpoint_loop(cp, stop_rx))
+                .map_err(|err| StoreError::Backend(format!("cannot start the session checkpointer: {err}")))?;
+        }
         std::thread::Builder::new()
             .name("session-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || {
+                writer_loop(conn, rx);
+                drop(stop_tx);
+            })
             .map_err(|err| StoreError::Backend(format!("cannot start the session writer: {err}")))?;
         Ok(Self { jobs: tx })
     }
@@ -223,17 +332,17 @@ impl SessionStore for SqliteSessions {
 
     async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
         let (hash, chain, record) = (token.hash(), token.chain(), record.clone());
-        self.call(move |conn| Ops { conn }.insert(&hash, &chain, &record)).await
+        self.call(move |conn| Ops { conn, chain }.insert(&hash, &chain, &record)).await
     }
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
         let (req, policy) = (req.clone(), *policy);
-        self.call(move |conn| rotate_with(&mut Ops { conn }, &req, &policy)).await
+        self.call(move |conn| rotate_with(&mut Ops { conn, chain: req.presented.chain() }, &req, &policy)).await
     }
 
     async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
         let token = token.clone();
-        self.call(move |conn| end_with(&mut Ops { conn }, &token, now)).await
+        self.call(move |conn| end_with(&mut Ops { conn, chain: token.chain() }, &token, now)).await
     }
 
     async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {

@@ -282,3 +282,61 @@ async fn shared_bookkeeping_keeps_other_rows() {
         db.drop_now().await;
     }
 }
+
+/// A session table in the first SQLite layout (keyed by token hash, separate session-id index)
+/// is rewritten on open, keeping its rows: a token issued before the upgrade still rotates.
+#[tokio::test]
+async fn sqlite_session_table_of_the_first_layout_is_migrated() {
+    use tokenserver_core::session::{MetaLimits, RotateRequest, RotationPolicy, SessionToken};
+    use tokenserver_store::session::{now_ms, RotateOutcome};
+
+    let Some(db) = fresh(Backend::Sqlite).await else { return };
+    let token = SessionToken::new_session();
+    let now = now_ms() as i64;
+    {
+        let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
+        let mut c = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true)).await.unwrap();
+        for sql in [
+            "CREATE TABLE tokenserver_sessions (token_hash BLOB PRIMARY KEY NOT NULL, chain BLOB NOT NULL, \
+             meta TEXT NOT NULL, expires_at INTEGER NOT NULL, deadline INTEGER NOT NULL, ttl_ms INTEGER NOT NULL, \
+             rotated_at INTEGER, successor BLOB, sealed BLOB) WITHOUT ROWID",
+            "CREATE INDEX tokenserver_sessions_chain_idx ON tokenserver_sessions (chain)",
+            "CREATE INDEX tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
+        ] {
+            sqlx::query(sql).execute(&mut c).await.unwrap();
+        }
+        sqlx::query("INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(&token.hash().0[..])
+            .bind(&token.chain().0[..])
+            .bind(r#"{"u":1}"#)
+            .bind(now + 60_000)
+            .bind(now + 3_600_000)
+            .bind(60_000i64)
+            .execute(&mut c)
+            .await
+            .unwrap();
+    }
+    let store = tokenserver_store::session::open(&db.url, &PoolSettings::default(), 1).await.unwrap();
+    let policy = RotationPolicy { grace_ms: 0, reuse_detection: true, limits: MetaLimits::default() };
+    let req = RotateRequest { presented: token.clone(), successor: token.successor(), update: None, now: now as u64 };
+    match store.rotate(&req, &policy).await.unwrap() {
+        RotateOutcome::Rotated { record, .. } => assert_eq!(record.meta, r#"{"u":1}"#),
+        other => panic!("expected a rotation, got {other:?}"),
+    }
+    let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE tbl_name = 'tokenserver_sessions' AND type = 'index' AND sql IS NOT NULL ORDER BY name",
+    )
+    .fetch_all(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["tokenserver_sessions_expiry_idx"]);
+    let pk: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, pk FROM pragma_table_info('tokenserver_sessions') WHERE pk > 0 ORDER BY pk")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(pk, [("chain".to_string(), 1), ("token_hash".to_string(), 2)]);
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tokenserver_sessions").fetch_one(&mut c).await.unwrap();
+    assert_eq!(rows, 2, "the rotated record and its successor");
+}

@@ -7,12 +7,13 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{head, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokenserver_core::session::{MetaError, MetaUpdate};
 use tokenserver_store::session::RotateOutcome;
 
+use super::json::FastJson as Json;
 use super::sessions::{meta_status, SessionsState};
 use crate::session::SessionError;
 

@@ -5,17 +5,23 @@ pub mod admin;
 pub mod error;
 pub mod hakr;
 pub mod health;
+pub mod json;
 pub mod sessions;
 pub mod sync;
 pub mod webhook;
 
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::task::{Context, Poll};
+
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use futures_util::future::Either;
+use tower::Service;
 use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::app::AppState;
@@ -25,13 +31,40 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// Largest request body accepted anywhere.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// Refuses requests whose headers exceed [`MAX_HEADER_BYTES`] with 431.
-async fn limit_headers(req: Request, next: Next) -> Response {
-    let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
-    if size > MAX_HEADER_BYTES {
-        return StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
+/// A router behind the header-size check: requests whose headers exceed [`MAX_HEADER_BYTES`]
+/// get 431. It wraps the whole router rather than each route (`Router::layer`), which would box
+/// and clone one more service per request.
+#[derive(Clone)]
+pub struct HeaderLimit<S> {
+    inner: S,
+}
+
+impl<S> HeaderLimit<S> {
+    /// `inner` behind the check.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
     }
-    next.run(req).await
+}
+
+impl<S> Service<Request> for HeaderLimit<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+        if size > MAX_HEADER_BYTES {
+            return Either::Left(ready(Ok(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response())));
+        }
+        Either::Right(self.inner.call(req))
+    }
 }
 
 /// Unknown paths: Mozilla keeps an empty 404 under `/1.0/` and answers the JSON number `0`
@@ -51,20 +84,26 @@ async fn root() -> Response {
         .into_response()
 }
 
-/// The public listener's routes.
+/// The public listener's service.
+pub fn public_service(state: AppState) -> HeaderLimit<Router> {
+    HeaderLimit::new(public_router(state))
+}
+
+/// The internal listener's service.
+pub fn internal_service(state: AppState) -> HeaderLimit<Router> {
+    HeaderLimit::new(internal_router(state))
+}
+
+/// The public listener's routes (without the header check: see [`public_service`]).
 pub fn public_router(state: AppState) -> Router {
     let mut router = Router::new().route("/", get(root)).merge(sync::router()).merge(health::router());
     if state.config.webhook.enabled {
         router = router.merge(webhook::router());
     }
-    router
-        .fallback(not_found)
-        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(limit_headers))
-        .with_state(state)
+    router.fallback(not_found).layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)).with_state(state)
 }
 
-/// The internal listener's routes.
+/// The internal listener's routes (without the header check: see [`internal_service`]).
 pub fn internal_router(state: AppState) -> Router {
     let mut router = admin::router(state.clone()).layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES));
     // Session routes carry their own body limit (`sessions.max_body_bytes`, enforced by the JSON
@@ -72,5 +111,5 @@ pub fn internal_router(state: AppState) -> Router {
     if let Some(sessions) = sessions::router(&state) {
         router = router.merge(sessions);
     }
-    router.layer(axum::middleware::from_fn(limit_headers)).with_state(state)
+    router.with_state(state)
 }
