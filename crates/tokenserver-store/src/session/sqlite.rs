@@ -1,20 +1,15 @@
 //! SQLite session store (the default): durable in WAL mode, every call on one writer thread.
 //!
-//! Session calls are all small writes, so they go to a dedicated thread that owns one
-//! connection and commits them in groups: it takes every call waiting in its queue (up to
-//! [`MAX_BATCH`]), runs each inside its own savepoint, commits once, and only then answers.
-//! Under load one commit carries many rotations; alone, a call commits at once. A restart loses
-//! nothing that was answered (`synchronous = NORMAL` in WAL survives a process crash; a power cut
-//! may lose the last commits).
+//! Session calls are all small writes, so every one goes to a group-commit writer thread
+//! ([`crate::sqlite::group`]): under load one commit carries many rotations; alone, a call
+//! commits at once. A restart loses nothing that was answered (`synchronous = NORMAL` in WAL
+//! survives a process crash; a power cut may lose the last commits).
 //!
 //! Rows are keyed by (session id, token hash), so a session's records sit side by side: a
 //! rotation reads, updates and inserts on one leaf page, and revocation is a key-range delete.
-//! The expiry index grows at its right edge (expiry = now + lifetime). Checkpoints (copying the
-//! WAL back into the database, with an fsync) run on a thread of their own so that the writer
-//! never waits for one.
+//! The expiry index grows at its right edge (expiry = now + lifetime).
 
 use std::str::FromStr;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,19 +17,13 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokenserver_core::session::{
     ChainId, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
-use tokio::sync::oneshot;
 
 use super::{end_with, rotate_with, DumpEntry, Result, RotateOutcome, SessionOps, SessionStore};
+use crate::sqlite::group::GroupWriter;
 use crate::StoreError;
 
-/// Most calls committed together.
-const MAX_BATCH: usize = 512;
 /// Expired records deleted per purge statement (keeps each writer turn short).
 const PURGE_BATCH: i64 = 10_000;
-/// How often the checkpointer looks at the WAL.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
-/// Page cache of the writer, KiB (negative `cache_size`): the hot part of the table stays in it.
-const CACHE_KIB: i64 = 65_536;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS tokenserver_sessions (
@@ -153,16 +142,10 @@ impl SessionOps for Ops<'_> {
     }
 }
 
-/// Hands a finished call its answer once the batch's commit outcome is known.
-type Deliver = Box<dyn FnOnce(Option<StoreError>) + Send>;
-/// A queued call: runs on the writer's connection (`None`: the transaction could not start),
-/// says whether it failed, and how to answer.
-type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Deliver) + Send>;
-
 /// The SQLite session store.
 #[derive(Debug, Clone)]
 pub struct SqliteSessions {
-    jobs: mpsc::Sender<Job>,
+    writer: GroupWriter,
 }
 
 /// The database file a URL names (`None`: in memory).
@@ -205,61 +188,6 @@ fn prepare_schema(conn: &Connection) -> Result<()> {
     conn.execute_batch(SCHEMA).map_err(e)
 }
 
-/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`], on its own connection
-/// (a passive checkpoint never blocks the writer), until the writer stops.
-fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-        if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %err, "session store checkpoint failed");
-        }
-    }
-}
-
-/// Runs one of the writer's transaction-control statements (prepared once).
-fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(sql)?.execute([]).map(|_| ())
-}
-
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        if let Err(err) = control(&conn, "BEGIN IMMEDIATE") {
-            let msg = err.to_string();
-            for job in batch {
-                let (_, deliver) = job(None);
-                deliver(Some(StoreError::Unavailable(msg.clone())));
-            }
-            let _ = conn.execute_batch("ROLLBACK");
-            continue;
-        }
-        let mut answers = Vec::with_capacity(batch.len());
-        for job in batch {
-            let ok = control(&conn, "SAVEPOINT call").is_ok();
-            let (failed, deliver) = job(Some(&conn));
-            if ok {
-                if failed {
-                    let _ = control(&conn, "ROLLBACK TO call");
-                }
-                let _ = control(&conn, "RELEASE call");
-            }
-            answers.push(deliver);
-        }
-        let commit = control(&conn, "COMMIT").err().map(|err| err.to_string());
-        if commit.is_some() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for deliver in answers {
-            deliver(commit.as_ref().map(|m| StoreError::Unavailable(m.clone())));
-        }
-    }
-}
-
 impl SqliteSessions {
     /// Opens (creating if missing) the database at `url` and starts its writer thread (and, for
     /// a file, its checkpointer).
@@ -269,58 +197,16 @@ impl SqliteSessions {
         let (conn, checkpointer) = tokio::task::spawn_blocking(move || -> Result<_> {
             let conn = open_connection(opened.as_deref())?;
             prepare_schema(&conn)?;
-            conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(e)?;
-            let checkpointer = match &opened {
-                Some(path) => {
-                    // The checkpointer does this connection's checkpoints; the WAL file is cut
-                    // back after each reset so a burst does not leave it large.
-                    conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(e)?;
-                    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(e)?;
-                    Some(open_connection(Some(path))?)
-                }
-                None => None,
-            };
+            let checkpointer = opened.as_deref().map(|path| open_connection(Some(path))).transpose()?;
             Ok((conn, checkpointer))
         })
         .await
         .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
-        let (tx, rx) = mpsc::channel::<Job>();
-        // The checkpointer stops when the writer does (its `stop` sender is dropped).
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
-        if let Some(cp) = checkpointer {
-            std::thread::Builder::new()
-                .name("session-checkpoint".into())
-                .spawn(move || checkpoint_loop(cp, stop_rx))
-                .map_err(|err| StoreError::Backend(format!("cannot start the session checkpointer: {err}")))?;
-        }
-        std::thread::Builder::new()
-            .name("session-writer".into())
-            .spawn(move || {
-                writer_loop(conn, rx);
-                drop(stop_tx);
-            })
-            .map_err(|err| StoreError::Backend(format!("cannot start the session writer: {err}")))?;
-        Ok(Self { jobs: tx })
+        Ok(Self { writer: GroupWriter::start("session-writer", conn, checkpointer)? })
     }
 
     async fn call<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let out = match conn {
-                Some(conn) => f(conn),
-                None => Err(StoreError::Unavailable("the transaction could not start".into())),
-            };
-            let failed = out.is_err();
-            let deliver: Deliver = Box::new(move |commit_error| {
-                let _ = tx.send(match commit_error {
-                    Some(err) => Err(err),
-                    None => out,
-                });
-            });
-            (failed, deliver)
-        });
-        self.jobs.send(job).map_err(|_| StoreError::Unavailable("the session writer stopped".into()))?;
-        rx.await.map_err(|_| StoreError::Unavailable("the session writer stopped".into()))?
+        self.writer.call(move |conn| f(conn)).await
     }
 }
 

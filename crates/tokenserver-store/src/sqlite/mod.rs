@@ -9,6 +9,7 @@
 //! an indexed lookup answered from the page cache takes microseconds, while a hop to sqlx's
 //! per-connection worker thread and back costs more than the query on a 2-core machine.
 
+pub(crate) mod group;
 mod sync;
 mod write;
 
@@ -179,8 +180,15 @@ impl SqliteStore {
                 max_idle: pool.max_size.max(1) as usize,
             })
         });
-        let writer = (!in_memory)
-            .then(|| std::sync::Arc::new(write::Writer::new(options_for_reads.get_filename().to_path_buf())));
+        let writer = if in_memory {
+            None
+        } else {
+            let path = options_for_reads.get_filename().to_path_buf();
+            let writer = tokio::task::spawn_blocking(move || write::Writer::open(&path))
+                .await
+                .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
+            Some(std::sync::Arc::new(writer))
+        };
         Ok(Self { read, write, inline, writer })
     }
 

@@ -1,12 +1,12 @@
 //! The SQLite write path for the request flow (allocation, user changes): the whole transaction
-//! runs on a blocking thread through one `rusqlite` connection, reusing the shared logic of
-//! `tx.rs`. Its steps never suspend (rusqlite is synchronous), so the futures complete on the
-//! first poll; one thread hop per write instead of one per statement.
+//! runs on the group-commit writer thread ([`super::group`]) through its `rusqlite` connection,
+//! reusing the shared logic of `tx.rs`. Its steps never suspend (rusqlite is synchronous), so the
+//! futures complete on the first poll; one thread hop per write instead of one per statement,
+//! and concurrent writes share a commit. Each runs in its own savepoint after the ones before it
+//! in the batch, so allocations stay serialized exactly as with one transaction each.
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use tokenserver_core::sync::allocation::NodeState;
 use tokenserver_core::sync::users::UserRow;
 
+use super::group::GroupWriter;
 use super::rusqlite_error;
 use super::sync::sql;
 use crate::sync::Result;
@@ -23,16 +24,15 @@ use crate::StoreError;
 /// How long a write waits for SQLite's lock (another process, e.g. the CLI, writing).
 const WRITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The single writer connection (opened on first use).
+/// The single writer.
 #[derive(Debug)]
 pub(super) struct Writer {
-    path: std::path::PathBuf,
-    conn: Mutex<Option<rusqlite::Connection>>,
+    group: GroupWriter,
 }
 
-/// A connection inside `BEGIN IMMEDIATE`.
-pub(super) struct Tx {
-    conn: rusqlite::Connection,
+/// The writer's connection inside `BEGIN IMMEDIATE` (and the call's savepoint).
+pub(super) struct Tx<'a> {
+    conn: &'a mut rusqlite::Connection,
 }
 
 fn e(err: rusqlite::Error) -> StoreError {
@@ -40,7 +40,7 @@ fn e(err: rusqlite::Error) -> StoreError {
 }
 
 #[async_trait]
-impl SyncTx for Tx {
+impl SyncTx for Tx<'_> {
     async fn service_id(&mut self, service: &str) -> Result<Option<i64>> {
         use rusqlite::OptionalExtension;
         let mut stmt = self.conn.prepare_cached(sql::SERVICE_ID).map_err(e)?;
@@ -114,67 +114,26 @@ pub(super) fn run_now<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
     }
 }
 
-/// Sets the flag when the request's future is dropped (e.g. by the request timeout).
-struct Abandoned(Arc<AtomicBool>);
-
-impl Drop for Abandoned {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 impl Writer {
-    pub(super) fn new(path: std::path::PathBuf) -> Self {
-        Self { path, conn: Mutex::new(None) }
+    /// Opens the writer's connections to `path` and starts its thread.
+    pub(super) fn open(path: &std::path::Path) -> Result<Self> {
+        let open = || -> rusqlite::Result<rusqlite::Connection> {
+            let conn = rusqlite::Connection::open(path)?;
+            conn.busy_timeout(WRITE_BUSY_TIMEOUT)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            Ok(conn)
+        };
+        let conn = open().map_err(e)?;
+        let checkpoints = open().map_err(e)?;
+        Ok(Self { group: GroupWriter::start("sync-writer", conn, Some(checkpoints))? })
     }
 
-    fn open(&self) -> rusqlite::Result<rusqlite::Connection> {
-        let conn = rusqlite::Connection::open(&self.path)?;
-        conn.busy_timeout(WRITE_BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        Ok(conn)
-    }
-
-    /// Runs `step` in a `BEGIN IMMEDIATE` transaction on a blocking thread and commits if it
-    /// succeeded — unless the caller gave up meanwhile (its future was dropped, e.g. by the
-    /// request timeout), in which case it rolls back.
+    /// Runs `step` in the writer's transaction; it is kept if it succeeded and the caller is
+    /// still waiting (a request timeout that dropped the future rolls it back).
     pub(super) async fn run<T: Send + 'static>(
-        self: &Arc<Self>,
+        &self,
         step: impl FnOnce(&mut Tx) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let guard = Abandoned(abandoned.clone());
-        let writer = self.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            let mut slot = match writer.conn.lock() {
-                Ok(s) => s,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            let conn = match slot.take() {
-                Some(c) => c,
-                None => writer.open().map_err(e)?,
-            };
-            if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
-                *slot = Some(conn);
-                return Err(e(err));
-            }
-            let mut tx = Tx { conn };
-            let result = step(&mut tx);
-            let finish = match &result {
-                Ok(_) if !abandoned.load(Ordering::Relaxed) => "COMMIT",
-                _ => "ROLLBACK",
-            };
-            let done = tx.conn.execute_batch(finish);
-            *slot = Some(tx.conn);
-            done.map_err(e)?;
-            if finish == "ROLLBACK" && result.is_ok() {
-                return Err(StoreError::Unavailable("request abandoned before commit".into()));
-            }
-            result
-        })
-        .await
-        .map_err(|err| StoreError::Backend(format!("write task failed: {err}")))?;
-        drop(guard);
-        out
+        self.group.call(move |conn| step(&mut Tx { conn })).await
     }
 }

@@ -1,0 +1,262 @@
+//! Group commit for SQLite writes: one thread owns the write connection and runs the calls
+//! queued for it in batches — each call inside its own savepoint, one `COMMIT` per batch, and
+//! only then the answers. Under load one commit (one WAL append) carries many calls; alone, a
+//! call commits at once. A call that fails, or whose caller gave up meanwhile, is rolled back to
+//! its savepoint without touching the others.
+//!
+//! Checkpoints (copying the WAL back into the database, with an fsync) run on a second
+//! connection on a thread of their own, so the writer does not stop for them; the writer only
+//! finishes one now and then so that the log can start over (see [`WAL_RESTART_FRAMES`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::StoreError;
+
+/// Most calls committed together.
+const MAX_BATCH: usize = 512;
+/// Page cache of the writer, KiB (negative `cache_size`). Larger is not better: SQLite walks the
+/// whole cache's hash table at the end of a write transaction that grew the file (with 64 MiB
+/// the session writer spent 7% of its time there).
+const CACHE_KIB: i64 = 8_192;
+/// How often the checkpointer looks at the WAL.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// WAL frames (pages) past which the writer finishes a checkpoint itself. Under a steady stream
+/// of commits the background checkpoints never catch the last frame, and SQLite only restarts
+/// the log from its beginning once every frame is back in the database: without this the WAL
+/// would grow for as long as the load lasts.
+const WAL_RESTART_FRAMES: i64 = 16_384;
+
+/// Hands a finished call its answer once the batch's commit outcome is known.
+type Deliver = Box<dyn FnOnce(Option<StoreError>) + Send>;
+/// A queued call: runs on the writer's connection (`None`: the transaction could not start),
+/// says whether it must be rolled back, and how to answer.
+type Job = Box<dyn FnOnce(Option<&mut Connection>) -> (bool, Deliver) + Send>;
+
+/// The queue of a group-commit writer thread (cheap to clone).
+#[derive(Debug, Clone)]
+pub(crate) struct GroupWriter {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Sets the flag when the caller's future is dropped (e.g. by a request timeout).
+struct Abandoned(Arc<AtomicBool>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs one of the writer's transaction-control statements (prepared once).
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+fn checkpoint(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+}
+
+/// Checkpoints every [`CHECKPOINT_EVERY`] until the writer stops (a passive checkpoint never
+/// blocks the writer); asks the writer to finish one when the log has grown long.
+fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>, wal_full: Arc<AtomicBool>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        match checkpoint(&conn) {
+            Ok(frames) if frames > WAL_RESTART_FRAMES => wal_full.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "SQLite checkpoint failed"),
+        }
+    }
+}
+
+fn writer_loop(mut conn: Connection, jobs: mpsc::Receiver<Job>, wal_full: &AtomicBool) {
+    while let Ok(first) = jobs.recv() {
+        if wal_full.swap(false, Ordering::Relaxed) {
+            // No write is under way, so this completes (the background checkpoints did most of
+            // the copying) and the next transaction starts the log afresh.
+            if let Err(err) = checkpoint(&conn) {
+                tracing::warn!(error = %err, "SQLite checkpoint failed");
+            }
+        }
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(err) = control(&conn, "BEGIN IMMEDIATE") {
+            let msg = err.to_string();
+            for job in batch {
+                let (_, deliver) = job(None);
+                deliver(Some(StoreError::Unavailable(msg.clone())));
+            }
+            let _ = conn.execute_batch("ROLLBACK");
+            continue;
+        }
+        let mut answers = Vec::with_capacity(batch.len());
+        for job in batch {
+            let ok = control(&conn, "SAVEPOINT call").is_ok();
+            let (undo, deliver) = job(Some(&mut conn));
+            if ok {
+                if undo {
+                    let _ = control(&conn, "ROLLBACK TO call");
+                }
+                let _ = control(&conn, "RELEASE call");
+            }
+            answers.push(deliver);
+        }
+        let commit = control(&conn, "COMMIT").err().map(|err| err.to_string());
+        if commit.is_some() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for deliver in answers {
+            deliver(commit.as_ref().map(|m| StoreError::Unavailable(m.clone())));
+        }
+    }
+}
+
+impl GroupWriter {
+    /// Starts the writer thread `name` on `conn`; for a database file (`checkpoints`: a second
+    /// connection to it) also the checkpointer, and turns off `conn`'s own automatic checkpoints.
+    pub(crate) fn start(name: &str, conn: Connection, checkpoints: Option<Connection>) -> Result<Self, StoreError> {
+        let spawn_err = |err: std::io::Error| StoreError::Backend(format!("cannot start the {name} thread: {err}"));
+        conn.pragma_update(None, "cache_size", -CACHE_KIB).map_err(super::rusqlite_error)?;
+        // Savepoint journals stay in memory.
+        conn.pragma_update(None, "temp_store", "MEMORY").map_err(super::rusqlite_error)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        // The checkpointer stops when the writer does (its `stop` sender is dropped).
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let wal_full = Arc::new(AtomicBool::new(false));
+        if let Some(cp) = checkpoints {
+            conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(super::rusqlite_error)?;
+            // The WAL file is cut back after each restart so that a burst does not leave it large.
+            conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024).map_err(super::rusqlite_error)?;
+            let wal_full = wal_full.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-checkpoint"))
+                .spawn(move || checkpoint_loop(cp, stop_rx, wal_full))
+                .map_err(spawn_err)?;
+        }
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                writer_loop(conn, rx, &wal_full);
+                drop(stop_tx);
+            })
+            .map_err(spawn_err)?;
+        Ok(Self { jobs: tx })
+    }
+
+    /// Runs `f` on the writer inside the next batch's transaction. Its changes are kept if it
+    /// succeeds and its caller is still waiting at that point; the answer comes after `COMMIT`.
+    pub(crate) async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let guard = Abandoned(abandoned.clone());
+        let job: Job = Box::new(move |conn| {
+            let out = match conn {
+                _ if abandoned.load(Ordering::Relaxed) => {
+                    Err(StoreError::Unavailable("request abandoned before commit".into()))
+                }
+                Some(conn) => f(conn),
+                None => Err(StoreError::Unavailable("the transaction could not start".into())),
+            };
+            let undo = out.is_err() || abandoned.load(Ordering::Relaxed);
+            let deliver: Deliver = Box::new(move |commit_error| {
+                let _ = tx.send(match commit_error {
+                    Some(err) => Err(err),
+                    None => out,
+                });
+            });
+            (undo, deliver)
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Unavailable("the SQLite writer stopped".into()))?;
+        let out = rx.await.map_err(|_| StoreError::Unavailable("the SQLite writer stopped".into()))?;
+        drop(guard);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> GroupWriter {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY)").unwrap();
+        GroupWriter::start("test-writer", conn, None).unwrap()
+    }
+
+    async fn keys(w: &GroupWriter) -> Vec<i64> {
+        w.call(|c| {
+            let mut s = c.prepare("SELECT k FROM t ORDER BY k").map_err(crate::sqlite::rusqlite_error)?;
+            let rows = s.query_map([], |r| r.get(0)).map_err(crate::sqlite::rusqlite_error)?;
+            rows.collect::<rusqlite::Result<Vec<i64>>>().map_err(crate::sqlite::rusqlite_error)
+        })
+        .await
+        .unwrap()
+    }
+
+    fn insert(k: i64, then_fail: bool) -> impl FnOnce(&mut Connection) -> Result<(), StoreError> + Send + 'static {
+        move |c| {
+            c.execute("INSERT INTO t (k) VALUES (?1)", [k]).map_err(crate::sqlite::rusqlite_error)?;
+            if then_fail {
+                return Err(StoreError::Conflict);
+            }
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_commit_and_a_failed_call_leaves_nothing() {
+        let w = writer();
+        let calls = (0..64i64).map(|k| {
+            let w = w.clone();
+            tokio::spawn(async move { w.call(insert(k, k % 8 == 0)).await })
+        });
+        let outcomes = futures::future::join_all(calls).await;
+        for (k, out) in outcomes.into_iter().enumerate() {
+            let out = out.unwrap();
+            assert_eq!(out.is_err(), k % 8 == 0, "call {k}: {out:?}");
+        }
+        let want: Vec<i64> = (0..64).filter(|k| k % 8 != 0).collect();
+        assert_eq!(keys(&w).await, want);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_call_is_rolled_back() {
+        let w = writer();
+        // Hold the writer so the next call waits in the queue, then drop that call's future.
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let w = w.clone();
+            tokio::spawn(async move {
+                w.call(move |_| {
+                    let _ = entered_tx.send(());
+                    let _ = release_rx.recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || entered_rx.recv()).await.unwrap().unwrap();
+        let abandoned = w.call(insert(1, false));
+        let mut abandoned = Box::pin(abandoned);
+        // Queue it (first poll sends the job), then give up on it.
+        assert!(futures::poll!(abandoned.as_mut()).is_pending());
+        drop(abandoned);
+        release_tx.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        w.call(insert(2, false)).await.unwrap();
+        assert_eq!(keys(&w).await, vec![2]);
+    }
+}
