@@ -41,26 +41,19 @@ CREATE TABLE IF NOT EXISTS tokenserver_sessions (
 CREATE INDEX IF NOT EXISTS tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at);
 "#;
 
-/// The first layout (keyed by token hash alone, with a separate session-id index) is rewritten
-/// into the current one on open.
-const MIGRATE_FROM_HASH_KEY: &str = r#"
-CREATE TABLE tokenserver_sessions_new (
-    chain BLOB NOT NULL,
-    token_hash BLOB NOT NULL,
-    meta TEXT NOT NULL,
-    expires_at INTEGER NOT NULL,
-    deadline INTEGER NOT NULL,
-    ttl_ms INTEGER NOT NULL,
-    rotated_at INTEGER,
-    successor BLOB,
-    sealed BLOB,
-    PRIMARY KEY (chain, token_hash)
-) WITHOUT ROWID;
-INSERT INTO tokenserver_sessions_new
+/// The first layout (keyed by token hash alone, with a separate session-id index) is moved
+/// aside, recreated with [`SCHEMA`] and copied back on open. Its indexes are dropped first: they
+/// would keep their names on the renamed table and stop `SCHEMA` from creating them.
+const MOVE_FIRST_LAYOUT_ASIDE: &str = r#"
+DROP INDEX tokenserver_sessions_chain_idx;
+DROP INDEX IF EXISTS tokenserver_sessions_expiry_idx;
+ALTER TABLE tokenserver_sessions RENAME TO tokenserver_sessions_first;
+"#;
+const COPY_FIRST_LAYOUT_BACK: &str = r#"
+INSERT INTO tokenserver_sessions
     SELECT chain, token_hash, meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed
-    FROM tokenserver_sessions;
-DROP TABLE tokenserver_sessions;
-ALTER TABLE tokenserver_sessions_new RENAME TO tokenserver_sessions;
+    FROM tokenserver_sessions_first;
+DROP TABLE tokenserver_sessions_first;
 "#;
 
 const LOAD: &str = "SELECT meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
@@ -179,7 +172,10 @@ fn prepare_schema(conn: &Connection) -> Result<()> {
         )
         .map_err(e)?;
     if old_layout {
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_FROM_HASH_KEY} {SCHEMA} COMMIT;")).map_err(|err| {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {MOVE_FIRST_LAYOUT_ASIDE} {SCHEMA} {COPY_FIRST_LAYOUT_BACK} COMMIT;"
+        ))
+        .map_err(|err| {
             let _ = conn.execute_batch("ROLLBACK");
             e(err)
         })?;
