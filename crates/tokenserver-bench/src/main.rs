@@ -91,6 +91,13 @@ enum Command {
         /// Redis Cluster nodes for the redis-cluster runs.
         #[arg(long, default_value = "redis+cluster://127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103/")]
         redis_cluster_url: String,
+        /// The session API tokenserver is measured through.
+        #[arg(long, value_enum, default_value = "v1")]
+        api: sessions::Api,
+        /// HaKr's `token_server` binary (e.g. from `cargo install token_server --root DIR`), measured
+        /// through its own API in the same run, before tokenserver.
+        #[arg(long)]
+        hakr: Option<PathBuf>,
     },
     /// Scenario 2 with 1,000 users, then with `--users` users in the database (SQLite).
     Scale {
@@ -475,10 +482,13 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             let _ = std::fs::remove_dir_all(&ctx.work);
             Ok(())
         }
-        Command::Sessions { common, backends, sizes, redis_url, redis_cluster_url } => {
+        Command::Sessions { common, backends, sizes, redis_url, redis_cluster_url, api, hakr } => {
             let ctx = ctx(common)?;
             let mut rows = Vec::new();
             let hello = run_hello(&ctx, &mut rows)?;
+            if let Some(bin) = &hakr {
+                sessions::run_hakr(&ctx, bin, &sizes, &mut rows)?;
+            }
             for b in &backends {
                 let prefix = format!("bench{}:", std::process::id());
                 let url = match b.as_str() {
@@ -498,7 +508,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                     "redis-cluster" => format!("{redis_cluster_url}?prefix={prefix}"),
                     other => return Err(format!("unknown session backend {other:?}")),
                 };
-                sessions::run_backend(&ctx, b, &url, &sizes, &mut rows)?;
+                sessions::run_backend(&ctx, b, &url, api, &sizes, &mut rows)?;
             }
             let md = report(&rows, hello, &ctx, "Session tokens");
             write_out(&ctx, &md)?;

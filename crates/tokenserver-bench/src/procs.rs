@@ -51,6 +51,32 @@ fn ready(addr: SocketAddr) -> bool {
     s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
 }
 
+/// Starts HaKr's `token_server` (it binds 127.0.0.1 on `--port`; ready once it accepts).
+pub fn hakr(bin: &Path, log: &Path) -> Result<Server, String> {
+    let port = free_port()?;
+    let log = std::fs::File::create(log).map_err(|e| e.to_string())?;
+    let child = Command::new(bin)
+        .args(["--port", &port.to_string(), "--token-lifetime", "2h"])
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut server = Server { child, addr, internal: None };
+    let start = Instant::now();
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            return Err(format!("token_server exited with {status} (see its log)"));
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err("token_server did not listen in 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(server)
+}
+
 /// Starts tokenserver with `env` (on top of a clean environment), logs to `log`.
 pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<Server, String> {
     let port = free_port()?;
@@ -61,6 +87,7 @@ pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<S
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(std::env::var("TOKIO_WORKER_THREADS").ok().map(|n| ("TOKIO_WORKER_THREADS", n)))
         .env("TOKENSERVER_PORT", port.to_string())
         .env("TOKENSERVER_INTERNAL__PORT", internal.to_string())
         .stdout(Stdio::null())

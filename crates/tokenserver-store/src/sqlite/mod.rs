@@ -10,6 +10,7 @@
 //! per-connection worker thread and back costs more than the query on a 2-core machine.
 
 pub(crate) mod group;
+mod row_cache;
 mod sync;
 mod write;
 
@@ -139,6 +140,8 @@ pub struct SqliteStore {
     inline: Option<std::sync::Arc<ReadConns>>,
     /// The request path's writer; `None` for an in-memory database (writes use sqlx).
     writer: Option<std::sync::Arc<write::Writer>>,
+    /// Users' rows as last read, for a file database (see [`row_cache`]).
+    rows: Option<std::sync::Arc<row_cache::RowCache>>,
 }
 
 impl SqliteStore {
@@ -189,7 +192,13 @@ impl SqliteStore {
                 .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
             Some(std::sync::Arc::new(writer))
         };
-        Ok(Self { read, write, inline, writer })
+        // Opened after the WAL-mode connections above, which create the `-shm` file.
+        let rows = if in_memory {
+            None
+        } else {
+            row_cache::RowCache::open(options_for_reads.get_filename()).map(std::sync::Arc::new)
+        };
+        Ok(Self { read, write, inline, writer, rows })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {

@@ -174,11 +174,22 @@ impl SqliteStore {
         let Some(inline) = &self.inline else {
             return self.sqlx_user_rows(service, email).await;
         };
-        inline.with(|conn| {
+        let cache = self.rows.as_deref();
+        let header = cache.and_then(|c| c.header());
+        if let (Some(cache), Some(header)) = (cache, &header) {
+            if let Some(rows) = cache.get(header, (service, email)) {
+                return Ok(rows.to_vec());
+            }
+        }
+        let rows: Vec<UserRow> = inline.with(|conn| {
             let mut stmt = conn.prepare_cached(sql::USER_ROWS)?;
             let rows = stmt.query_map((email, service), user_row_rusqlite)?;
             rows.collect()
-        })
+        })?;
+        if let (Some(cache), Some(header)) = (cache, &header) {
+            cache.put(header, (service, email), rows.as_slice().into());
+        }
+        Ok(rows)
     }
 
     async fn generated_secret(&self, generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {

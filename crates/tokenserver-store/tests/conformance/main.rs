@@ -6,6 +6,7 @@
 
 mod schema;
 mod session;
+mod sqlite_rows;
 mod sync;
 
 use std::sync::Arc;
