@@ -51,6 +51,27 @@ fn ready(addr: SocketAddr) -> bool {
     s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.1 200")
 }
 
+/// `TOKIO_WORKER_THREADS` from the harness's environment, handed to every server it starts
+/// (the hello server inherits it), so that a runtime experiment treats all of them alike.
+fn runtime_env() -> Option<(&'static str, String)> {
+    std::env::var("TOKIO_WORKER_THREADS").ok().map(|n| ("TOKIO_WORKER_THREADS", n))
+}
+
+/// Waits until `ready(addr)` holds for `server`, failing if it exits or takes more than 30 s.
+fn wait_ready(mut server: Server, name: &str, ready: impl Fn(SocketAddr) -> bool) -> Result<Server, String> {
+    let start = Instant::now();
+    while !ready(server.addr) {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            return Err(format!("{name} exited with {status} (see its log)"));
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{name} did not become ready in 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(server)
+}
+
 /// Starts HaKr's `token_server` (it binds 127.0.0.1 on `--port`; ready once it accepts).
 pub fn hakr(bin: &Path, log: &Path) -> Result<Server, String> {
     let port = free_port()?;
@@ -58,23 +79,15 @@ pub fn hakr(bin: &Path, log: &Path) -> Result<Server, String> {
     let child = Command::new(bin)
         .args(["--port", &port.to_string(), "--token-lifetime", "2h"])
         .env_clear()
+        .envs(runtime_env())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut server = Server { child, addr, internal: None };
-    let start = Instant::now();
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            return Err(format!("token_server exited with {status} (see its log)"));
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            return Err("token_server did not listen in 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(server)
+    let server = Server { child, addr: ([127, 0, 0, 1], port).into(), internal: None };
+    wait_ready(server, "token_server", |addr| {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })
 }
 
 /// Starts tokenserver with `env` (on top of a clean environment), logs to `log`.
@@ -87,7 +100,7 @@ pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<S
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .envs(std::env::var("TOKIO_WORKER_THREADS").ok().map(|n| ("TOKIO_WORKER_THREADS", n)))
+        .envs(runtime_env())
         .env("TOKENSERVER_PORT", port.to_string())
         .env("TOKENSERVER_INTERNAL__PORT", internal.to_string())
         .stdout(Stdio::null())
@@ -95,18 +108,8 @@ pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<S
         .spawn()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut server = Server { child, addr, internal: Some(([127, 0, 0, 1], internal).into()) };
-    let start = Instant::now();
-    while !ready(addr) {
-        if let Ok(Some(status)) = server.child.try_wait() {
-            return Err(format!("tokenserver exited with {status} (see its log)"));
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            return Err("tokenserver did not become ready in 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(server)
+    let server = Server { child, addr, internal: Some(([127, 0, 0, 1], internal).into()) };
+    wait_ready(server, "tokenserver", ready)
 }
 
 /// Samples a process's resident memory every 50 ms; [`RssSampler::stop`] returns the peak (KiB)
