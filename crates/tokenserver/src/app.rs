@@ -84,6 +84,8 @@ pub async fn master_secrets(config: &Config, store: &dyn SyncStore) -> Result<Ve
 
 /// Builds the application state: store, secrets, bootstrap rows, verifier.
 pub async fn build(config: Config) -> Result<AppState, StartError> {
+    // Installed before the stores open: their threads take metric handles once, at start.
+    let metrics = metrics_handle();
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -123,14 +125,7 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         }
         None => None,
     };
-    Ok(AppState {
-        config: Arc::new(config),
-        store,
-        verifier,
-        sync: Arc::new(sync),
-        sessions,
-        metrics: metrics_handle(),
-    })
+    Ok(AppState { config: Arc::new(config), store, verifier, sync: Arc::new(sync), sessions, metrics })
 }
 
 /// Serves the public and internal routers until `shutdown` resolves.

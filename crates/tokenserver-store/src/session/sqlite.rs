@@ -198,7 +198,7 @@ impl SqliteSessions {
         })
         .await
         .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
-        Ok(Self { writer: GroupWriter::start("session-writer", conn, checkpointer)? })
+        Ok(Self { writer: GroupWriter::start("session-writer", conn, checkpointer, None)? })
     }
 
     async fn call<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {

@@ -106,8 +106,10 @@ impl ReadConns {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(READ_BUSY_TIMEOUT)?;
-        // Pages are read through a memory map rather than a read() per page.
-        conn.pragma_update(None, "mmap_size", 256i64 * 1024 * 1024)?;
+        // No memory map: SQLite unmaps it at the start of every read transaction that follows a
+        // commit, and under a steady stream of writes the munmap (a TLB shootdown on every core)
+        // and the page faults after it cost more than reading the few pages with pread.
+        conn.pragma_update(None, "mmap_size", 0)?;
         Ok(conn)
     }
 
@@ -183,20 +185,21 @@ impl SqliteStore {
                 max_idle: pool.max_size.max(1) as usize,
             })
         });
-        let writer = if in_memory {
-            None
-        } else {
-            let path = options_for_reads.get_filename().to_path_buf();
-            let writer = tokio::task::spawn_blocking(move || write::Writer::open(&path))
-                .await
-                .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
-            Some(std::sync::Arc::new(writer))
-        };
         // Opened after the WAL-mode connections above, which create the `-shm` file.
         let rows = if in_memory {
             None
         } else {
             row_cache::RowCache::open(options_for_reads.get_filename()).map(std::sync::Arc::new)
+        };
+        let writer = if in_memory {
+            None
+        } else {
+            let path = options_for_reads.get_filename().to_path_buf();
+            let rows = rows.clone();
+            let writer = tokio::task::spawn_blocking(move || write::Writer::open(&path, rows))
+                .await
+                .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
+            Some(std::sync::Arc::new(writer))
         };
         Ok(Self { read, write, inline, writer, rows })
     }

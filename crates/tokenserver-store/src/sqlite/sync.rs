@@ -117,15 +117,14 @@ impl SqliteStore {
         let Some(writer) = &self.writer else {
             return self.sqlx_allocate(req).await;
         };
-        let (service, email, client_state) =
-            (req.service.to_string(), req.email.to_string(), req.client_state.to_string());
+        let client_state = req.client_state.to_string();
         let owned = (req.generation, req.keys_changed_at, req.expected_current, req.now_ms, req.release_rate);
         writer
-            .run(move |wtx| {
+            .run((req.service.to_string(), req.email.to_string()), move |wtx, service, email| {
                 let (generation, keys_changed_at, expected_current, now_ms, release_rate) = owned;
                 let req = Allocate {
-                    service: &service,
-                    email: &email,
+                    service,
+                    email,
                     generation,
                     client_state: &client_state,
                     keys_changed_at,
@@ -150,7 +149,7 @@ impl SqliteStore {
         let Some(writer) = &self.writer else {
             return self.sqlx_change(service, email, expected_current, change, now_ms).await;
         };
-        let (service, email) = (service.to_string(), email.to_string());
+        let key = (service.to_string(), email.to_string());
         let owned = match change {
             UserChange::Update { generation, keys_changed_at } => (*generation, *keys_changed_at, None, 0),
             UserChange::NewClientState { generation, keys_changed_at, client_state, node_id } => {
@@ -158,13 +157,13 @@ impl SqliteStore {
             }
         };
         writer
-            .run(move |wtx| {
+            .run(key, move |wtx, service, email| {
                 let (generation, keys_changed_at, client_state, node_id) = owned;
                 let change = match &client_state {
                     None => UserChange::Update { generation, keys_changed_at },
                     Some(cs) => UserChange::NewClientState { generation, keys_changed_at, client_state: cs, node_id },
                 };
-                write::run_now(tx::change(wtx, &service, &email, expected_current, &change, now_ms))
+                write::run_now(tx::change(wtx, service, email, expected_current, &change, now_ms))
             })
             .await
     }

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use async_trait::async_trait;
 use tokenserver_core::sync::allocation::NodeState;
 use tokenserver_core::sync::users::UserRow;
 
-use super::group::GroupWriter;
+use super::group::{BatchObserver, GroupWriter};
+use super::row_cache::{CommitWatch, RowCache};
 use super::rusqlite_error;
 use super::sync::sql;
 use crate::sync::Result;
@@ -28,6 +30,7 @@ const WRITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(super) struct Writer {
     group: GroupWriter,
+    rows: Option<Arc<RowCache>>,
 }
 
 /// The writer's connection inside `BEGIN IMMEDIATE` (and the call's savepoint).
@@ -116,7 +119,8 @@ pub(super) fn run_now<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
 
 impl Writer {
     /// Opens the writer's connections to `path` and starts its thread.
-    pub(super) fn open(path: &std::path::Path) -> Result<Self> {
+    /// `rows`: the user-row cache this writer keeps current (see [`super::row_cache`]).
+    pub(super) fn open(path: &std::path::Path, rows: Option<Arc<RowCache>>) -> Result<Self> {
         let open = || -> rusqlite::Result<rusqlite::Connection> {
             let conn = rusqlite::Connection::open(path)?;
             conn.busy_timeout(WRITE_BUSY_TIMEOUT)?;
@@ -125,15 +129,34 @@ impl Writer {
         };
         let conn = open().map_err(e)?;
         let checkpoints = open().map_err(e)?;
-        Ok(Self { group: GroupWriter::start("sync-writer", conn, Some(checkpoints))? })
+        let watch = rows.clone().map(|rows| Box::new(CommitWatch::new(rows)) as Box<dyn BatchObserver>);
+        Ok(Self { group: GroupWriter::start("sync-writer", conn, Some(checkpoints), watch)?, rows })
     }
 
     /// Runs `step` in the writer's transaction; it is kept if it succeeded and the caller is
     /// still waiting (a request timeout that dropped the future rolls it back).
+    /// `key` (service, email) names the user whose rows `step` may change.
     pub(super) async fn run<T: Send + 'static>(
         &self,
-        step: impl FnOnce(&mut Tx) -> Result<T> + Send + 'static,
+        key: (String, String),
+        step: impl FnOnce(&mut Tx, &str, &str) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.group.call(move |conn| step(&mut Tx { conn })).await
+        let cache = self.rows.clone();
+        self.group
+            .call(move |conn| {
+                let mut tx = Tx { conn };
+                let out = step(&mut tx, &key.0, &key.1);
+                if let Some(cache) = &cache {
+                    // The user's rows as this call leaves them, read on the writer's warm
+                    // connection, so the next request for the user needs no read of its own.
+                    let rows = match &out {
+                        Ok(_) => run_now(tx.user_rows(&key.0, &key.1)).ok().map(Arc::from),
+                        Err(_) => None,
+                    };
+                    cache.touch((&key.0, &key.1), rows);
+                }
+                out
+            })
+            .await
     }
 }

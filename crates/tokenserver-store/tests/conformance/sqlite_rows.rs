@@ -68,3 +68,63 @@ async fn sqlite_user_rows_see_other_connections_writes_at_once() {
     assert_eq!(store.user_rows(SVC, "a@x").await.unwrap()[0].replaced_at, Some(7));
     db.drop_now().await;
 }
+
+/// The request-path writer's own commits keep other users' cached rows, so reads and writes
+/// interleave here from many tasks at once: after its write returns, each task must read its
+/// own change, and at the end every user's rows must be what the database holds.
+#[tokio::test]
+async fn sqlite_user_rows_read_their_own_writes_under_concurrency() {
+    use tokenserver_store::sync::UserChange;
+    let Some((store, db)) = crate::open(Backend::Sqlite).await else { return };
+    store
+        .add_node(&NewNode {
+            service: SVC,
+            node: "https://n1",
+            capacity: 1000,
+            available: 1000,
+            current_load: 0,
+            downed: false,
+            backoff: false,
+        })
+        .await
+        .unwrap();
+    let tasks = (0..32i64).map(|t| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let email = format!("u{t}@x");
+            let alloc = Allocate {
+                service: SVC,
+                email: &email,
+                generation: 1,
+                client_state: "aaaa",
+                keys_changed_at: Some(1),
+                expected_current: None,
+                now_ms: 1000,
+                release_rate: 0.1,
+            };
+            let uid = store.allocate_user(&alloc).await.unwrap().uid;
+            for generation in 2..22i64 {
+                let before = store.user_rows(SVC, &email).await.unwrap();
+                assert_eq!(before[0].generation, generation - 1, "{email} before {generation}");
+                let change = UserChange::Update { generation, keys_changed_at: Some(generation) };
+                store.change_user(SVC, &email, uid, &change, 1000 + generation).await.unwrap();
+                let after = store.user_rows(SVC, &email).await.unwrap();
+                assert_eq!(after[0].generation, generation, "{email} after {generation}");
+            }
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
+    let mut other = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    for t in 0..32i64 {
+        let email = format!("u{t}@x");
+        let stored: i64 = sqlx::query_scalar("SELECT generation FROM users WHERE email = ?")
+            .bind(&email)
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+        assert_eq!((stored, store.user_rows(SVC, &email).await.unwrap()[0].generation), (21, 21), "{email}");
+    }
+    db.drop_now().await;
+}

@@ -34,6 +34,9 @@ async fn node_api_on_the_internal_listener() {
     assert_eq!(s.token(&Jwt::new("u1", Some(1)).sign(), "1-qqo").await.status, 200);
     let text = s.http.get(format!("{}/metrics", s.internal)).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("tokenserver_token_requests_total"), "{text}");
+    // The new user's allocation went through the SQLite group-commit writer.
+    assert!(text.contains(r#"tokenserver_sqlite_batch_calls_count{writer="sync-writer"} "#), "{text}");
+    assert!(text.contains(r#"tokenserver_sqlite_batch_seconds_count{writer="sync-writer"} "#), "{text}");
 }
 
 #[tokio::test]
