@@ -221,14 +221,25 @@ fn hello_gens(conns: usize) -> Vec<ReqGen> {
         .collect()
 }
 
-fn run_hello(ctx: &Ctx, rows: &mut Vec<Row>) -> Result<f64, String> {
+/// Measures the hello server once, filed as `label`.
+fn run_hello(ctx: &Ctx, rows: &mut Vec<Row>, label: &str) -> Result<f64, String> {
     let hello = procs::hello(&ctx.bin_dir.join("bench-hello"))?;
     let gens = hello_gens(ctx.common.connections);
     let (outcome, sample) = measure(&hello, gens, ctx)?;
     let rps = outcome.rps;
-    eprintln!("hello: {:.0} req/s", rps);
-    rows.push(Row { backend: "-".into(), scenario: "hello (axum, fixed JSON)".into(), outcome, sample });
+    eprintln!("{label}: {:.0} req/s", rps);
+    rows.push(Row { backend: "-".into(), scenario: label.into(), outcome, sample });
     Ok(rps)
+}
+
+const HELLO_FIRST: &str = "hello (axum, fixed JSON), start of run";
+
+/// Measures hello again at the end of a run and returns the mean of the two: this machine's
+/// speed drifts during a run (hello has measured 47k–85k req/s on one day), and a ratio against
+/// both ends is steadier than one against the start alone.
+fn hello_mean(ctx: &Ctx, rows: &mut Vec<Row>, first: f64) -> Result<f64, String> {
+    let last = run_hello(ctx, rows, "hello (axum, fixed JSON), end of run")?;
+    Ok((first + last) / 2.0)
 }
 
 struct Pools {
@@ -416,8 +427,9 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
     let _ = writeln!(md, "### {title}\n");
     let _ = writeln!(
         md,
-        "{} connections, {} s warm-up + {} s measured per scenario, load generator on one core of the same machine.\n",
-        ctx.common.connections, ctx.common.warmup, ctx.common.duration
+        "{} connections, {} s warm-up + {} s measured per scenario, load generator on one core of the same machine. \
+         × hello is against the mean of the hello runs at the start and the end of the run ({:.0} req/s).\n",
+        ctx.common.connections, ctx.common.warmup, ctx.common.duration, hello_rps
     );
     let _ = writeln!(
         md,
@@ -473,10 +485,11 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             let backends: Vec<Backend> = backends.iter().map(|b| parse_backend(b)).collect::<Result<_, _>>()?;
             let p = pools(&ctx, users, new_users);
             let mut rows = Vec::new();
-            let hello = run_hello(&ctx, &mut rows)?;
+            let hello = run_hello(&ctx, &mut rows, HELLO_FIRST)?;
             for b in backends {
                 run_backend(&ctx, b, &p, users, &mut rows).await?;
             }
+            let hello = hello_mean(&ctx, &mut rows, hello)?;
             let md = report(&rows, hello, &ctx, "Sync token endpoint");
             write_out(&ctx, &md)?;
             let _ = std::fs::remove_dir_all(&ctx.work);
@@ -485,7 +498,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
         Command::Sessions { common, backends, sizes, redis_url, redis_cluster_url, api, hakr } => {
             let ctx = ctx(common)?;
             let mut rows = Vec::new();
-            let hello = run_hello(&ctx, &mut rows)?;
+            let hello = run_hello(&ctx, &mut rows, HELLO_FIRST)?;
             if let Some(bin) = &hakr {
                 sessions::run_hakr(&ctx, bin, &sizes, &mut rows)?;
             }
@@ -510,6 +523,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 };
                 sessions::run_backend(&ctx, b, &url, api, &sizes, &mut rows)?;
             }
+            let hello = hello_mean(&ctx, &mut rows, hello)?;
             let md = report(&rows, hello, &ctx, "Session tokens");
             write_out(&ctx, &md)?;
             let _ = std::fs::remove_dir_all(&ctx.work);
@@ -521,7 +535,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             let small = 1000usize;
             let p = pools(&ctx, small, 1);
             let mut rows = Vec::new();
-            let hello = run_hello(&ctx, &mut rows)?;
+            let hello = run_hello(&ctx, &mut rows, HELLO_FIRST)?;
             let url = prepare(&ctx, Backend::Sqlite, small as u64).await?;
             let log = ctx.work.join("tokenserver-scale.log");
             let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
@@ -554,6 +568,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 sample,
             });
             drop(server);
+            let hello = hello_mean(&ctx, &mut rows, hello)?;
             let md = report(&rows, hello, &ctx, "Scale of the user table");
             write_out(&ctx, &md)?;
             let _ = std::fs::remove_dir_all(&ctx.work);
