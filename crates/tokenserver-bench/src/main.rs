@@ -181,6 +181,17 @@ fn measure(server: &procs::Server, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outc
     measure_at(server.child.id(), server.addr, gens, ctx)
 }
 
+/// [`measure`], with the hello server measured just before (its req/s goes into the sample):
+/// the machine's speed drifts within a run, so the ratio is taken against the hello run beside
+/// the scenario rather than one a minute away.
+fn measure_beside_hello(server: &procs::Server, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
+    let hello = procs::hello(&ctx.bin_dir.join("bench-hello"))?;
+    let (hello_outcome, _) = measure(&hello, hello_gens(ctx.common.connections), ctx)?;
+    drop(hello);
+    let (outcome, sample) = measure(server, gens, ctx)?;
+    Ok((outcome, Sample { hello_rps: Some(hello_outcome.rps), ..sample }))
+}
+
 /// [`measure`] on a given listener of process `pid`.
 fn measure_at(pid: u32, addr: std::net::SocketAddr, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
     let sampler = procs::RssSampler::start(pid);
@@ -189,7 +200,7 @@ fn measure_at(pid: u32, addr: std::net::SocketAddr, gens: Vec<ReqGen>, ctx: &Ctx
     let (rss_kib, cpu) = sampler.stop();
     let total_requests = outcome.rps * (warmup + duration).as_secs_f64();
     let cpu_us_per_req = cpu.as_secs_f64() * 1e6 / total_requests.max(1.0);
-    Ok((outcome, Sample { rss_kib, cpu_us_per_req }))
+    Ok((outcome, Sample { rss_kib, cpu_us_per_req, hello_rps: None }))
 }
 
 /// What was sampled from the server process during a run.
@@ -197,6 +208,8 @@ fn measure_at(pid: u32, addr: std::net::SocketAddr, gens: Vec<ReqGen>, ctx: &Ctx
 struct Sample {
     rss_kib: u64,
     cpu_us_per_req: f64,
+    /// The hello server's req/s measured just before, when it was ([`measure_beside_hello`]).
+    hello_rps: Option<f64>,
 }
 
 /// Each connection cycles over its own users (`u % connections == c`) with their tokens.
@@ -388,13 +401,16 @@ async fn run_backend(ctx: &Ctx, backend: Backend, p: &Pools, users: usize, rows:
 
     if ctx.wants(2) {
         let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
-        push("2 existing users, cached JWT", measure(&server, cached_users(&p.users, 0..users, conns), ctx)?);
+        push(
+            "2 existing users, cached JWT",
+            measure_beside_hello(&server, cached_users(&p.users, 0..users, conns), ctx)?,
+        );
     }
     if ctx.wants(1) {
         let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, false), &log)?;
         push(
             "1 existing users, RS256 verify per request",
-            measure(&server, cached_users(&p.users, 0..users, conns), ctx)?,
+            measure_beside_hello(&server, cached_users(&p.users, 0..users, conns), ctx)?,
         );
     }
     let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
@@ -409,14 +425,20 @@ async fn run_backend(ctx: &Ctx, backend: Backend, p: &Pools, users: usize, rows:
                 }) as ReqGen
             })
             .collect();
-        push("3 new users (allocation)", measure(&server, gens, ctx)?);
+        push("3 new users (allocation)", measure_beside_hello(&server, gens, ctx)?);
     }
     let half = users / 2;
     if ctx.wants(4) {
-        push("4 client-state change per request", measure(&server, key_change_gens(p, 0..half, conns), ctx)?);
+        push(
+            "4 client-state change per request",
+            measure_beside_hello(&server, key_change_gens(p, 0..half, conns), ctx)?,
+        );
     }
     if ctx.wants(5) {
-        push("5 mixed (Mozilla load-test weights)", measure(&server, mixed_gens(p, half..users, conns), ctx)?);
+        push(
+            "5 mixed (Mozilla load-test weights)",
+            measure_beside_hello(&server, mixed_gens(p, half..users, conns), ctx)?,
+        );
     }
     drop(server);
     Ok(())
@@ -428,23 +450,26 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
     let _ = writeln!(
         md,
         "{} connections, {} s warm-up + {} s measured per scenario, load generator on one core of the same machine. \
-         × hello is against the mean of the hello runs at the start and the end of the run ({:.0} req/s).\n",
+         × hello is against the hello req/s beside it: a hello run just before the scenario where \
+         the harness measures one, else the mean of the hello runs at the start and the end of the run ({:.0} req/s).\n",
         ctx.common.connections, ctx.common.warmup, ctx.common.duration, hello_rps
     );
     let _ = writeln!(
         md,
-        "| Backend | Scenario | req/s | × hello | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | peak RSS MiB |"
+        "| Backend | Scenario | req/s | × hello | hello req/s | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | peak RSS MiB |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let o = &r.outcome;
+        let hello = r.sample.hello_rps.unwrap_or(hello_rps);
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.1} |",
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.1} |",
             r.backend,
             r.scenario,
             o.rps,
-            o.rps / hello_rps,
+            o.rps / hello,
+            hello,
             o.p50_ms,
             o.p99_ms,
             o.max_ms,
@@ -539,7 +564,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             let url = prepare(&ctx, Backend::Sqlite, small as u64).await?;
             let log = ctx.work.join("tokenserver-scale.log");
             let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
-            let (o, sample) = measure(&server, cached_users(&p.users, 0..small, conns), &ctx)?;
+            let (o, sample) = measure_beside_hello(&server, cached_users(&p.users, 0..small, conns), &ctx)?;
             rows.push(Row {
                 backend: "SQLite".into(),
                 scenario: format!("2 cached JWT, {small} users in DB"),
@@ -560,7 +585,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 other_key: false,
             }));
             let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
-            let (o, sample) = measure(&server, cached_users(&spread, 0..small, conns), &ctx)?;
+            let (o, sample) = measure_beside_hello(&server, cached_users(&spread, 0..small, conns), &ctx)?;
             rows.push(Row {
                 backend: "SQLite".into(),
                 scenario: format!("2 cached JWT, {users} users in DB"),
