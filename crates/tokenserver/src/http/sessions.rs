@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -222,7 +222,7 @@ struct DumpQuery {
 async fn dump(
     State(state): State<SessionsState>,
     headers: HeaderMap,
-    Query(q): Query<DumpQuery>,
+    query: Result<Query<DumpQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     // Metadata is personal data: the dump needs the admin key, and exists only when one is set.
     let Some(key) = &state.admin_key else {
@@ -235,7 +235,12 @@ async fn dump(
     if !bearer_matches(&headers, key.expose()) {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required"));
     }
-    let limit = q.limit.unwrap_or(100);
+    // The query is judged only after the key, and in the API's JSON shape (axum's own rejection
+    // is plain text and would answer before the key is checked).
+    let limit = match query {
+        Ok(Query(q)) => q.limit.unwrap_or(100),
+        Err(_) => 0,
+    };
     if limit == 0 || limit > MAX_DUMP {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -331,6 +331,11 @@ async fn dump_needs_the_admin_key_and_lists_no_tokens() {
     let t = hakr_create(&server, json!({"who": "dumped"})).await;
     let r = send(&server, "GET", "/v1/sessions/dump", None, "").await;
     assert_eq!(envelope(&r), (401, "unauthorized".into()));
+    // A malformed query is not judged before the key, and then in JSON.
+    let r = send(&server, "GET", "/v1/sessions/dump?limit=abc", None, "").await;
+    assert_eq!(envelope(&r), (401, "unauthorized".into()));
+    let r = send_auth(&server, "GET", "/v1/sessions/dump?limit=abc", None, "", Some("adm")).await;
+    assert_eq!(envelope(&r), (422, "invalid_limit".into()));
     let r = send_auth(&server, "GET", "/v1/sessions/dump?limit=10", None, "", Some("adm")).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let body = r.json();
