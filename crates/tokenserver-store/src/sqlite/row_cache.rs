@@ -210,6 +210,14 @@ impl CommitWatch {
     }
 }
 
+impl Drop for CommitWatch {
+    /// A writer that stops (or unwinds) between `COMMIT` and its accounting must not leave the
+    /// cache believing a commit is under way: readers would then never empty it.
+    fn drop(&mut self) {
+        self.cache.batch_ended(None, None);
+    }
+}
+
 impl super::group::BatchObserver for CommitWatch {
     fn begun(&mut self) {
         self.before = self.cache.header();
@@ -463,5 +471,23 @@ mod tests {
         assert_eq!(cache.get(&h2, ("s", "a")).unwrap()[0].uid, 10);
         assert!(cache.get(&h2, ("s", "b")).is_none(), "a rolled-back call's rows are not filed");
         assert_eq!(cache.get(&h2, ("s", "c")).unwrap()[0].uid, 31, "the last call wins");
+    }
+
+    #[test]
+    fn a_writer_gone_mid_commit_leaves_the_cache_to_its_readers() {
+        use crate::sqlite::group::BatchObserver;
+        let (_dir, _db, writer, cache) = real_db("gone");
+        let mut watch = CommitWatch::new(cache.clone());
+        seed(&cache, &[("b", 2)]);
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+        watch.begun();
+        writer.execute("UPDATE t SET v = 9", []).unwrap();
+        watch.committing();
+        writer.execute_batch("COMMIT").unwrap();
+        drop(watch);
+        let now = cache.header().unwrap();
+        assert!(cache.get(&now, ("s", "b")).is_none());
+        assert!(!cache.filled.lock().committing);
+        assert_eq!(cache.filled.lock().header, now, "the reader adopted the new header");
     }
 }
