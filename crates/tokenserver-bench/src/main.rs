@@ -72,7 +72,7 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         users: usize,
         /// Size of the new-user token pool (scenario 3 stops early if it runs out).
-        #[arg(long, default_value_t = 40_000)]
+        #[arg(long, default_value_t = 200_000)]
         new_users: usize,
     },
     /// Session tokens: create, rotation chain, rotation with metadata, at each store size.
