@@ -119,14 +119,18 @@ fn writer_loop(
 ) {
     let batch_calls = metrics::histogram!("tokenserver_sqlite_batch_calls", "writer" => name.to_owned());
     let batch_seconds = metrics::histogram!("tokenserver_sqlite_batch_seconds", "writer" => name.to_owned());
+    let restart_seconds =
+        metrics::histogram!("tokenserver_sqlite_restart_checkpoint_seconds", "writer" => name.to_owned());
     let mut last_end = None;
     while let Ok(first) = jobs.recv() {
         if wal_full.swap(false, Ordering::Relaxed) {
             // No write is under way, so this completes (the background checkpoints did most of
             // the copying) and the next transaction starts the log afresh.
+            let started = std::time::Instant::now();
             if let Err(err) = checkpoint(&conn) {
                 tracing::warn!(error = %err, "SQLite checkpoint failed");
             }
+            restart_seconds.record(started.elapsed().as_secs_f64());
         }
         let mut batch = vec![first];
         take_waiting(&jobs, &mut batch);
