@@ -37,7 +37,7 @@ const BUSY_GAP: Duration = Duration::from_millis(1);
 /// Under load, how long the writer waits for more calls before it begins a batch. Committing
 /// one call at a time made a commit (several WAL pages) per call: with this wait, new-user
 /// allocations at 64 connections went from batches of ~1 call to several, and their p99 from
-/// ~24 ms to ~11 ms (benchmarked). An idle writer never waits.
+/// 15–24 ms to 8–15 ms (benchmarked; see the README). An idle writer never waits.
 const GATHER: Duration = Duration::from_millis(1);
 /// A batch with at least this many calls already waiting starts without the wait: it is large
 /// enough, and the wait would only idle the writer (session rotations at 64 connections queue
