@@ -45,7 +45,7 @@ impl Rotated {
         Some(Self {
             at: u64::try_from(at?).ok()?,
             successor: TokenHash::from_slice(successor?)?,
-            sealed: SealedSuccessor(sealed?.try_into().ok()?),
+            sealed: SealedSuccessor::from_slice(sealed?)?,
         })
     }
 }
@@ -308,7 +308,7 @@ mod tests {
         let s = t.successor();
         let sealed = t.seal(&s);
         let want = Rotated { at: 5, successor: s.hash(), sealed };
-        let (h, x) = (&s.hash().0[..], &sealed.0[..]);
+        let (h, x) = (&s.hash().0[..], sealed.as_bytes());
         assert_eq!(Rotated::from_columns(Some(5), Some(h), Some(x)), Some(want));
         assert_eq!(Rotated::from_columns(None, None, None), None);
         assert_eq!(Rotated::from_columns(Some(5), Some(h), None), None);

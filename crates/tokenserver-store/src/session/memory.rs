@@ -1,10 +1,11 @@
 //! In-memory session store: sharded maps, no global lock, an expiry wheel instead of scans.
 //!
 //! A session's tokens share their chain id, and the shard is picked from it, so a rotation
-//! (read, mark rotated, insert successor) takes one shard's lock. Keys are the first 16 bytes of
-//! the token's SHA-256 (already uniform: the map hashes them with an identity hasher); an entry
-//! is 48 bytes plus its metadata text. Each shard also files its keys by expiry (64-second slots), so a
-//! purge visits only the keys that are due. Growth is per shard, so a resize moves 1/N of the
+//! (read, mark rotated, insert successor) takes one shard's lock. Keys are the last 16 bytes of
+//! the token's hash: SHA-256 output, uniform already, so the map hashes them with an identity
+//! hasher (a current token's hash starts with its issue time, which is not uniform). An entry is
+//! 48 bytes plus its metadata text. Each shard also files its keys by expiry (64-second slots), so
+//! a purge visits only the keys that are due. Growth is per shard, so a resize moves 1/N of the
 //! store, never all of it at once.
 
 use std::collections::{BTreeMap, HashMap};
@@ -82,7 +83,7 @@ struct Shard {
 
 fn key(hash: &TokenHash) -> Key {
     let mut k = [0u8; 16];
-    k.copy_from_slice(&hash.0[..16]);
+    k.copy_from_slice(&hash.0[16..]);
     k
 }
 

@@ -129,7 +129,7 @@ impl SessionStore for PgSessions {
                 .bind(&hash.0[..])
                 .bind(rotated.at as i64)
                 .bind(&rotated.successor.0[..])
-                .bind(&rotated.sealed.0[..])
+                .bind(rotated.sealed.as_bytes())
                 .execute(&mut *tx)
                 .await?;
                 Self::insert(&mut tx, &req.successor, &successor).await?;

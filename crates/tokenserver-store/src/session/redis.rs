@@ -236,7 +236,7 @@ fn parse(fields: &HashMap<String, Vec<u8>>) -> Option<SessionRecord> {
     let rotated = match (number(fields, "r"), fields.get("s"), fields.get("x")) {
         (Some(at), Some(s), Some(x)) => {
             let successor = TokenHash::from_slice(&hex::decode(s).ok()?)?;
-            Some(Rotated { at, successor, sealed: SealedSuccessor(x.as_slice().try_into().ok()?) })
+            Some(Rotated { at, successor, sealed: SealedSuccessor::from_slice(x)? })
         }
         _ => None,
     };
@@ -286,7 +286,7 @@ impl SessionStore for RedisSessions {
                         .key(self.key(&req.successor, &successor_hash))
                         .arg(rotated.at)
                         .arg(rotated.successor.to_hex())
-                        .arg(&rotated.sealed.0[..])
+                        .arg(rotated.sealed.as_bytes())
                         .arg(&successor.meta)
                         .arg(successor.expires_at)
                         .arg(successor.deadline)

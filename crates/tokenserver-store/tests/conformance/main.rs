@@ -108,6 +108,7 @@ session_conformance! {
         metadata_is_merged_and_bounded,
         retry_inside_the_grace_window_gets_the_same_successor,
         reuse_after_the_grace_window_revokes_the_chain,
+        first_format_tokens_keep_working,
         ending_a_session_revokes_it,
         dump_lists_live_sessions_without_tokens,
         purge_removes_expired_records,

@@ -283,26 +283,20 @@ async fn shared_bookkeeping_keeps_other_rows() {
     }
 }
 
-/// A session table in the first SQLite layout (keyed by token hash, separate session-id index)
-/// is rewritten on open, keeping its rows: a token issued before the upgrade still rotates.
-#[tokio::test]
-async fn sqlite_session_table_of_the_first_layout_is_migrated() {
-    use tokenserver_core::session::{MetaLimits, RotateRequest, RotationPolicy, SessionToken};
+/// A session table of an earlier SQLite layout is rewritten on open, keeping its rows: a token
+/// issued before the upgrade (first format, keyed by its whole SHA-256) still rotates, and the
+/// table ends keyed by token hash alone with only the expiry index.
+async fn earlier_session_layout_is_migrated(create: &[&str]) {
+    use tokenserver_core::session::{MetaLimits, RotateRequest, RotationPolicy};
     use tokenserver_store::session::{now_ms, RotateOutcome};
 
     let Some(db) = fresh(Backend::Sqlite).await else { return };
-    let token = SessionToken::new_session();
+    let token = crate::session::first_format_token();
     let now = now_ms() as i64;
     {
         let options: sqlx::sqlite::SqliteConnectOptions = db.url.parse().unwrap();
         let mut c = sqlx::SqliteConnection::connect_with(&options.create_if_missing(true)).await.unwrap();
-        for sql in [
-            "CREATE TABLE tokenserver_sessions (token_hash BLOB PRIMARY KEY NOT NULL, chain BLOB NOT NULL, \
-             meta TEXT NOT NULL, expires_at INTEGER NOT NULL, deadline INTEGER NOT NULL, ttl_ms INTEGER NOT NULL, \
-             rotated_at INTEGER, successor BLOB, sealed BLOB) WITHOUT ROWID",
-            "CREATE INDEX tokenserver_sessions_chain_idx ON tokenserver_sessions (chain)",
-            "CREATE INDEX tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
-        ] {
+        for sql in create {
             sqlx::query(sql).execute(&mut c).await.unwrap();
         }
         sqlx::query("INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) VALUES (?, ?, ?, ?, ?, ?)")
@@ -331,12 +325,47 @@ async fn sqlite_session_table_of_the_first_layout_is_migrated() {
     .await
     .unwrap();
     assert_eq!(indexes, ["tokenserver_sessions_expiry_idx"]);
-    let pk: Vec<(String, i64)> =
-        sqlx::query_as("SELECT name, pk FROM pragma_table_info('tokenserver_sessions') WHERE pk > 0 ORDER BY pk")
+    let columns: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, pk FROM pragma_table_info('tokenserver_sessions') ORDER BY cid")
             .fetch_all(&mut c)
             .await
             .unwrap();
-    assert_eq!(pk, [("chain".to_string(), 1), ("token_hash".to_string(), 2)]);
+    let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["token_hash", "meta", "expires_at", "deadline", "ttl_ms", "rotated_at", "successor", "sealed"]);
+    let pk: Vec<&str> = columns.iter().filter(|(_, pk)| *pk > 0).map(|(n, _)| n.as_str()).collect();
+    assert_eq!(pk, ["token_hash"]);
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tokenserver_sessions").fetch_one(&mut c).await.unwrap();
     assert_eq!(rows, 2, "the rotated record and its successor");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE name LIKE 'tokenserver_sessions_%' AND type = 'table'",
+    )
+    .fetch_one(&mut c)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "the moved-aside table is gone");
+}
+
+/// The first layout: keyed by token hash, with a session-id index.
+#[tokio::test]
+async fn sqlite_session_table_of_the_first_layout_is_migrated() {
+    earlier_session_layout_is_migrated(&[
+        "CREATE TABLE tokenserver_sessions (token_hash BLOB PRIMARY KEY NOT NULL, chain BLOB NOT NULL, \
+         meta TEXT NOT NULL, expires_at INTEGER NOT NULL, deadline INTEGER NOT NULL, ttl_ms INTEGER NOT NULL, \
+         rotated_at INTEGER, successor BLOB, sealed BLOB) WITHOUT ROWID",
+        "CREATE INDEX tokenserver_sessions_chain_idx ON tokenserver_sessions (chain)",
+        "CREATE INDEX tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
+    ])
+    .await;
+}
+
+/// The second layout: keyed by (session id, token hash).
+#[tokio::test]
+async fn sqlite_session_table_of_the_second_layout_is_migrated() {
+    earlier_session_layout_is_migrated(&[
+        "CREATE TABLE tokenserver_sessions (chain BLOB NOT NULL, token_hash BLOB NOT NULL, \
+         meta TEXT NOT NULL, expires_at INTEGER NOT NULL, deadline INTEGER NOT NULL, ttl_ms INTEGER NOT NULL, \
+         rotated_at INTEGER, successor BLOB, sealed BLOB, PRIMARY KEY (chain, token_hash)) WITHOUT ROWID",
+        "CREATE INDEX tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
+    ])
+    .await;
 }

@@ -20,6 +20,15 @@ async fn create(s: &dyn SessionStore, meta: &str, now: u64) -> SessionToken {
     token
 }
 
+/// A token of the first format (32 bytes, 43 characters), as issued before the current one.
+pub fn first_format_token() -> SessionToken {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    assert_eq!(text.len(), 43);
+    SessionToken::parse(&text).unwrap()
+}
+
 fn req(t: &SessionToken, now: u64, update: Option<MetaUpdate>) -> RotateRequest {
     RotateRequest { presented: t.clone(), successor: t.successor(), update, now }
 }
@@ -129,6 +138,26 @@ pub async fn reuse_after_the_grace_window_revokes_the_chain(s: &dyn SessionStore
         RotateOutcome::Refused(Invalid::Unknown)
     );
     rotated(rotate(s, &u2, now + 10_001).await);
+}
+
+/// A session stored before the token format changed: its first-format token rotates into a
+/// current-format successor, retries replay it, and reuse revokes the session.
+pub async fn first_format_tokens_keep_working(s: &dyn SessionStore) {
+    let now = now_ms();
+    let t1 = first_format_token();
+    s.create(&t1, &SessionRecord::new(r#"{"k":1}"#.into(), now, 10 * MIN, 60 * MIN)).await.unwrap();
+    let (t2, record) = rotated(rotate(s, &t1, now).await);
+    assert_eq!(t2.encode().len(), 48);
+    assert_eq!(t2.chain(), t1.chain());
+    assert_eq!(record.meta, r#"{"k":1}"#);
+    assert_eq!(rotate(s, &t1, now + 1_000).await, RotateOutcome::Replayed { token: t2.clone(), record });
+    assert_eq!(rotate(s, &t1, now + 10_000).await, RotateOutcome::Revoked);
+    assert_eq!(rotate(s, &t2, now + 10_001).await, RotateOutcome::Refused(Invalid::Unknown));
+    // Ending works through a first-format token too.
+    let u = first_format_token();
+    s.create(&u, &SessionRecord::new("{}".into(), now, 10 * MIN, 60 * MIN)).await.unwrap();
+    assert!(s.end(&u, now + 1).await.unwrap());
+    assert_eq!(rotate(s, &u, now + 2).await, RotateOutcome::Refused(Invalid::Unknown));
 }
 
 pub async fn ending_a_session_revokes_it(s: &dyn SessionStore) {

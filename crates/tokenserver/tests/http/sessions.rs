@@ -70,7 +70,7 @@ fn ok_token(r: &Response) -> String {
 async fn hakr_create_returns_a_plain_text_token() {
     let server = TestServer::start(&[]).await;
     let token = hakr_create(&server, json!({"name": "My user", "year": 2022, "period": 11})).await;
-    assert_eq!(token.len(), 43);
+    assert_eq!(token.len(), 48);
     assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
     // Content types HaKr accepts; unknown top-level fields are ignored.
     for ct in ["application/json; charset=utf-8", "application/vnd.x+json"] {
@@ -154,7 +154,7 @@ async fn hakr_put_rotates_merges_shallowly_and_always_answers_200() {
         json!({"a": {"y": 2}, "name": "My user", "period": 11, "year": 2023, "z": null})
     );
     // Unknown and malformed tokens: 200 with the error body.
-    for token in ["87b3d203-252a-4202-a352-2ce800049715", "", &"A".repeat(43)] {
+    for token in ["87b3d203-252a-4202-a352-2ce800049715", "", &"A".repeat(43), &"A".repeat(47), &"A".repeat(48)] {
         let r = hakr_put(&server, token, None).await;
         assert_eq!((r.status, ct(&r), r.body.as_str()), (200, "application/json", r#"{"Err":"InvalidToken"}"#));
     }
