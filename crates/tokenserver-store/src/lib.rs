@@ -4,6 +4,7 @@
 //! read-modify-write is one trait method that the backend makes atomic; callers never build one
 //! from several calls. Backends are chosen by URL ([`open`]).
 
+mod alloc_queue;
 pub mod error;
 mod migrate;
 pub mod mysql;

@@ -134,6 +134,20 @@ macro_rules! sync_store {
             }
         }
 
+        #[async_trait]
+        impl crate::alloc_queue::BatchAllocator for $store {
+            async fn allocate_batch(&self, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
+                let mut tx = Tx(self.begin_write().await?);
+                let results = tx::allocate_batch(&mut tx, reqs).await?;
+                tx.0.commit().await?;
+                Ok(results)
+            }
+
+            async fn allocate_one(&self, req: &Allocate<'_>) -> Result<UserRow> {
+                self.sqlx_allocate(req).await
+            }
+        }
+
         /// A write transaction.
         struct Tx(sqlx::Transaction<'static, $db>);
 

@@ -51,13 +51,13 @@ async fn service_id(tx: &mut impl SyncTx, service: &str) -> Result<i64> {
 
 /// Picks one of the (locked) `nodes` by the policy, releasing capacity in up to
 /// [`MAX_RELEASE_ROUNDS`] rounds.
-async fn pick_node(tx: &mut impl SyncTx, mut nodes: Vec<NodeState>, rate: f64) -> Result<NodeState> {
+async fn pick_node(tx: &mut impl SyncTx, nodes: &mut [NodeState], rate: f64) -> Result<NodeState> {
     for _ in 0..MAX_RELEASE_ROUNDS {
-        if let Some(node) = choose_node(&nodes) {
+        if let Some(node) = choose_node(nodes) {
             return Ok(node.clone());
         }
         let mut released = false;
-        for node in &mut nodes {
+        for node in nodes.iter_mut() {
             if let Some(available) = released_available(node, rate) {
                 tx.set_available(node.id, available).await?;
                 node.available = available;
@@ -68,14 +68,24 @@ async fn pick_node(tx: &mut impl SyncTx, mut nodes: Vec<NodeState>, rate: f64) -
             break;
         }
     }
-    choose_node(&nodes).cloned().ok_or(StoreError::NoNodeAvailable)
+    choose_node(nodes).cloned().ok_or(StoreError::NoNodeAvailable)
 }
 
 /// `SyncStore::allocate_user`, inside the caller's transaction.
 pub(crate) async fn allocate(tx: &mut impl SyncTx, req: &Allocate<'_>) -> Result<UserRow> {
     let service_id = service_id(tx, req.service).await?;
     // Nodes first, then the user: the one lock order of every write.
-    let nodes = tx.lock_nodes(service_id).await?;
+    let mut nodes = tx.lock_nodes(service_id).await?;
+    allocate_locked(tx, req, service_id, &mut nodes).await
+}
+
+/// An allocation once the service's nodes are locked; `nodes` is kept equal to their rows.
+async fn allocate_locked(
+    tx: &mut impl SyncTx,
+    req: &Allocate<'_>,
+    service_id: i64,
+    nodes: &mut [NodeState],
+) -> Result<UserRow> {
     tx.lock_user(service_id, req.email).await?;
     let rows = tx.user_rows(req.service, req.email).await?;
     let still_expected = match (req.expected_current, resolve(&rows)) {
@@ -88,6 +98,11 @@ pub(crate) async fn allocate(tx: &mut impl SyncTx, req: &Allocate<'_>) -> Result
     }
     let node = pick_node(tx, nodes, req.release_rate).await?;
     tx.add_user_to_node(node.id).await?;
+    // As `add_user_to_node` changed the row.
+    if let Some(n) = nodes.iter_mut().find(|n| n.id == node.id) {
+        n.current_load += 1;
+        n.available = (n.available - 1).max(0);
+    }
     let uid = tx
         .insert_user(NewUser {
             service_id,
@@ -109,6 +124,30 @@ pub(crate) async fn allocate(tx: &mut impl SyncTx, req: &Allocate<'_>) -> Result
         created_at: req.now_ms,
         replaced_at: None,
     })
+}
+
+/// Allocations of one batch in the caller's transaction, in order (each sees the rows of the ones
+/// before). A service's nodes are locked and read once for its run of calls (callers sort by
+/// service) and then followed in memory. A conflict writes nothing, so it is that call's answer;
+/// any other error ends the batch, and the caller rolls the transaction back.
+pub(crate) async fn allocate_batch(tx: &mut impl SyncTx, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
+    let mut out = Vec::with_capacity(reqs.len());
+    let mut locked: Option<(&str, i64, Vec<NodeState>)> = None;
+    for req in reqs {
+        if !matches!(&locked, Some((service, ..)) if *service == req.service) {
+            let id = service_id(tx, req.service).await?;
+            let nodes = tx.lock_nodes(id).await?;
+            locked = Some((req.service, id, nodes));
+        }
+        let Some((_, id, nodes)) = locked.as_mut() else {
+            return Err(StoreError::Backend("allocation batch lost its locked nodes".into()));
+        };
+        match allocate_locked(tx, req, *id, nodes).await {
+            Err(StoreError::Conflict) => out.push(Err(StoreError::Conflict)),
+            other => out.push(Ok(other?)),
+        }
+    }
+    Ok(out)
 }
 
 /// `SyncStore::change_user`, inside the caller's transaction.

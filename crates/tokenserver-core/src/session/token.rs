@@ -42,7 +42,8 @@ pub const FIRST_FORMAT_CHARS: usize = 43;
 pub struct SessionToken {
     /// The token; a first-format token uses the first [`FIRST_FORMAT_BYTES`] (the rest are zero).
     bytes: [u8; TOKEN_BYTES],
-    len: usize,
+    /// 36, or 32 for a first-format token.
+    len: u8,
 }
 
 impl std::fmt::Debug for SessionToken {
@@ -95,7 +96,8 @@ impl TokenHash {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SealedSuccessor {
     bytes: [u8; TOKEN_BYTES],
-    len: usize,
+    /// As [`SessionToken`]'s (a byte, not a `usize`: every rotated record holds one).
+    len: u8,
 }
 
 impl std::fmt::Debug for SealedSuccessor {
@@ -107,7 +109,7 @@ impl std::fmt::Debug for SealedSuccessor {
 impl SealedSuccessor {
     /// The stored form.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
+        &self.bytes[..usize::from(self.len)]
     }
 
     /// From a store's bytes: a sealed token of either format.
@@ -118,13 +120,13 @@ impl SealedSuccessor {
 }
 
 /// A token's bytes, when `bytes` has the length of either format.
-fn token_bytes(bytes: &[u8]) -> Option<([u8; TOKEN_BYTES], usize)> {
+fn token_bytes(bytes: &[u8]) -> Option<([u8; TOKEN_BYTES], u8)> {
     if bytes.len() != TOKEN_BYTES && bytes.len() != FIRST_FORMAT_BYTES {
         return None;
     }
     let mut out = [0u8; TOKEN_BYTES];
     out[..bytes.len()].copy_from_slice(bytes);
-    Some((out, bytes.len()))
+    Some((out, bytes.len() as u8))
 }
 
 const SEAL_LABEL: &[u8] = b"tokenserver session successor v1";
@@ -145,7 +147,7 @@ impl SessionToken {
     pub fn new_session() -> Self {
         let mut bytes: [u8; TOKEN_BYTES] = rand::random();
         bytes[CHAIN_BYTES..CHAIN_BYTES + ISSUED_BYTES].copy_from_slice(&issued_now());
-        Self { bytes, len: TOKEN_BYTES }
+        Self { bytes, len: TOKEN_BYTES as u8 }
     }
 
     /// The next token of the same session: same session id, fresh secret part.
@@ -165,7 +167,7 @@ impl SessionToken {
         };
         let mut bytes = [0u8; TOKEN_BYTES];
         let n = URL_SAFE_NO_PAD.decode_slice(text.as_bytes(), &mut bytes).ok()?;
-        (n == len).then_some(Self { bytes, len })
+        (n == len).then_some(Self { bytes, len: len as u8 })
     }
 
     /// The text form handed to clients.
@@ -174,7 +176,7 @@ impl SessionToken {
     }
 
     fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
+        &self.bytes[..usize::from(self.len)]
     }
 
     /// The session this token belongs to.
@@ -187,7 +189,7 @@ impl SessionToken {
     /// What a store keys this token by.
     pub fn hash(&self) -> TokenHash {
         let digest: [u8; 32] = Sha256::digest(self.as_bytes()).into();
-        if self.len == FIRST_FORMAT_BYTES {
+        if usize::from(self.len) == FIRST_FORMAT_BYTES {
             return TokenHash(digest);
         }
         let mut out = [0u8; 32];
@@ -214,7 +216,7 @@ impl SessionToken {
     /// Encrypts `successor` under this token.
     pub fn seal(&self, successor: &SessionToken) -> SealedSuccessor {
         let mut out = successor.bytes;
-        self.apply_pad(&mut out[..successor.len]);
+        self.apply_pad(&mut out[..usize::from(successor.len)]);
         SealedSuccessor { bytes: out, len: successor.len }
     }
 
@@ -222,7 +224,7 @@ impl SessionToken {
     /// constant time); `None` when it does not match.
     pub fn unseal(&self, sealed: &SealedSuccessor, expected: &TokenHash) -> Option<SessionToken> {
         let mut bytes = sealed.bytes;
-        self.apply_pad(&mut bytes[..sealed.len]);
+        self.apply_pad(&mut bytes[..usize::from(sealed.len)]);
         let token = SessionToken { bytes, len: sealed.len };
         bool::from(token.hash().0.ct_eq(&expected.0)).then_some(token)
     }

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use sqlx::mysql::MySqlConnectOptions;
 use sqlx::{Executor, MySqlPool};
 
+use crate::alloc_queue::AllocationQueue;
 use crate::migrate::Migration;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
@@ -106,6 +107,9 @@ fn normalise_url(url: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
+    /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
+    /// that task's own copy of the store.
+    allocations: Option<AllocationQueue>,
 }
 
 impl MySqlStore {
@@ -121,7 +125,8 @@ impl MySqlStore {
                 })
             })
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        let queue = AllocationQueue::start(Self { pool: pool.clone(), allocations: None });
+        Ok(Self { pool, allocations: Some(queue) })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {

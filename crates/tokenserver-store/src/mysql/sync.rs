@@ -94,11 +94,19 @@ impl MySqlStore {
         Ok(self.pool.begin().await?)
     }
 
+    /// Allocations through the store's queue (one transaction per batch).
+    async fn queued_allocate(&self, req: &crate::sync::Allocate<'_>) -> Result<UserRow> {
+        match &self.allocations {
+            Some(queue) => queue.allocate(req).await,
+            None => self.sqlx_allocate(req).await,
+        }
+    }
+
     async fn generated_secret(&self, _generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {
         Err(StoreError::Config(NO_GENERATED_SECRET.into()))
     }
 }
 
 crate::sql_backend::sync_store!(store: MySqlStore, db: MySql, row: MySqlRow, conn: sqlx::MySqlConnection,
-    request_path: (sqlx_user_rows, sqlx_allocate, sqlx_change),
+    request_path: (sqlx_user_rows, queued_allocate, sqlx_change),
 );

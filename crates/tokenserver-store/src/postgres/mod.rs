@@ -12,6 +12,7 @@ use std::str::FromStr;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
+use crate::alloc_queue::AllocationQueue;
 use crate::migrate::Migration;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
@@ -61,6 +62,9 @@ const MIGRATION_LOCK: i64 = 0x746f_6b65_6e73_7276;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
+    /// that task's own copy of the store.
+    allocations: Option<AllocationQueue>,
 }
 
 impl PgStore {
@@ -69,7 +73,8 @@ impl PgStore {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         let pool = crate::network_pool(pool).connect_lazy_with(options);
-        Ok(Self { pool })
+        let queue = AllocationQueue::start(Self { pool: pool.clone(), allocations: None });
+        Ok(Self { pool, allocations: Some(queue) })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {

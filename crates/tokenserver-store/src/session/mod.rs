@@ -1,7 +1,7 @@
 //! Session-token storage: the [`SessionStore`] trait and its backends (memory, SQLite,
 //! PostgreSQL, Redis and Redis Cluster).
 //!
-//! Every backend keeps one record per token, keyed by the token's SHA-256, and makes each call
+//! Every backend keeps one record per token, keyed by the token's [`TokenHash`], and makes each call
 //! atomic: the record is read, [`tokenserver_core::session::decide`] says what to do, and the
 //! backend does it inside the same shard lock / transaction / guarded script. Rotation semantics
 //! (grace window, reuse detection, expiry, metadata limits) are therefore the same everywhere.

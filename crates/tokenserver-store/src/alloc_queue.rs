@@ -1,0 +1,361 @@
+//! Group allocation for the network SQL backends (PostgreSQL, MySQL).
+//!
+//! Every allocation locks its service's `nodes` rows until it commits, so allocations run one at
+//! a time however many connections there are, each paying a durable commit while it holds that
+//! lock. This queue hands them to one task that runs every allocation waiting at that moment in a
+//! single transaction: the node lock is taken once per batch and the batch commits once, and
+//! only then does any caller get its answer.
+//!
+//! A call that conflicts ([`StoreError::Conflict`]) has written nothing and is answered as such.
+//! Any other failure may have left writes behind (a capacity release before `NoNodeAvailable`, a
+//! database error), so the whole batch is rolled back and its calls run again one transaction
+//! each, exactly as without the queue. So is a batch whose caller goes away (the request timed
+//! out, the client left) before it commits: as without the queue, an abandoned allocation leaves
+//! nothing behind.
+
+use std::future::Future;
+use std::task::Poll;
+
+use async_trait::async_trait;
+use tokenserver_core::sync::users::UserRow;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::sync::{Allocate, Result};
+use crate::StoreError;
+
+/// Most allocations in one transaction (keeps the node lock's hold time bounded).
+const MAX_BATCH: usize = 64;
+/// Allocations waiting for the queue's task at most; callers beyond wait to enqueue.
+const QUEUE_DEPTH: usize = 1024;
+
+/// What the queue's task runs allocations with.
+#[async_trait]
+pub(crate) trait BatchAllocator: Send + Sync + 'static {
+    /// All of `reqs` in one transaction, committed when the outer result is `Ok`; an outer `Err`
+    /// means it was rolled back. Calls are run in the order given.
+    async fn allocate_batch(&self, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>>;
+    /// One allocation in its own transaction.
+    async fn allocate_one(&self, req: &Allocate<'_>) -> Result<UserRow>;
+}
+
+/// An [`Allocate`] that owns its strings, to cross into the queue's task.
+#[derive(Debug)]
+struct Owned {
+    service: String,
+    email: String,
+    generation: i64,
+    client_state: String,
+    keys_changed_at: Option<i64>,
+    expected_current: Option<i64>,
+    now_ms: i64,
+    release_rate: f64,
+}
+
+impl Owned {
+    fn new(r: &Allocate<'_>) -> Self {
+        Self {
+            service: r.service.to_owned(),
+            email: r.email.to_owned(),
+            generation: r.generation,
+            client_state: r.client_state.to_owned(),
+            keys_changed_at: r.keys_changed_at,
+            expected_current: r.expected_current,
+            now_ms: r.now_ms,
+            release_rate: r.release_rate,
+        }
+    }
+
+    fn borrow(&self) -> Allocate<'_> {
+        Allocate {
+            service: &self.service,
+            email: &self.email,
+            generation: self.generation,
+            client_state: &self.client_state,
+            keys_changed_at: self.keys_changed_at,
+            expected_current: self.expected_current,
+            now_ms: self.now_ms,
+            release_rate: self.release_rate,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<UserRow>>;
+type Job = (Owned, Reply);
+
+/// Resolves once any of `replies` has lost its caller.
+fn any_gone(replies: &mut [Reply]) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| {
+        if replies.iter_mut().any(|r| r.poll_closed(cx).is_ready()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+}
+
+/// One call in its own transaction, dropped (rolled back) if its caller goes away.
+async fn run_alone(allocator: &impl BatchAllocator, req: &Allocate<'_>, mut reply: Reply) {
+    if reply.is_closed() {
+        return;
+    }
+    tokio::select! {
+        result = allocator.allocate_one(req) => {
+            let _ = reply.send(result);
+        }
+        () = reply.closed() => {}
+    }
+}
+
+/// The sending side; the task ends when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct AllocationQueue {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl AllocationQueue {
+    /// Starts the queue's task on the current Tokio runtime.
+    pub(crate) fn start(allocator: impl BatchAllocator) -> Self {
+        let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(run(allocator, rx));
+        Self { jobs }
+    }
+
+    /// Queues `req` and waits for its committed result.
+    pub(crate) async fn allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || StoreError::Unavailable("the allocation task has stopped".into());
+        self.jobs.send((Owned::new(req), reply)).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+async fn run(allocator: impl BatchAllocator, mut rx: mpsc::Receiver<Job>) {
+    let batch_calls = metrics::histogram!("tokenserver_allocation_batch_calls");
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // A caller that has gone away (its client disconnected) needs no allocation.
+        batch.retain(|(_, reply): &Job| !reply.is_closed());
+        // One lock order for every batch, in every process: services' nodes by name.
+        batch.sort_by(|a: &Job, b: &Job| a.0.service.cmp(&b.0.service));
+        let (owned, mut replies): (Vec<Owned>, Vec<_>) = batch.drain(..).unzip();
+        if owned.is_empty() {
+            continue;
+        }
+        batch_calls.record(owned.len() as f64);
+        let reqs: Vec<Allocate<'_>> = owned.iter().map(Owned::borrow).collect();
+        let outcome = tokio::select! {
+            biased;
+            result = allocator.allocate_batch(&reqs) => Some(result),
+            // Dropping the batch's future rolls its transaction back.
+            () = any_gone(&mut replies) => None,
+        };
+        match outcome {
+            Some(Ok(results)) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            failed => {
+                if let Some(Err(err)) = failed {
+                    tracing::debug!(error = %err, calls = reqs.len(), "allocation batch rolled back; running its calls one by one");
+                }
+                for (req, reply) in reqs.iter().zip(replies) {
+                    run_alone(&allocator, req, reply).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Records what it was asked to do. The first batch waits for `release` so that later calls
+    /// pile up behind it; `fail_batches` makes every batch fail as a whole.
+    #[derive(Default)]
+    struct Recorder {
+        batches: Mutex<Vec<Vec<String>>>,
+        singles: Mutex<Vec<String>>,
+        release: tokio::sync::Notify,
+        fail_batches: bool,
+    }
+
+    fn row(uid: i64) -> UserRow {
+        UserRow {
+            uid,
+            node_id: Some(1),
+            node: Some("https://n".into()),
+            generation: 0,
+            keys_changed_at: None,
+            client_state: String::new(),
+            created_at: 0,
+            replaced_at: None,
+        }
+    }
+
+    /// `conflict@…` conflicts; anything else gets the uid of its position in its batch.
+    fn answer(email: &str, uid: i64) -> Result<UserRow> {
+        if email.starts_with("conflict") {
+            Err(StoreError::Conflict)
+        } else {
+            Ok(row(uid))
+        }
+    }
+
+    #[async_trait]
+    impl BatchAllocator for Arc<Recorder> {
+        async fn allocate_batch(&self, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
+            let first = {
+                let mut batches = self.batches.lock().unwrap();
+                batches.push(reqs.iter().map(|r| r.email.to_owned()).collect());
+                batches.len() == 1
+            };
+            if first {
+                self.release.notified().await;
+            }
+            if self.fail_batches {
+                return Err(StoreError::NoNodeAvailable);
+            }
+            Ok(reqs.iter().enumerate().map(|(i, r)| answer(r.email, i as i64)).collect())
+        }
+
+        async fn allocate_one(&self, req: &Allocate<'_>) -> Result<UserRow> {
+            self.singles.lock().unwrap().push(req.email.to_owned());
+            answer(req.email, 100)
+        }
+    }
+
+    fn req(email: &str) -> Allocate<'_> {
+        Allocate {
+            service: "sync-1.5",
+            email,
+            generation: 1,
+            client_state: "",
+            keys_changed_at: None,
+            expected_current: None,
+            now_ms: 1,
+            release_rate: 0.1,
+        }
+    }
+
+    /// Starts `emails` as concurrent calls while the first batch (`first`) is held open.
+    async fn pile_up(rec: &Arc<Recorder>, first: &str, emails: &[&str]) -> Vec<Result<UserRow>> {
+        let queue = AllocationQueue::start(rec.clone());
+        let held = {
+            let queue = queue.clone();
+            let first = first.to_owned();
+            tokio::spawn(async move { queue.allocate(&req(&first)).await })
+        };
+        while rec.batches.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let calls: Vec<_> = emails
+            .iter()
+            .map(|e| {
+                let (queue, e) = (queue.clone(), e.to_string());
+                tokio::spawn(async move { queue.allocate(&req(&e)).await })
+            })
+            .collect();
+        // Let every call reach the queue before the held batch ends.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rec.release.notify_one();
+        held.await.unwrap().unwrap();
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(c.await.unwrap());
+        }
+        out
+    }
+
+    // Single-threaded runtimes: tasks run in the order they were woken, so calls reach the queue
+    // in the order they were spawned.
+    #[tokio::test]
+    async fn calls_waiting_behind_a_batch_share_the_next_one() {
+        let rec = Arc::new(Recorder::default());
+        let results = pile_up(&rec, "first@x", &["a@x", "conflict@x", "b@x"]).await;
+        let batches = rec.batches.lock().unwrap().clone();
+        assert_eq!(batches, vec![vec!["first@x".to_string()], vec!["a@x".into(), "conflict@x".into(), "b@x".into()]]);
+        // Answers follow each call, whatever its place in the batch.
+        assert_eq!(results[0].as_ref().unwrap().uid, 0);
+        assert!(matches!(results[1], Err(StoreError::Conflict)), "{:?}", results[1]);
+        assert_eq!(results[2].as_ref().unwrap().uid, 2);
+        assert!(rec.singles.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_runs_each_call_alone() {
+        let rec = Arc::new(Recorder { fail_batches: true, ..Default::default() });
+        rec.release.notify_one();
+        let queue = AllocationQueue::start(rec.clone());
+        // On this single-threaded runtime all three are queued before the task runs.
+        let calls: Vec<_> = ["a@x", "conflict@x", "b@x"]
+            .into_iter()
+            .map(|email| {
+                let queue = queue.clone();
+                tokio::spawn(async move { queue.allocate(&req(email)).await })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await.unwrap());
+        }
+        assert_eq!(results[0].as_ref().unwrap().uid, 100);
+        assert!(matches!(results[1], Err(StoreError::Conflict)), "{:?}", results[1]);
+        assert_eq!(results[2].as_ref().unwrap().uid, 100);
+        assert_eq!(*rec.batches.lock().unwrap(), vec![vec!["a@x".to_string(), "conflict@x".into(), "b@x".into()]]);
+        assert_eq!(*rec.singles.lock().unwrap(), ["a@x", "conflict@x", "b@x"]);
+    }
+
+    #[tokio::test]
+    async fn a_caller_leaving_mid_batch_rolls_the_batch_back() {
+        let rec = Arc::new(Recorder::default());
+        let queue = AllocationQueue::start(rec.clone());
+        // On this single-threaded runtime both calls are queued before the task runs.
+        let spawn = |email: &'static str| {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.allocate(&req(email)).await })
+        };
+        let (leaves, stays) = (spawn("leaves@x"), spawn("stays@x"));
+        while rec.batches.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        leaves.abort();
+        assert_eq!(stays.await.unwrap().unwrap().uid, 100, "answered by its own transaction");
+        assert_eq!(*rec.batches.lock().unwrap(), vec![vec!["leaves@x".to_string(), "stays@x".into()]]);
+        assert_eq!(*rec.singles.lock().unwrap(), ["stays@x"]);
+    }
+
+    #[tokio::test]
+    async fn callers_that_went_away_are_skipped() {
+        let rec = Arc::new(Recorder::default());
+        let queue = AllocationQueue::start(rec.clone());
+        let held = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.allocate(&req("first@x")).await })
+        };
+        while rec.batches.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let gone = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.allocate(&req("gone@x")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gone.abort();
+        let _ = gone.await;
+        let stays = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.allocate(&req("stays@x")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        rec.release.notify_one();
+        held.await.unwrap().unwrap();
+        stays.await.unwrap().unwrap();
+        let batches = rec.batches.lock().unwrap().clone();
+        assert_eq!(batches, vec![vec!["first@x".to_string()], vec!["stays@x".into()]]);
+    }
+}
