@@ -185,16 +185,7 @@ mod tests {
     }
 
     fn row(uid: i64) -> UserRow {
-        UserRow {
-            uid,
-            node_id: Some(1),
-            node: Some("https://n".into()),
-            generation: 0,
-            keys_changed_at: None,
-            client_state: String::new(),
-            created_at: 0,
-            replaced_at: None,
-        }
+        crate::test_row(uid)
     }
 
     /// `conflict@…` conflicts; anything else gets the uid of its position in its batch.

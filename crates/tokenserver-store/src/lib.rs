@@ -96,6 +96,21 @@ pub async fn open_sync(url: &str, pool: &PoolSettings) -> Result<Arc<dyn SyncSto
     }
 }
 
+/// A `users` row for unit tests of the code that passes rows around.
+#[cfg(test)]
+pub(crate) fn test_row(uid: i64) -> tokenserver_core::sync::users::UserRow {
+    tokenserver_core::sync::users::UserRow {
+        uid,
+        node_id: Some(1),
+        node: Some("https://n".into()),
+        generation: 0,
+        keys_changed_at: None,
+        client_state: String::new(),
+        created_at: 0,
+        replaced_at: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

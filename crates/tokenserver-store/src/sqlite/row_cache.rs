@@ -246,16 +246,7 @@ mod tests {
     use super::*;
 
     fn row(uid: i64) -> UserRow {
-        UserRow {
-            uid,
-            node_id: Some(1),
-            node: Some("https://n".into()),
-            generation: 0,
-            keys_changed_at: None,
-            client_state: String::new(),
-            created_at: 0,
-            replaced_at: None,
-        }
+        crate::test_row(uid)
     }
 
     /// A directory of its own holding `t.db-shm` (all zero), removed on drop.
