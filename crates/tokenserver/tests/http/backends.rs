@@ -173,9 +173,20 @@ async fn slow_database_call_is_a_504(backend: Backend) {
     assert_error(&r, 504, "elapsed", "body", "", "Elapsed");
     blocker.release().await;
     assert_eq!(s.count_users().await, 0);
-    // The server recovers once the locks are gone.
-    let r = s.token(&Jwt::new("u1", Some(1)).sign(), "1-qqo").await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    // The server recovers once the locks are gone. On a loaded machine (the whole suite in
+    // parallel on two cores) the writer may still be leaving SQLite's busy handler, so a request
+    // or two can still run past the 0.3 s limit: each of those must be the same 504.
+    let mut attempts = 0;
+    let r = loop {
+        let r = s.token(&Jwt::new("u1", Some(1)).sign(), "1-qqo").await;
+        attempts += 1;
+        if r.status != 504 || attempts == 20 {
+            break r;
+        }
+        assert_error(&r, 504, "elapsed", "body", "", "Elapsed");
+    };
+    assert_eq!(r.status, 200, "after {attempts} attempts: {}", r.body);
+    assert_eq!(s.count_users().await, 1);
     s.finish().await;
 }
 
