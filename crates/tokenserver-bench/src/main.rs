@@ -185,11 +185,16 @@ fn measure(server: &procs::Server, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outc
 /// the machine's speed drifts within a run, so the ratio is taken against the hello run beside
 /// the scenario rather than one a minute away.
 fn measure_beside_hello(server: &procs::Server, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
-    let hello = procs::hello(&ctx.bin_dir.join("bench-hello"))?;
-    let (hello_outcome, _) = measure(&hello, hello_gens(ctx.common.connections), ctx)?;
-    drop(hello);
+    let hello = hello_now(ctx)?;
     let (outcome, sample) = measure(server, gens, ctx)?;
-    Ok((outcome, Sample { hello_rps: Some(hello_outcome.rps), ..sample }))
+    Ok((outcome, Sample { hello_rps: Some(hello), ..sample }))
+}
+
+/// The hello server's req/s now (a server started and measured for the purpose).
+fn hello_now(ctx: &Ctx) -> Result<f64, String> {
+    let hello = procs::hello(&ctx.bin_dir.join("bench-hello"))?;
+    let (outcome, _) = measure(&hello, hello_gens(ctx.common.connections), ctx)?;
+    Ok(outcome.rps)
 }
 
 /// [`measure`] on a given listener of process `pid`.
@@ -450,8 +455,9 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
     let _ = writeln!(
         md,
         "{} connections, {} s warm-up + {} s measured per scenario, load generator on one core of the same machine. \
-         × hello is against the hello req/s beside it: a hello run just before the scenario where \
-         the harness measures one, else the mean of the hello runs at the start and the end of the run ({:.0} req/s).\n",
+         × hello is against the hello req/s beside it: a hello run just before the scenario (session \
+         runs: before each server's scenarios at each store size) where the harness measures one, \
+         else the mean of the hello runs at the start and the end of the run ({:.0} req/s).\n",
         ctx.common.connections, ctx.common.warmup, ctx.common.duration, hello_rps
     );
     let _ = writeln!(

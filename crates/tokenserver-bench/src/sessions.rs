@@ -9,7 +9,7 @@ use std::time::Duration;
 use hyper::Method;
 
 use crate::load::{self, Expect, Req, ReqGen};
-use crate::{measure_at, procs, Ctx, Row};
+use crate::{hello_now, measure_at, procs, Ctx, Row};
 
 /// Which session API a run speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -166,12 +166,18 @@ fn run_sizes(
             );
             live = size;
         }
+        // Hello beside each server and size: the machine's speed drifts over a run of several
+        // servers (hello lost a quarter of its rate in one), and the servers are compared by
+        // their ratios to it.
+        let hello = hello_now(ctx)?;
+        eprintln!("hello before {name} @ {}: {hello:.0} req/s", label(size));
         for (scenario, gens) in [
             ("rotation chain", chain_gens(api, conns, false)),
             ("rotation + metadata merge", chain_gens(api, conns, true)),
             ("create", create_gens(api, conns)),
         ] {
             let (o, sample) = measure_at(pid, addr, gens, ctx)?;
+            let sample = crate::Sample { hello_rps: Some(hello), ..sample };
             eprintln!("{name} @ {}: {scenario}: {:.0} req/s", label(size), o.rps);
             if scenario == "create" {
                 live += o.requests;

@@ -6,7 +6,7 @@
 //! single transaction: the node lock is taken once per batch and the batch commits once, and
 //! only then does any caller get its answer.
 //!
-//! A call that conflicts ([`StoreError::Conflict`]) has written nothing and is answered as such.
+//! A call that conflicts ([`crate::StoreError::Conflict`]) has written nothing and is answered as such.
 //! Any other failure may have left writes behind (a capacity release before `NoNodeAvailable`, a
 //! database error), so the whole batch is rolled back and its calls run again one transaction
 //! each, exactly as without the queue. So is a batch whose caller goes away (the request timed
@@ -21,7 +21,6 @@ use tokenserver_core::sync::users::UserRow;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sync::{Allocate, Result};
-use crate::StoreError;
 
 /// Most allocations in one transaction (keeps the node lock's hold time bounded).
 const MAX_BATCH: usize = 64;
@@ -116,17 +115,41 @@ impl AllocationQueue {
     /// Starts the queue's task on the current Tokio runtime.
     pub(crate) fn start(allocator: impl BatchAllocator) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run(allocator, rx));
+        let task = tokio::spawn(run(allocator, rx));
+        tokio::spawn(async move {
+            if let Err(err) = task.await {
+                if err.is_panic() {
+                    tracing::error!("the allocation task panicked: allocations now run one transaction each");
+                }
+            }
+        });
         Self { jobs }
     }
 
-    /// Queues `req` and waits for its committed result.
-    pub(crate) async fn allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
+    /// Queues `req` and waits for its committed result; `None` when the queue's task has stopped
+    /// (it panicked), and the caller should allocate on its own. Even if the task stopped after
+    /// committing this call's batch, allocating again is safe: the allocation re-reads the
+    /// user's rows and finds the one it expected gone (a conflict, which the caller retries).
+    pub(crate) async fn allocate(&self, req: &Allocate<'_>) -> Option<Result<UserRow>> {
         let (reply, answer) = oneshot::channel();
-        let gone = || StoreError::Unavailable("the allocation task has stopped".into());
-        self.jobs.send((Owned::new(req), reply)).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        self.jobs.send((Owned::new(req), reply)).await.ok()?;
+        answer.await.ok()
     }
+}
+
+/// `req` through `queue` when the store has one and its task runs; otherwise (the queue's own
+/// copy of the store, or a task that stopped) in a transaction of its own through `store`.
+pub(crate) async fn allocate_via(
+    queue: Option<&AllocationQueue>,
+    store: &impl BatchAllocator,
+    req: &Allocate<'_>,
+) -> Result<UserRow> {
+    if let Some(queue) = queue {
+        if let Some(answer) = queue.allocate(req).await {
+            return answer;
+        }
+    }
+    store.allocate_one(req).await
 }
 
 async fn run(allocator: impl BatchAllocator, mut rx: mpsc::Receiver<Job>) {
@@ -173,6 +196,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::StoreError;
 
     /// Records what it was asked to do. The first batch waits for `release` so that later calls
     /// pile up behind it; `fail_batches` makes every batch fail as a whole.
@@ -233,13 +257,18 @@ mod tests {
         }
     }
 
+    /// One call through a running queue.
+    async fn alloc(queue: &AllocationQueue, email: &str) -> Result<UserRow> {
+        queue.allocate(&req(email)).await.expect("the queue's task is running")
+    }
+
     /// Starts `emails` as concurrent calls while the first batch (`first`) is held open.
     async fn pile_up(rec: &Arc<Recorder>, first: &str, emails: &[&str]) -> Vec<Result<UserRow>> {
         let queue = AllocationQueue::start(rec.clone());
         let held = {
             let queue = queue.clone();
             let first = first.to_owned();
-            tokio::spawn(async move { queue.allocate(&req(&first)).await })
+            tokio::spawn(async move { alloc(&queue, &first).await })
         };
         while rec.batches.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -248,7 +277,7 @@ mod tests {
             .iter()
             .map(|e| {
                 let (queue, e) = (queue.clone(), e.to_string());
-                tokio::spawn(async move { queue.allocate(&req(&e)).await })
+                tokio::spawn(async move { alloc(&queue, &e).await })
             })
             .collect();
         // Let every call reach the queue before the held batch ends.
@@ -287,7 +316,7 @@ mod tests {
             .into_iter()
             .map(|email| {
                 let queue = queue.clone();
-                tokio::spawn(async move { queue.allocate(&req(email)).await })
+                tokio::spawn(async move { alloc(&queue, email).await })
             })
             .collect();
         let mut results = Vec::new();
@@ -308,7 +337,7 @@ mod tests {
         // On this single-threaded runtime both calls are queued before the task runs.
         let spawn = |email: &'static str| {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.allocate(&req(email)).await })
+            tokio::spawn(async move { alloc(&queue, email).await })
         };
         let (leaves, stays) = (spawn("leaves@x"), spawn("stays@x"));
         while rec.batches.lock().unwrap().is_empty() {
@@ -326,21 +355,21 @@ mod tests {
         let queue = AllocationQueue::start(rec.clone());
         let held = {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.allocate(&req("first@x")).await })
+            tokio::spawn(async move { alloc(&queue, "first@x").await })
         };
         while rec.batches.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let gone = {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.allocate(&req("gone@x")).await })
+            tokio::spawn(async move { alloc(&queue, "gone@x").await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         gone.abort();
         let _ = gone.await;
         let stays = {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.allocate(&req("stays@x")).await })
+            tokio::spawn(async move { alloc(&queue, "stays@x").await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         rec.release.notify_one();
@@ -348,5 +377,38 @@ mod tests {
         stays.await.unwrap().unwrap();
         let batches = rec.batches.lock().unwrap().clone();
         assert_eq!(batches, vec![vec!["first@x".to_string()], vec!["stays@x".into()]]);
+    }
+
+    struct Panics;
+
+    #[async_trait]
+    impl BatchAllocator for Panics {
+        async fn allocate_batch(&self, _: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
+            panic!("allocator bug");
+        }
+
+        async fn allocate_one(&self, _: &Allocate<'_>) -> Result<UserRow> {
+            panic!("allocator bug");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_task_sends_callers_back_to_allocate_alone() {
+        let queue = AllocationQueue::start(Panics);
+        // The call the task panicked on, and every call after it, is told so (not left waiting
+        // and not answered 503), so that the store allocates it itself.
+        assert!(queue.allocate(&req("first@x")).await.is_none());
+        assert!(queue.allocate(&req("later@x")).await.is_none());
+        let store = Arc::new(Recorder::default());
+        assert_eq!(allocate_via(Some(&queue), &store, &req("alone@x")).await.unwrap().uid, 100);
+        assert_eq!(*store.singles.lock().unwrap(), ["alone@x"]);
+    }
+
+    #[tokio::test]
+    async fn without_a_queue_calls_allocate_alone() {
+        let store = Arc::new(Recorder::default());
+        assert_eq!(allocate_via(None, &store, &req("alone@x")).await.unwrap().uid, 100);
+        assert_eq!(*store.singles.lock().unwrap(), ["alone@x"]);
+        assert!(store.batches.lock().unwrap().is_empty());
     }
 }

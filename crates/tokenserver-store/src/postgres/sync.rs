@@ -98,10 +98,7 @@ impl PgStore {
 
     /// Allocations through the store's queue (one transaction per batch).
     async fn queued_allocate(&self, req: &crate::sync::Allocate<'_>) -> Result<UserRow> {
-        match &self.allocations {
-            Some(queue) => queue.allocate(req).await,
-            None => self.sqlx_allocate(req).await,
-        }
+        crate::alloc_queue::allocate_via(self.allocations.as_ref(), self, req).await
     }
 
     async fn generated_secret(&self, _generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {
