@@ -9,6 +9,7 @@ pub mod error;
 mod migrate;
 pub mod mysql;
 pub mod postgres;
+mod read_pool;
 pub mod session;
 mod sql_backend;
 pub mod sqlite;

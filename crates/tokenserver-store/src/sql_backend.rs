@@ -7,13 +7,16 @@
 //!   `Option<&str>`, `None` where writes are already serialized;
 //! * `insert_id(query, executor)` — runs an `INSERT` and returns the new row's id
 //!   (`RETURNING` or `LAST_INSERT_ID()`);
-//! * on the store: `reader()`, `writer()` pools and `begin_write()`, plus
+//! * on the store: `reader()`, `writer()` pools and `begin_write()`, `probe()` (the health
+//!   check: a round trip on the connections the request path reads through), plus
 //!   `run_migrations()` (which
 //!   takes the backend's migration lock and calls the generated `apply_migrations`) and
 //!   `generated_secret()`;
 //! * `sql::EXISTING_TABLES`, `sql::APPLIED_VERSIONS`, `sql::RECORD_VERSION` for the bookkeeping;
 //! * `request_path:` the methods serving the request path's read, allocation and change — the
-//!   generated `sqlx_user_rows`, `sqlx_allocate`, `sqlx_change`, or faster ones of its own.
+//!   generated `leased_user_rows` (given `leased_reads:`, the store's
+//!   [`crate::read_pool::ReadPool`] field), `sqlx_allocate`, `sqlx_change`, or faster ones of its
+//!   own.
 //!
 //! Everything else — what each method does and the transactional logic of `tx.rs` — is
 //! written once.
@@ -21,7 +24,8 @@
 macro_rules! sync_store {
     (
         store: $store:ty, db: $db:ty, row: $row:ty, conn: $conn:ty,
-        request_path: ($user_rows:ident, $allocate:ident, $change:ident) $(,)?
+        request_path: ($user_rows:ident, $allocate:ident, $change:ident)
+        $(, leased_reads: $reads:ident)? $(,)?
     ) => {
         use async_trait::async_trait;
         use sqlx::Row;
@@ -127,11 +131,16 @@ macro_rules! sync_store {
                 Ok(uid)
             }
 
-            /// A user's rows through the sqlx read pool.
-            async fn sqlx_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-                let mut conn = self.reader().acquire().await?;
-                rows_of(&mut conn, service, email).await
+            $(
+            /// A user's rows on a connection of the store's [`crate::read_pool`] (no ping when
+            /// it goes back).
+            async fn leased_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
+                let mut lease = self.$reads.get().await?;
+                let rows = rows_of(&mut lease, service, email).await?;
+                lease.keep();
+                Ok(rows)
             }
+            )?
         }
 
         #[async_trait]
@@ -233,8 +242,7 @@ macro_rules! sync_store {
             }
 
             async fn check(&self) -> Result<()> {
-                sqlx::query("SELECT 1").execute(self.reader()).await?;
-                Ok(())
+                self.probe().await
             }
 
             async fn user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {

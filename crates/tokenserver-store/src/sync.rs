@@ -97,7 +97,7 @@ pub trait SyncStore: Send + Sync + 'static {
     /// Creates or upgrades the schema; a no-op on an up-to-date database.
     async fn migrate(&self) -> Result<MigrationReport>;
 
-    /// Cheap liveness check (`SELECT 1`).
+    /// Cheap liveness check: one round trip to the database.
     async fn check(&self) -> Result<()>;
 
     /// Up to 20 newest rows of a user, newest `created_at` first, then highest `uid`, joined with

@@ -15,6 +15,7 @@ use sqlx::{Executor, MySqlPool};
 
 use crate::alloc_queue::AllocationQueue;
 use crate::migrate::Migration;
+use crate::read_pool::ReadPool;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -107,6 +108,9 @@ fn normalise_url(url: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
+    /// The request path's reads ([`crate::read_pool`]): single autocommit `SELECT`s, for which
+    /// the write pool's READ COMMITTED makes no difference.
+    reads: ReadPool<sqlx::MySqlConnection>,
     /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
     /// that task's own copy of the store.
     allocations: Option<AllocationQueue>,
@@ -117,6 +121,7 @@ impl MySqlStore {
     pub async fn open(url: &str, pool: &PoolSettings) -> Result<Self, StoreError> {
         let options = MySqlConnectOptions::from_str(&normalise_url(url))
             .map_err(|e| StoreError::Config(format!("invalid MySQL URL: {e}")))?;
+        let reads = ReadPool::new(options.clone(), pool)?;
         let pool = crate::network_pool::<sqlx::MySql>(pool)
             .after_connect(|conn, _| {
                 Box::pin(async move {
@@ -125,8 +130,8 @@ impl MySqlStore {
                 })
             })
             .connect_lazy_with(options);
-        let queue = AllocationQueue::start(Self { pool: pool.clone(), allocations: None });
-        Ok(Self { pool, allocations: Some(queue) })
+        let queue = AllocationQueue::start(Self { pool: pool.clone(), reads: reads.clone(), allocations: None });
+        Ok(Self { pool, reads, allocations: Some(queue) })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {

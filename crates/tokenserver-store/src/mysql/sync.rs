@@ -90,6 +90,11 @@ impl MySqlStore {
         &self.pool
     }
 
+    /// A round trip on a read connection: the request path's reads go through those.
+    async fn probe(&self) -> Result<()> {
+        self.reads.probe().await
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, MySql>> {
         Ok(self.pool.begin().await?)
     }
@@ -105,5 +110,5 @@ impl MySqlStore {
 }
 
 crate::sql_backend::sync_store!(store: MySqlStore, db: MySql, row: MySqlRow, conn: sqlx::MySqlConnection,
-    request_path: (sqlx_user_rows, queued_allocate, sqlx_change),
+    request_path: (leased_user_rows, queued_allocate, sqlx_change), leased_reads: reads,
 );

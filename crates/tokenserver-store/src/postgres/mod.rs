@@ -14,6 +14,7 @@ use sqlx::PgPool;
 
 use crate::alloc_queue::AllocationQueue;
 use crate::migrate::Migration;
+use crate::read_pool::ReadPool;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -62,6 +63,8 @@ const MIGRATION_LOCK: i64 = 0x746f_6b65_6e73_7276;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The request path's reads ([`crate::read_pool`]).
+    reads: ReadPool<sqlx::PgConnection>,
     /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
     /// that task's own copy of the store.
     allocations: Option<AllocationQueue>,
@@ -72,9 +75,10 @@ impl PgStore {
     pub async fn open(url: &str, pool: &PoolSettings) -> Result<Self, StoreError> {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
+        let reads = ReadPool::new(options.clone(), pool)?;
         let pool = crate::network_pool(pool).connect_lazy_with(options);
-        let queue = AllocationQueue::start(Self { pool: pool.clone(), allocations: None });
-        Ok(Self { pool, allocations: Some(queue) })
+        let queue = AllocationQueue::start(Self { pool: pool.clone(), reads: reads.clone(), allocations: None });
+        Ok(Self { pool, reads, allocations: Some(queue) })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {

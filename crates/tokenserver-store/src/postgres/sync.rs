@@ -92,6 +92,11 @@ impl PgStore {
         &self.pool
     }
 
+    /// A round trip on a read connection: the request path's reads go through those.
+    async fn probe(&self) -> Result<()> {
+        self.reads.probe().await
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>> {
         Ok(self.pool.begin().await?)
     }
@@ -107,5 +112,5 @@ impl PgStore {
 }
 
 crate::sql_backend::sync_store!(store: PgStore, db: Postgres, row: PgRow, conn: sqlx::PgConnection,
-    request_path: (sqlx_user_rows, queued_allocate, sqlx_change),
+    request_path: (leased_user_rows, queued_allocate, sqlx_change), leased_reads: reads,
 );

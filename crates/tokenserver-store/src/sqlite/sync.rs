@@ -108,6 +108,12 @@ impl SqliteStore {
         &self.write
     }
 
+    /// `SELECT 1` through the sqlx read pool (opening the database file is what can fail).
+    async fn probe(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
     }
@@ -171,7 +177,9 @@ impl SqliteStore {
     /// A user's rows: inline through `rusqlite` when the database is a file.
     async fn read_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
         let Some(inline) = &self.inline else {
-            return self.sqlx_user_rows(service, email).await;
+            // In memory: through the sqlx pool.
+            let mut conn = self.reader().acquire().await?;
+            return rows_of(&mut conn, service, email).await;
         };
         let cache = self.rows.as_deref();
         let header = cache.and_then(|c| c.header());
