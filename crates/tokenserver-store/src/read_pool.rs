@@ -5,9 +5,10 @@
 //! request, which was 16% of the server's CPU on the cached-token scenario. Here a connection
 //! goes back to the pool without a round trip, marked clean if its read finished; one whose read
 //! failed, or was dropped mid-query (a request timeout), is closed when the pool next looks at
-//! it, since its protocol state is unknown. As with the sqlx pool ([`crate::network_pool`]), only a connection idle for
-//! more than [`crate::PING_IF_IDLE_FOR`] is pinged before use, so that one killed by an outage is
-//! found and replaced.
+//! it, since its protocol state is unknown. (A read holds no locks, so it may wait until then; a
+//! write transaction could not.) As with the sqlx pool ([`crate::network_pool`]), only a
+//! connection idle for more than [`crate::PING_IF_IDLE_FOR`] is pinged before use, so that one
+//! killed by an outage is found and replaced.
 
 use std::ops::{Deref, DerefMut};
 
