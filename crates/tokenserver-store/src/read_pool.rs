@@ -18,14 +18,14 @@ use sqlx::Connection;
 use crate::{PoolSettings, StoreError};
 
 /// A pooled connection, and whether its last read finished cleanly.
-pub(crate) struct Pooled<C> {
+struct Pooled<C> {
     conn: C,
     clean: bool,
 }
 
 /// Opens connections with the store's options; closes unclean ones and pings idle ones before
 /// reuse.
-pub(crate) struct Connector<C: Connection> {
+struct Connector<C: Connection> {
     options: C::Options,
 }
 
