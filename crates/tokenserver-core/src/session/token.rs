@@ -186,6 +186,17 @@ impl SessionToken {
         ChainId(c)
     }
 
+    /// When the token was issued (ms since the epoch); `None` for a first-format token, which
+    /// does not say.
+    pub fn issued_at(&self) -> Option<u64> {
+        if usize::from(self.len) != TOKEN_BYTES {
+            return None;
+        }
+        let mut be = [0u8; 8];
+        be[8 - ISSUED_BYTES..].copy_from_slice(&self.bytes[CHAIN_BYTES..CHAIN_BYTES + ISSUED_BYTES]);
+        Some(u64::from_be_bytes(be))
+    }
+
     /// What a store keys this token by.
     pub fn hash(&self) -> TokenHash {
         let digest: [u8; 32] = Sha256::digest(self.as_bytes()).into();
@@ -302,10 +313,12 @@ mod tests {
     fn tokens_carry_their_issue_time() {
         let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
         let t = SessionToken::new_session();
-        let mut be = [0u8; 8];
-        be[8 - ISSUED_BYTES..].copy_from_slice(&t.bytes[CHAIN_BYTES..CHAIN_BYTES + ISSUED_BYTES]);
-        let issued = u64::from_be_bytes(be);
+        let issued = t.issued_at().unwrap();
         assert!(issued >= before && issued < before + 60_000, "{issued} vs {before}");
+        assert_eq!(t.successor().issued_at().map(|s| s >= issued), Some(true));
+        let mut first = [0u8; 32];
+        first[..12].copy_from_slice(&t.bytes[..12]);
+        assert_eq!(from_bytes(&first).issued_at(), None, "the first format carries no issue time");
     }
 
     #[test]

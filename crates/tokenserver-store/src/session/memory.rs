@@ -1,143 +1,259 @@
-//! In-memory session store: sharded maps, no global lock, an expiry wheel instead of scans.
+//! In-memory session store: one entry per session, sharded maps, no global lock, an expiry wheel
+//! instead of scans.
 //!
-//! A session's tokens share their chain id, and the shard is picked from it, so a rotation
-//! (read, mark rotated, insert successor) takes one shard's lock. Keys are the last 16 bytes of
-//! the token's hash: SHA-256 output, uniform already, so the map hashes them with an identity
-//! hasher (a current token's hash starts with its issue time, which is not uniform). An entry is
-//! 48 bytes plus its metadata text. Each shard also files its keys by expiry (64-second slots), so
-//! a purge visits only the keys that are due. Growth is per shard, so a resize moves 1/N of the
-//! store, never all of it at once.
+//! Every token of a session carries the session's id, so the store keys sessions by it and keeps
+//! per session only what the rotation rule needs: the live token's hash and record, and the
+//! tokens rotated within the grace window (hash, successor, sealed successor). An older rotated
+//! token of a known session is recognised by its session id alone and taken for reuse (see
+//! [`ChainOps::load`]). Memory therefore grows with live sessions, not with the rotation rate: a
+//! store that kept one record per rotated token, for reuse detection until that token's own
+//! expiry, would hold every rotation of the last idle lifetime (at 10,000 rotations/s and the
+//! default 2 h, 72 million records).
+//!
+//! The shard is picked from the session id's first bytes and the map hashes its last eight (both
+//! uniform: CSPRNG output). An entry is 80 bytes plus its metadata text. Each shard files its
+//! sessions by expiry (64-second slots) when they are created; a rotation does not refile (it
+//! only moves the expiry later), the purge re-files a due session that is still alive. Growth is
+//! per shard, so a resize moves 1/N of the store, never all of it at once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use subtle::ConstantTimeEq;
 use tokenserver_core::session::{
     ChainId, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord, SessionToken, TokenHash,
 };
 
-use super::{end_with, revoke_by_walking, rotate_with, DumpEntry, Result, RotateOutcome, SessionOps, SessionStore};
+use super::{end_with, rotate_with, DumpEntry, Result, RotateOutcome, SessionOps, SessionStore};
 
-type Key = [u8; 16];
-
-/// Width of an expiry-wheel slot, ms: expired entries are invisible at once and freed by the
+/// Width of an expiry-wheel slot, ms: expired sessions are invisible at once and freed by the
 /// first purge after their slot ends.
 const SLOT_MS: u64 = 64_000;
 
-/// Hashes a key by its first 8 bytes: keys are SHA-256 output, uniform already.
-#[derive(Default)]
-struct PrefixHasher(u64);
+/// Most rotated tokens a session remembers individually; within the grace window a client
+/// rotating faster than this sees its oldest retries treated as reuse.
+const MAX_RECENT: usize = 8;
 
-impl Hasher for PrefixHasher {
+/// A session id as a map key, hashed by its last eight bytes (the shard index comes from the
+/// first two, so within a shard those carry no information).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SessionKey(ChainId);
+
+impl Hash for SessionKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut tail = [0u8; 8];
+        tail.copy_from_slice(&self.0 .0[self.0 .0.len() - 8..]);
+        state.write_u64(u64::from_le_bytes(tail));
+    }
+}
+
+/// Passes [`SessionKey`]'s one `u64` through: it is uniform already.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
     fn finish(&self) -> u64 {
         self.0
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 16]` hashes as its bytes; take the first eight.
-        for (i, b) in bytes.iter().take(8).enumerate() {
-            self.0 |= u64::from(*b) << (8 * i);
+        // Only reached if a key other than `SessionKey` is hashed: fold the bytes in.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
     }
 }
 
-type Map = HashMap<Key, Entry, BuildHasherDefault<PrefixHasher>>;
+type Map = HashMap<SessionKey, Entry, BuildHasherDefault<IdentityHasher>>;
 
-/// What a rotated entry remembers (boxed: only rotated entries pay for it).
+/// What a store compares tokens by: the SHA-256 part of a [`TokenHash`] (the rest is the issue
+/// time, the same for tokens issued in one millisecond).
+type Digest = [u8; 16];
+
+fn digest(hash: &TokenHash) -> Digest {
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&hash.0[16..]);
+    d
+}
+
+/// A token rotated within the grace window.
 #[derive(Debug)]
-struct RotatedBox {
-    at: u64,
-    successor: TokenHash,
-    sealed: SealedSuccessor,
+struct Recent {
+    hash: TokenHash,
+    /// Its own idle expiry.
+    expires_at: u64,
+    rotated: Rotated,
+}
+
+/// A session's recent rotations, oldest first.
+#[derive(Debug, Default)]
+struct RecentRotations {
+    list: Vec<Recent>,
 }
 
 #[derive(Debug)]
 struct Entry {
+    /// The live token.
+    live: Digest,
     meta: Box<str>,
-    rotated: Option<Box<RotatedBox>>,
     expires_at: u64,
     deadline: u64,
     ttl_ms: u64,
+    /// Tokens rotated within the grace window (boxed: most sessions have none, and an entry
+    /// stays 64 bytes).
+    recent: Option<Box<RecentRotations>>,
 }
 
 impl Entry {
-    fn record(&self) -> SessionRecord {
+    fn is(&self, hash: &TokenHash) -> bool {
+        bool::from(self.live.ct_eq(&digest(hash)))
+    }
+
+    fn live_record(&self) -> SessionRecord {
         SessionRecord {
             meta: self.meta.to_string(),
             expires_at: self.expires_at,
             deadline: self.deadline,
             ttl_ms: self.ttl_ms,
-            rotated: self.rotated.as_ref().map(|r| Rotated { at: r.at, successor: r.successor, sealed: r.sealed }),
+            rotated: None,
         }
+    }
+
+    fn recent(&self, hash: &TokenHash) -> Option<&Recent> {
+        self.recent.as_deref()?.list.iter().find(|r| bool::from(r.hash.0.ct_eq(&hash.0)))
     }
 }
 
 #[derive(Debug, Default)]
 struct Shard {
     map: Map,
-    /// Expiry slot → keys expiring in it (stale keys are skipped at purge).
-    wheel: BTreeMap<u64, Vec<Key>>,
-}
-
-fn key(hash: &TokenHash) -> Key {
-    let mut k = [0u8; 16];
-    k.copy_from_slice(&hash.0[16..]);
-    k
+    /// Expiry slot → sessions filed in it (ended ones are skipped at purge, living ones re-filed).
+    wheel: BTreeMap<u64, Vec<ChainId>>,
 }
 
 impl Shard {
-    fn file(&mut self, k: Key, expires_at: u64) {
-        self.wheel.entry(expires_at / SLOT_MS).or_default().push(k);
+    fn file(&mut self, chain: ChainId, expires_at: u64) {
+        self.wheel.entry(expires_at / SLOT_MS).or_default().push(chain);
     }
 }
 
-struct ShardOps<'a> {
+/// One session's storage steps, under its shard's lock.
+struct ChainOps<'a> {
     shard: &'a mut Shard,
-    removed: u64,
+    /// The session of the token presented (every step of a call concerns it alone).
+    chain: SessionKey,
+    /// When the presented token was issued, when its format says.
+    presented_issued: Option<u64>,
+    /// Rotations older than this (ms) are no longer remembered one by one.
+    grace_ms: u64,
     added: u64,
+    removed: u64,
 }
 
-impl SessionOps for ShardOps<'_> {
+impl ChainOps<'_> {
+    fn end_session(&mut self) {
+        if self.shard.map.remove(&self.chain).is_some() {
+            self.removed += 1;
+        }
+    }
+}
+
+impl SessionOps for ChainOps<'_> {
+    /// The live token's record, a recently rotated token's, or, for any other token of a known
+    /// session, a record of a token rotated long ago: its expiry follows from its issue time and
+    /// the session's idle lifetime, and its rotation time (0) lies outside every grace window,
+    /// so [`tokenserver_core::session::decide`] treats it as reuse. Its successor is unknown
+    /// (reuse revokes the whole session here, so the link is not followed).
     fn load(&mut self, hash: &TokenHash) -> Result<Option<SessionRecord>> {
-        Ok(self.shard.map.get(&key(hash)).map(Entry::record))
+        let Some(e) = self.shard.map.get(&self.chain) else { return Ok(None) };
+        if e.is(hash) {
+            return Ok(Some(e.live_record()));
+        }
+        if let Some(r) = e.recent(hash) {
+            return Ok(Some(SessionRecord {
+                meta: String::new(),
+                expires_at: r.expires_at,
+                deadline: e.deadline,
+                ttl_ms: e.ttl_ms,
+                rotated: Some(r.rotated),
+            }));
+        }
+        let expires_at = match self.presented_issued {
+            Some(issued) => issued.saturating_add(e.ttl_ms).min(e.deadline),
+            None => e.deadline,
+        };
+        let unknown = SealedSuccessor::from_slice(&[0u8; 32]);
+        Ok(unknown.map(|sealed| SessionRecord {
+            meta: String::new(),
+            expires_at,
+            deadline: e.deadline,
+            ttl_ms: e.ttl_ms,
+            rotated: Some(Rotated { at: 0, successor: TokenHash([0u8; 32]), sealed }),
+        }))
     }
 
-    fn insert(&mut self, hash: &TokenHash, _chain: &ChainId, r: &SessionRecord) -> Result<()> {
-        let k = key(hash);
+    fn insert(&mut self, hash: &TokenHash, chain: &ChainId, r: &SessionRecord) -> Result<()> {
+        let key = SessionKey(*chain);
+        if let Some(e) = self.shard.map.get_mut(&key) {
+            // A successor: the session's new live token (the wheel keeps the earlier filing).
+            e.live = digest(hash);
+            e.meta = r.meta.as_str().into();
+            e.expires_at = r.expires_at;
+            e.deadline = r.deadline;
+            e.ttl_ms = r.ttl_ms;
+            return Ok(());
+        }
         let entry = Entry {
+            live: digest(hash),
             meta: r.meta.as_str().into(),
-            rotated: None,
             expires_at: r.expires_at,
             deadline: r.deadline,
             ttl_ms: r.ttl_ms,
+            recent: None,
         };
-        if self.shard.map.insert(k, entry).is_none() {
-            self.added += 1;
-        }
-        self.shard.file(k, r.expires_at);
+        self.shard.map.insert(key, entry);
+        self.added += 1;
+        self.shard.file(*chain, r.expires_at.min(r.deadline));
         Ok(())
     }
 
     fn mark_rotated(&mut self, hash: &TokenHash, rotated: &Rotated) -> Result<()> {
-        if let Some(e) = self.shard.map.get_mut(&key(hash)) {
-            e.meta = "".into();
-            e.rotated =
-                Some(Box::new(RotatedBox { at: rotated.at, successor: rotated.successor, sealed: rotated.sealed }));
+        let grace_ms = self.grace_ms;
+        let Some(e) = self.shard.map.get_mut(&self.chain) else { return Ok(()) };
+        if !e.is(hash) {
+            return Ok(());
         }
+        let list = &mut e.recent.get_or_insert_with(Box::default).list;
+        // Past the grace window a rotated token needs no record of its own (see `load`).
+        list.retain(|r| rotated.at.saturating_sub(r.rotated.at) < grace_ms);
+        if list.len() >= MAX_RECENT {
+            list.remove(0);
+        }
+        list.push(Recent { hash: *hash, expires_at: e.expires_at, rotated: *rotated });
         Ok(())
     }
 
     fn remove(&mut self, hash: &TokenHash) -> Result<()> {
-        if self.shard.map.remove(&key(hash)).is_some() {
-            self.removed += 1;
+        let Some(e) = self.shard.map.get_mut(&self.chain) else { return Ok(()) };
+        if e.is(hash) {
+            self.end_session();
+        } else if let Some(recent) = e.recent.as_deref_mut() {
+            recent.list.retain(|r| r.hash != *hash);
         }
         Ok(())
     }
 
-    fn revoke(&mut self, _chain: &ChainId, from: &TokenHash) -> Result<()> {
-        revoke_by_walking(self, from)
+    fn revoke(&mut self, _chain: &ChainId, _from: &TokenHash) -> Result<()> {
+        // The whole session: only its live token and recent rotations are stored.
+        self.end_session();
+        Ok(())
     }
 }
 
@@ -145,7 +261,7 @@ impl SessionOps for ShardOps<'_> {
 pub struct MemorySessions {
     shards: Box<[Mutex<Shard>]>,
     mask: usize,
-    records: AtomicU64,
+    sessions: AtomicU64,
 }
 
 impl std::fmt::Debug for MemorySessions {
@@ -158,28 +274,36 @@ impl MemorySessions {
     /// A store with `shards` shards (rounded up to a power of two, at least 1).
     pub fn new(shards: usize) -> Self {
         let n = shards.max(1).next_power_of_two();
-        Self { shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(), mask: n - 1, records: AtomicU64::new(0) }
+        Self {
+            shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
+            mask: n - 1,
+            sessions: AtomicU64::new(0),
+        }
     }
 
-    fn shard(&self, chain: &ChainId) -> &Mutex<Shard> {
+    fn with_chain<T>(&self, token: &SessionToken, grace_ms: u64, f: impl FnOnce(&mut ChainOps<'_>) -> T) -> T {
+        let chain = token.chain();
         let idx = usize::from(u16::from_le_bytes([chain.0[0], chain.0[1]])) & self.mask;
-        &self.shards[idx]
-    }
-
-    fn with_shard<T>(&self, chain: &ChainId, f: impl FnOnce(&mut ShardOps<'_>) -> T) -> T {
-        let mut guard = self.shard(chain).lock();
-        let mut ops = ShardOps { shard: &mut guard, removed: 0, added: 0 };
+        let mut guard = self.shards[idx].lock();
+        let mut ops = ChainOps {
+            shard: &mut guard,
+            chain: SessionKey(chain),
+            presented_issued: token.issued_at(),
+            grace_ms,
+            added: 0,
+            removed: 0,
+        };
         let out = f(&mut ops);
         let (added, removed) = (ops.added, ops.removed);
         drop(guard);
-        self.records.fetch_add(added, Ordering::Relaxed);
-        self.records.fetch_sub(removed, Ordering::Relaxed);
+        self.sessions.fetch_add(added, Ordering::Relaxed);
+        self.sessions.fetch_sub(removed, Ordering::Relaxed);
         out
     }
 
-    /// Records held (live and rotated).
+    /// Sessions held (live, or expired and not yet purged).
     pub fn len(&self) -> u64 {
-        self.records.load(Ordering::Relaxed)
+        self.sessions.load(Ordering::Relaxed)
     }
 
     /// True when nothing is stored.
@@ -195,15 +319,15 @@ impl SessionStore for MemorySessions {
     }
 
     async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
-        self.with_shard(&token.chain(), |ops| ops.insert(&token.hash(), &token.chain(), record))
+        self.with_chain(token, 0, |ops| ops.insert(&token.hash(), &token.chain(), record))
     }
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
-        self.with_shard(&req.presented.chain(), |ops| rotate_with(ops, req, policy))
+        self.with_chain(&req.presented, policy.grace_ms, |ops| rotate_with(ops, req, policy))
     }
 
     async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
-        self.with_shard(&token.chain(), |ops| end_with(ops, token, now))
+        self.with_chain(token, 0, |ops| end_with(ops, token, now))
     }
 
     async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {
@@ -217,7 +341,7 @@ impl SessionStore for MemorySessions {
                 if out.len() >= limit {
                     break;
                 }
-                if e.rotated.is_none() && now < e.expires_at && now < e.deadline {
+                if now < e.expires_at && now < e.deadline {
                     out.push(DumpEntry { expires_at: e.expires_at, deadline: e.deadline, meta: e.meta.to_string() });
                 }
             }
@@ -231,24 +355,134 @@ impl SessionStore for MemorySessions {
         for shard in self.shards.iter() {
             let mut guard = shard.lock();
             let s = &mut *guard;
-            // Slots strictly before the current one hold only expired keys.
-            while let Some(entry) = s.wheel.first_entry() {
-                if *entry.key() >= due {
+            // Slots strictly before the current one are due.
+            while let Some(slot) = s.wheel.first_entry() {
+                if *slot.key() >= due {
                     break;
                 }
-                for k in entry.remove() {
-                    if s.map.get(&k).is_some_and(|e| now >= e.expires_at || now >= e.deadline) {
-                        s.map.remove(&k);
+                for chain in slot.remove() {
+                    let key = SessionKey(chain);
+                    let Some(end) = s.map.get(&key).map(|e| e.expires_at.min(e.deadline)) else { continue };
+                    if now >= end {
+                        s.map.remove(&key);
                         removed += 1;
+                    } else {
+                        // Rotated since it was filed: file it again by its current expiry (a
+                        // later slot than `due`, so this loop does not meet it again).
+                        s.file(chain, end);
                     }
                 }
             }
         }
-        self.records.fetch_sub(removed, Ordering::Relaxed);
+        self.sessions.fetch_sub(removed, Ordering::Relaxed);
         Ok(removed)
     }
 
     async fn check(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokenserver_core::session::{Invalid, MetaLimits};
+
+    use super::*;
+
+    const MIN: u64 = 60_000;
+
+    fn policy() -> RotationPolicy {
+        RotationPolicy { grace_ms: 2_000, reuse_detection: true, limits: MetaLimits::default() }
+    }
+
+    async fn rotate(s: &MemorySessions, t: &SessionToken, now: u64) -> RotateOutcome {
+        let req = RotateRequest { presented: t.clone(), successor: t.successor(), update: None, now };
+        s.rotate(&req, &policy()).await.unwrap()
+    }
+
+    fn next(outcome: RotateOutcome) -> SessionToken {
+        match outcome {
+            RotateOutcome::Rotated { token, .. } => token,
+            other => panic!("expected a rotation, got {other:?}"),
+        }
+    }
+
+    fn recent_len(s: &MemorySessions, t: &SessionToken) -> usize {
+        let chain = t.chain();
+        s.shards
+            .iter()
+            .find_map(|sh| sh.lock().map.get(&SessionKey(chain)).map(|e| e.recent.as_ref().map_or(0, |r| r.list.len())))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_session_is_one_entry_however_often_it_rotates() {
+        let s = MemorySessions::new(4);
+        let now = SessionToken::new_session().issued_at().unwrap();
+        let mut t = SessionToken::new_session();
+        s.create(&t, &SessionRecord::new("{}".into(), now, 10 * MIN, 60 * MIN)).await.unwrap();
+        for i in 1..=1_000u64 {
+            t = next(rotate(&s, &t, now + i * 3_000).await);
+        }
+        assert_eq!(s.len(), 1);
+        // Rotations 3 s apart: only the last is inside the 2 s grace window.
+        assert_eq!(recent_len(&s, &t), 1);
+    }
+
+    #[tokio::test]
+    async fn rapid_rotations_remember_at_most_max_recent_tokens() {
+        let s = MemorySessions::new(1);
+        let now = SessionToken::new_session().issued_at().unwrap();
+        let first = SessionToken::new_session();
+        s.create(&first, &SessionRecord::new("{}".into(), now, 10 * MIN, 60 * MIN)).await.unwrap();
+        let mut chain = vec![first];
+        for i in 0..20u64 {
+            let t = next(rotate(&s, chain.last().unwrap(), now + i).await);
+            chain.push(t);
+        }
+        assert_eq!(recent_len(&s, chain.last().unwrap()), MAX_RECENT);
+        // The newest rotated tokens still replay within the window...
+        assert!(matches!(rotate(&s, &chain[19], now + 30).await, RotateOutcome::Replayed { .. }));
+        // ...an older one is reuse, and revokes the session.
+        assert_eq!(rotate(&s, &chain[2], now + 31).await, RotateOutcome::Revoked);
+        assert_eq!(rotate(&s, &chain[20], now + 32).await, RotateOutcome::Refused(Invalid::Unknown));
+        assert!(s.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_old_token_past_its_own_expiry_is_refused_without_revoking() {
+        let s = MemorySessions::new(1);
+        let t1 = SessionToken::new_session();
+        let now = t1.issued_at().unwrap();
+        s.create(&t1, &SessionRecord::new("{}".into(), now, 10 * MIN, 600 * MIN)).await.unwrap();
+        let mut t = t1.clone();
+        // Keep the session alive well past t1's own idle expiry.
+        for i in 1..=5u64 {
+            t = next(rotate(&s, &t, now + i * 4 * MIN).await);
+        }
+        assert_eq!(rotate(&s, &t1, now + 21 * MIN).await, RotateOutcome::Refused(Invalid::Expired));
+        next(rotate(&s, &t, now + 22 * MIN).await);
+    }
+
+    #[tokio::test]
+    async fn purge_refiles_rotated_sessions_and_frees_expired_ones() {
+        let s = MemorySessions::new(2);
+        let now = SessionToken::new_session().issued_at().unwrap();
+        let kept = SessionToken::new_session();
+        let idle = SessionToken::new_session();
+        for t in [&kept, &idle] {
+            s.create(t, &SessionRecord::new("{}".into(), now, 10 * MIN, 600 * MIN)).await.unwrap();
+        }
+        let kept = next(rotate(&s, &kept, now + 9 * MIN).await);
+        // Both were filed for now + 10 min; only the idle one has expired by then.
+        assert_eq!(s.purge(now + 12 * MIN).await.unwrap(), 1);
+        assert_eq!(s.len(), 1);
+        let kept = next(rotate(&s, &kept, now + 13 * MIN).await);
+        // Re-filed for now + 19 min at the first purge; the rotation at 13 min moved it to 23.
+        assert_eq!(s.purge(now + 21 * MIN).await.unwrap(), 0);
+        assert_eq!(s.purge(now + 25 * MIN).await.unwrap(), 1);
+        assert_eq!(rotate(&s, &kept, now + 25 * MIN).await, RotateOutcome::Refused(Invalid::Unknown));
+        let slots: usize = s.shards.iter().map(|sh| sh.lock().wheel.values().map(Vec::len).sum::<usize>()).sum();
+        assert_eq!(slots, 0, "nothing left filed");
     }
 }
