@@ -28,6 +28,14 @@ async fn bad_jwts_are_invalid_credentials() {
     }
     // No key fell back to remote verification for these.
     assert_eq!(s.fxa.verify_hits(), 0);
+    // A signature with its first character changed is a bad signature too.
+    let token = Jwt::new("u1", Some(1)).sign();
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    let first = if signature.starts_with('A') { "B" } else { "A" };
+    let tampered = format!("{signed}.{first}{}", &signature[1..]);
+    let r = s.token(&tampered, "1-qqo").await;
+    assert_401(&r, INVALID_CREDENTIALS);
+    assert_eq!(s.fxa.verify_hits(), 0);
     assert_eq!(s.count_users().await, 0);
 }
 
