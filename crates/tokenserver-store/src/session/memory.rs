@@ -2,19 +2,20 @@
 //! instead of scans.
 //!
 //! Every token of a session carries the session's id, so the store keys sessions by it and keeps
-//! per session only what the rotation rule needs: the live token's hash and record, and the
-//! tokens rotated within the grace window (hash, successor, sealed successor). An older rotated
-//! token of a known session is recognised by its session id alone and taken for reuse (see
-//! [`ChainOps::load`]). Memory therefore grows with live sessions, not with the rotation rate: a
-//! store that kept one record per rotated token, for reuse detection until that token's own
-//! expiry, would hold every rotation of the last idle lifetime (at 10,000 rotations/s and the
-//! default 2 h, 72 million records).
+//! per session only what the rotation rule needs: the live token's hash and record, and, in a
+//! side map, the tokens rotated within the grace window (hash, successor, sealed successor). An
+//! older rotated token of a known session is recognised by its session id alone and taken for
+//! reuse (see [`ChainOps::load`]). Memory therefore grows with live sessions, not with the
+//! rotation rate: a store that kept one record per rotated token, for reuse detection until that
+//! token's own expiry, would hold every rotation of the last idle lifetime (at 10,000
+//! rotations/s and the default 2 h, 72 million records).
 //!
 //! The shard is picked from the session id's first bytes and the map hashes its last eight (both
-//! uniform: CSPRNG output). An entry is 80 bytes plus its metadata text. Each shard files its
-//! sessions by expiry (64-second slots) when they are created; a rotation does not refile (it
-//! only moves the expiry later), the purge re-files a due session that is still alive. Growth is
-//! per shard, so a resize moves 1/N of the store, never all of it at once.
+//! uniform: CSPRNG output). A map slot is 72 bytes (the session id and [`Entry`]) plus its
+//! metadata text. Each shard files its sessions by expiry (64-second slots) when they are
+//! created; a rotation does not refile (it only moves the expiry later), the purge re-files a due
+//! session that is still alive and drops recent rotations past the grace window. Growth is per
+//! shard, so a resize moves 1/N of the store, never all of it at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -93,11 +94,10 @@ struct Recent {
 }
 
 /// A session's recent rotations, oldest first.
-#[derive(Debug, Default)]
-struct RecentRotations {
-    list: Vec<Recent>,
-}
+type RecentRotations = Vec<Recent>;
 
+/// One session: 56 bytes, so that a map slot (with the 12-byte session id) is 72. At 10 million
+/// sessions every 8 bytes of a slot are ~130 MiB (the maps are between 44% and 87% full).
 #[derive(Debug)]
 struct Entry {
     /// The live token.
@@ -105,10 +105,14 @@ struct Entry {
     meta: Box<str>,
     expires_at: u64,
     deadline: u64,
-    ttl_ms: u64,
-    /// Tokens rotated within the grace window (boxed: most sessions have none, and an entry
-    /// stays 64 bytes).
-    recent: Option<Box<RecentRotations>>,
+    /// The idle lifetime, ms; at most `u32::MAX` (49.7 days), see [`ttl_u32`].
+    ttl_ms: u32,
+}
+
+/// An idle lifetime as kept in an [`Entry`]: longer ones are cut to 49.7 days (`max_age`, 30
+/// days by default, bounds a session's life anyway).
+fn ttl_u32(ttl_ms: u64) -> u32 {
+    u32::try_from(ttl_ms).unwrap_or(u32::MAX)
 }
 
 impl Entry {
@@ -121,19 +125,18 @@ impl Entry {
             meta: self.meta.to_string(),
             expires_at: self.expires_at,
             deadline: self.deadline,
-            ttl_ms: self.ttl_ms,
+            ttl_ms: u64::from(self.ttl_ms),
             rotated: None,
         }
-    }
-
-    fn recent(&self, hash: &TokenHash) -> Option<&Recent> {
-        self.recent.as_deref()?.list.iter().find(|r| bool::from(r.hash.0.ct_eq(&hash.0)))
     }
 }
 
 #[derive(Debug, Default)]
 struct Shard {
     map: Map,
+    /// Sessions rotated within the grace window → those rotations (few sessions at a time: the
+    /// purge drops rotations past the window).
+    recent: HashMap<SessionKey, RecentRotations, BuildHasherDefault<IdentityHasher>>,
     /// Expiry slot → sessions filed in it (ended ones are skipped at purge, living ones re-filed).
     wheel: BTreeMap<u64, Vec<ChainId>>,
 }
@@ -162,6 +165,7 @@ impl ChainOps<'_> {
         if self.shard.map.remove(&self.chain).is_some() {
             self.removed += 1;
         }
+        self.shard.recent.remove(&self.chain);
     }
 }
 
@@ -176,17 +180,19 @@ impl SessionOps for ChainOps<'_> {
         if e.is(hash) {
             return Ok(Some(e.live_record()));
         }
-        if let Some(r) = e.recent(hash) {
+        let ttl_ms = u64::from(e.ttl_ms);
+        let recent = self.shard.recent.get(&self.chain);
+        if let Some(r) = recent.and_then(|list| list.iter().find(|r| bool::from(r.hash.0.ct_eq(&hash.0)))) {
             return Ok(Some(SessionRecord {
                 meta: String::new(),
                 expires_at: r.expires_at,
                 deadline: e.deadline,
-                ttl_ms: e.ttl_ms,
+                ttl_ms,
                 rotated: Some(r.rotated),
             }));
         }
         let expires_at = match self.presented_issued {
-            Some(issued) => issued.saturating_add(e.ttl_ms).min(e.deadline),
+            Some(issued) => issued.saturating_add(ttl_ms).min(e.deadline),
             None => e.deadline,
         };
         let unknown = SealedSuccessor::from_slice(&[0u8; 32]);
@@ -194,7 +200,7 @@ impl SessionOps for ChainOps<'_> {
             meta: String::new(),
             expires_at,
             deadline: e.deadline,
-            ttl_ms: e.ttl_ms,
+            ttl_ms,
             rotated: Some(Rotated { at: 0, successor: TokenHash([0u8; 32]), sealed }),
         }))
     }
@@ -207,7 +213,7 @@ impl SessionOps for ChainOps<'_> {
             e.meta = r.meta.as_str().into();
             e.expires_at = r.expires_at;
             e.deadline = r.deadline;
-            e.ttl_ms = r.ttl_ms;
+            e.ttl_ms = ttl_u32(r.ttl_ms);
             return Ok(());
         }
         let entry = Entry {
@@ -215,8 +221,7 @@ impl SessionOps for ChainOps<'_> {
             meta: r.meta.as_str().into(),
             expires_at: r.expires_at,
             deadline: r.deadline,
-            ttl_ms: r.ttl_ms,
-            recent: None,
+            ttl_ms: ttl_u32(r.ttl_ms),
         };
         self.shard.map.insert(key, entry);
         self.added += 1;
@@ -226,26 +231,27 @@ impl SessionOps for ChainOps<'_> {
 
     fn mark_rotated(&mut self, hash: &TokenHash, rotated: &Rotated) -> Result<()> {
         let grace_ms = self.grace_ms;
-        let Some(e) = self.shard.map.get_mut(&self.chain) else { return Ok(()) };
+        let Some(e) = self.shard.map.get(&self.chain) else { return Ok(()) };
         if !e.is(hash) {
             return Ok(());
         }
-        let list = &mut e.recent.get_or_insert_with(Box::default).list;
+        let expires_at = e.expires_at;
+        let list = self.shard.recent.entry(self.chain).or_default();
         // Past the grace window a rotated token needs no record of its own (see `load`).
         list.retain(|r| rotated.at.saturating_sub(r.rotated.at) < grace_ms);
         if list.len() >= MAX_RECENT {
             list.remove(0);
         }
-        list.push(Recent { hash: *hash, expires_at: e.expires_at, rotated: *rotated });
+        list.push(Recent { hash: *hash, expires_at, rotated: *rotated });
         Ok(())
     }
 
     fn remove(&mut self, hash: &TokenHash) -> Result<()> {
-        let Some(e) = self.shard.map.get_mut(&self.chain) else { return Ok(()) };
+        let Some(e) = self.shard.map.get(&self.chain) else { return Ok(()) };
         if e.is(hash) {
             self.end_session();
-        } else if let Some(recent) = e.recent.as_deref_mut() {
-            recent.list.retain(|r| r.hash != *hash);
+        } else if let Some(list) = self.shard.recent.get_mut(&self.chain) {
+            list.retain(|r| r.hash != *hash);
         }
         Ok(())
     }
@@ -262,6 +268,8 @@ pub struct MemorySessions {
     shards: Box<[Mutex<Shard>]>,
     mask: usize,
     sessions: AtomicU64,
+    /// The longest grace window a rotation has asked for: how long the purge keeps rotations.
+    grace_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for MemorySessions {
@@ -278,6 +286,7 @@ impl MemorySessions {
             shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
             mask: n - 1,
             sessions: AtomicU64::new(0),
+            grace_ms: AtomicU64::new(0),
         }
     }
 
@@ -323,6 +332,7 @@ impl SessionStore for MemorySessions {
     }
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
+        self.grace_ms.fetch_max(policy.grace_ms, Ordering::Relaxed);
         self.with_chain(&req.presented, policy.grace_ms, |ops| rotate_with(ops, req, policy))
     }
 
@@ -351,10 +361,15 @@ impl SessionStore for MemorySessions {
 
     async fn purge(&self, now: u64) -> Result<u64> {
         let due = now / SLOT_MS;
+        let grace_ms = self.grace_ms.load(Ordering::Relaxed);
         let mut removed = 0u64;
         for shard in self.shards.iter() {
             let mut guard = shard.lock();
             let s = &mut *guard;
+            s.recent.retain(|_, list| {
+                list.retain(|r| now.saturating_sub(r.rotated.at) < grace_ms);
+                !list.is_empty()
+            });
             // Slots strictly before the current one are due.
             while let Some(slot) = s.wheel.first_entry() {
                 if *slot.key() >= due {
@@ -408,11 +423,19 @@ mod tests {
     }
 
     fn recent_len(s: &MemorySessions, t: &SessionToken) -> usize {
-        let chain = t.chain();
-        s.shards
-            .iter()
-            .find_map(|sh| sh.lock().map.get(&SessionKey(chain)).map(|e| e.recent.as_ref().map_or(0, |r| r.list.len())))
-            .unwrap()
+        let key = SessionKey(t.chain());
+        s.shards.iter().map(|sh| sh.lock().recent.get(&key).map_or(0, Vec::len)).sum()
+    }
+
+    fn recent_sessions(s: &MemorySessions) -> usize {
+        s.shards.iter().map(|sh| sh.lock().recent.len()).sum()
+    }
+
+    #[test]
+    fn a_map_slot_is_72_bytes_and_long_idle_lifetimes_are_capped() {
+        assert_eq!(std::mem::size_of::<(SessionKey, Entry)>(), 72);
+        assert_eq!(ttl_u32(7_200_000), 7_200_000);
+        assert_eq!(ttl_u32(u64::MAX), u32::MAX);
     }
 
     #[tokio::test]
@@ -474,10 +497,20 @@ mod tests {
             s.create(t, &SessionRecord::new("{}".into(), now, 10 * MIN, 600 * MIN)).await.unwrap();
         }
         let kept = next(rotate(&s, &kept, now + 9 * MIN).await);
-        // Both were filed for now + 10 min; only the idle one has expired by then.
+        assert_eq!(recent_sessions(&s), 1);
+        // Both were filed for now + 10 min; only the idle one has expired by then. The rotation
+        // at 9 min is past its grace window: its record goes too.
         assert_eq!(s.purge(now + 12 * MIN).await.unwrap(), 1);
         assert_eq!(s.len(), 1);
+        assert_eq!(recent_sessions(&s), 0);
+        let previous = kept.clone();
         let kept = next(rotate(&s, &kept, now + 13 * MIN).await);
+        // A purge inside the grace window keeps the rotation: a retry still gets its successor.
+        s.purge(now + 13 * MIN + 1_000).await.unwrap();
+        assert!(matches!(
+            rotate(&s, &previous, now + 13 * MIN + 1_500).await,
+            RotateOutcome::Replayed { token, .. } if token == kept
+        ));
         // Re-filed for now + 19 min at the first purge; the rotation at 13 min moved it to 23.
         assert_eq!(s.purge(now + 21 * MIN).await.unwrap(), 0);
         assert_eq!(s.purge(now + 25 * MIN).await.unwrap(), 1);
