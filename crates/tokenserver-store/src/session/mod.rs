@@ -101,7 +101,7 @@ pub(crate) trait SessionOps {
     fn revoke(&mut self, chain: &ChainId, from: &TokenHash) -> Result<()>;
 }
 
-/// Follows successor links from `from`, deleting each record (memory and Redis keep no chain
+/// Follows successor links from `from`, deleting each record (for a store that keeps no chain
 /// index: every rotated record names its successor).
 pub(crate) fn revoke_by_walking(ops: &mut impl SessionOps, from: &TokenHash) -> Result<()> {
     let mut next = Some(*from);
