@@ -9,18 +9,17 @@
 //! A call that conflicts ([`crate::StoreError::Conflict`]) has written nothing and is answered as such.
 //! Any other failure may have left writes behind (a capacity release before `NoNodeAvailable`, a
 //! database error), so the whole batch is rolled back and its calls run again one transaction
-//! each, exactly as without the queue. So is a batch whose caller goes away (the request timed
-//! out, the client left) before it commits: as without the queue, an abandoned allocation leaves
-//! nothing behind.
-
-use std::future::Future;
-use std::task::Poll;
+//! each, exactly as without the queue. So is a batch one of whose callers goes away (the request
+//! timed out, the client left) before it commits: the batch's transaction sees it before its
+//! next statement ([`crate::caller`]), so an abandoned allocation leaves nothing behind, and no
+//! statement is ever cut short.
 
 use async_trait::async_trait;
 use tokenserver_core::sync::users::UserRow;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::sync::{Allocate, Result};
+use crate::caller::{Caller, Waiting};
+use crate::sync::{Allocate, OwnedAllocate, Result};
 
 /// Most allocations in one transaction (keeps the node lock's hold time bounded).
 const MAX_BATCH: usize = 64;
@@ -31,78 +30,23 @@ const QUEUE_DEPTH: usize = 1024;
 #[async_trait]
 pub(crate) trait BatchAllocator: Send + Sync + 'static {
     /// All of `reqs` in one transaction, committed when the outer result is `Ok`; an outer `Err`
-    /// means it was rolled back. Calls are run in the order given.
-    async fn allocate_batch(&self, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>>;
-    /// One allocation in its own transaction.
-    async fn allocate_one(&self, req: &Allocate<'_>) -> Result<UserRow>;
-}
-
-/// An [`Allocate`] that owns its strings, to cross into the queue's task.
-#[derive(Debug)]
-struct Owned {
-    service: String,
-    email: String,
-    generation: i64,
-    client_state: String,
-    keys_changed_at: Option<i64>,
-    expected_current: Option<i64>,
-    now_ms: i64,
-    release_rate: f64,
-}
-
-impl Owned {
-    fn new(r: &Allocate<'_>) -> Self {
-        Self {
-            service: r.service.to_owned(),
-            email: r.email.to_owned(),
-            generation: r.generation,
-            client_state: r.client_state.to_owned(),
-            keys_changed_at: r.keys_changed_at,
-            expected_current: r.expected_current,
-            now_ms: r.now_ms,
-            release_rate: r.release_rate,
-        }
-    }
-
-    fn borrow(&self) -> Allocate<'_> {
-        Allocate {
-            service: &self.service,
-            email: &self.email,
-            generation: self.generation,
-            client_state: &self.client_state,
-            keys_changed_at: self.keys_changed_at,
-            expected_current: self.expected_current,
-            now_ms: self.now_ms,
-            release_rate: self.release_rate,
-        }
-    }
+    /// means it was rolled back (`Abandoned` when one of `callers` went away first). Calls are
+    /// run in the order given.
+    async fn allocate_batch(&self, reqs: Vec<OwnedAllocate>, callers: Caller) -> Result<Vec<Result<UserRow>>>;
+    /// One allocation in its own transaction, rolled back if `caller` goes away first.
+    async fn allocate_one(&self, req: OwnedAllocate, caller: Caller) -> Result<UserRow>;
 }
 
 type Reply = oneshot::Sender<Result<UserRow>>;
-type Job = (Owned, Reply);
+type Job = (OwnedAllocate, Caller, Reply);
 
-/// Resolves once any of `replies` has lost its caller.
-fn any_gone(replies: &mut [Reply]) -> impl Future<Output = ()> + '_ {
-    std::future::poll_fn(move |cx| {
-        if replies.iter_mut().any(|r| r.poll_closed(cx).is_ready()) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-}
-
-/// One call in its own transaction, dropped (rolled back) if its caller goes away.
-async fn run_alone(allocator: &impl BatchAllocator, req: &Allocate<'_>, mut reply: Reply) {
-    if reply.is_closed() {
+/// One call in its own transaction, unless its caller has already gone.
+async fn run_alone(allocator: &impl BatchAllocator, req: OwnedAllocate, caller: Caller, reply: Reply) {
+    if caller.gone() {
         return;
     }
-    tokio::select! {
-        result = allocator.allocate_one(req) => {
-            let _ = reply.send(result);
-        }
-        () = reply.closed() => {}
-    }
+    let result = allocator.allocate_one(req, caller).await;
+    let _ = reply.send(result);
 }
 
 /// The sending side; the task ends when the last clone is dropped.
@@ -132,8 +76,11 @@ impl AllocationQueue {
     /// user's rows and finds the one it expected gone (a conflict, which the caller retries).
     pub(crate) async fn allocate(&self, req: &Allocate<'_>) -> Option<Result<UserRow>> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send((Owned::new(req), reply)).await.ok()?;
-        answer.await.ok()
+        let (waiting, caller) = Waiting::start();
+        self.jobs.send((OwnedAllocate::new(req), caller, reply)).await.ok()?;
+        let out = answer.await.ok();
+        drop(waiting);
+        out
     }
 }
 
@@ -149,7 +96,10 @@ pub(crate) async fn allocate_via(
             return answer;
         }
     }
-    store.allocate_one(req).await
+    let (waiting, caller) = Waiting::start();
+    let out = store.allocate_one(OwnedAllocate::new(req), caller).await;
+    drop(waiting);
+    out
 }
 
 async fn run(allocator: impl BatchAllocator, mut rx: mpsc::Receiver<Job>) {
@@ -157,33 +107,25 @@ async fn run(allocator: impl BatchAllocator, mut rx: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // A caller that has gone away (its client disconnected) needs no allocation.
-        batch.retain(|(_, reply): &Job| !reply.is_closed());
+        batch.retain(|(_, caller, _): &Job| !caller.gone());
         // One lock order for every batch, in every process: services' nodes by name.
-        batch.sort_by(|a: &Job, b: &Job| a.0.service.cmp(&b.0.service));
-        let (owned, mut replies): (Vec<Owned>, Vec<_>) = batch.drain(..).unzip();
-        if owned.is_empty() {
+        batch.sort_by(|a: &Job, b: &Job| a.0.service().cmp(b.0.service()));
+        if batch.is_empty() {
             continue;
         }
-        batch_calls.record(owned.len() as f64);
-        let reqs: Vec<Allocate<'_>> = owned.iter().map(Owned::borrow).collect();
-        let outcome = tokio::select! {
-            biased;
-            result = allocator.allocate_batch(&reqs) => Some(result),
-            // Dropping the batch's future rolls its transaction back.
-            () = any_gone(&mut replies) => None,
-        };
-        match outcome {
-            Some(Ok(results)) => {
-                for (reply, result) in replies.into_iter().zip(results) {
+        batch_calls.record(batch.len() as f64);
+        let reqs: Vec<OwnedAllocate> = batch.iter().map(|job| job.0.clone()).collect();
+        let callers = Caller::any(batch.iter().map(|job| &job.1));
+        match allocator.allocate_batch(reqs, callers).await {
+            Ok(results) => {
+                for ((_, _, reply), result) in batch.drain(..).zip(results) {
                     let _ = reply.send(result);
                 }
             }
-            failed => {
-                if let Some(Err(err)) = failed {
-                    tracing::debug!(error = %err, calls = reqs.len(), "allocation batch rolled back; running its calls one by one");
-                }
-                for (req, reply) in reqs.iter().zip(replies) {
-                    run_alone(&allocator, req, reply).await;
+            Err(err) => {
+                tracing::debug!(error = %err, calls = batch.len(), "allocation batch rolled back; running its calls one by one");
+                for (req, caller, reply) in batch.drain(..) {
+                    run_alone(&allocator, req, caller, reply).await;
                 }
             }
         }
@@ -223,10 +165,10 @@ mod tests {
 
     #[async_trait]
     impl BatchAllocator for Arc<Recorder> {
-        async fn allocate_batch(&self, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
+        async fn allocate_batch(&self, reqs: Vec<OwnedAllocate>, callers: Caller) -> Result<Vec<Result<UserRow>>> {
             let first = {
                 let mut batches = self.batches.lock().unwrap();
-                batches.push(reqs.iter().map(|r| r.email.to_owned()).collect());
+                batches.push(reqs.iter().map(|r| r.borrow().email.to_owned()).collect());
                 batches.len() == 1
             };
             if first {
@@ -235,12 +177,16 @@ mod tests {
             if self.fail_batches {
                 return Err(StoreError::NoNodeAvailable);
             }
-            Ok(reqs.iter().enumerate().map(|(i, r)| answer(r.email, i as i64)).collect())
+            // As a real transaction does before its commit.
+            callers.check()?;
+            Ok(reqs.iter().enumerate().map(|(i, r)| answer(r.borrow().email, i as i64)).collect())
         }
 
-        async fn allocate_one(&self, req: &Allocate<'_>) -> Result<UserRow> {
-            self.singles.lock().unwrap().push(req.email.to_owned());
-            answer(req.email, 100)
+        async fn allocate_one(&self, req: OwnedAllocate, caller: Caller) -> Result<UserRow> {
+            let email = req.borrow().email.to_owned();
+            self.singles.lock().unwrap().push(email.clone());
+            caller.check()?;
+            answer(&email, 100)
         }
     }
 
@@ -344,6 +290,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         leaves.abort();
+        let _ = leaves.await;
+        // The held batch goes on, finds a caller gone before it commits, and rolls back.
+        rec.release.notify_one();
         assert_eq!(stays.await.unwrap().unwrap().uid, 100, "answered by its own transaction");
         assert_eq!(*rec.batches.lock().unwrap(), vec![vec!["leaves@x".to_string(), "stays@x".into()]]);
         assert_eq!(*rec.singles.lock().unwrap(), ["stays@x"]);
@@ -383,11 +332,11 @@ mod tests {
 
     #[async_trait]
     impl BatchAllocator for Panics {
-        async fn allocate_batch(&self, _: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
+        async fn allocate_batch(&self, _: Vec<OwnedAllocate>, _: Caller) -> Result<Vec<Result<UserRow>>> {
             panic!("allocator bug");
         }
 
-        async fn allocate_one(&self, _: &Allocate<'_>) -> Result<UserRow> {
+        async fn allocate_one(&self, _: OwnedAllocate, _: Caller) -> Result<UserRow> {
             panic!("allocator bug");
         }
     }

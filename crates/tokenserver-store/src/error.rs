@@ -21,6 +21,16 @@ pub enum StoreError {
     /// The row to create already exists.
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// The call took longer than the caller allowed (the request's database timeout).
+    #[error("database call timed out")]
+    Timeout,
+    /// The caller stopped waiting before the write committed: it was rolled back. Nobody reads
+    /// this answer; it ends the write's own task.
+    #[error("the caller went away before the write committed; rolled back")]
+    Abandoned,
+    /// The store holds as much as it is configured to (503).
+    #[error("the store is full: {0}")]
+    Full(String),
     /// A bad URL or setting.
     #[error("{0}")]
     Config(String),

@@ -5,6 +5,7 @@
 //! from several calls. Backends are chosen by URL ([`open`]).
 
 mod alloc_queue;
+mod caller;
 pub mod error;
 mod migrate;
 pub mod mysql;
@@ -32,11 +33,17 @@ pub struct PoolSettings {
     pub max_size: u32,
     /// How long a request waits for a pooled connection.
     pub connection_timeout: Duration,
+    /// How durable a SQLite commit is.
+    pub sqlite_durability: sqlite::Durability,
 }
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        Self { max_size: 10, connection_timeout: Duration::from_secs(30) }
+        Self {
+            max_size: 10,
+            connection_timeout: Duration::from_secs(30),
+            sqlite_durability: sqlite::Durability::default(),
+        }
     }
 }
 
@@ -91,7 +98,9 @@ impl Backend {
 /// Opens the Sync store named by `url`.
 pub async fn open_sync(url: &str, pool: &PoolSettings) -> Result<Arc<dyn SyncStore>, StoreError> {
     match Backend::from_url(url)? {
-        Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(url, pool).await?)),
+        Backend::Sqlite => {
+            Ok(Arc::new(sqlite::SqliteStore::open(url, pool.max_size as usize, pool.sqlite_durability).await?))
+        }
         Backend::Postgres => Ok(Arc::new(postgres::PgStore::open(url, pool).await?)),
         Backend::MySql => Ok(Arc::new(mysql::MySqlStore::open(url, pool).await?)),
     }

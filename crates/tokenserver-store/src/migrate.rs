@@ -33,6 +33,26 @@ pub(crate) struct Existing {
     pub applied: Vec<String>,
 }
 
+/// diesel's bookkeeping table.
+const BOOKKEEPING: &str = "__diesel_schema_migrations";
+
+/// Whether `tables` (those of `services`, `nodes`, `users` and the bookkeeping present) include
+/// the bookkeeping table, i.e. whether applied versions can be read.
+pub(crate) fn has_bookkeeping(tables: &[String]) -> bool {
+    tables.iter().any(|t| t == BOOKKEEPING)
+}
+
+impl Existing {
+    /// What the tables present and the versions recorded (empty without bookkeeping) say.
+    pub(crate) fn new(tables: &[String], applied: Vec<String>) -> Self {
+        Self {
+            schema_tables: tables.iter().filter(|t| !t.starts_with("__")).count(),
+            has_bookkeeping: has_bookkeeping(tables),
+            applied,
+        }
+    }
+}
+
 /// diesel's bookkeeping table, as diesel creates it.
 pub(crate) const CREATE_BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS __diesel_schema_migrations (\
     version VARCHAR(50) PRIMARY KEY NOT NULL, \

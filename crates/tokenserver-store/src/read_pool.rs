@@ -146,7 +146,7 @@ mod tests {
             return None;
         };
         let options = PgConnectOptions::from_str(&url).expect("test URL");
-        let settings = PoolSettings { max_size, connection_timeout: Duration::from_secs(5) };
+        let settings = PoolSettings { max_size, connection_timeout: Duration::from_secs(5), ..Default::default() };
         Some(ReadPool::new(options, &settings).expect("pool"))
     }
 
@@ -191,7 +191,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_database_is_unavailable() {
         let options = PgConnectOptions::new().host("127.0.0.1").port(1).username("nobody");
-        let settings = PoolSettings { max_size: 1, connection_timeout: Duration::from_secs(2) };
+        let settings = PoolSettings { max_size: 1, connection_timeout: Duration::from_secs(2), ..Default::default() };
         let pool = ReadPool::<PgConnection>::new(options, &settings).expect("pool");
         match pool.get().await {
             Err(StoreError::Unavailable(_)) => {}

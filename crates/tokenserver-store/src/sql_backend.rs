@@ -1,38 +1,34 @@
-//! The `SyncStore` and `SyncTx` implementations shared by the SQL backends, stamped out per
+//! The `SyncStore` and `SyncTx` implementations shared by PostgreSQL and MySQL, stamped out per
 //! backend by [`sync_store!`](crate::sql_backend::sync_store).
 //!
 //! A backend module provides, in scope of the macro call:
 //! * `sql::*` — its SQL, one `const` per statement, with the same bind order on every backend
-//!   (PostgreSQL repeats a value as `$5` rather than reusing `$1`); `sql::LOCK_USER` is
-//!   `Option<&str>`, `None` where writes are already serialized;
+//!   (PostgreSQL repeats a value as `$5` rather than reusing `$1`);
 //! * `insert_id(query, executor)` — runs an `INSERT` and returns the new row's id
 //!   (`RETURNING` or `LAST_INSERT_ID()`);
-//! * on the store: `reader()`, `writer()` pools and `begin_write()`, `probe()` (the health
-//!   check: a round trip on the connections the request path reads through), plus
-//!   `run_migrations()` (which
-//!   takes the backend's migration lock and calls the generated `apply_migrations`) and
-//!   `generated_secret()`;
-//! * `sql::EXISTING_TABLES`, `sql::APPLIED_VERSIONS`, `sql::RECORD_VERSION` for the bookkeeping;
-//! * `request_path:` the methods serving the request path's read, allocation and change — the
-//!   generated `leased_user_rows` (given `leased_reads:`, the store's
-//!   [`crate::read_pool::ReadPool`] field), `sqlx_allocate`, `sqlx_change`, or faster ones of its
-//!   own.
+//! * on the store: the `pool` (writes) and `reads` ([`crate::read_pool::ReadPool`], the request
+//!   path's reads and the health check) fields, `allocations` (its [`crate::alloc_queue`]), and
+//!   `run_migrations()` (which takes the backend's migration lock and calls the generated
+//!   `apply_migrations`);
+//! * `sql::EXISTING_TABLES`, `sql::APPLIED_VERSIONS`, `sql::RECORD_VERSION` for the bookkeeping.
 //!
-//! Everything else — what each method does and the transactional logic of `tx.rs` — is
-//! written once.
+//! Every write runs as a [`crate::caller::transaction`]: on a task of its own, looking at its
+//! caller before each statement, so a request that times out or whose client leaves never cuts a
+//! statement short. Everything else — what each method does and the transactional logic of
+//! `tx.rs` — is written once.
 
 macro_rules! sync_store {
-    (
-        store: $store:ty, db: $db:ty, row: $row:ty, conn: $conn:ty,
-        request_path: ($user_rows:ident, $allocate:ident, $change:ident)
-        $(, leased_reads: $reads:ident)? $(,)?
-    ) => {
+    (store: $store:ty, db: $db:ty, row: $row:ty, conn: $conn:ty $(,)?) => {
         use async_trait::async_trait;
         use sqlx::Row;
         use tokenserver_core::sync::allocation::NodeState;
         use tokenserver_core::sync::users::UserRow;
 
-        use crate::sync::{Allocate, MigrationReport, NewNode, NodeRecord, Result, SyncStore, UserChange};
+        use crate::caller::Caller;
+        use crate::sync::{
+            Allocate, MigrationReport, NewNode, NodeRecord, OwnedAllocate, OwnedUserChange, Result, SyncStore,
+            UserChange,
+        };
         use crate::tx::{self, NewUser, SyncTx};
         use crate::StoreError;
 
@@ -81,19 +77,14 @@ macro_rules! sync_store {
             all: &[crate::migrate::Migration],
         ) -> Result<MigrationReport> {
             let tables: Vec<String> = sqlx::query_scalar(sql::EXISTING_TABLES).fetch_all(&mut *conn).await?;
-            let has_bookkeeping = tables.iter().any(|t| t == "__diesel_schema_migrations");
-            let applied: Vec<String> = if has_bookkeeping {
+            let applied: Vec<String> = if crate::migrate::has_bookkeeping(&tables) {
                 sqlx::query_scalar(sql::APPLIED_VERSIONS).fetch_all(&mut *conn).await?
             } else {
                 Vec::new()
             };
-            let existing = crate::migrate::Existing {
-                schema_tables: tables.iter().filter(|t| !t.starts_with("__")).count(),
-                has_bookkeeping,
-                applied,
-            };
+            let existing = crate::migrate::Existing::new(&tables, applied);
             let todo = crate::migrate::plan(all, &existing);
-            if !todo.is_empty() && !has_bookkeeping {
+            if !todo.is_empty() && !existing.has_bookkeeping {
                 sqlx::query(crate::migrate::CREATE_BOOKKEEPING).execute(&mut *conn).await?;
             }
             let mut report = MigrationReport::default();
@@ -108,87 +99,73 @@ macro_rules! sync_store {
         }
 
         impl $store {
-            /// `allocate_user` in a sqlx write transaction.
-            async fn sqlx_allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
-                let mut tx = Tx(self.begin_write().await?);
-                let row = tx::allocate(&mut tx, req).await?;
-                tx.0.commit().await?;
-                Ok(row)
+            /// `allocate_user` in a transaction of its own, abandoned if `also` goes away.
+            async fn allocate_alone(&self, req: OwnedAllocate, also: Caller) -> Result<UserRow> {
+                crate::caller::transaction(&self.pool, also, move |tx, caller| {
+                    Box::pin(async move { tx::allocate(&mut Tx { tx, caller }, &req.borrow()).await })
+                })
+                .await
             }
-
-            /// `change_user` in a sqlx write transaction.
-            async fn sqlx_change(
-                &self,
-                service: &str,
-                email: &str,
-                expected_current: i64,
-                change: &UserChange<'_>,
-                now_ms: i64,
-            ) -> Result<i64> {
-                let mut tx = Tx(self.begin_write().await?);
-                let uid = tx::change(&mut tx, service, email, expected_current, change, now_ms).await?;
-                tx.0.commit().await?;
-                Ok(uid)
-            }
-
-            $(
-            /// A user's rows on a connection of the store's [`crate::read_pool`] (no ping when
-            /// it goes back).
-            async fn leased_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-                let mut lease = self.$reads.get().await?;
-                let rows = rows_of(&mut lease, service, email).await?;
-                lease.keep();
-                Ok(rows)
-            }
-            )?
         }
 
         #[async_trait]
         impl crate::alloc_queue::BatchAllocator for $store {
-            async fn allocate_batch(&self, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
-                let mut tx = Tx(self.begin_write().await?);
-                let results = tx::allocate_batch(&mut tx, reqs).await?;
-                tx.0.commit().await?;
-                Ok(results)
+            async fn allocate_batch(&self, reqs: Vec<OwnedAllocate>, callers: Caller) -> Result<Vec<Result<UserRow>>> {
+                crate::caller::transaction(&self.pool, callers, move |tx, caller| {
+                    Box::pin(async move {
+                        let borrowed: Vec<Allocate<'_>> = reqs.iter().map(OwnedAllocate::borrow).collect();
+                        tx::allocate_batch(&mut Tx { tx, caller }, &borrowed).await
+                    })
+                })
+                .await
             }
 
-            async fn allocate_one(&self, req: &Allocate<'_>) -> Result<UserRow> {
-                self.sqlx_allocate(req).await
+            async fn allocate_one(&self, req: OwnedAllocate, caller: Caller) -> Result<UserRow> {
+                self.allocate_alone(req, caller).await
             }
         }
 
-        /// A write transaction.
-        struct Tx(sqlx::Transaction<'static, $db>);
+        /// A write transaction, checking its caller before every statement.
+        struct Tx<'t> {
+            tx: &'t mut sqlx::Transaction<'static, $db>,
+            caller: &'t Caller,
+        }
+
+        impl Tx<'_> {
+            /// The connection for the next statement, unless the caller has gone.
+            fn conn(&mut self) -> Result<&mut $conn> {
+                self.caller.check()?;
+                Ok(&mut *self.tx)
+            }
+        }
 
         #[async_trait]
-        impl SyncTx for Tx {
+        impl SyncTx for Tx<'_> {
             async fn service_id(&mut self, service: &str) -> Result<Option<i64>> {
-                service_id(&mut self.0, service).await
+                service_id(self.conn()?, service).await
             }
 
             async fn lock_user(&mut self, service_id: i64, email: &str) -> Result<()> {
-                if let Some(lock) = sql::LOCK_USER {
-                    sqlx::query(lock).bind(email).bind(service_id).fetch_all(&mut *self.0).await?;
-                }
+                sqlx::query(sql::LOCK_USER).bind(email).bind(service_id).fetch_all(self.conn()?).await?;
                 Ok(())
             }
 
             async fn user_rows(&mut self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-                rows_of(&mut self.0, service, email).await
+                rows_of(self.conn()?, service, email).await
             }
 
             async fn lock_nodes(&mut self, service_id: i64) -> Result<Vec<NodeState>> {
-                let rows = sqlx::query(sql::LOCK_NODES).bind(service_id).fetch_all(&mut *self.0).await?;
+                let rows = sqlx::query(sql::LOCK_NODES).bind(service_id).fetch_all(self.conn()?).await?;
                 Ok(rows.iter().map(|r| node_state(r, 0)).collect::<std::result::Result<_, _>>()?)
             }
 
             async fn set_available(&mut self, node_id: i64, available: i64) -> Result<()> {
-                sqlx::query(sql::RELEASE).bind(available).bind(node_id).execute(&mut *self.0).await?;
+                sqlx::query(sql::RELEASE).bind(available).bind(node_id).execute(self.conn()?).await?;
                 Ok(())
             }
 
             async fn add_user_to_node(&mut self, node_id: i64) -> Result<()> {
-                sqlx::query(sql::ADD_USER_TO_NODE).bind(node_id).execute(&mut *self.0).await?;
+                sqlx::query(sql::ADD_USER_TO_NODE).bind(node_id).execute(self.conn()?).await?;
                 Ok(())
             }
 
@@ -201,7 +178,7 @@ macro_rules! sync_store {
                     .bind(u.created_at)
                     .bind(u.node_id)
                     .bind(u.keys_changed_at);
-                insert_id(q, &mut *self.0).await
+                insert_id(q, self.conn()?).await
             }
 
             async fn put_user(
@@ -218,7 +195,7 @@ macro_rules! sync_store {
                     .bind(email)
                     .bind(generation)
                     .bind(kca)
-                    .execute(&mut *self.0)
+                    .execute(self.conn()?)
                     .await?;
                 Ok(())
             }
@@ -229,7 +206,7 @@ macro_rules! sync_store {
                     .bind(service_id)
                     .bind(email)
                     .bind(keep_uid)
-                    .execute(&mut *self.0)
+                    .execute(self.conn()?)
                     .await?;
                 Ok(())
             }
@@ -242,15 +219,28 @@ macro_rules! sync_store {
             }
 
             async fn check(&self) -> Result<()> {
-                self.probe().await
+                self.reads.probe().await
+            }
+
+            async fn check_write(&self) -> Result<()> {
+                crate::caller::transaction(&self.pool, Caller::default(), |tx, _| {
+                    Box::pin(async move {
+                        sqlx::query("SELECT 1").execute(&mut **tx).await?;
+                        Ok(())
+                    })
+                })
+                .await
             }
 
             async fn user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-                self.$user_rows(service, email).await
+                let mut lease = self.reads.get().await?;
+                let rows = rows_of(&mut lease, service, email).await?;
+                lease.keep();
+                Ok(rows)
             }
 
             async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow> {
-                self.$allocate(req).await
+                crate::alloc_queue::allocate_via(self.allocations.as_ref(), self, req).await
             }
 
             async fn change_user(
@@ -261,27 +251,50 @@ macro_rules! sync_store {
                 change: &UserChange<'_>,
                 now_ms: i64,
             ) -> Result<i64> {
-                self.$change(service, email, expected_current, change, now_ms).await
+                let (service, email, change) = (service.to_string(), email.to_string(), OwnedUserChange::new(change));
+                crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                    Box::pin(async move {
+                        let change = change.borrow();
+                        tx::change(&mut Tx { tx, caller }, &service, &email, expected_current, &change, now_ms).await
+                    })
+                })
+                .await
             }
 
             async fn replace_rows(&self, service: &str, uids: &[i64], replaced_at: i64) -> Result<()> {
-                let mut tx = self.begin_write().await?;
-                for uid in uids {
-                    sqlx::query(sql::REPLACE_USER).bind(replaced_at).bind(service).bind(uid).execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(())
+                let (service, uids) = (service.to_string(), uids.to_vec());
+                crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                    Box::pin(async move {
+                        let mut tx = Tx { tx, caller };
+                        for uid in uids {
+                            sqlx::query(sql::REPLACE_USER)
+                                .bind(replaced_at)
+                                .bind(&service)
+                                .bind(uid)
+                                .execute(tx.conn()?)
+                                .await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .await
             }
 
             async fn retire_user(&self, service: &str, email: &str, now_ms: i64) -> Result<u64> {
-                let done = sqlx::query(sql::RETIRE_USER)
-                    .bind(tokenserver_core::sync::MAX_GENERATION)
-                    .bind(now_ms)
-                    .bind(service)
-                    .bind(email)
-                    .execute(self.writer())
-                    .await?;
-                Ok(done.rows_affected())
+                let (service, email) = (service.to_string(), email.to_string());
+                crate::caller::transaction(&self.pool, Caller::default(), move |tx, _| {
+                    Box::pin(async move {
+                        let done = sqlx::query(sql::RETIRE_USER)
+                            .bind(tokenserver_core::sync::MAX_GENERATION)
+                            .bind(now_ms)
+                            .bind(&service)
+                            .bind(&email)
+                            .execute(&mut **tx)
+                            .await?;
+                        Ok(done.rows_affected())
+                    })
+                })
+                .await
             }
 
             async fn update_user_generation(
@@ -291,53 +304,73 @@ macro_rules! sync_store {
                 generation: Option<i64>,
                 keys_changed_at: Option<i64>,
             ) -> Result<u64> {
-                let done = sqlx::query(sql::UPDATE_USER_GENERATION)
-                    .bind(generation)
-                    .bind(keys_changed_at)
-                    .bind(service)
-                    .bind(email)
-                    .bind(generation)
-                    .bind(keys_changed_at)
-                    .execute(self.writer())
-                    .await?;
-                Ok(done.rows_affected())
+                let (service, email) = (service.to_string(), email.to_string());
+                crate::caller::transaction(&self.pool, Caller::default(), move |tx, _| {
+                    Box::pin(async move {
+                        let done = sqlx::query(sql::UPDATE_USER_GENERATION)
+                            .bind(generation)
+                            .bind(keys_changed_at)
+                            .bind(&service)
+                            .bind(&email)
+                            .bind(generation)
+                            .bind(keys_changed_at)
+                            .execute(&mut **tx)
+                            .await?;
+                        Ok(done.rows_affected())
+                    })
+                })
+                .await
             }
 
             async fn add_node(&self, node: &NewNode<'_>) -> Result<NodeRecord> {
-                let mut tx = self.begin_write().await?;
-                let service = require_service(&mut tx, node.service).await?;
-                let q = sqlx::query(sql::INSERT_NODE)
-                    .bind(service)
-                    .bind(node.node)
-                    .bind(node.available)
-                    .bind(node.current_load)
-                    .bind(node.capacity)
-                    .bind(i64::from(node.downed))
-                    .bind(i64::from(node.backoff));
-                let id = insert_id(q, &mut *tx).await.map_err(|e| match e {
-                    StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!("node {}", node.node)),
-                    other => other,
-                })?;
-                tx.commit().await?;
+                let (service, url) = (node.service.to_string(), node.node.to_string());
+                let (capacity, available, load) = (node.capacity, node.available, node.current_load);
+                let (downed, backoff) = (i64::from(node.downed), i64::from(node.backoff));
+                let id = crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                    Box::pin(async move {
+                        let mut tx = Tx { tx, caller };
+                        let service = require_service(tx.conn()?, &service).await?;
+                        let q = sqlx::query(sql::INSERT_NODE)
+                            .bind(service)
+                            .bind(&url)
+                            .bind(available)
+                            .bind(load)
+                            .bind(capacity)
+                            .bind(downed)
+                            .bind(backoff);
+                        insert_id(q, tx.conn()?).await.map_err(|e| match e {
+                            StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!("node {url}")),
+                            other => other,
+                        })
+                    })
+                })
+                .await?;
                 Ok(crate::sync::node_record(node, id))
             }
 
             async fn init_node(&self, service: &str, node: &str, capacity: i64) -> Result<bool> {
-                let mut tx = self.begin_write().await?;
-                let service = require_service(&mut tx, service).await?;
-                let done = sqlx::query(sql::INIT_NODE)
-                    .bind(service)
-                    .bind(node)
-                    .bind(capacity)
-                    .bind(capacity)
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(done.rows_affected() > 0)
+                let (service, node) = (service.to_string(), node.to_string());
+                crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                    Box::pin(async move {
+                        let mut tx = Tx { tx, caller };
+                        let service = require_service(tx.conn()?, &service).await?;
+                        let done = sqlx::query(sql::INIT_NODE)
+                            .bind(service)
+                            .bind(&node)
+                            .bind(capacity)
+                            .bind(capacity)
+                            .execute(tx.conn()?)
+                            .await?;
+                        Ok(done.rows_affected() > 0)
+                    })
+                })
+                .await
             }
 
             async fn list_nodes(&self, service: Option<&str>) -> Result<Vec<NodeRecord>> {
-                let rows = sqlx::query(sql::LIST_NODES).bind(service).bind(service).fetch_all(self.reader()).await?;
+                let mut lease = self.reads.get().await?;
+                let rows = sqlx::query(sql::LIST_NODES).bind(service).bind(service).fetch_all(&mut *lease).await?;
+                lease.keep();
                 rows.iter()
                     .map(|r| Ok(NodeRecord { service: r.try_get(0)?, state: node_state(r, 1)? }))
                     .collect::<std::result::Result<_, sqlx::Error>>()
@@ -345,26 +378,34 @@ macro_rules! sync_store {
             }
 
             async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64> {
-                let mut conn = self.writer().acquire().await?;
-                if let Some(id) = service_id(&mut conn, service).await? {
-                    return Ok(id);
-                }
-                // No transaction: a unique violation (another process inserted it meanwhile) is
-                // fine, and would abort a PostgreSQL transaction.
-                if let Err(e) = sqlx::query(sql::INSERT_SERVICE).bind(service).bind(pattern).execute(&mut *conn).await {
-                    match StoreError::from(e) {
-                        StoreError::AlreadyExists(_) => {}
-                        other => return Err(other),
+                let (service, pattern) = (service.to_string(), pattern.to_string());
+                let pool = self.pool.clone();
+                crate::caller::detached(move |_| async move {
+                    let mut conn = pool.acquire().await?;
+                    if let Some(id) = service_id(&mut conn, &service).await? {
+                        return Ok(id);
                     }
-                }
-                require_service(&mut conn, service).await
+                    // No transaction: a unique violation (another process inserted it meanwhile)
+                    // is fine, and would abort a PostgreSQL transaction.
+                    if let Err(e) =
+                        sqlx::query(sql::INSERT_SERVICE).bind(&service).bind(&pattern).execute(&mut *conn).await
+                    {
+                        match StoreError::from(e) {
+                            StoreError::AlreadyExists(_) => {}
+                            other => return Err(other),
+                        }
+                    }
+                    require_service(&mut conn, &service).await
+                })
+                .await
             }
 
-            async fn generated_master_secret(
+            async fn generated_secret(
                 &self,
-                generate: &(dyn Fn() -> String + Send + Sync),
-            ) -> Result<(String, bool)> {
-                self.generated_secret(generate).await
+                _name: &str,
+                _generate: &(dyn Fn() -> String + Send + Sync),
+            ) -> Result<Option<(String, bool)>> {
+                Ok(None)
             }
         }
     };

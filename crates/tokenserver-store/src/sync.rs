@@ -32,6 +32,86 @@ pub struct Allocate<'a> {
     pub release_rate: f64,
 }
 
+/// An [`Allocate`] that owns its strings, to cross into a task or thread of its own.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedAllocate {
+    service: String,
+    email: String,
+    generation: i64,
+    client_state: String,
+    keys_changed_at: Option<i64>,
+    expected_current: Option<i64>,
+    now_ms: i64,
+    release_rate: f64,
+}
+
+impl OwnedAllocate {
+    pub(crate) fn new(r: &Allocate<'_>) -> Self {
+        Self {
+            service: r.service.to_owned(),
+            email: r.email.to_owned(),
+            generation: r.generation,
+            client_state: r.client_state.to_owned(),
+            keys_changed_at: r.keys_changed_at,
+            expected_current: r.expected_current,
+            now_ms: r.now_ms,
+            release_rate: r.release_rate,
+        }
+    }
+
+    pub(crate) fn borrow(&self) -> Allocate<'_> {
+        Allocate {
+            service: &self.service,
+            email: &self.email,
+            generation: self.generation,
+            client_state: &self.client_state,
+            keys_changed_at: self.keys_changed_at,
+            expected_current: self.expected_current,
+            now_ms: self.now_ms,
+            release_rate: self.release_rate,
+        }
+    }
+
+    /// The service, for ordering a batch.
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+}
+
+/// A [`UserChange`] that owns its strings.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedUserChange {
+    generation: i64,
+    keys_changed_at: Option<i64>,
+    /// `Some` for [`UserChange::NewClientState`], with the node.
+    new_client_state: Option<(String, i64)>,
+}
+
+impl OwnedUserChange {
+    pub(crate) fn new(c: &UserChange<'_>) -> Self {
+        match c {
+            UserChange::Update { generation, keys_changed_at } => {
+                Self { generation: *generation, keys_changed_at: *keys_changed_at, new_client_state: None }
+            }
+            UserChange::NewClientState { generation, keys_changed_at, client_state, node_id } => Self {
+                generation: *generation,
+                keys_changed_at: *keys_changed_at,
+                new_client_state: Some((client_state.to_string(), *node_id)),
+            },
+        }
+    }
+
+    pub(crate) fn borrow(&self) -> UserChange<'_> {
+        let (generation, keys_changed_at) = (self.generation, self.keys_changed_at);
+        match &self.new_client_state {
+            None => UserChange::Update { generation, keys_changed_at },
+            Some((client_state, node_id)) => {
+                UserChange::NewClientState { generation, keys_changed_at, client_state, node_id: *node_id }
+            }
+        }
+    }
+}
+
 /// A change to a user's current row, applied only if it is still current.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserChange<'a> {
@@ -97,8 +177,12 @@ pub trait SyncStore: Send + Sync + 'static {
     /// Creates or upgrades the schema; a no-op on an up-to-date database.
     async fn migrate(&self) -> Result<MigrationReport>;
 
-    /// Cheap liveness check: one round trip to the database.
+    /// Cheap liveness check: one round trip on the connections reads use.
     async fn check(&self) -> Result<()>;
+
+    /// A write could run now: a write connection (SQLite: the write lock, through the writer's
+    /// queue) is had and answers a round trip. Callers bound how long they wait.
+    async fn check_write(&self) -> Result<()>;
 
     /// Up to 20 newest rows of a user, newest `created_at` first, then highest `uid`, joined with
     /// their node. One indexed read.
@@ -148,9 +232,15 @@ pub trait SyncStore: Send + Sync + 'static {
     /// Inserts the service row if missing (by name). Returns its id.
     async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64>;
 
-    /// The persisted generated master secret, creating it with `generate` on first call.
-    /// Returns the secret and whether it was just created.
-    async fn generated_master_secret(&self, generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)>;
+    /// The generated secret kept under `name` (`master_secret`, `admin_key`, …), created with
+    /// `generate` on first call: the secret and whether it was just created. `None` when the
+    /// backend keeps no generated secrets (Mozilla's PostgreSQL and MySQL schemas have nowhere
+    /// to put them: such deployments configure every secret).
+    async fn generated_secret(
+        &self,
+        name: &str,
+        generate: &(dyn Fn() -> String + Send + Sync),
+    ) -> Result<Option<(String, bool)>>;
 }
 
 /// The record of a node just inserted with `id`.
@@ -168,7 +258,3 @@ pub(crate) fn node_record(node: &NewNode<'_>, id: i64) -> NodeRecord {
         },
     }
 }
-
-/// Why PostgreSQL and MySQL cannot generate a master secret.
-pub(crate) const NO_GENERATED_SECRET: &str = "master_secret must be set when the database is PostgreSQL or MySQL \
-    (Mozilla's schema has nowhere to keep a generated one)";

@@ -70,7 +70,13 @@ pub async fn master_secrets(config: &Config, store: &dyn SyncStore) -> Result<Ve
     if !config.master_secrets.is_empty() {
         return Ok(config.master_secrets.clone());
     }
-    let (secret, created) = store.generated_master_secret(&generate_secret).await?;
+    let Some((secret, created)) = store.generated_secret("master_secret", &generate_secret).await? else {
+        return Err(StartError::Other(
+            "master_secret must be set when the database is PostgreSQL or MySQL \
+             (Mozilla's schema has nowhere to keep a generated one)"
+                .into(),
+        ));
+    };
     if created {
         tracing::warn!(
             "no master_secret configured: generated one and stored it in the database; \

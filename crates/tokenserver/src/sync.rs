@@ -193,16 +193,14 @@ impl SyncTokens {
     /// Runs a store call under the per-request database timeout (T1).
     async fn db<T>(&self, fut: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         match self.db_timeout {
-            Some(limit) => {
-                tokio::time::timeout(limit, fut).await.unwrap_or(Err(StoreError::Unavailable(TIMEOUT.into())))
-            }
+            Some(limit) => tokio::time::timeout(limit, fut).await.unwrap_or(Err(StoreError::Timeout)),
             None => fut.await,
         }
     }
 
     fn map_db(e: &StoreError) -> SyncError {
         match e {
-            StoreError::Unavailable(d) if d == TIMEOUT => SyncError::elapsed(),
+            StoreError::Timeout => SyncError::elapsed(),
             other => store_error(other),
         }
     }
@@ -409,8 +407,6 @@ impl SyncTokens {
         }
     }
 }
-
-const TIMEOUT: &str = "request timeout";
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,6 @@ use sqlx::mysql::{MySqlArguments, MySqlRow};
 use sqlx::MySql;
 
 use super::MySqlStore;
-use crate::sync::NO_GENERATED_SECRET;
 
 mod sql {
     pub const EXISTING_TABLES: &str = "SELECT CAST(table_name AS CHAR) FROM information_schema.tables \
@@ -23,7 +22,7 @@ mod sql {
         WHERE users.email = ? AND users.service = (SELECT id FROM services WHERE service = ?) \
         ORDER BY users.created_at DESC, users.uid DESC LIMIT 20";
 
-    pub const LOCK_USER: Option<&str> = Some("SELECT uid FROM users WHERE email = ? AND service = ? FOR UPDATE");
+    pub const LOCK_USER: &str = "SELECT uid FROM users WHERE email = ? AND service = ? FOR UPDATE";
 
     pub const LOCK_NODES: &str = "SELECT id, node, available, current_load, capacity, downed, backoff \
         FROM nodes WHERE service = ? ORDER BY id FOR UPDATE";
@@ -81,34 +80,4 @@ async fn insert_id<'q>(
     i64::try_from(done.last_insert_id()).map_err(|_| StoreError::Backend("insert id out of range".into()))
 }
 
-impl MySqlStore {
-    fn reader(&self) -> &sqlx::MySqlPool {
-        &self.pool
-    }
-
-    fn writer(&self) -> &sqlx::MySqlPool {
-        &self.pool
-    }
-
-    /// A round trip on a read connection: the request path's reads go through those.
-    async fn probe(&self) -> Result<()> {
-        self.reads.probe().await
-    }
-
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, MySql>> {
-        Ok(self.pool.begin().await?)
-    }
-
-    /// Allocations through the store's queue (one transaction per batch).
-    async fn queued_allocate(&self, req: &crate::sync::Allocate<'_>) -> Result<UserRow> {
-        crate::alloc_queue::allocate_via(self.allocations.as_ref(), self, req).await
-    }
-
-    async fn generated_secret(&self, _generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {
-        Err(StoreError::Config(NO_GENERATED_SECRET.into()))
-    }
-}
-
-crate::sql_backend::sync_store!(store: MySqlStore, db: MySql, row: MySqlRow, conn: sqlx::MySqlConnection,
-    request_path: (leased_user_rows, queued_allocate, sqlx_change), leased_reads: reads,
-);
+crate::sql_backend::sync_store!(store: MySqlStore, db: MySql, row: MySqlRow, conn: sqlx::MySqlConnection);

@@ -5,7 +5,6 @@ use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::Postgres;
 
 use super::PgStore;
-use crate::sync::NO_GENERATED_SECRET;
 
 mod sql {
     pub const EXISTING_TABLES: &str = "SELECT table_name::TEXT FROM information_schema.tables \
@@ -25,7 +24,7 @@ mod sql {
         WHERE users.email = $1 AND users.service = (SELECT id FROM services WHERE service = $2) \
         ORDER BY users.created_at DESC, users.uid DESC LIMIT 20";
 
-    pub const LOCK_USER: Option<&str> = Some("SELECT uid FROM users WHERE email = $1 AND service = $2 FOR UPDATE");
+    pub const LOCK_USER: &str = "SELECT uid FROM users WHERE email = $1 AND service = $2 FOR UPDATE";
 
     pub const LOCK_NODES: &str = "SELECT id, node::TEXT, available::BIGINT, current_load::BIGINT, capacity::BIGINT, \
         downed::BIGINT, backoff::BIGINT FROM nodes WHERE service = $1 ORDER BY id FOR UPDATE";
@@ -83,34 +82,4 @@ async fn insert_id<'q>(
     Ok(q.fetch_one(conn).await?.try_get(0)?)
 }
 
-impl PgStore {
-    fn reader(&self) -> &sqlx::PgPool {
-        &self.pool
-    }
-
-    fn writer(&self) -> &sqlx::PgPool {
-        &self.pool
-    }
-
-    /// A round trip on a read connection: the request path's reads go through those.
-    async fn probe(&self) -> Result<()> {
-        self.reads.probe().await
-    }
-
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Postgres>> {
-        Ok(self.pool.begin().await?)
-    }
-
-    /// Allocations through the store's queue (one transaction per batch).
-    async fn queued_allocate(&self, req: &crate::sync::Allocate<'_>) -> Result<UserRow> {
-        crate::alloc_queue::allocate_via(self.allocations.as_ref(), self, req).await
-    }
-
-    async fn generated_secret(&self, _generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {
-        Err(StoreError::Config(NO_GENERATED_SECRET.into()))
-    }
-}
-
-crate::sql_backend::sync_store!(store: PgStore, db: Postgres, row: PgRow, conn: sqlx::PgConnection,
-    request_path: (leased_user_rows, queued_allocate, sqlx_change), leased_reads: reads,
-);
+crate::sql_backend::sync_store!(store: PgStore, db: Postgres, row: PgRow, conn: sqlx::PgConnection);

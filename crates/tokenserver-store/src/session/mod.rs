@@ -9,7 +9,7 @@
 pub mod memory;
 pub mod postgres;
 pub mod redis;
-pub mod sqlite;
+pub use crate::sqlite::session as sqlite;
 
 use std::sync::Arc;
 
@@ -197,7 +197,7 @@ impl SessionBackend {
 pub async fn open(url: &str, pool: &PoolSettings, memory_shards: usize) -> Result<Arc<dyn SessionStore>> {
     Ok(match SessionBackend::from_url(url)? {
         SessionBackend::Memory => Arc::new(memory::MemorySessions::new(memory_shards)),
-        SessionBackend::Sqlite => Arc::new(sqlite::SqliteSessions::open(url).await?),
+        SessionBackend::Sqlite => Arc::new(sqlite::SqliteSessions::open(url, pool.sqlite_durability).await?),
         SessionBackend::Postgres => Arc::new(postgres::PgSessions::open(url, pool).await?),
         SessionBackend::Redis => Arc::new(redis::RedisSessions::open(url).await?),
         SessionBackend::RedisCluster => Arc::new(redis::RedisSessions::open_cluster(url).await?),

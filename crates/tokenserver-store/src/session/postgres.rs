@@ -1,6 +1,7 @@
 //! PostgreSQL session store: one transaction per call, the presented token's row locked with
 //! `SELECT … FOR UPDATE`, so two rotations of one token run one after the other and the second
-//! sees the first one's result.
+//! sees the first one's result. Each transaction runs on a task of its own
+//! ([`crate::caller::transaction`]): a caller that goes away never cuts a statement short.
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgRow};
@@ -11,6 +12,7 @@ use tokenserver_core::session::{
 };
 
 use super::{DumpEntry, Result, RotateOutcome, SessionStore};
+use crate::caller::{transaction, Caller};
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &[&str] = &[
@@ -110,70 +112,81 @@ impl SessionStore for PgSessions {
     }
 
     async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        Self::insert(&mut tx, token, record).await?;
-        tx.commit().await?;
-        Ok(())
+        let (token, record) = (token.clone(), record.clone());
+        transaction(&self.pool, Caller::default(), move |tx, _| {
+            Box::pin(async move { Self::insert(tx, &token, &record).await })
+        })
+        .await
     }
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
-        let hash = req.presented.hash();
-        let mut tx = self.pool.begin().await?;
-        let current = load(&mut tx, &hash, true).await?;
-        let outcome = match decide(current.as_ref(), req, policy) {
-            Decision::Rotate { rotated, successor, .. } => {
-                sqlx::query(
-                    "UPDATE tokenserver_sessions SET meta = '', rotated_at = $2, successor = $3, sealed = $4 \
-                     WHERE token_hash = $1",
-                )
-                .bind(&hash.0[..])
-                .bind(rotated.at as i64)
-                .bind(&rotated.successor.0[..])
-                .bind(rotated.sealed.as_bytes())
-                .execute(&mut *tx)
-                .await?;
-                Self::insert(&mut tx, &req.successor, &successor).await?;
-                RotateOutcome::Rotated { token: req.successor.clone(), record: successor }
-            }
-            Decision::Replay { successor_hash, successor } => {
-                let next = load(&mut tx, &successor_hash, false).await?;
-                match replay_answer(next.as_ref(), req.now) {
-                    Some(record) => RotateOutcome::Replayed { token: successor, record: record.clone() },
-                    None => RotateOutcome::Refused(Invalid::SuccessorGone),
-                }
-            }
-            Decision::RevokeChain { .. } => {
-                revoke(&mut tx, &req.presented).await?;
-                RotateOutcome::Revoked
-            }
-            Decision::Refuse { why, remove: expired } => {
-                if expired {
-                    remove(&mut tx, &hash).await?;
-                }
-                RotateOutcome::Refused(why)
-            }
-            Decision::Reject(e) => RotateOutcome::Rejected(e),
-        };
-        tx.commit().await?;
-        Ok(outcome)
+        let (req, policy) = (req.clone(), *policy);
+        transaction(&self.pool, Caller::default(), move |tx, caller| {
+            Box::pin(async move {
+                let hash = req.presented.hash();
+                let current = load(tx, &hash, true).await?;
+                caller.check()?;
+                Ok(match decide(current.as_ref(), &req, &policy) {
+                    Decision::Rotate { rotated, successor, .. } => {
+                        sqlx::query(
+                            "UPDATE tokenserver_sessions SET meta = '', rotated_at = $2, successor = $3, sealed = $4 \
+                             WHERE token_hash = $1",
+                        )
+                        .bind(&hash.0[..])
+                        .bind(rotated.at as i64)
+                        .bind(&rotated.successor.0[..])
+                        .bind(rotated.sealed.as_bytes())
+                        .execute(&mut **tx)
+                        .await?;
+                        caller.check()?;
+                        Self::insert(tx, &req.successor, &successor).await?;
+                        RotateOutcome::Rotated { token: req.successor.clone(), record: successor }
+                    }
+                    Decision::Replay { successor_hash, successor } => {
+                        let next = load(tx, &successor_hash, false).await?;
+                        match replay_answer(next.as_ref(), req.now) {
+                            Some(record) => RotateOutcome::Replayed { token: successor, record: record.clone() },
+                            None => RotateOutcome::Refused(Invalid::SuccessorGone),
+                        }
+                    }
+                    Decision::RevokeChain { .. } => {
+                        revoke(tx, &req.presented).await?;
+                        RotateOutcome::Revoked
+                    }
+                    Decision::Refuse { why, remove: expired } => {
+                        if expired {
+                            remove(tx, &hash).await?;
+                        }
+                        RotateOutcome::Refused(why)
+                    }
+                    Decision::Reject(e) => RotateOutcome::Rejected(e),
+                })
+            })
+        })
+        .await
     }
 
     async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
-        let hash = token.hash();
-        let mut tx = self.pool.begin().await?;
-        let ended = match load(&mut tx, &hash, true).await? {
-            None => false,
-            Some(r) if !r.alive(now) => {
-                remove(&mut tx, &hash).await?;
-                false
-            }
-            Some(_) => {
-                revoke(&mut tx, token).await?;
-                true
-            }
-        };
-        tx.commit().await?;
-        Ok(ended)
+        let token = token.clone();
+        transaction(&self.pool, Caller::default(), move |tx, caller| {
+            Box::pin(async move {
+                let hash = token.hash();
+                let found = load(tx, &hash, true).await?;
+                caller.check()?;
+                Ok(match found {
+                    None => false,
+                    Some(r) if !r.alive(now) => {
+                        remove(tx, &hash).await?;
+                        false
+                    }
+                    Some(_) => {
+                        revoke(tx, &token).await?;
+                        true
+                    }
+                })
+            })
+        })
+        .await
     }
 
     async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+use crate::caller::Waiting;
 use crate::StoreError;
 
 /// Most calls committed together.
@@ -73,15 +74,6 @@ type Job = Box<dyn FnOnce(Option<&mut Connection>) -> (bool, Deliver) + Send>;
 #[derive(Debug, Clone)]
 pub(crate) struct GroupWriter {
     jobs: mpsc::Sender<Job>,
-}
-
-/// Sets the flag when the caller's future is dropped (e.g. by a request timeout).
-struct Abandoned(Arc<AtomicBool>);
-
-impl Drop for Abandoned {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
 }
 
 /// Runs one of the writer's transaction-control statements (prepared once).
@@ -251,17 +243,15 @@ impl GroupWriter {
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let guard = Abandoned(abandoned.clone());
+        // The job runs on the writer thread whatever becomes of this future (see `crate::caller`).
+        let (waiting, caller) = Waiting::start();
         let job: Job = Box::new(move |conn| {
             let out = match conn {
-                _ if abandoned.load(Ordering::Relaxed) => {
-                    Err(StoreError::Unavailable("request abandoned before commit".into()))
-                }
+                _ if caller.gone() => Err(StoreError::Abandoned),
                 Some(conn) => f(conn),
                 None => Err(StoreError::Unavailable("the transaction could not start".into())),
             };
-            let undo = out.is_err() || abandoned.load(Ordering::Relaxed);
+            let undo = out.is_err() || caller.gone();
             let deliver: Deliver = Box::new(move |commit_error| {
                 let _ = tx.send(match commit_error {
                     Some(err) => Err(err),
@@ -272,7 +262,7 @@ impl GroupWriter {
         });
         self.jobs.send(job).map_err(|_| StoreError::Unavailable("the SQLite writer stopped".into()))?;
         let out = rx.await.map_err(|_| StoreError::Unavailable("the SQLite writer stopped".into()))?;
-        drop(guard);
+        drop(waiting);
         out
     }
 }

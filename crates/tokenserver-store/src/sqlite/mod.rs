@@ -1,28 +1,32 @@
-//! SQLite backend: the embedded default. Mozilla's node-assignment schema in one file.
+//! SQLite backend: the embedded default. Mozilla's node-assignment schema (and the session
+//! table) in one file.
 //!
-//! Writes go through a single sqlx connection, each in a `BEGIN IMMEDIATE` transaction, so every
-//! read-modify-write is serialized within this process and takes SQLite's write lock up front
-//! against other processes (the CLI).
+//! Every write runs on a group-commit writer thread ([`group`]) that owns the write connection:
+//! calls are batched into one transaction, each in its own savepoint, and a caller that goes away
+//! cannot cut a statement short (the thread finishes it and rolls the call back). Every
+//! read-modify-write is therefore serialized within this process and takes SQLite's write lock
+//! (`BEGIN IMMEDIATE`) against other processes, such as the CLI.
 //!
-//! The request path's one read (a user's rows) runs inline on the calling thread through a small
-//! pool of read-only `rusqlite` connections in WAL mode (readers never wait for the writer):
-//! an indexed lookup answered from the page cache takes microseconds, while a hop to sqlx's
-//! per-connection worker thread and back costs more than the query on a 2-core machine.
+//! Reads run inline on the calling thread through a small pool of read-only connections in WAL
+//! mode (readers never wait for the writer): an indexed lookup answered from the page cache takes
+//! microseconds, less than a hop to another thread and back. An in-memory database
+//! (`sqlite::memory:`) exists once per connection, so there every call, reads included, goes to
+//! its writer.
 
 pub(crate) mod group;
 mod row_cache;
+pub mod session;
 mod sync;
-mod write;
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
+use rusqlite::Connection;
 
 use crate::migrate::Migration;
-use crate::sync::MigrationReport;
-use crate::{PoolSettings, StoreError};
+use crate::StoreError;
 
 /// Schema migrations. Versions follow diesel's naming so the bookkeeping table looks like
 /// Mozilla's on every backend; the schema itself mirrors Mozilla's PostgreSQL one.
@@ -76,11 +80,73 @@ CREATE TABLE IF NOT EXISTS tokenserver_meta (
 
 /// How long an inline read may wait on a lock (only WAL recovery or a checkpoint can make it).
 const READ_BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long a write waits for SQLite's lock (another process, e.g. the CLI, writing).
+const WRITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How durable a commit is (`PRAGMA synchronous` of the writers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `NORMAL` (the default): in WAL mode a commit survives a crash of the process; a power cut
+    /// or an OS crash may lose the last commits (never corrupts the file).
+    #[default]
+    Normal,
+    /// `FULL`: every commit is on disk before it is answered (an fsync per batch).
+    Full,
+}
+
+impl Durability {
+    fn pragma(self) -> &'static str {
+        match self {
+            Durability::Normal => "NORMAL",
+            Durability::Full => "FULL",
+        }
+    }
+}
+
+pub(crate) fn rusqlite_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::{ConstraintViolation, DatabaseBusy, DatabaseLocked};
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            DatabaseBusy | DatabaseLocked => StoreError::Unavailable(e.to_string()),
+            // SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY.
+            ConstraintViolation if matches!(f.extended_code, 2067 | 1555) => StoreError::AlreadyExists(e.to_string()),
+            _ => StoreError::Backend(e.to_string()),
+        },
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// The database file a `sqlite:` URL names (any spelling sqlx accepts: `sqlite://path`,
+/// `sqlite:path`, with query options); `None` for an in-memory database.
+pub(crate) fn database_file(url: &str) -> Result<Option<PathBuf>, StoreError> {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return Ok(None);
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+        .map_err(|err| StoreError::Config(format!("invalid SQLite URL: {err}")))?;
+    Ok(Some(options.get_filename().to_path_buf()))
+}
+
+/// A read-write connection of a writer thread (or its checkpointer) to `file`, or to a new
+/// in-memory database.
+pub(crate) fn writer_connection(file: Option<&Path>, durability: Durability) -> Result<Connection, StoreError> {
+    let conn = match file {
+        None => Connection::open_in_memory().map_err(rusqlite_error)?,
+        Some(path) => Connection::open(path)
+            .map_err(|err| StoreError::Config(format!("cannot open the SQLite database {}: {err}", path.display())))?,
+    };
+    conn.busy_timeout(WRITE_BUSY_TIMEOUT).map_err(rusqlite_error)?;
+    if file.is_some() {
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(rusqlite_error)?;
+    }
+    conn.pragma_update(None, "synchronous", durability.pragma()).map_err(rusqlite_error)?;
+    Ok(conn)
+}
 
 /// Read-only connections used inline, at most `max_idle` kept.
-struct ReadConns {
-    path: std::path::PathBuf,
-    idle: std::sync::Mutex<Vec<rusqlite::Connection>>,
+pub(crate) struct ReadConns {
+    path: PathBuf,
+    idle: std::sync::Mutex<Vec<Connection>>,
     max_idle: usize,
 }
 
@@ -90,18 +156,14 @@ impl std::fmt::Debug for ReadConns {
     }
 }
 
-pub(super) fn rusqlite_error(e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
-    match e.sqlite_error_code() {
-        Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable(e.to_string()),
-        _ => StoreError::Backend(e.to_string()),
-    }
-}
-
 impl ReadConns {
-    fn open(&self) -> rusqlite::Result<rusqlite::Connection> {
+    pub(crate) fn new(path: PathBuf, max_idle: usize) -> Self {
+        Self { path, idle: std::sync::Mutex::new(Vec::new()), max_idle: max_idle.max(1) }
+    }
+
+    fn open(&self) -> rusqlite::Result<Connection> {
         use rusqlite::OpenFlags;
-        let conn = rusqlite::Connection::open_with_flags(
+        let conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
@@ -114,7 +176,7 @@ impl ReadConns {
     }
 
     /// Runs `f` on an idle connection (or a new one) and returns the connection to the pool.
-    fn with<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let pooled = match self.idle.lock() {
             Ok(mut idle) => idle.pop(),
             Err(poisoned) => poisoned.into_inner().pop(),
@@ -133,81 +195,40 @@ impl ReadConns {
     }
 }
 
-/// The SQLite store.
+/// The SQLite Sync store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    read: SqlitePool,
-    write: SqlitePool,
-    /// Inline readers; `None` for an in-memory database (one per connection: reads use sqlx).
-    inline: Option<std::sync::Arc<ReadConns>>,
-    /// The request path's writer; `None` for an in-memory database (writes use sqlx).
-    writer: Option<std::sync::Arc<write::Writer>>,
+    /// Every write, and every read of an in-memory database.
+    writer: group::GroupWriter,
+    /// Inline readers of a file database.
+    reads: Option<Arc<ReadConns>>,
     /// Users' rows as last read, for a file database (see [`row_cache`]).
-    rows: Option<std::sync::Arc<row_cache::RowCache>>,
+    rows: Option<Arc<row_cache::RowCache>>,
 }
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url` (`sqlite://path`, `sqlite:path` or
-    /// `sqlite::memory:`).
-    pub async fn open(url: &str, pool: &PoolSettings) -> Result<Self, StoreError> {
-        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Config(format!("invalid SQLite URL: {e}")))?
-            .create_if_missing(true)
-            .journal_mode(if in_memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(false);
-        // A local file cannot drop a connection: no ping before each acquire (sqlx's default, an
-        // extra round trip to the connection's worker thread per query).
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .acquire_timeout(pool.connection_timeout)
-            .connect_with(options.clone())
-            .await?;
-        let options_for_reads = options.clone();
-        // An in-memory database exists once per connection: share the writer.
-        let read = if in_memory {
-            write.clone()
-        } else {
-            SqlitePoolOptions::new()
-                .max_connections(pool.max_size.max(1))
-                .test_before_acquire(false)
-                .acquire_timeout(pool.connection_timeout)
-                .connect_with(options_for_reads.clone().read_only(true))
-                .await?
-        };
-        let inline = (!in_memory).then(|| {
-            std::sync::Arc::new(ReadConns {
-                path: options_for_reads.get_filename().to_path_buf(),
-                idle: std::sync::Mutex::new(Vec::new()),
-                max_idle: pool.max_size.max(1) as usize,
-            })
-        });
-        // Opened after the WAL-mode connections above, which create the `-shm` file.
-        let rows = if in_memory {
-            None
-        } else {
-            row_cache::RowCache::open(options_for_reads.get_filename()).map(std::sync::Arc::new)
-        };
-        let writer = if in_memory {
-            None
-        } else {
-            let path = options_for_reads.get_filename().to_path_buf();
-            let rows = rows.clone();
-            let writer = tokio::task::spawn_blocking(move || write::Writer::open(&path, rows))
-                .await
-                .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
-            Some(std::sync::Arc::new(writer))
-        };
-        Ok(Self { read, write, inline, writer, rows })
+    /// `sqlite::memory:`) and starts its writer; `max_readers` inline read connections are kept.
+    pub async fn open(url: &str, max_readers: usize, durability: Durability) -> Result<Self, StoreError> {
+        let file = database_file(url)?;
+        tokio::task::spawn_blocking(move || Self::open_blocking(file, max_readers, durability))
+            .await
+            .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))?
     }
 
-    async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {
-        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
-        let report = sync::apply_migrations(&mut tx, MIGRATIONS).await?;
-        tx.commit().await?;
-        Ok(report)
+    fn open_blocking(file: Option<PathBuf>, max_readers: usize, durability: Durability) -> Result<Self, StoreError> {
+        let Some(path) = file else {
+            let conn = writer_connection(None, durability)?;
+            let writer = group::GroupWriter::start("sync-writer", conn, None, None)?;
+            return Ok(Self { writer, reads: None, rows: None });
+        };
+        let conn = writer_connection(Some(&path), durability)?;
+        let checkpoints = writer_connection(Some(&path), durability)?;
+        // Opened after a WAL-mode connection, which creates the `-shm` file it watches.
+        let rows = row_cache::RowCache::open(&path).map(Arc::new);
+        let watch =
+            rows.clone().map(|rows| Box::new(row_cache::CommitWatch::new(rows)) as Box<dyn group::BatchObserver>);
+        let writer = group::GroupWriter::start("sync-writer", conn, Some(checkpoints), watch)?;
+        Ok(Self { writer, reads: Some(Arc::new(ReadConns::new(path, max_readers))), rows })
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct RowCache {
     /// Users the writer's current batch changes (service, email) and their rows after the
     /// change (`None`: unknown, drop the user).
     touched: Mutex<Vec<Touched>>,
+    /// The writer's current batch may change any user's rows (node or schema changes).
+    touched_all: std::sync::atomic::AtomicBool,
 }
 
 /// A user a writer batch changed, and the rows its call left (`None`: drop the user).
@@ -90,6 +92,7 @@ impl RowCache {
                     entries: 0,
                 }),
                 touched: Mutex::new(Vec::new()),
+                touched_all: std::sync::atomic::AtomicBool::new(false),
             }),
             Err(err) => {
                 tracing::warn!(error = %err, "no WAL index to watch: the user-row cache is off");
@@ -126,6 +129,12 @@ impl RowCache {
         self.touched.lock().push((key.0.to_string(), key.1.to_string(), rows));
     }
 
+    /// Notes that the writer's current call may change any user's rows: once its batch commits,
+    /// the cache starts empty under the new header.
+    pub(crate) fn touch_all(&self) {
+        self.touched_all.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// How many touches the current batch has noted.
     fn touches(&self) -> usize {
         self.touched.lock().len()
@@ -150,9 +159,17 @@ impl RowCache {
     /// the next reader to empty.
     fn batch_ended(&self, before: Option<Header>, after: Option<Header>) {
         let touched = std::mem::take(&mut *self.touched.lock());
+        let all = self.touched_all.swap(false, std::sync::atomic::Ordering::Relaxed);
         let mut filled = self.filled.lock();
         filled.committing = false;
         let (Some(before), Some(after)) = (before, after) else { return };
+        if all {
+            // Rows read under `before` and filed later are refused by `put` (header moved on).
+            filled.rows.clear();
+            filled.entries = 0;
+            filled.header = after;
+            return;
+        }
         if filled.header != before || before == after {
             // Either the cache is not at the batch's start (the next reader sorts it out), or
             // nothing was written.
@@ -462,6 +479,25 @@ mod tests {
         assert_eq!(cache.get(&h2, ("s", "a")).unwrap()[0].uid, 10);
         assert!(cache.get(&h2, ("s", "b")).is_none(), "a rolled-back call's rows are not filed");
         assert_eq!(cache.get(&h2, ("s", "c")).unwrap()[0].uid, 31, "the last call wins");
+    }
+
+    #[test]
+    fn a_batch_that_may_change_every_user_empties_the_cache() {
+        let (_dir, _db, writer, cache) = real_db("all");
+        let mut watch = CommitWatch::new(cache.clone());
+        let h1 = seed(&cache, &[("a", 1), ("b", 2)]);
+        batch(&writer, &mut watch, ("s", "a"), || {});
+        let h2 = cache.header().unwrap();
+        assert_eq!(cache.get(&h2, ("s", "b")).unwrap()[0].uid, 2);
+        cache.touch_all();
+        batch(&writer, &mut watch, ("s", "a"), || {});
+        let h3 = cache.header().unwrap();
+        assert!(cache.get(&h3, ("s", "b")).is_none(), "b's rows may have changed");
+        // Rows read before the batch are not filed under the new header.
+        cache.put(&h1, ("s", "b"), Arc::from(vec![row(2)]));
+        cache.put(&h2, ("s", "b"), Arc::from(vec![row(2)]));
+        assert!(cache.get(&h3, ("s", "b")).is_none());
+        assert!(!cache.touched_all.load(std::sync::atomic::Ordering::Relaxed), "one batch only");
     }
 
     #[test]

@@ -1,9 +1,28 @@
-//! `SyncStore` for SQLite: its SQL; the implementation is [`crate::sql_backend`]'s.
+//! `SyncStore` for SQLite. Writes run on the group-commit writer ([`super::group`]) through its
+//! `rusqlite` connection, reusing the transactional logic of `tx.rs`: its steps never suspend
+//! (rusqlite is synchronous), so the futures complete on the first poll, and one thread hop
+//! serves a whole write. Concurrent writes share a commit, each in its own savepoint after the
+//! ones before it in the batch, so allocations stay serialized exactly as with one transaction
+//! each. Reads run inline (or, in memory, on the writer).
 
-use sqlx::sqlite::{SqliteArguments, SqliteRow};
-use sqlx::Sqlite;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
-use super::{write, SqliteStore};
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension};
+use tokenserver_core::sync::allocation::NodeState;
+use tokenserver_core::sync::users::UserRow;
+
+use super::{rusqlite_error as e, SqliteStore, MIGRATIONS};
+use crate::migrate::{Existing, Migration};
+use crate::sync::{
+    node_record, Allocate, MigrationReport, NewNode, NodeRecord, OwnedAllocate, OwnedUserChange, Result, SyncStore,
+    UserChange,
+};
+use crate::tx::{self, NewUser, SyncTx};
+use crate::StoreError;
 
 pub(super) mod sql {
     pub const EXISTING_TABLES: &str = "SELECT name FROM sqlite_master WHERE type = 'table' \
@@ -16,17 +35,14 @@ pub(super) mod sql {
     pub const SERVICE_ID: &str = "SELECT id FROM services WHERE service = ?";
 
     /// Plans pinned: with statistics (after an `ANALYZE`) SQLite plans the node `LEFT JOIN` as a
-    /// scan of `unique_idx`, which doubled the cost of a request (benchmarked); rowid subqueries
-    /// give the same columns (NULL when the node is gone) with a lookup whatever the statistics.
+    /// scan of `unique_idx`; rowid subqueries give the same columns (NULL when the node is gone)
+    /// with a lookup whatever the statistics.
     pub const USER_ROWS: &str = "SELECT users.uid, (SELECT id FROM nodes WHERE id = users.nodeid), \
         (SELECT node FROM nodes WHERE id = users.nodeid), users.generation, users.keys_changed_at, \
         users.client_state, users.created_at, users.replaced_at \
         FROM users INDEXED BY lookup_idx \
         WHERE users.email = ? AND users.service = (SELECT id FROM services WHERE service = ?) \
         ORDER BY users.created_at DESC, users.uid DESC LIMIT 20";
-
-    /// Writes go through one connection in `BEGIN IMMEDIATE` transactions: no row locks needed.
-    pub const LOCK_USER: Option<&str> = None;
 
     pub const LOCK_NODES: &str = "SELECT id, node, available, current_load, capacity, downed, backoff \
         FROM nodes WHERE service = ? ORDER BY id";
@@ -75,10 +91,14 @@ pub(super) mod sql {
         WHERE (? IS NULL OR services.service = ?) ORDER BY nodes.id";
 
     pub const INSERT_SERVICE: &str = "INSERT INTO services (service, pattern) VALUES (?, ?)";
+
+    pub const GET_META: &str = "SELECT value FROM tokenserver_meta WHERE name = ?";
+
+    pub const PUT_META: &str = "INSERT INTO tokenserver_meta (name, value) VALUES (?, ?)";
 }
 
-/// A `users` row as `USER_ROWS` selects it, read through rusqlite.
-pub(super) fn user_row_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
+/// A `users` row as `USER_ROWS` selects it.
+fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
     Ok(UserRow {
         uid: r.get(0)?,
         node_id: r.get(1)?,
@@ -91,95 +111,197 @@ pub(super) fn user_row_rusqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserR
     })
 }
 
-/// Runs an `INSERT … RETURNING id`.
-async fn insert_id<'q>(
-    q: sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>,
-    conn: &mut sqlx::SqliteConnection,
-) -> crate::sync::Result<i64> {
-    Ok(q.fetch_one(conn).await?.try_get(0)?)
+/// Node columns from `offset` on, in `LOCK_NODES` order.
+fn node_state(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<NodeState> {
+    Ok(NodeState {
+        id: r.get(offset)?,
+        node: r.get(offset + 1)?,
+        available: r.get(offset + 2)?,
+        current_load: r.get(offset + 3)?,
+        capacity: r.get(offset + 4)?,
+        downed: r.get(offset + 5)?,
+        backoff: r.get(offset + 6)?,
+    })
 }
 
-impl SqliteStore {
-    fn reader(&self) -> &sqlx::SqlitePool {
-        &self.read
+fn rows_of(conn: &Connection, service: &str, email: &str) -> rusqlite::Result<Vec<UserRow>> {
+    let mut stmt = conn.prepare_cached(sql::USER_ROWS)?;
+    let rows = stmt.query_map((email, service), user_row)?;
+    rows.collect()
+}
+
+fn service_id(conn: &Connection, service: &str) -> Result<Option<i64>> {
+    let mut stmt = conn.prepare_cached(sql::SERVICE_ID).map_err(e)?;
+    stmt.query_row([service], |r| r.get(0)).optional().map_err(e)
+}
+
+fn require_service(conn: &Connection, service: &str) -> Result<i64> {
+    service_id(conn, service)?.ok_or_else(|| StoreError::UnknownService(service.to_string()))
+}
+
+/// Brings the schema up to date (inside the writer's transaction).
+fn apply_migrations(conn: &Connection, all: &[Migration]) -> Result<MigrationReport> {
+    let tables = conn
+        .prepare(sql::EXISTING_TABLES)
+        .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>())
+        .map_err(e)?;
+    let applied = if crate::migrate::has_bookkeeping(&tables) {
+        conn.prepare(sql::APPLIED_VERSIONS)
+            .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(e)?
+    } else {
+        Vec::new()
+    };
+    let existing = Existing::new(&tables, applied);
+    let todo = crate::migrate::plan(all, &existing);
+    if !todo.is_empty() && !existing.has_bookkeeping {
+        conn.execute_batch(crate::migrate::CREATE_BOOKKEEPING).map_err(e)?;
+    }
+    let mut report = MigrationReport::default();
+    for m in todo {
+        conn.execute_batch(m.sql).map_err(e)?;
+        conn.execute(sql::RECORD_VERSION, [m.version]).map_err(e)?;
+        report.applied.push(m.version.to_string());
+    }
+    Ok(report)
+}
+
+/// The writer's connection inside the batch transaction (and the call's savepoint). Every
+/// write is already serialized by the one writer, so nothing needs locking.
+struct Tx<'a> {
+    conn: &'a mut Connection,
+}
+
+#[async_trait]
+impl SyncTx for Tx<'_> {
+    async fn service_id(&mut self, service: &str) -> Result<Option<i64>> {
+        service_id(self.conn, service)
     }
 
-    fn writer(&self) -> &sqlx::SqlitePool {
-        &self.write
-    }
-
-    /// `SELECT 1` through the sqlx read pool (opening the database file is what can fail).
-    async fn probe(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.read).await?;
+    async fn lock_user(&mut self, _service_id: i64, _email: &str) -> Result<()> {
         Ok(())
     }
 
-    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Sqlite>> {
-        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    async fn user_rows(&mut self, service: &str, email: &str) -> Result<Vec<UserRow>> {
+        rows_of(self.conn, service, email).map_err(e)
     }
 
-    /// `allocate_user` on the rusqlite writer when the database is a file.
-    async fn write_allocate(&self, req: &Allocate<'_>) -> Result<UserRow> {
-        let Some(writer) = &self.writer else {
-            return self.sqlx_allocate(req).await;
-        };
-        let client_state = req.client_state.to_string();
-        let owned = (req.generation, req.keys_changed_at, req.expected_current, req.now_ms, req.release_rate);
-        writer
-            .run((req.service.to_string(), req.email.to_string()), move |wtx, service, email| {
-                let (generation, keys_changed_at, expected_current, now_ms, release_rate) = owned;
-                let req = Allocate {
-                    service,
-                    email,
-                    generation,
-                    client_state: &client_state,
-                    keys_changed_at,
-                    expected_current,
-                    now_ms,
-                    release_rate,
-                };
-                write::run_now(tx::allocate(wtx, &req))
-            })
-            .await
+    async fn lock_nodes(&mut self, service_id: i64) -> Result<Vec<NodeState>> {
+        let mut stmt = self.conn.prepare_cached(sql::LOCK_NODES).map_err(e)?;
+        let rows = stmt.query_map([service_id], |r| node_state(r, 0)).map_err(e)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(e)
     }
 
-    /// `change_user` on the rusqlite writer when the database is a file.
-    async fn write_change(
+    async fn set_available(&mut self, node_id: i64, available: i64) -> Result<()> {
+        self.conn.prepare_cached(sql::RELEASE).and_then(|mut s| s.execute((available, node_id))).map_err(e)?;
+        Ok(())
+    }
+
+    async fn add_user_to_node(&mut self, node_id: i64) -> Result<()> {
+        self.conn.prepare_cached(sql::ADD_USER_TO_NODE).and_then(|mut s| s.execute([node_id])).map_err(e)?;
+        Ok(())
+    }
+
+    async fn insert_user(&mut self, u: NewUser<'_>) -> Result<i64> {
+        let mut stmt = self.conn.prepare_cached(sql::POST_USER).map_err(e)?;
+        let params = (u.service_id, u.email, u.generation, u.client_state, u.created_at, u.node_id, u.keys_changed_at);
+        stmt.query_row(params, |r| r.get(0)).map_err(e)
+    }
+
+    async fn put_user(&mut self, service_id: i64, email: &str, generation: i64, kca: Option<i64>) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(sql::PUT_USER).map_err(e)?;
+        stmt.execute((generation, kca, service_id, email, generation, kca)).map_err(e)?;
+        Ok(())
+    }
+
+    async fn replace_others(&mut self, service_id: i64, email: &str, keep_uid: i64, now_ms: i64) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(sql::REPLACE_OTHERS).map_err(e)?;
+        stmt.execute((now_ms, service_id, email, keep_uid)).map_err(e)?;
+        Ok(())
+    }
+}
+
+/// Completes a future that never suspends (every step of [`Tx`] is synchronous).
+fn run_now<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
+    let mut fut = pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => Err(StoreError::Backend("a SQLite write step suspended".into())),
+    }
+}
+
+/// Which users' rows a write may change, for the user-row cache.
+enum Touch {
+    /// None (nodes and services added, bookkeeping).
+    Nothing,
+    /// This user's (service, email): its rows are read again after the write.
+    User(String, String),
+    /// Any user's.
+    All,
+}
+
+impl SqliteStore {
+    /// Runs `step` on the writer, in the next batch's transaction; kept if it succeeds and its
+    /// caller still waits (see [`super::group::GroupWriter::call`]).
+    async fn write<T: Send + 'static>(
         &self,
-        service: &str,
-        email: &str,
-        expected_current: i64,
-        change: &UserChange<'_>,
-        now_ms: i64,
-    ) -> Result<i64> {
-        let Some(writer) = &self.writer else {
-            return self.sqlx_change(service, email, expected_current, change, now_ms).await;
-        };
-        let key = (service.to_string(), email.to_string());
-        let owned = match change {
-            UserChange::Update { generation, keys_changed_at } => (*generation, *keys_changed_at, None, 0),
-            UserChange::NewClientState { generation, keys_changed_at, client_state, node_id } => {
-                (*generation, *keys_changed_at, Some(client_state.to_string()), *node_id)
-            }
-        };
-        writer
-            .run(key, move |wtx, service, email| {
-                let (generation, keys_changed_at, client_state, node_id) = owned;
-                let change = match &client_state {
-                    None => UserChange::Update { generation, keys_changed_at },
-                    Some(cs) => UserChange::NewClientState { generation, keys_changed_at, client_state: cs, node_id },
-                };
-                write::run_now(tx::change(wtx, service, email, expected_current, &change, now_ms))
+        touch: Touch,
+        step: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let cache = self.rows.clone();
+        self.writer
+            .call(move |conn| {
+                let out = step(conn);
+                if let Some(cache) = &cache {
+                    match &touch {
+                        Touch::Nothing => {}
+                        Touch::All => cache.touch_all(),
+                        Touch::User(service, email) => {
+                            // The user's rows as this call leaves them, read on the writer's
+                            // warm connection, so the next request for the user needs no read.
+                            let rows = match &out {
+                                Ok(_) => rows_of(conn, service, email).ok().map(Arc::from),
+                                Err(_) => None,
+                            };
+                            cache.touch((service, email), rows);
+                        }
+                    }
+                }
+                out
             })
             .await
     }
 
-    /// A user's rows: inline through `rusqlite` when the database is a file.
-    async fn read_user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-        let Some(inline) = &self.inline else {
-            // In memory: through the sqlx pool.
-            let mut conn = self.reader().acquire().await?;
-            return rows_of(&mut conn, service, email).await;
+    /// Runs `f` on a read connection: inline for a file, on the writer in memory.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        match &self.reads {
+            Some(reads) => reads.with(f),
+            None => self.writer.call(move |conn| f(conn).map_err(e)).await,
+        }
+    }
+}
+
+#[async_trait]
+impl SyncStore for SqliteStore {
+    async fn migrate(&self) -> Result<MigrationReport> {
+        self.write(Touch::All, |conn| apply_migrations(conn, MIGRATIONS)).await
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    async fn check_write(&self) -> Result<()> {
+        self.write(Touch::Nothing, |conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(e)).await
+    }
+
+    async fn user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
+        let Some(reads) = &self.reads else {
+            let (service, email) = (service.to_string(), email.to_string());
+            return self.read(move |conn| rows_of(conn, &service, &email)).await;
         };
         let cache = self.rows.as_deref();
         let header = cache.and_then(|c| c.header());
@@ -188,37 +310,147 @@ impl SqliteStore {
                 return Ok(rows.to_vec());
             }
         }
-        let rows: Vec<UserRow> = inline.with(|conn| {
-            let mut stmt = conn.prepare_cached(sql::USER_ROWS)?;
-            let rows = stmt.query_map((email, service), user_row_rusqlite)?;
-            rows.collect()
-        })?;
+        let rows = reads.with(|conn| rows_of(conn, service, email))?;
         if let (Some(cache), Some(header)) = (cache, &header) {
             cache.put(header, (service, email), rows.as_slice().into());
         }
         Ok(rows)
     }
 
-    async fn generated_secret(&self, generate: &(dyn Fn() -> String + Send + Sync)) -> Result<(String, bool)> {
-        let mut tx = self.begin_write().await?;
-        let existing: Option<String> =
-            sqlx::query_scalar("SELECT value FROM tokenserver_meta WHERE name = 'master_secret'")
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(secret) = existing {
-            return Ok((secret, false));
-        }
-        let secret = generate();
-        sqlx::query("INSERT INTO tokenserver_meta (name, value) VALUES ('master_secret', ?)")
-            .bind(&secret)
-            .execute(&mut *tx)
+    async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow> {
+        let owned = OwnedAllocate::new(req);
+        let touch = Touch::User(req.service.to_string(), req.email.to_string());
+        self.write(touch, move |conn| run_now(tx::allocate(&mut Tx { conn }, &owned.borrow()))).await
+    }
+
+    async fn change_user(
+        &self,
+        service: &str,
+        email: &str,
+        expected_current: i64,
+        change: &UserChange<'_>,
+        now_ms: i64,
+    ) -> Result<i64> {
+        let change = OwnedUserChange::new(change);
+        let (service, email) = (service.to_string(), email.to_string());
+        let touch = Touch::User(service.clone(), email.clone());
+        self.write(touch, move |conn| {
+            run_now(tx::change(&mut Tx { conn }, &service, &email, expected_current, &change.borrow(), now_ms))
+        })
+        .await
+    }
+
+    async fn replace_rows(&self, service: &str, uids: &[i64], replaced_at: i64) -> Result<()> {
+        let (service, uids) = (service.to_string(), uids.to_vec());
+        self.write(Touch::All, move |conn| {
+            let mut stmt = conn.prepare_cached(sql::REPLACE_USER).map_err(e)?;
+            for uid in uids {
+                stmt.execute((replaced_at, &service, uid)).map_err(e)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn retire_user(&self, service: &str, email: &str, now_ms: i64) -> Result<u64> {
+        let (s, m) = (service.to_string(), email.to_string());
+        self.write(Touch::User(s.clone(), m.clone()), move |conn| {
+            let mut stmt = conn.prepare_cached(sql::RETIRE_USER).map_err(e)?;
+            let n = stmt.execute((tokenserver_core::sync::MAX_GENERATION, now_ms, &s, &m)).map_err(e)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn update_user_generation(
+        &self,
+        service: &str,
+        email: &str,
+        generation: Option<i64>,
+        keys_changed_at: Option<i64>,
+    ) -> Result<u64> {
+        let (s, m) = (service.to_string(), email.to_string());
+        self.write(Touch::User(s.clone(), m.clone()), move |conn| {
+            let mut stmt = conn.prepare_cached(sql::UPDATE_USER_GENERATION).map_err(e)?;
+            let n = stmt.execute((generation, keys_changed_at, &s, &m, generation, keys_changed_at)).map_err(e)?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn add_node(&self, node: &NewNode<'_>) -> Result<NodeRecord> {
+        let (service, url) = (node.service.to_string(), node.node.to_string());
+        let (capacity, available, load) = (node.capacity, node.available, node.current_load);
+        let (downed, backoff) = (i64::from(node.downed), i64::from(node.backoff));
+        let id = self
+            .write(Touch::Nothing, move |conn| {
+                let service = require_service(conn, &service)?;
+                let mut stmt = conn.prepare_cached(sql::INSERT_NODE).map_err(e)?;
+                stmt.query_row((service, &url, available, load, capacity, downed, backoff), |r| r.get::<_, i64>(0))
+                    .map_err(|err| match e(err) {
+                        StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!("node {url}")),
+                        other => other,
+                    })
+            })
             .await?;
-        tx.commit().await?;
-        Ok((secret, true))
+        Ok(node_record(node, id))
+    }
+
+    async fn init_node(&self, service: &str, node: &str, capacity: i64) -> Result<bool> {
+        let (service, node) = (service.to_string(), node.to_string());
+        self.write(Touch::Nothing, move |conn| {
+            let service = require_service(conn, &service)?;
+            let n = conn
+                .prepare_cached(sql::INIT_NODE)
+                .and_then(|mut s| s.execute((service, &node, capacity, capacity)))
+                .map_err(e)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn list_nodes(&self, service: Option<&str>) -> Result<Vec<NodeRecord>> {
+        let service = service.map(str::to_string);
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(sql::LIST_NODES)?;
+            let rows = stmt
+                .query_map((&service, &service), |r| Ok(NodeRecord { service: r.get(0)?, state: node_state(r, 1)? }))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64> {
+        let (service, pattern) = (service.to_string(), pattern.to_string());
+        self.write(Touch::Nothing, move |conn| {
+            if let Some(id) = service_id(conn, &service)? {
+                return Ok(id);
+            }
+            conn.prepare_cached(sql::INSERT_SERVICE).and_then(|mut s| s.execute((&service, &pattern))).map_err(e)?;
+            require_service(conn, &service)
+        })
+        .await
+    }
+
+    async fn generated_secret(
+        &self,
+        name: &str,
+        generate: &(dyn Fn() -> String + Send + Sync),
+    ) -> Result<Option<(String, bool)>> {
+        let (name, fresh) = (name.to_string(), generate());
+        let found = self
+            .write(Touch::Nothing, move |conn| {
+                let existing: Option<String> = conn
+                    .prepare_cached(sql::GET_META)
+                    .and_then(|mut s| s.query_row([&name], |r| r.get(0)).optional())
+                    .map_err(e)?;
+                if let Some(secret) = existing {
+                    return Ok((secret, false));
+                }
+                conn.prepare_cached(sql::PUT_META).and_then(|mut s| s.execute((&name, &fresh))).map_err(e)?;
+                Ok((fresh, true))
+            })
+            .await?;
+        Ok(Some(found))
     }
 }
-
-crate::sql_backend::sync_store!(
-    store: SqliteStore, db: Sqlite, row: SqliteRow, conn: sqlx::SqliteConnection,
-    request_path: (read_user_rows, write_allocate, write_change),
-);

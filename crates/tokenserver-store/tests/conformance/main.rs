@@ -65,6 +65,7 @@ conformance! {
         concurrent_first_allocations_create_one_row,
         concurrent_allocations_respect_capacity,
         concurrent_changes_leave_one_live_row,
+        cancelled_calls_leave_whole_rows,
     ],
 }
 
@@ -113,5 +114,6 @@ session_conformance! {
         dump_lists_live_sessions_without_tokens,
         purge_removes_expired_records,
         concurrent_rotations_issue_one_successor,
+        cancelled_calls_change_all_or_nothing,
     ],
 }

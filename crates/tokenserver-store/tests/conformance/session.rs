@@ -263,3 +263,42 @@ pub async fn concurrent_rotations_issue_one_successor(s: &dyn SessionStore) {
     let outs = join_all(many.iter().map(|t| rotate(s, t, now + 1))).await;
     assert!(outs.into_iter().all(|o| matches!(o, RotateOutcome::Rotated { .. })));
 }
+
+/// Calls cut short at random points (futures dropped after 0–3 ms) change all or nothing: a
+/// cancelled rotation either happened (a retry is replayed) or did not (a retry rotates), a
+/// cancelled end either ended the session or left it; and the store takes the next write.
+pub async fn cancelled_calls_change_all_or_nothing(s: &dyn SessionStore) {
+    let now = now_ms();
+    let cut = || std::time::Duration::from_micros(rand::random::<u64>() % 3000);
+    let tokens: Vec<SessionToken> = join_all((0..60).map(|_| create(s, r#"{"a":1}"#, now))).await;
+    join_all(tokens.iter().enumerate().map(|(i, t)| async move {
+        if i % 3 == 0 {
+            let _ = tokio::time::timeout(cut(), s.end(t, now)).await;
+        } else {
+            let _ = tokio::time::timeout(cut(), s.rotate(&req(t, now, None), &policy())).await;
+        }
+    }))
+    .await;
+    for (i, t) in tokens.iter().enumerate() {
+        let out = rotate(s, t, now + 1).await;
+        if i % 3 == 0 {
+            assert!(matches!(out, RotateOutcome::Rotated { .. } | RotateOutcome::Refused(Invalid::Unknown)), "{out:?}");
+        } else {
+            assert!(matches!(out, RotateOutcome::Rotated { .. } | RotateOutcome::Replayed { .. }), "{out:?}");
+        }
+    }
+    // Cancelled creates: stored whole or not at all.
+    let fresh: Vec<SessionToken> = (0..40).map(|_| SessionToken::new_session()).collect();
+    join_all(fresh.iter().map(|t| async move {
+        let record = SessionRecord::new(r#"{"b":2}"#.into(), now, 10 * MIN, 60 * MIN);
+        let _ = tokio::time::timeout(cut(), s.create(t, &record)).await;
+    }))
+    .await;
+    for t in &fresh {
+        match rotate(s, t, now + 1).await {
+            RotateOutcome::Rotated { record, .. } => assert_eq!(record.meta, r#"{"b":2}"#),
+            other => assert_eq!(other, RotateOutcome::Refused(Invalid::Unknown)),
+        }
+    }
+    rotated(rotate(s, &create(s, "{}", now).await, now + 1).await);
+}

@@ -313,3 +313,55 @@ async fn futures_join(
     let emails: Vec<String> = (0..n).map(email).collect();
     join_all(emails.iter().map(|e| async move { s.allocate_user(&alloc(e, None, 1)).await })).await
 }
+
+/// Calls cut short at random points (their futures dropped after 0–3 ms, as a request timeout or
+/// a client that leaves does) leave whole rows behind, and the store takes the next write.
+pub async fn cancelled_calls_leave_whole_rows(s: &dyn SyncStore) {
+    let n = node(s, "https://n", 1_000_000, 1_000_000, 0, false, false).await;
+    let emails: Vec<String> = (0..400).map(|i| format!("u{i}@x")).collect();
+    for (round, chunk) in emails.chunks(40).enumerate() {
+        join_all(chunk.iter().enumerate().map(|(i, email)| async move {
+            let limit = std::time::Duration::from_micros(rand::random::<u64>() % 3000);
+            let _ = tokio::time::timeout(limit, async {
+                let row = s.allocate_user(&alloc(email, None, 1)).await?;
+                let cs = format!("{i:032x}");
+                let ch = UserChange::NewClientState {
+                    generation: 20,
+                    keys_changed_at: Some(20),
+                    client_state: &cs,
+                    node_id: n,
+                };
+                s.change_user(SVC, email, row.uid, &ch, 2).await?;
+                // Downed: takes no users, so every allocation above goes to `n`.
+                let url = format!("https://m{round}-{i}");
+                s.add_node(&NewNode {
+                    service: SVC,
+                    node: &url,
+                    capacity: 1,
+                    available: 1,
+                    current_load: 0,
+                    downed: true,
+                    backoff: false,
+                })
+                .await
+            })
+            .await;
+        }))
+        .await;
+    }
+    // The next writes answer.
+    node(s, "https://after", 10, 10, 0, true, false).await;
+    s.allocate_user(&alloc("after@x", None, 1)).await.unwrap();
+    // Every allocation is whole (a row and its node's load, or neither); every user has one live row.
+    let mut users = 1;
+    for email in &emails {
+        let rows = s.user_rows(SVC, email).await.unwrap();
+        assert!(rows.len() <= 2, "{email}: {rows:?}");
+        if !rows.is_empty() {
+            users += 1;
+            assert_eq!(rows.iter().filter(|r| r.replaced_at.is_none()).count(), 1, "{email}: {rows:?}");
+        }
+    }
+    let load = loads(s).await.into_iter().find(|(id, ..)| *id == n).unwrap();
+    assert_eq!((load.1, load.2), (1_000_000 - users, users));
+}

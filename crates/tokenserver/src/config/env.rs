@@ -44,6 +44,7 @@ const STRING_KEYS: &[&str] = &[
     "pattern",
     "url",
     "api_key",
+    "sqlite_synchronous",
 ];
 
 /// Environment prefixes in increasing precedence.

@@ -127,6 +127,9 @@ pub struct SyncFile {
     /// Create / upgrade the schema at startup.
     #[serde(deserialize_with = "lenient_bool")]
     pub run_migrations: bool,
+    /// SQLite commit durability: `normal` (survives a process crash; a power cut may lose the
+    /// last commits) or `full` (an fsync per commit).
+    pub sqlite_synchronous: String,
     /// `email = <fxa_uid>@<fxa_email_domain>`.
     pub fxa_email_domain: String,
     /// HMAC key of the metrics hashes.
@@ -189,6 +192,7 @@ impl Default for SyncFile {
             database_pool_connection_timeout: 30.0,
             database_request_timeout: None,
             run_migrations: true,
+            sqlite_synchronous: "normal".into(),
             fxa_email_domain: "api.accounts.firefox.com".into(),
             fxa_metrics_hash_secret: "secret".into(),
             fxa_oauth_server_url: "https://oauth.accounts.firefox.com".into(),

@@ -319,7 +319,13 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
     if ts.database_pool_max_size == 0 {
         return Err(bad("tokenserver.database_pool_max_size", "must be at least 1"));
     }
+    let sqlite_durability = match ts.sqlite_synchronous.to_ascii_lowercase().as_str() {
+        "normal" => tokenserver_store::sqlite::Durability::Normal,
+        "full" => tokenserver_store::sqlite::Durability::Full,
+        _ => return Err(bad("tokenserver.sqlite_synchronous", "must be normal or full")),
+    };
     let pool = PoolSettings {
+        sqlite_durability,
         max_size: ts.database_pool_max_size,
         connection_timeout: seconds(
             "tokenserver.database_pool_connection_timeout",

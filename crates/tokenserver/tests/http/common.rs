@@ -376,6 +376,19 @@ impl TestServer {
         })
     }
 
+    /// Every node's (id, current_load, distinct users assigned to it), by id.
+    pub async fn loads_and_users(&self) -> Vec<(i64, i64, i64)> {
+        let sql = "SELECT id, current_load, (SELECT COUNT(DISTINCT email) FROM users WHERE users.nodeid = nodes.id) \
+                   FROM nodes ORDER BY id";
+        on_pool!(&self.db, |p| sqlx::query(sql)
+            .fetch_all(p)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (int(r, 0).unwrap(), int(r, 1).unwrap(), int(r, 2).unwrap()))
+            .collect())
+    }
+
     pub async fn count_users(&self) -> i64 {
         on_pool!(&self.db, |p| {
             let r = sqlx::query("SELECT COUNT(*) FROM users").fetch_one(p).await.unwrap();

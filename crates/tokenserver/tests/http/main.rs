@@ -7,6 +7,7 @@
 mod admin;
 mod backends;
 mod common;
+mod hardening;
 mod identity;
 mod proxy;
 mod python_tokenlib;

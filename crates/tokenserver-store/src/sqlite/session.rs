@@ -1,7 +1,7 @@
 //! SQLite session store (the default): durable in WAL mode, every call on one writer thread.
 //!
 //! Session calls are all small writes, so every one goes to a group-commit writer thread
-//! ([`crate::sqlite::group`]): under load one commit carries many rotations; alone, a call
+//! ([`super::group`]): under load one commit carries many rotations; alone, a call
 //! commits at once. A restart loses nothing that was answered (`synchronous = NORMAL` in WAL
 //! survives a process crash; a power cut may lose the last commits).
 //!
@@ -12,17 +12,17 @@
 //! ~0.3 WAL pages per rotation instead of ~1.4, and 25-55% less server CPU in the runs measured). Revocation follows successor links, as in the Redis
 //! store. The expiry index grows at its right edge too (expiry = now + lifetime).
 
-use std::str::FromStr;
-use std::time::Duration;
-
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokenserver_core::session::{
     ChainId, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
-use super::{end_with, revoke_by_walking, rotate_with, DumpEntry, Result, RotateOutcome, SessionOps, SessionStore};
-use crate::sqlite::group::GroupWriter;
+use super::group::GroupWriter;
+use super::{database_file, writer_connection, Durability};
+use crate::session::{
+    end_with, revoke_by_walking, rotate_with, DumpEntry, Result, RotateOutcome, SessionOps, SessionStore,
+};
 use crate::StoreError;
 
 /// Expired records deleted per purge statement (keeps each writer turn short).
@@ -72,7 +72,7 @@ const PURGE: &str = "DELETE FROM tokenserver_sessions WHERE token_hash IN \
                      (SELECT token_hash FROM tokenserver_sessions WHERE expires_at <= ?1 LIMIT ?2)";
 
 fn e(err: rusqlite::Error) -> StoreError {
-    super::super::sqlite::rusqlite_error(err)
+    super::rusqlite_error(err)
 }
 
 /// Reads a row of [`LOAD`].
@@ -131,27 +131,6 @@ pub struct SqliteSessions {
     writer: GroupWriter,
 }
 
-/// The database file a URL names (`None`: in memory).
-fn file_of(url: &str) -> Result<Option<std::path::PathBuf>> {
-    if url.contains(":memory:") || url.contains("mode=memory") {
-        return Ok(None);
-    }
-    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
-        .map_err(|err| StoreError::Config(format!("invalid SQLite URL: {err}")))?;
-    Ok(Some(options.get_filename().to_path_buf()))
-}
-
-fn open_connection(file: Option<&std::path::Path>) -> Result<Connection> {
-    let conn = match file {
-        None => Connection::open_in_memory().map_err(e)?,
-        Some(path) => Connection::open(path).map_err(e)?,
-    };
-    conn.busy_timeout(Duration::from_secs(5)).map_err(e)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
-    conn.pragma_update(None, "synchronous", "NORMAL").map_err(e)?;
-    Ok(conn)
-}
-
 /// Creates the table, or brings an older layout up to date.
 fn prepare_schema(conn: &Connection) -> Result<()> {
     let earlier_layout: bool = conn
@@ -177,13 +156,12 @@ fn prepare_schema(conn: &Connection) -> Result<()> {
 impl SqliteSessions {
     /// Opens (creating if missing) the database at `url` and starts its writer thread (and, for
     /// a file, its checkpointer).
-    pub async fn open(url: &str) -> Result<Self> {
-        let file = file_of(url)?;
-        let opened = file.clone();
+    pub async fn open(url: &str, durability: Durability) -> Result<Self> {
+        let file = database_file(url)?;
         let (conn, checkpointer) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let conn = open_connection(opened.as_deref())?;
+            let conn = writer_connection(file.as_deref(), durability)?;
             prepare_schema(&conn)?;
-            let checkpointer = opened.as_deref().map(|path| open_connection(Some(path))).transpose()?;
+            let checkpointer = file.as_deref().map(|path| writer_connection(Some(path), durability)).transpose()?;
             Ok((conn, checkpointer))
         })
         .await
