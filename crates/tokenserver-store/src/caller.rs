@@ -93,7 +93,12 @@ where
     detached(move |own| async move {
         let caller = Caller::any([&own, &also]);
         caller.check()?;
-        let mut tx = pool.begin().await?;
+        let mut tx = match pool.begin().await.map_err(StoreError::from) {
+            // A pooled connection that died with the database (an outage, a restart) fails its
+            // BEGIN and is closed; nothing was done, so the next connection may try.
+            Err(StoreError::Unavailable(_)) => pool.begin().await?,
+            other => other?,
+        };
         let out = steps(&mut tx, &caller).await.and_then(|v| caller.check().map(|()| v));
         match out {
             Ok(v) => {

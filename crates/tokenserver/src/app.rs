@@ -4,7 +4,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use axum::ServiceExt as _;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokenserver_auth::fxa::FxaVerifier;
 use tokenserver_core::Secret;
@@ -134,7 +133,8 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
     Ok(AppState { config: Arc::new(config), store, verifier, sync: Arc::new(sync), sessions, metrics })
 }
 
-/// Serves the public and internal routers until `shutdown` resolves.
+/// Serves the public and internal routers until `shutdown` resolves, each listener within its
+/// connection limits.
 pub async fn serve(
     state: AppState,
     public: TcpListener,
@@ -142,19 +142,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let public_srv = axum::serve(public, crate::http::public_service(state.clone()).into_make_service())
-        .with_graceful_shutdown(wait(rx.clone()));
-    let internal_srv = axum::serve(internal, crate::http::internal_service(state).into_make_service())
-        .with_graceful_shutdown(wait(rx));
+    let limits = state.config.limits;
+    let public_srv =
+        crate::http::serve::serve(public, crate::http::public_service(state.clone()), limits.public, rx.clone());
+    let internal_srv = crate::http::serve::serve(internal, crate::http::internal_service(state), limits.internal, rx);
     tokio::spawn(async move {
         shutdown.await;
         let _ = tx.send(true);
     });
-    let (a, b) = tokio::join!(public_srv, internal_srv);
-    a.and(b)
+    tokio::join!(public_srv, internal_srv);
+    Ok(())
 }
 
 /// A server started by [`start`].
@@ -179,8 +176,35 @@ impl Running {
     }
 }
 
+/// Descriptors kept back from the connection caps: database connections, files, logs.
+const RESERVED_DESCRIPTORS: usize = 256;
+
+/// Raises the open-file limit to its hard maximum, then lowers the public listener's cap if both
+/// caps do not fit in it, so that a flood of the public listener can never leave the internal
+/// one without descriptors.
+fn fit_to_descriptors(limits: &mut crate::config::ListenerLimits) {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the open-file limit; connection caps left as configured");
+            return;
+        }
+    };
+    let room = limit.saturating_sub(RESERVED_DESCRIPTORS + limits.internal.max_connections);
+    if limits.public.max_connections > room {
+        tracing::warn!(
+            open_file_limit = limit,
+            configured = limits.public.max_connections,
+            effective = room.max(1),
+            "limits.public_max_connections lowered to fit the open-file limit (raise LimitNOFILE / ulimit -n)"
+        );
+        limits.public.max_connections = room.max(1);
+    }
+}
+
 /// Builds the state, binds both listeners (port 0 allowed) and serves in the background.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+pub async fn start(mut config: Config) -> Result<Running, StartError> {
+    fit_to_descriptors(&mut config.limits);
     let public = TcpListener::bind(&config.public_addr)
         .await
         .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", config.public_addr)))?;

@@ -18,6 +18,7 @@ const TOP_LEVEL: &[&str] = &[
     "internal",
     "tokenserver",
     "sessions",
+    "limits",
     "syncstorage",
 ];
 

@@ -61,6 +61,8 @@ pub struct FileConfig {
     pub tokenserver: SyncFile,
     /// Session tokens (`[sessions]`).
     pub sessions: SessionsFile,
+    /// Connection limits of both listeners (`[limits]`).
+    pub limits: LimitsFile,
     /// Mozilla's storage settings: accepted and ignored (we are not a storage node).
     #[serde(skip_serializing)]
     pub syncstorage: Option<serde::de::IgnoredAny>,
@@ -77,6 +79,7 @@ impl Default for FileConfig {
             internal: InternalFile::default(),
             tokenserver: SyncFile::default(),
             sessions: SessionsFile::default(),
+            limits: LimitsFile::default(),
             syncstorage: None,
         }
     }
@@ -286,6 +289,34 @@ impl Default for SessionsFile {
             max_body_bytes: 64 * 1024,
             memory_shards: 256,
             api_key: None,
+        }
+    }
+}
+
+/// `[limits]`: how each listener bounds its connections.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LimitsFile {
+    /// Connections the public listener holds at once; more wait in the accept queue.
+    pub public_max_connections: usize,
+    /// Connections the internal listener holds at once.
+    pub internal_max_connections: usize,
+    /// From a request's first byte to its last header.
+    pub header_read_timeout: DurationText,
+    /// Longest a keep-alive connection may sit between requests.
+    pub idle_timeout: DurationText,
+    /// From a request's headers to the last byte of its body (408 after).
+    pub body_timeout: DurationText,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        Self {
+            public_max_connections: 8192,
+            internal_max_connections: 1024,
+            header_read_timeout: DurationText::Text("10s".into()),
+            idle_timeout: DurationText::Text("75s".into()),
+            body_timeout: DurationText::Text("30s".into()),
         }
     }
 }

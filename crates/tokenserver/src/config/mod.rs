@@ -14,6 +14,8 @@ use tokenserver_auth::fxa::{oauth_base, FxaSettings};
 use tokenserver_core::Secret;
 use tokenserver_store::PoolSettings;
 
+use crate::http::serve::Limits;
+
 pub use file::FileConfig;
 
 /// A configuration problem, naming the key.
@@ -104,6 +106,15 @@ pub struct SessionsConfig {
     pub api_key: Option<Secret<String>>,
 }
 
+/// Connection limits of both listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// The public listener's.
+    pub public: Limits,
+    /// The internal listener's.
+    pub internal: Limits,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -127,6 +138,8 @@ pub struct Config {
     pub webhook: WebhookConfig,
     /// Session tokens; `None` when disabled.
     pub sessions: Option<SessionsConfig>,
+    /// Connection limits.
+    pub limits: ListenerLimits,
     /// Warnings to log once logging is up (unknown keys, risky defaults).
     pub warnings: Vec<String>,
 }
@@ -300,7 +313,31 @@ fn validate_sessions(
     }))
 }
 
+fn validate_limits(l: &file::LimitsFile) -> Result<ListenerLimits, ConfigError> {
+    let timeout = |key: &str, v: &file::DurationText| -> Result<Duration, ConfigError> {
+        let d = duration(key, v)?;
+        if d < Duration::from_millis(100) {
+            return Err(bad(key, "must be at least 100ms"));
+        }
+        Ok(d)
+    };
+    let header_read_timeout = timeout("limits.header_read_timeout", &l.header_read_timeout)?;
+    let idle_timeout = timeout("limits.idle_timeout", &l.idle_timeout)?;
+    let body_timeout = timeout("limits.body_timeout", &l.body_timeout)?;
+    let per_listener = |key: &str, max_connections: usize| -> Result<Limits, ConfigError> {
+        if max_connections == 0 {
+            return Err(bad(key, "must be at least 1"));
+        }
+        Ok(Limits { max_connections, header_read_timeout, idle_timeout, body_timeout })
+    };
+    Ok(ListenerLimits {
+        public: per_listener("limits.public_max_connections", l.public_max_connections)?,
+        internal: per_listener("limits.internal_max_connections", l.internal_max_connections)?,
+    })
+}
+
 fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
+    let limits = validate_limits(&raw.limits)?;
     let ts = raw.tokenserver;
     let sessions = validate_sessions(raw.sessions, &ts.database_url, &mut warnings)?;
     let mut master_secrets: Vec<String> = match raw.master_secret {
@@ -439,6 +476,7 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         fxa,
         webhook: WebhookConfig { enabled: ts.fxa_webhook_enabled, metrics_only: ts.fxa_webhook_metrics_only },
         sessions,
+        limits,
         warnings,
     })
 }

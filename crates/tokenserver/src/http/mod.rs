@@ -6,6 +6,7 @@ pub mod error;
 pub mod hakr;
 pub mod health;
 pub mod json;
+pub mod serve;
 pub mod sessions;
 pub mod sync;
 pub mod webhook;
