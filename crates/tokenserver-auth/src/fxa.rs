@@ -6,6 +6,10 @@
 //! not a JWT, or that no key can judge, goes to `POST {server}/v1/verify`. Verified tokens are
 //! cached (keyed by a SHA-256 of the token, never the token itself) until their `exp`, capped at
 //! `cache_ttl`.
+//!
+//! Each remote verification is an outbound call a client triggers at will, so they are bounded:
+//! at most `remote_concurrency` at once (beyond: [`AuthError::Busy`], a 503 with `Retry-After`),
+//! and a token FxA refused is refused again without asking for `refusal_ttl`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -44,6 +48,10 @@ pub struct FxaSettings {
     pub cache_ttl: Duration,
     /// Minimum time between two JWKS fetches.
     pub jwks_min_refresh: Duration,
+    /// Remote verifications under way at most.
+    pub remote_concurrency: usize,
+    /// How long a token FxA refused is refused without asking again.
+    pub refusal_ttl: Duration,
     /// Webhook: expected SET `aud` and `iss`; both needed to accept any SET.
     pub set_client_id: Option<String>,
     /// Expected SET issuer.
@@ -74,6 +82,10 @@ pub struct FxaVerifier {
     keys: KeyStore,
     cache: Option<quick_cache::sync::Cache<[u8; 32], Cached>>,
     cache_ttl: Duration,
+    /// Tokens FxA refused → until when (unix seconds) they are refused without asking.
+    refused: Option<quick_cache::sync::Cache<[u8; 32], u64>>,
+    refusal_ttl: Duration,
+    remote_slots: tokio::sync::Semaphore,
     set_client_id: Option<String>,
     set_issuer: Option<String>,
 }
@@ -181,12 +193,17 @@ impl FxaVerifier {
             KeyStore::fixed(keys)
         };
         let cache = (settings.cache_capacity > 0).then(|| quick_cache::sync::Cache::new(settings.cache_capacity));
+        let refused = (settings.cache_capacity > 0 && !settings.refusal_ttl.is_zero())
+            .then(|| quick_cache::sync::Cache::new(settings.cache_capacity));
         Ok(Self {
             client,
             verify_url,
             keys,
             cache,
             cache_ttl: settings.cache_ttl,
+            refused,
+            refusal_ttl: settings.refusal_ttl,
+            remote_slots: tokio::sync::Semaphore::new(settings.remote_concurrency.max(1)),
             set_client_id: settings.set_client_id.clone(),
             set_issuer: settings.set_issuer.clone(),
         })
@@ -262,6 +279,9 @@ impl FxaVerifier {
     }
 
     async fn verify_remote(&self, token: &str) -> Result<Identity, AuthError> {
+        let Ok(_slot) = self.remote_slots.try_acquire() else {
+            return Err(AuthError::Busy);
+        };
         let resp = self
             .client
             .post(self.verify_url.clone())
@@ -325,7 +345,21 @@ impl TokenVerifier for FxaVerifier {
         }
         let (identity, exp) = match self.verify_local(token).await? {
             Local::Verified(identity, exp) => (identity, exp),
-            Local::AskRemote => (self.verify_remote(token).await?, None),
+            Local::AskRemote => {
+                if self.refused.as_ref().and_then(|c| c.get(&cache_key)).is_some_and(|until| until > now) {
+                    return Err(AuthError::Invalid("refused by FxA moments ago"));
+                }
+                match self.verify_remote(token).await {
+                    Ok(identity) => (identity, None),
+                    Err(AuthError::Invalid(why)) => {
+                        if let Some(refused) = &self.refused {
+                            refused.insert(cache_key, now + self.refusal_ttl.as_secs().max(1));
+                        }
+                        return Err(AuthError::Invalid(why));
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
         };
         if let Some(cache) = &self.cache {
             let cap = now + self.cache_ttl.as_secs();

@@ -28,6 +28,9 @@ pub enum AuthError {
     /// The identity provider could not be asked in time (timeout, unreachable, 5xx).
     #[error("identity provider unavailable: {0}")]
     Unavailable(String),
+    /// As many calls to the identity provider as allowed are under way: come back later.
+    #[error("too many identity provider calls under way")]
+    Busy,
 }
 
 /// Verifies an OAuth bearer token.

@@ -138,6 +138,9 @@ impl Ctx {
             // Never reached: the bench key is configured, and every token is a JWT.
             ("SYNC_TOKENSERVER__FXA_OAUTH_SERVER_URL".into(), "http://127.0.0.1:9".into()),
             ("RUST_LOG".into(), self.common.server_log.clone()),
+            // Session calls carry no key, as HaKr's clients send none (a loopback listener).
+            ("TOKENSERVER_SESSIONS__REQUIRE_API_KEY".into(), "false".into()),
+            ("TOKENSERVER_INTERNAL__ADMIN_KEY".into(), "bench-admin-key".into()),
         ];
         if !cache {
             env.push(("TOKENSERVER_FXA_OAUTH_CACHE_SIZE".into(), "0".into()));

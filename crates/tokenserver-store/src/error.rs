@@ -31,6 +31,9 @@ pub enum StoreError {
     /// The store holds as much as it is configured to (503).
     #[error("the store is full: {0}")]
     Full(String),
+    /// A value the caller passed makes no sense to the store (e.g. a cursor it did not make).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
     /// A bad URL or setting.
     #[error("{0}")]
     Config(String),

@@ -26,6 +26,10 @@ pub struct AppState {
     pub sync: Arc<SyncTokens>,
     /// Session tokens, when enabled.
     pub sessions: Option<Arc<crate::session::Sessions>>,
+    /// The admin routes' key; `None`: they answer 403.
+    pub admin_key: Option<crate::keys::BearerKey>,
+    /// How the session routes are guarded.
+    pub session_access: crate::keys::SessionAccess,
     /// Prometheus exporter, when this process installed one.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -108,6 +112,12 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
     if !nodes.iter().any(|n| n.state.downed == 0 && n.state.capacity > n.state.current_load) {
         tracing::warn!("no storage node can take users yet: add one with `tokenserver node add <url> --capacity <n>`");
     }
+    let admin = crate::keys::admin_key(&config, store.as_ref()).await?;
+    crate::keys::log_origin(&admin, "admin routes (node API, metrics, session dumps)");
+    let sessions_key = crate::keys::sessions_api_key(&config, store.as_ref()).await?;
+    if config.sessions.is_some() {
+        crate::keys::log_origin(&sessions_key, "session routes");
+    }
     let verifier = Arc::new(FxaVerifier::new(&config.fxa).map_err(StartError::Other)?);
     {
         let verifier = verifier.clone();
@@ -130,7 +140,16 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         }
         None => None,
     };
-    Ok(AppState { config: Arc::new(config), store, verifier, sync: Arc::new(sync), sessions, metrics })
+    Ok(AppState {
+        config: Arc::new(config),
+        store,
+        verifier,
+        sync: Arc::new(sync),
+        sessions,
+        admin_key: admin.bearer(),
+        session_access: crate::keys::SessionAccess::of(&sessions_key),
+        metrics,
+    })
 }
 
 /// Serves the public and internal routers until `shutdown` resolves, each listener within its

@@ -1,4 +1,4 @@
-//! Command line: `serve` (the default), `migrate`, `node add|list`, `token inspect`.
+//! Command line: `serve` (the default), `migrate`, `node add|list`, `token inspect`, `keys`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +36,13 @@ pub enum Command {
     /// Token utilities.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Show the keys and secrets in force and where each comes from; generated ones (kept in
+    /// the database) are printed so that they can be given to storage nodes and API clients.
+    Keys {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `node …`.
@@ -142,7 +149,60 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
         }
         Command::Node(cmd) => node_command(cmd, config).await,
         Command::Token(TokenCommand::Inspect { id, secrets }) => inspect(&id, secrets, &config).await,
+        Command::Keys { json } => keys(&config, json).await,
     }
+}
+
+async fn keys(config: &Config, json: bool) -> Result<(), String> {
+    use crate::keys::{KeyInForce, Origin};
+    let store = app::open_store(config).await.map_err(|e| e.to_string())?;
+    let master = if config.master_secrets.is_empty() {
+        match store.generated_secret("master_secret", &app::generate_secret).await.map_err(|e| e.to_string())? {
+            Some((value, created)) => KeyInForce {
+                setting: "master_secret",
+                value: Some(tokenserver_core::Secret::new(value)),
+                origin: Origin::Generated { created },
+            },
+            None => KeyInForce { setting: "master_secret", value: None, origin: Origin::Missing },
+        }
+    } else {
+        KeyInForce { setting: "master_secret", value: None, origin: Origin::Configured }
+    };
+    let admin = crate::keys::admin_key(config, store.as_ref()).await.map_err(|e| e.to_string())?;
+    let sessions = crate::keys::sessions_api_key(config, store.as_ref()).await.map_err(|e| e.to_string())?;
+    let rows: Vec<(&str, &str, Option<&str>)> = [&master, &admin, &sessions]
+        .iter()
+        .map(|k| {
+            let (origin, value) = match k.origin {
+                // Configured values are the operator's own: not repeated here.
+                Origin::Configured => ("configured", None),
+                Origin::Generated { .. } => ("generated", k.value.as_ref().map(|v| v.expose().as_str())),
+                Origin::Missing => ("missing", None),
+                Origin::NotRequired => ("not required", None),
+            };
+            (k.setting, origin, value)
+        })
+        .collect();
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(setting, origin, value)| {
+                (setting.to_string(), serde_json::json!({ "origin": origin, "value": value }))
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&map).unwrap_or_default());
+        return Ok(());
+    }
+    for (setting, origin, value) in rows {
+        let shown = match (origin, value) {
+            (_, Some(v)) => v.to_string(),
+            ("configured", _) => "(set in the configuration)".into(),
+            ("missing", _) => "(none: set it in the configuration)".into(),
+            _ => String::new(),
+        };
+        println!("{setting:<20} {origin:<13} {shown}");
+    }
+    Ok(())
 }
 
 async fn serve(config: Config) -> Result<(), String> {

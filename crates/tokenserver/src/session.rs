@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 use tokenserver_core::session::{meta, Invalid, MetaError, MetaUpdate, RotateRequest, SessionRecord, SessionToken};
-use tokenserver_store::session::{now_ms, DumpEntry, RotateOutcome};
+use tokenserver_store::session::{now_ms, DumpPage, RotateOutcome};
 use tokenserver_store::{SessionStore, StoreError};
 
 use crate::config::SessionsConfig;
@@ -39,12 +39,19 @@ pub struct Issued {
     pub record: SessionRecord,
 }
 
+/// Held while a dump runs.
+#[derive(Debug)]
+pub struct DumpSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Session-token service.
 #[derive(Debug)]
 pub struct Sessions {
     store: Arc<dyn SessionStore>,
     config: SessionsConfig,
     counters: OpCounters,
+    dumps: Arc<tokio::sync::Semaphore>,
 }
 
 /// Every `(op, outcome)` pair of `tokenserver_session_operations_total`.
@@ -83,8 +90,13 @@ impl std::fmt::Debug for OpCounters {
 impl Sessions {
     /// Opens the configured store.
     pub async fn open(config: &SessionsConfig, pool: &tokenserver_store::PoolSettings) -> Result<Self, StoreError> {
-        let store = tokenserver_store::session::open(config.url.expose(), pool, config.memory_shards).await?;
-        Ok(Self { store, config: config.clone(), counters: OpCounters::register() })
+        let store = tokenserver_store::session::open(config.url.expose(), pool, config.memory).await?;
+        Ok(Self {
+            store,
+            config: config.clone(),
+            counters: OpCounters::register(),
+            dumps: Arc::new(tokio::sync::Semaphore::new(1)),
+        })
     }
 
     /// The settings in force.
@@ -158,9 +170,16 @@ impl Sessions {
         Ok(ended)
     }
 
-    /// Up to `limit` live sessions.
-    pub async fn dump(&self, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>), SessionError> {
-        Ok(self.store.dump(now_ms(), limit).await?)
+    /// A page of up to `limit` live sessions after the cursor `after`. One dump runs at a time
+    /// (the guard from [`Sessions::dump_slot`]).
+    pub async fn dump(&self, _slot: &DumpSlot, after: Option<&str>, limit: usize) -> Result<DumpPage, SessionError> {
+        Ok(self.store.dump(now_ms(), after, limit).await?)
+    }
+
+    /// The right to run a dump, while no other runs (`None`: one does). Dumps read every
+    /// session's metadata; one at a time bounds what they cost the store and the process.
+    pub fn dump_slot(&self) -> Option<DumpSlot> {
+        self.dumps.clone().try_acquire_owned().ok().map(|permit| DumpSlot { _permit: permit })
     }
 
     /// Removes expired sessions every `purge_interval` until the process ends.
@@ -181,5 +200,23 @@ impl Sessions {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_dump_at_a_time() {
+        let vars = [("TOKENSERVER_SESSIONS__URL".to_string(), "memory:".to_string())];
+        let config = crate::config::load(None, &vars).unwrap();
+        let sessions = Sessions::open(config.sessions.as_ref().unwrap(), &config.database.pool).await.unwrap();
+        let first = sessions.dump_slot().expect("free");
+        assert!(sessions.dump_slot().is_none(), "taken while the first runs");
+        let page = sessions.dump(&first, None, 10).await.unwrap();
+        assert!(page.entries.is_empty() && page.next.is_none());
+        drop(first);
+        assert!(sessions.dump_slot().is_some(), "free again");
     }
 }

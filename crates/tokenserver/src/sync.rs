@@ -223,6 +223,10 @@ impl SyncTokens {
                     .increment(1);
                 SyncError::resource_unavailable()
             }
+            AuthError::Busy => {
+                metrics::counter!("tokenserver_token_verification_failures_total", "reason" => "busy").increment(1);
+                SyncError::resource_unavailable()
+            }
         })?;
         let key_id = parse_key_id(req.key_id, req.client_state).map_err(key_id_error)?;
         if key_id.client_state.len() > MAX_CLIENT_STATE_HEX {

@@ -28,7 +28,8 @@ use tokenserver_core::session::{
     ChainId, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord, SessionToken, TokenHash,
 };
 
-use super::{end_with, rotate_with, DumpEntry, Result, RotateOutcome, SessionOps, SessionStore};
+use super::{end_with, rotate_with, DumpEntry, DumpPage, Result, RotateOutcome, SessionOps, SessionStore};
+use crate::StoreError;
 
 /// Width of an expiry-wheel slot, ms: expired sessions are invisible at once and freed by the
 /// first purge after their slot ends.
@@ -263,11 +264,19 @@ impl SessionOps for ChainOps<'_> {
     }
 }
 
+/// A dump cursor: `<shard>:<hex session id>`, the last session of the page before.
+fn parse_cursor(cursor: &str) -> Option<(usize, [u8; 12])> {
+    let (shard, id) = cursor.split_once(':')?;
+    Some((shard.parse().ok()?, hex::decode(id).ok()?.try_into().ok()?))
+}
+
 /// The in-memory store.
 pub struct MemorySessions {
     shards: Box<[Mutex<Shard>]>,
     mask: usize,
     sessions: AtomicU64,
+    /// Creates fail with `Full` once this many sessions are held.
+    max_sessions: u64,
     /// The longest grace window a rotation has asked for: how long the purge keeps rotations.
     grace_ms: AtomicU64,
 }
@@ -286,8 +295,16 @@ impl MemorySessions {
             shards: (0..n).map(|_| Mutex::new(Shard::default())).collect(),
             mask: n - 1,
             sessions: AtomicU64::new(0),
+            max_sessions: u64::MAX,
             grace_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The same store holding at most `max` sessions: creates beyond it fail with
+    /// [`StoreError::Full`] (concurrent creates may pass it by one each).
+    pub fn with_max_sessions(mut self, max: u64) -> Self {
+        self.max_sessions = max;
+        self
     }
 
     fn with_chain<T>(&self, token: &SessionToken, grace_ms: u64, f: impl FnOnce(&mut ChainOps<'_>) -> T) -> T {
@@ -328,6 +345,9 @@ impl SessionStore for MemorySessions {
     }
 
     async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
+        if self.len() >= self.max_sessions {
+            return Err(StoreError::Full(format!("{} sessions (sessions.max_sessions)", self.max_sessions)));
+        }
         self.with_chain(token, 0, |ops| ops.insert(&token.hash(), &token.chain(), record))
     }
 
@@ -340,23 +360,51 @@ impl SessionStore for MemorySessions {
         self.with_chain(token, 0, |ops| end_with(ops, token, now))
     }
 
-    async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {
-        let mut out = Vec::new();
-        for shard in self.shards.iter() {
-            if out.len() >= limit {
+    async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
+        let (first_shard, after_id) = match after {
+            None => (0, None),
+            Some(cursor) => parse_cursor(cursor)
+                .filter(|(shard, _)| *shard < self.shards.len())
+                .map(|(shard, id)| (shard, Some(id)))
+                .ok_or_else(|| StoreError::InvalidInput("not a dump cursor of this store".into()))?,
+        };
+        let limit = limit.max(1);
+        let mut entries = Vec::new();
+        let mut next = None;
+        // Shards in order, and within a shard the session ids in byte order: a map has no
+        // order of its own, so each shard's next ids are picked with a bounded heap.
+        for (idx, shard) in self.shards.iter().enumerate().skip(first_shard) {
+            let want = limit - entries.len();
+            let guard = shard.lock();
+            let mut smallest = std::collections::BinaryHeap::with_capacity(want + 1);
+            for (key, e) in &guard.map {
+                let id = key.0 .0;
+                if (idx == first_shard && after_id.is_some_and(|a| id <= a))
+                    || !(now < e.expires_at && now < e.deadline)
+                {
+                    continue;
+                }
+                smallest.push(id);
+                if smallest.len() > want {
+                    smallest.pop();
+                }
+            }
+            let ids = smallest.into_sorted_vec();
+            for id in &ids {
+                if let Some(e) = guard.map.get(&SessionKey(ChainId(*id))) {
+                    entries.push(DumpEntry {
+                        expires_at: e.expires_at,
+                        deadline: e.deadline,
+                        meta: e.meta.to_string(),
+                    });
+                }
+            }
+            if entries.len() >= limit {
+                next = ids.last().map(|id| format!("{idx}:{}", hex::encode(id)));
                 break;
             }
-            let guard = shard.lock();
-            for e in guard.map.values() {
-                if out.len() >= limit {
-                    break;
-                }
-                if now < e.expires_at && now < e.deadline {
-                    out.push(DumpEntry { expires_at: e.expires_at, deadline: e.deadline, meta: e.meta.to_string() });
-                }
-            }
         }
-        Ok((out, Some(self.len())))
+        Ok(DumpPage { entries, next, records: after.is_none().then(|| self.len()) })
     }
 
     async fn purge(&self, now: u64) -> Result<u64> {
@@ -436,6 +484,21 @@ mod tests {
         assert_eq!(std::mem::size_of::<(SessionKey, Entry)>(), 72);
         assert_eq!(ttl_u32(7_200_000), 7_200_000);
         assert_eq!(ttl_u32(u64::MAX), u32::MAX);
+    }
+
+    #[tokio::test]
+    async fn creates_past_the_cap_fail_and_rotations_go_on() {
+        let s = MemorySessions::new(4).with_max_sessions(2);
+        let now = SessionToken::new_session().issued_at().unwrap();
+        let record = SessionRecord::new("{}".into(), now, 10 * MIN, 60 * MIN);
+        let (a, b) = (SessionToken::new_session(), SessionToken::new_session());
+        s.create(&a, &record).await.unwrap();
+        s.create(&b, &record).await.unwrap();
+        assert!(matches!(s.create(&SessionToken::new_session(), &record).await, Err(StoreError::Full(_))));
+        assert_eq!(s.len(), 2);
+        next(rotate(&s, &a, now + 1).await);
+        s.end(&b, now + 2).await.unwrap();
+        s.create(&SessionToken::new_session(), &record).await.unwrap();
     }
 
     #[tokio::test]

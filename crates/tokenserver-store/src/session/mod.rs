@@ -60,6 +60,17 @@ pub struct DumpEntry {
     pub meta: String,
 }
 
+/// One page of a dump.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DumpPage {
+    /// Live sessions, at most the limit asked for (Redis: a `SCAN` batch may add a few).
+    pub entries: Vec<DumpEntry>,
+    /// Where the next page starts; `None` on the last page. Opaque, backend-specific.
+    pub next: Option<String>,
+    /// Records stored, on the first page, when the backend knows it cheaply.
+    pub records: Option<u64>,
+}
+
 /// Session storage. Each method is atomic on its own.
 #[async_trait]
 pub trait SessionStore: Send + Sync + std::fmt::Debug {
@@ -72,13 +83,26 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
     /// Ends the session `token` belongs to (its live token and the rotated ones after `token`).
     /// True when `token` was a known, unexpired token of the session.
     async fn end(&self, token: &SessionToken, now: u64) -> Result<bool>;
-    /// Up to `limit` live sessions, and the number of stored records when the backend knows it
-    /// cheaply.
-    async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)>;
+    /// A page of up to `limit` live sessions, starting where the page before ended (`after`,
+    /// its [`DumpPage::next`]); [`StoreError::InvalidInput`] for a cursor this backend did not
+    /// make. Memory per call is bounded by `limit`, however many sessions are stored.
+    async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage>;
     /// Removes expired records; returns how many. Backends with native expiry return 0.
     async fn purge(&self, now: u64) -> Result<u64>;
     /// Reachability (health checks).
     async fn check(&self) -> Result<()>;
+}
+
+/// The token hash a SQL store's dump page starts after: the hex cursor of the page before, or
+/// the lowest hash (empty) for the first page.
+pub(crate) fn hash_cursor(after: Option<&str>) -> Result<Vec<u8>> {
+    match after {
+        None => Ok(Vec::new()),
+        Some(cursor) => hex::decode(cursor)
+            .ok()
+            .filter(|h| h.len() == 32)
+            .ok_or_else(|| StoreError::InvalidInput("not a dump cursor of this store".into())),
+    }
 }
 
 /// Milliseconds since the UNIX epoch.
@@ -193,10 +217,27 @@ impl SessionBackend {
     }
 }
 
+/// How the in-process store (`memory:`) is laid out and bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// Shards (rounded up to a power of two).
+    pub shards: usize,
+    /// Live sessions held at most; creates beyond fail with [`StoreError::Full`].
+    pub max_sessions: u64,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        Self { shards: 256, max_sessions: 10_000_000 }
+    }
+}
+
 /// Opens the session store named by `url`.
-pub async fn open(url: &str, pool: &PoolSettings, memory_shards: usize) -> Result<Arc<dyn SessionStore>> {
+pub async fn open(url: &str, pool: &PoolSettings, memory: MemoryOptions) -> Result<Arc<dyn SessionStore>> {
     Ok(match SessionBackend::from_url(url)? {
-        SessionBackend::Memory => Arc::new(memory::MemorySessions::new(memory_shards)),
+        SessionBackend::Memory => {
+            Arc::new(memory::MemorySessions::new(memory.shards).with_max_sessions(memory.max_sessions))
+        }
         SessionBackend::Sqlite => Arc::new(sqlite::SqliteSessions::open(url, pool.sqlite_durability).await?),
         SessionBackend::Postgres => Arc::new(postgres::PgSessions::open(url, pool).await?),
         SessionBackend::Redis => Arc::new(redis::RedisSessions::open(url).await?),

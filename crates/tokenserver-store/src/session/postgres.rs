@@ -11,7 +11,7 @@ use tokenserver_core::session::{
     TokenHash,
 };
 
-use super::{DumpEntry, Result, RotateOutcome, SessionStore};
+use super::{DumpEntry, DumpPage, Result, RotateOutcome, SessionStore};
 use crate::caller::{transaction, Caller};
 use crate::{PoolSettings, StoreError};
 
@@ -189,31 +189,41 @@ impl SessionStore for PgSessions {
         .await
     }
 
-    async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {
+    async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
+        let from = crate::session::hash_cursor(after)?;
+        let limit = limit.max(1);
         let rows = sqlx::query(
-            "SELECT expires_at, deadline, meta FROM tokenserver_sessions \
-             WHERE rotated_at IS NULL AND expires_at > $1 AND deadline > $1 LIMIT $2",
+            "SELECT expires_at, deadline, meta, token_hash FROM tokenserver_sessions \
+             WHERE token_hash > $2 AND rotated_at IS NULL AND expires_at > $1 AND deadline > $1 \
+             ORDER BY token_hash LIMIT $3",
         )
         .bind(now as i64)
+        .bind(&from[..])
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        let entries = rows
-            .iter()
-            .map(|r| {
-                Ok(DumpEntry {
-                    expires_at: r.try_get::<i64, _>(0)? as u64,
-                    deadline: r.try_get::<i64, _>(1)? as u64,
-                    meta: r.try_get(2)?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let mut entries = Vec::with_capacity(rows.len());
+        let mut last: Option<Vec<u8>> = None;
+        for r in &rows {
+            entries.push(DumpEntry {
+                expires_at: r.try_get::<i64, _>(0)? as u64,
+                deadline: r.try_get::<i64, _>(1)? as u64,
+                meta: r.try_get(2)?,
+            });
+            last = Some(r.try_get(3)?);
+        }
+        let next = last.filter(|_| entries.len() >= limit).map(hex::encode);
         // An estimate is enough here and stays cheap on a large table.
-        let estimate: Option<f32> =
-            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = to_regclass('tokenserver_sessions')")
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok((entries, estimate.filter(|n| *n >= 0.0).map(|n| n as u64)))
+        let records = if after.is_none() {
+            let estimate: Option<f32> =
+                sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = to_regclass('tokenserver_sessions')")
+                    .fetch_optional(&self.pool)
+                    .await?;
+            estimate.filter(|n| *n >= 0.0).map(|n| n as u64)
+        } else {
+            None
+        };
+        Ok(DumpPage { entries, next, records })
     }
 
     async fn purge(&self, now: u64) -> Result<u64> {

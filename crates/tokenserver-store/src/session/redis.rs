@@ -22,7 +22,7 @@ use tokenserver_core::session::{
     SessionToken, TokenHash,
 };
 
-use super::{DumpEntry, Result, RotateOutcome, SessionStore};
+use super::{DumpEntry, DumpPage, Result, RotateOutcome, SessionStore};
 use crate::StoreError;
 
 /// Rotation attempts before giving up on a token that keeps changing under us (it cannot: a live
@@ -72,6 +72,32 @@ while key and n < limit do
 end
 return 1
 ";
+
+/// Keys asked of each `SCAN` in a dump; fixed, so that a page can resume inside a batch by
+/// asking for the same batch again.
+const DUMP_SCAN_COUNT: u64 = 100;
+
+/// Where a dump's scan stands: a node and that node's `SCAN` cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ScanAt {
+    node: usize,
+    cursor: u64,
+}
+
+/// `<node>:<SCAN cursor>:<keys of that batch already seen>`. A page resumed after the keyspace
+/// was resized may repeat or skip a few sessions (SCAN's own guarantee holds only for a whole
+/// scan): dumps are an operator's view, not an export.
+fn dump_cursor(at: ScanAt, skip: usize) -> String {
+    format!("{}:{}:{skip}", at.node, at.cursor)
+}
+
+fn parse_dump_cursor(cursor: &str) -> Option<(ScanAt, usize)> {
+    let mut parts = cursor.split(':');
+    let node = parts.next()?.parse().ok()?;
+    let scan = parts.next()?.parse().ok()?;
+    let skip = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((ScanAt { node, cursor: scan }, skip))
+}
 
 /// A standalone (auto-reconnecting) or cluster connection.
 #[derive(Clone)]
@@ -322,47 +348,59 @@ impl SessionStore for RedisSessions {
         self.walk_delete(token, &self.key(token, &token.hash()), Some(now)).await
     }
 
-    async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {
+    async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
+        let (mut at, mut skip) = match after {
+            None => (ScanAt { node: 0, cursor: 0 }, 0),
+            Some(c) => parse_dump_cursor(c)
+                .filter(|(at, _)| at.node < self.nodes.len())
+                .ok_or_else(|| StoreError::InvalidInput("not a dump cursor of this store".into()))?,
+        };
+        let limit = limit.max(1);
         let pattern = format!("{}s:*", self.prefix);
-        let mut out = Vec::new();
-        for url in &self.nodes {
+        let mut entries = Vec::new();
+        while at.node < self.nodes.len() {
+            let url = &self.nodes[at.node];
             let client = redis::Client::open(url.as_str()).map_err(|err| StoreError::Config(err.to_string()))?;
             let mut node = client.get_multiplexed_async_connection().await.map_err(e)?;
-            if matches!(self.conn, Conn::Cluster(_)) {
+            let primary = match self.conn {
                 // Replicas hold copies of their primary's keys: scan primaries only.
-                let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut node).await.map_err(e)?;
-                if !matches!(role.first(), Some(Value::BulkString(b)) if b == b"master") {
-                    continue;
+                Conn::Cluster(_) => {
+                    let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut node).await.map_err(e)?;
+                    matches!(role.first(), Some(Value::BulkString(b)) if b == b"master")
+                }
+                Conn::Single(_) => true,
+            };
+            if primary {
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(at.cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(DUMP_SCAN_COUNT)
+                        .query_async(&mut node)
+                        .await
+                        .map_err(e)?;
+                    for (i, key) in keys.iter().enumerate().skip(skip) {
+                        if entries.len() >= limit {
+                            return Ok(DumpPage { entries, next: Some(dump_cursor(at, i)), records: None });
+                        }
+                        let fields: HashMap<String, Vec<u8>> =
+                            redis::cmd("HGETALL").arg(key).query_async(&mut node).await.map_err(e)?;
+                        if let Some(r) = parse(&fields).filter(|r| r.is_live(now)) {
+                            entries.push(DumpEntry { expires_at: r.expires_at, deadline: r.deadline, meta: r.meta });
+                        }
+                    }
+                    skip = 0;
+                    if next == 0 {
+                        break;
+                    }
+                    at.cursor = next;
                 }
             }
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut node)
-                    .await
-                    .map_err(e)?;
-                for key in keys {
-                    if out.len() >= limit {
-                        return Ok((out, None));
-                    }
-                    let fields: HashMap<String, Vec<u8>> =
-                        redis::cmd("HGETALL").arg(&key).query_async(&mut node).await.map_err(e)?;
-                    if let Some(r) = parse(&fields).filter(|r| r.is_live(now)) {
-                        out.push(DumpEntry { expires_at: r.expires_at, deadline: r.deadline, meta: r.meta });
-                    }
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+            at = ScanAt { node: at.node + 1, cursor: 0 };
         }
-        Ok((out, None))
+        Ok(DumpPage { entries, next: None, records: None })
     }
 
     async fn purge(&self, _now: u64) -> Result<u64> {
@@ -388,6 +426,15 @@ mod tests {
             split_prefix("redis://h:1/?protocol=resp3&prefix=x:"),
             ("redis://h:1/?protocol=resp3".into(), "x:".into())
         );
+    }
+
+    #[test]
+    fn dump_cursors_round_trip() {
+        let at = ScanAt { node: 2, cursor: 1234 };
+        assert_eq!(parse_dump_cursor(&dump_cursor(at, 7)), Some((at, 7)));
+        for bad in ["", "1", "1:2", "1:2:3:4", "x:1:2", "1:-2:3"] {
+            assert_eq!(parse_dump_cursor(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokenserver_core::session::{
 use super::group::GroupWriter;
 use super::{database_file, writer_connection, Durability};
 use crate::session::{
-    end_with, revoke_by_walking, rotate_with, DumpEntry, Result, RotateOutcome, SessionOps, SessionStore,
+    end_with, revoke_by_walking, rotate_with, DumpEntry, DumpPage, Result, RotateOutcome, SessionOps, SessionStore,
 };
 use crate::StoreError;
 
@@ -65,8 +65,9 @@ const INSERT: &str = "INSERT INTO tokenserver_sessions (token_hash, meta, expire
 const MARK_ROTATED: &str = "UPDATE tokenserver_sessions SET meta = '', rotated_at = ?2, successor = ?3, sealed = ?4 \
                             WHERE token_hash = ?1";
 const REMOVE: &str = "DELETE FROM tokenserver_sessions WHERE token_hash = ?1";
-const DUMP: &str = "SELECT expires_at, deadline, meta FROM tokenserver_sessions \
-                    WHERE rotated_at IS NULL AND expires_at > ?1 AND deadline > ?1 LIMIT ?2";
+const DUMP: &str = "SELECT expires_at, deadline, meta, token_hash FROM tokenserver_sessions \
+                    WHERE token_hash > ?2 AND rotated_at IS NULL AND expires_at > ?1 AND deadline > ?1 \
+                    ORDER BY token_hash LIMIT ?3";
 const COUNT: &str = "SELECT COUNT(*) FROM tokenserver_sessions";
 const PURGE: &str = "DELETE FROM tokenserver_sessions WHERE token_hash IN \
                      (SELECT token_hash FROM tokenserver_sessions WHERE expires_at <= ?1 LIMIT ?2)";
@@ -195,21 +196,35 @@ impl SessionStore for SqliteSessions {
         self.call(move |conn| end_with(&mut Ops { conn }, &token, now)).await
     }
 
-    async fn dump(&self, now: u64, limit: usize) -> Result<(Vec<DumpEntry>, Option<u64>)> {
+    async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
+        let first = after.is_none();
+        let from = crate::session::hash_cursor(after)?;
+        let limit = limit.max(1);
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(DUMP).map_err(e)?;
+            let mut last = None;
             let rows = stmt
-                .query_map(params![now as i64, limit as i64], |r| {
-                    Ok(DumpEntry {
-                        expires_at: r.get::<_, i64>(0)? as u64,
-                        deadline: r.get::<_, i64>(1)? as u64,
-                        meta: r.get(2)?,
-                    })
+                .query_map(params![now as i64, &from[..], limit as i64], |r| {
+                    Ok((
+                        DumpEntry {
+                            expires_at: r.get::<_, i64>(0)? as u64,
+                            deadline: r.get::<_, i64>(1)? as u64,
+                            meta: r.get(2)?,
+                        },
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
                 })
                 .map_err(e)?;
-            let entries = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(e)?;
-            let count: i64 = conn.query_row(COUNT, [], |r| r.get(0)).map_err(e)?;
-            Ok((entries, Some(count as u64)))
+            let mut entries = Vec::new();
+            for row in rows {
+                let (entry, hash) = row.map_err(e)?;
+                entries.push(entry);
+                last = Some(hash);
+            }
+            let next = last.filter(|_| entries.len() >= limit).map(hex::encode);
+            let records =
+                if first { Some(conn.query_row(COUNT, [], |r| r.get::<_, i64>(0)).map_err(e)? as u64) } else { None };
+            Ok(DumpPage { entries, next, records })
         })
         .await
     }

@@ -74,7 +74,13 @@ pub async fn open_sessions(
     backend: tokenserver_store::session::SessionBackend,
 ) -> Option<(Arc<dyn tokenserver_store::SessionStore>, tokenserver_store::testing::SessionDb)> {
     let db = tokenserver_store::testing::fresh_sessions(backend).await?;
-    let store = tokenserver_store::session::open(&db.url, &PoolSettings::default(), 64).await.unwrap();
+    let store = tokenserver_store::session::open(
+        &db.url,
+        &PoolSettings::default(),
+        tokenserver_store::session::MemoryOptions { shards: 64, ..Default::default() },
+    )
+    .await
+    .unwrap();
     Some((store, db))
 }
 
@@ -112,6 +118,7 @@ session_conformance! {
         first_format_tokens_keep_working,
         ending_a_session_revokes_it,
         dump_lists_live_sessions_without_tokens,
+        dump_pages_cover_every_session_once,
         purge_removes_expired_records,
         concurrent_rotations_issue_one_successor,
         cancelled_calls_change_all_or_nothing,

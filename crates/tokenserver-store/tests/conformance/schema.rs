@@ -310,7 +310,13 @@ async fn earlier_session_layout_is_migrated(create: &[&str]) {
             .await
             .unwrap();
     }
-    let store = tokenserver_store::session::open(&db.url, &PoolSettings::default(), 1).await.unwrap();
+    let store = tokenserver_store::session::open(
+        &db.url,
+        &PoolSettings::default(),
+        tokenserver_store::session::MemoryOptions { shards: 1, ..Default::default() },
+    )
+    .await
+    .unwrap();
     let policy = RotationPolicy { grace_ms: 0, reuse_detection: true, limits: MetaLimits::default() };
     let req = RotateRequest { presented: token.clone(), successor: token.successor(), update: None, now: now as u64 };
     match store.rotate(&req, &policy).await.unwrap() {

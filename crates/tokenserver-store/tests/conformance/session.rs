@@ -182,28 +182,56 @@ pub async fn dump_lists_live_sessions_without_tokens(s: &dyn SessionStore) {
     let a = create(s, r#"{"who":"dump-a"}"#, now).await;
     let _b = create(s, r#"{"who":"dump-b"}"#, now).await;
     rotated(rotate(s, &a, now).await);
-    let (entries, _) = s.dump(now + 1, 1000).await.unwrap();
+    let entries = s.dump(now + 1, None, 1000).await.unwrap().entries;
     let mut metas: Vec<&str> = entries.iter().map(|e| e.meta.as_str()).filter(|m| m.contains("dump-")).collect();
     metas.sort();
     // A's first token is spent (not listed); its successor carries the metadata.
     assert_eq!(metas, [r#"{"who":"dump-a"}"#, r#"{"who":"dump-b"}"#]);
-    let (limited, _) = s.dump(now + 1, 1).await.unwrap();
+    let limited = s.dump(now + 1, None, 1).await.unwrap().entries;
     assert_eq!(limited.len(), 1);
-    let (later, _) = s.dump(now + 10 * MIN + 1, 1000).await.unwrap();
+    let later = s.dump(now + 10 * MIN + 1, None, 1000).await.unwrap().entries;
     assert!(!later.iter().any(|e| e.meta.contains("dump-")), "expired sessions are not listed");
+}
+
+/// A dump read page by page lists every live session once, in pages no larger than asked, and
+/// a cursor the store did not make is refused.
+pub async fn dump_pages_cover_every_session_once(s: &dyn SessionStore) {
+    let now = now_ms();
+    let mut want: Vec<String> = Vec::new();
+    for i in 0..25 {
+        let meta = format!(r#"{{"page":{i}}}"#);
+        create(s, &meta, now).await;
+        want.push(meta);
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..100 {
+        let page = s.dump(now + 1, after.as_deref(), 7).await.unwrap();
+        assert!(page.entries.len() <= 7, "{}", page.entries.len());
+        seen.extend(page.entries.into_iter().map(|e| e.meta).filter(|m| m.contains("page")));
+        after = page.next;
+        if after.is_none() {
+            break;
+        }
+    }
+    assert!(after.is_none(), "the dump ended");
+    seen.sort();
+    want.sort();
+    assert_eq!(seen, want);
+    assert!(matches!(s.dump(now, Some("not-a-cursor"), 7).await, Err(tokenserver_store::StoreError::InvalidInput(_))));
 }
 
 pub async fn purge_removes_expired_records(s: &dyn SessionStore) {
     let now = now_ms();
     let t = create(s, "{}", now).await;
-    let (_, before) = s.dump(now, 10).await.unwrap();
+    let before = s.dump(now, None, 10).await.unwrap().records;
     let purged = s.purge(now + 10 * MIN + 2 * MIN).await.unwrap();
     if s.backend().starts_with("redis") {
         assert_eq!(purged, 0, "Redis expires keys itself");
     } else {
         assert_eq!(purged, 1);
         assert_eq!(rotate(s, &t, now + 1).await, RotateOutcome::Refused(Invalid::Unknown));
-        let (_, after) = s.dump(now, 10).await.unwrap();
+        let after = s.dump(now, None, 10).await.unwrap().records;
         if let (Some(b), Some(a)) = (before, after) {
             if s.backend() != "postgres" {
                 assert_eq!(a + 1, b);

@@ -93,7 +93,8 @@ pub struct InternalFile {
     pub host: String,
     /// Internal listener port.
     pub port: u16,
-    /// When set, internal APIs require `Authorization: Bearer <admin_key>`.
+    /// Internal APIs require `Authorization: Bearer <admin_key>` (generated and kept in the
+    /// database when not set).
     pub admin_key: Option<String>,
 }
 
@@ -151,6 +152,10 @@ pub struct SyncFile {
     pub fxa_oauth_cache_ttl: u64,
     /// Minimum seconds between JWKS fetches.
     pub fxa_oauth_jwks_refresh_interval: u64,
+    /// Calls to FxA's `/v1/verify` under way at most; more requests needing one get a 503.
+    pub fxa_oauth_verify_concurrency: usize,
+    /// Seconds a token FxA refused is refused without asking again (0: always ask).
+    pub fxa_oauth_refusal_cache_ttl: u64,
     /// Capacity release fraction (default 0.1).
     pub node_capacity_release_rate: Option<f64>,
     /// `node_type` in responses for applications that do not set one.
@@ -205,6 +210,8 @@ impl Default for SyncFile {
             fxa_oauth_cache_size: 10_000,
             fxa_oauth_cache_ttl: 300,
             fxa_oauth_jwks_refresh_interval: 30,
+            fxa_oauth_verify_concurrency: 32,
+            fxa_oauth_refusal_cache_ttl: 30,
             node_capacity_release_rate: None,
             node_type: "spanner".into(),
             token_duration: 3600,
@@ -268,8 +275,15 @@ pub struct SessionsFile {
     pub max_body_bytes: usize,
     /// Shards of the memory store.
     pub memory_shards: usize,
-    /// When set, session routes require `Authorization: Bearer <api_key>`.
+    /// Live sessions the memory store holds at most (503 `store_full` beyond).
+    pub max_sessions: u64,
+    /// Session routes require `Authorization: Bearer <api_key>` (generated and kept in the
+    /// database when not set).
     pub api_key: Option<String>,
+    /// `false` opens the session routes to anyone who reaches the internal listener; accepted
+    /// only when that listener is bound to a loopback address.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub require_api_key: bool,
 }
 
 impl Default for SessionsFile {
@@ -288,7 +302,9 @@ impl Default for SessionsFile {
             max_meta_keys: 256,
             max_body_bytes: 64 * 1024,
             memory_shards: 256,
+            max_sessions: 10_000_000,
             api_key: None,
+            require_api_key: true,
         }
     }
 }

@@ -100,10 +100,12 @@ pub struct SessionsConfig {
     pub dump_enabled: bool,
     /// Request body bound on the session routes.
     pub max_body_bytes: usize,
-    /// Memory store shards.
-    pub memory_shards: usize,
+    /// Memory store layout and bound.
+    pub memory: tokenserver_store::session::MemoryOptions,
     /// Bearer key of the session routes.
     pub api_key: Option<Secret<String>>,
+    /// Session routes need a key (`false` only on a loopback internal listener).
+    pub require_api_key: bool,
 }
 
 /// Connection limits of both listeners.
@@ -237,9 +239,16 @@ fn duration(key: &str, v: &file::DurationText) -> Result<Duration, ConfigError> 
     }
 }
 
+/// True when `host` (an address or `localhost`) can only be reached from this machine.
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost") || bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn validate_sessions(
     s: file::SessionsFile,
     database_url: &str,
+    internal_host: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Option<SessionsConfig>, ConfigError> {
     use tokenserver_store::session::SessionBackend;
@@ -289,8 +298,17 @@ fn validate_sessions(
             return Err(bad(key, "must be at least 1"));
         }
     }
+    if s.max_sessions == 0 {
+        return Err(bad("sessions.max_sessions", "must be at least 1"));
+    }
     if s.max_body_bytes < s.max_meta_bytes {
         return Err(bad("sessions.max_body_bytes", "must be at least sessions.max_meta_bytes"));
+    }
+    if !s.require_api_key && !is_loopback(internal_host) {
+        return Err(bad(
+            "sessions.require_api_key",
+            format!("false is accepted only when internal.host is a loopback address, not {internal_host:?}"),
+        ));
     }
     Ok(Some(SessionsConfig {
         url: Secret::new(url),
@@ -308,8 +326,9 @@ fn validate_sessions(
         },
         dump_enabled: s.dump_enabled,
         max_body_bytes: s.max_body_bytes,
-        memory_shards: s.memory_shards,
+        memory: tokenserver_store::session::MemoryOptions { shards: s.memory_shards, max_sessions: s.max_sessions },
         api_key: s.api_key.filter(|k| !k.is_empty()).map(Secret::new),
+        require_api_key: s.require_api_key,
     }))
 }
 
@@ -339,7 +358,7 @@ fn validate_limits(l: &file::LimitsFile) -> Result<ListenerLimits, ConfigError> 
 fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
     let limits = validate_limits(&raw.limits)?;
     let ts = raw.tokenserver;
-    let sessions = validate_sessions(raw.sessions, &ts.database_url, &mut warnings)?;
+    let sessions = validate_sessions(raw.sessions, &ts.database_url, &raw.internal.host, &mut warnings)?;
     let mut master_secrets: Vec<String> = match raw.master_secret {
         Some(file::Secrets::One(s)) => vec![s],
         Some(file::Secrets::Many(v)) => v,
@@ -433,9 +452,14 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         cache_capacity: ts.fxa_oauth_cache_size,
         cache_ttl: Duration::from_secs(ts.fxa_oauth_cache_ttl),
         jwks_min_refresh: Duration::from_secs(ts.fxa_oauth_jwks_refresh_interval),
+        remote_concurrency: ts.fxa_oauth_verify_concurrency,
+        refusal_ttl: Duration::from_secs(ts.fxa_oauth_refusal_cache_ttl),
         set_client_id: ts.fxa_webhook_set_client_id.clone(),
         set_issuer: ts.fxa_webhook_set_issuer.clone(),
     };
+    if fxa.remote_concurrency == 0 {
+        return Err(bad("tokenserver.fxa_oauth_verify_concurrency", "must be at least 1"));
+    }
     if fxa.request_timeout.is_zero() {
         return Err(bad("tokenserver.fxa_oauth_request_timeout", "must be positive"));
     }
@@ -597,6 +621,28 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
     }
 
     #[test]
+    fn limits_have_defaults_and_bounds() {
+        let c = load(None, &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.limits.public.max_connections, 8192);
+        assert_eq!(c.limits.internal.max_connections, 1024);
+        assert_eq!(c.limits.public.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.public.idle_timeout, Duration::from_secs(75));
+        assert_eq!(c.limits.internal.body_timeout, Duration::from_secs(30));
+        let c =
+            load(None, &vars(&[("TOKENSERVER_LIMITS__IDLE_TIMEOUT", "5min")])).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.limits.internal.idle_timeout, Duration::from_secs(300));
+        for (key, value, named) in [
+            ("TOKENSERVER_LIMITS__PUBLIC_MAX_CONNECTIONS", "0", "limits.public_max_connections"),
+            ("TOKENSERVER_LIMITS__HEADER_READ_TIMEOUT", "1ms", "limits.header_read_timeout"),
+            ("TOKENSERVER_LIMITS__BODY_TIMEOUT", "soon", "limits.body_timeout"),
+            ("TOKENSERVER_SQLITE_SYNCHRONOUS", "sometimes", "tokenserver.sqlite_synchronous"),
+        ] {
+            let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
     fn node_urls() {
         assert!(check_node_url("https://sync.example.com").is_ok());
         assert!(check_node_url("http://localhost:8000").is_ok());
@@ -653,7 +699,26 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
             load(None, &vars(&[("TOKENSERVER_SESSIONS__ENABLED", "false")])).unwrap_or_else(|e| unreachable!("{e}"));
         assert!(c.sessions.is_none());
 
+        // Opening the session routes to anyone is allowed on a loopback listener only.
+        for host in ["127.0.0.1", "::1", "localhost"] {
+            let c = load(
+                None,
+                &vars(&[("TOKENSERVER_SESSIONS__REQUIRE_API_KEY", "false"), ("TOKENSERVER_INTERNAL__HOST", host)]),
+            )
+            .unwrap_or_else(|e| unreachable!("{host}: {e}"));
+            assert!(!c.sessions.unwrap_or_else(|| unreachable!()).require_api_key);
+        }
+        let err = load(
+            None,
+            &vars(&[("TOKENSERVER_SESSIONS__REQUIRE_API_KEY", "false"), ("TOKENSERVER_INTERNAL__HOST", "0.0.0.0")]),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("sessions.require_api_key") && err.contains("0.0.0.0"), "{err}");
+
         for (key, value, named) in [
+            ("TOKENSERVER_SESSIONS__MAX_SESSIONS", "0", "sessions.max_sessions"),
             ("TOKENSERVER_SESSIONS__TOKEN_LIFETIME", "2 hours please", "sessions.token_lifetime"),
             ("TOKENSERVER_SESSIONS__URL", "mysql://x", "sessions.url"),
             ("TOKENSERVER_SESSIONS__GRACE_PERIOD", "3h", "sessions.grace_period"),

@@ -1,5 +1,6 @@
-//! The internal listener: node administration and Prometheus metrics. Guarded by the optional
-//! admin key (`Authorization: Bearer <key>`, compared in constant time).
+//! The internal listener: node administration and Prometheus metrics, behind the admin key
+//! (`Authorization: Bearer <key>`, see [`crate::keys`]). Without a key every admin route answers
+//! 403; only `/__lbheartbeat__` is open.
 
 use axum::extract::{Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -8,11 +9,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use tokenserver_store::StoreError;
 
 use crate::app::AppState;
 use crate::http::error::ApiError;
+use crate::keys::BearerKey;
 use crate::ops::node::{self, NodeSpec, OpsError};
 
 /// Routes of the internal listener (state still to be applied).
@@ -24,24 +25,24 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/__lbheartbeat__", get(crate::http::health::lbheartbeat))
 }
 
-/// True when `Authorization: Bearer <key>` carries `key` (compared in constant time).
-pub fn bearer_matches(headers: &axum::http::HeaderMap, key: &str) -> bool {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    bool::from(presented.as_bytes().ct_eq(key.as_bytes()))
+/// `Err` with the answer when `headers` do not carry the admin key `key`.
+pub fn check_admin_key(key: Option<&BearerKey>, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    match key {
+        Some(key) if key.matches(headers) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required")),
+        None => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin_key_required",
+            "the admin API is off: set internal.admin_key",
+        )),
+    }
 }
 
 async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(key) = &state.config.admin_key {
-        if !bearer_matches(req.headers(), key.expose()) {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required")
-                .into_response();
-        }
+    match check_admin_key(state.admin_key.as_ref(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
     }
-    next.run(req).await
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

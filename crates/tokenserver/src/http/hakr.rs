@@ -1,7 +1,9 @@
 //! HaKr/token_server's API, unchanged: `POST /token` (text/plain token), `PUT /token` (always 200
 //! with `{"Ok":{token,meta}}` or `{"Err":"InvalidToken"}`), `DELETE /token` (always 202), and the
 //! opt-in `HEAD /dump`. Request rejections are axum's plain-text ones, as HaKr's were. Beyond
-//! HaKr: metadata limits (413/422 in text), reuse detection and the grace window.
+//! HaKr: metadata limits (413/422 in text), reuse detection and the grace window, and a dump
+//! that needs the admin key, runs one at a time and logs in lines of [`DUMP_CHUNK`] sessions
+//! (HaKr wrote every session into one line).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -19,18 +21,24 @@ use crate::session::SessionError;
 
 /// Most sessions one `HEAD /dump` writes to the log.
 const MAX_LOGGED_DUMP: usize = 10_000;
+/// Sessions per dump log line (and per store read).
+const DUMP_CHUNK: usize = 100;
 
-/// `/token`, and `/dump` when enabled and DEBUG logging is on for tokenserver (HaKr's rule).
-pub fn router(dump_enabled: bool) -> Router<SessionsState> {
-    let router = Router::new().route("/token", post(create).put(update).delete(remove));
+/// `/token`.
+pub fn router() -> Router<SessionsState> {
+    Router::new().route("/token", post(create).put(update).delete(remove))
+}
+
+/// `/dump` when enabled and DEBUG logging is on for tokenserver (HaKr's rule).
+pub fn dump_router(dump_enabled: bool) -> Router<SessionsState> {
     let debug = tracing::enabled!(target: "tokenserver", tracing::Level::DEBUG);
     if dump_enabled && debug {
-        return router.route("/dump", head(dump));
+        return Router::new().route("/dump", head(dump));
     }
     if dump_enabled {
         tracing::warn!("HEAD /dump will not provide logging; use RUST_LOG='tokenserver=debug'");
     }
-    router
+    Router::new()
 }
 
 // Names and shapes are HaKr's: serde's messages (`expected struct CreatePayload with 1 element`)
@@ -62,6 +70,10 @@ fn limit_error(e: &MetaError) -> Response {
 fn failure(e: SessionError) -> Response {
     match e {
         SessionError::Meta(m) => limit_error(&m),
+        SessionError::Store(tokenserver_store::StoreError::Full(why)) => {
+            tracing::warn!(%why, "session store full");
+            (StatusCode::SERVICE_UNAVAILABLE, "StoreFull").into_response()
+        }
         other => {
             tracing::error!(error = %other, "could not acquire read/write lock (session store failed)");
             internal_error()
@@ -103,19 +115,35 @@ fn hakr_time(ms: u64) -> String {
     text.trim_end_matches('Z').replacen('T', " ", 1)
 }
 
-async fn dump(State(state): State<SessionsState>) -> Response {
-    match state.sessions.dump(MAX_LOGGED_DUMP).await {
-        Ok((entries, _)) => {
-            let items: Vec<String> = entries
-                .iter()
-                .map(|e| {
-                    let meta = if e.meta.is_empty() { "{}" } else { e.meta.as_str() };
-                    format!(r#"{{"expires":"{}","meta":{meta}}}"#, hakr_time(e.expires_at))
-                })
-                .collect();
-            tracing::debug!(target: "tokenserver::session_dump", "DUMP: [{}]", items.join(","));
+async fn dump(State(state): State<SessionsState>, headers: axum::http::HeaderMap) -> Response {
+    let slot = match state.dump_slot(&headers) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.into_response(),
+    };
+    let (mut after, mut logged, mut part) = (None, 0usize, 0usize);
+    while logged < MAX_LOGGED_DUMP {
+        let page = match state.sessions.dump(&slot, after.as_deref(), DUMP_CHUNK.min(MAX_LOGGED_DUMP - logged)).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::error!(error = %e, "DUMP failed");
+                break;
+            }
+        };
+        let items: Vec<String> = page
+            .entries
+            .iter()
+            .map(|e| {
+                let meta = if e.meta.is_empty() { "{}" } else { e.meta.as_str() };
+                format!(r#"{{"expires":"{}","meta":{meta}}}"#, hakr_time(e.expires_at))
+            })
+            .collect();
+        logged += items.len();
+        part += 1;
+        tracing::debug!(target: "tokenserver::session_dump", part, "DUMP: [{}]", items.join(","));
+        after = page.next;
+        if after.is_none() {
+            break;
         }
-        Err(e) => tracing::error!(error = %e, "DUMP failed"),
     }
     StatusCode::ACCEPTED.into_response()
 }

@@ -1,6 +1,7 @@
 //! Session-token routes on the internal listener: the v1 API (`/v1/sessions…`, JSON envelope
 //! errors, proper statuses) and, beside it, HaKr/token_server's `/token` routes ([`super::hakr`]).
-//! Both share one body limit and the optional `sessions.api_key`.
+//! Both share one body limit and `sessions.api_key` ([`crate::keys`]); the dumps, which read
+//! every session's metadata, answer to the admin key instead, one at a time.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,48 +21,63 @@ use tokenserver_store::StoreError;
 
 use std::sync::Arc;
 
-use tokenserver_core::Secret;
-
 use crate::app::AppState;
-use crate::http::admin::bearer_matches;
+use crate::http::admin::check_admin_key;
 use crate::http::error::ApiError;
-use crate::session::{SessionError, Sessions};
+use crate::keys::{BearerKey, SessionAccess};
+use crate::session::{DumpSlot, SessionError, Sessions};
 
 /// Most sessions one dump returns.
 pub const MAX_DUMP: usize = 1000;
 
-/// What the session handlers need: the service, and the admin key (for the dump).
+/// What the session handlers need: the service, and the admin key (for the dumps).
 #[derive(Clone)]
 pub struct SessionsState {
     /// The session service.
     pub sessions: Arc<Sessions>,
-    /// `internal.admin_key`.
-    pub admin_key: Option<Secret<String>>,
+    /// The admin key in force.
+    pub admin_key: Option<BearerKey>,
+}
+
+impl SessionsState {
+    /// The admin key's verdict, then a dump slot (429 while another dump runs).
+    pub fn dump_slot(&self, headers: &HeaderMap) -> Result<DumpSlot, ApiError> {
+        check_admin_key(self.admin_key.as_ref(), headers)?;
+        self.sessions.dump_slot().ok_or_else(|| {
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "dump_in_progress", "another dump is running; retry later")
+        })
+    }
 }
 
 /// Session routes (HaKr's and v1), when sessions are enabled.
 pub fn router(state: &AppState) -> Option<Router<AppState>> {
     let sessions = state.sessions.clone()?;
     let config = sessions.config();
-    let mut router = Router::new()
+    let router = Router::new()
         .route("/v1/sessions", post(create).delete(end))
         .route("/v1/sessions/rotate", post(rotate))
-        .merge(super::hakr::router(config.dump_enabled));
-    if let Some(key) = config.api_key.clone() {
-        router = router.layer(axum::middleware::from_fn_with_state(key, require_api_key));
-    }
-    // The dump answers to the admin key instead (see `dump`).
-    router = router.route("/v1/sessions/dump", get(dump));
+        .merge(super::hakr::router())
+        .layer(axum::middleware::from_fn_with_state(state.session_access.clone(), require_api_key))
+        // The dumps answer to the admin key instead.
+        .route("/v1/sessions/dump", get(dump))
+        .merge(super::hakr::dump_router(config.dump_enabled));
     let limit = DefaultBodyLimit::max(config.max_body_bytes);
-    Some(router.layer(limit).with_state(SessionsState { sessions, admin_key: state.config.admin_key.clone() }))
+    Some(router.layer(limit).with_state(SessionsState { sessions, admin_key: state.admin_key.clone() }))
 }
 
-async fn require_api_key(State(key): State<Secret<String>>, req: Request, next: Next) -> Response {
-    if !bearer_matches(req.headers(), key.expose()) {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid session API key is required")
-            .into_response();
+async fn require_api_key(State(access): State<SessionAccess>, req: Request, next: Next) -> Response {
+    match &access {
+        SessionAccess::Open => next.run(req).await,
+        SessionAccess::Key(key) if key.matches(req.headers()) => next.run(req).await,
+        SessionAccess::Key(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid session API key is required")
+                .into_response()
+        }
+        SessionAccess::Off => {
+            ApiError::new(StatusCode::FORBIDDEN, "api_key_required", "the session routes are off: set sessions.api_key")
+                .into_response()
+        }
     }
-    next.run(req).await
 }
 
 /// RFC 3339 UTC, whole seconds.
@@ -118,6 +134,15 @@ fn meta_error(e: &MetaError) -> ApiError {
 
 fn store_error(e: &StoreError) -> ApiError {
     match e {
+        StoreError::Full(_) => {
+            tracing::warn!(error = %e, "session store full");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_full",
+                "the session store holds as many sessions as it may",
+            )
+        }
+        StoreError::InvalidInput(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor", m.clone()),
         StoreError::Unavailable(_) | StoreError::Conflict => {
             tracing::warn!(error = %e, "session store unavailable");
             ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the session store is unavailable")
@@ -217,6 +242,7 @@ async fn end(State(state): State<SessionsState>, V1Json(body): V1Json<EndBody>) 
 #[derive(Deserialize)]
 struct DumpQuery {
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 async fn dump(
@@ -224,22 +250,13 @@ async fn dump(
     headers: HeaderMap,
     query: Result<Query<DumpQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    // Metadata is personal data: the dump needs the admin key, and exists only when one is set.
-    let Some(key) = &state.admin_key else {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "dump_requires_admin_key",
-            "set internal.admin_key to use the session dump",
-        ));
-    };
-    if !bearer_matches(&headers, key.expose()) {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required"));
-    }
-    // The query is judged only after the key, and in the API's JSON shape (axum's own rejection
-    // is plain text and would answer before the key is checked).
-    let limit = match query {
-        Ok(Query(q)) => q.limit.unwrap_or(100),
-        Err(_) => 0,
+    // Metadata is personal data: the dump needs the admin key. The query is judged only after
+    // the key, and in the API's JSON shape (axum's own rejection is plain text and would answer
+    // before the key is checked).
+    let slot = state.dump_slot(&headers)?;
+    let (limit, cursor) = match query {
+        Ok(Query(q)) => (q.limit.unwrap_or(100), q.cursor),
+        Err(_) => (0, None),
     };
     if limit == 0 || limit > MAX_DUMP {
         return Err(ApiError::new(
@@ -248,8 +265,9 @@ async fn dump(
             format!("limit must be between 1 and {MAX_DUMP}"),
         ));
     }
-    let (entries, records) = state.sessions.dump(limit).await.map_err(session_error)?;
-    let list: Vec<Value> = entries
+    let page = state.sessions.dump(&slot, cursor.as_deref(), limit).await.map_err(session_error)?;
+    let list: Vec<Value> = page
+        .entries
         .iter()
         .map(|e| {
             let meta: Value = serde_json::from_str(&e.meta).unwrap_or(Value::Object(Map::new()));
@@ -258,8 +276,9 @@ async fn dump(
         .collect();
     let body = serde_json::json!({
         "sessions": list,
-        "truncated": entries.len() >= limit,
-        "records": records,
+        "truncated": page.next.is_some(),
+        "next_cursor": page.next,
+        "records": page.records,
         "generated_at": rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)),
     });
     Ok(axum::Json(body).into_response())

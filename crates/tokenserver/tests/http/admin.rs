@@ -9,7 +9,7 @@ use crate::common::*;
 #[tokio::test]
 async fn node_api_on_the_internal_listener() {
     let s = TestServer::start(&[]).await;
-    let add = |body: Value| s.http.post(format!("{}/v1/nodes", s.internal)).json(&body).send();
+    let add = |body: Value| s.admin.post(format!("{}/v1/nodes", s.internal)).json(&body).send();
     let r = add(json!({"node": "https://sync-1.example.com", "capacity": 1000})).await.unwrap();
     assert_eq!(r.status(), 201);
     let v: Value = r.json().await.unwrap();
@@ -24,15 +24,15 @@ async fn node_api_on_the_internal_listener() {
     assert_eq!(r.status(), 422);
     let r = add(json!({"node": "https://x.example.com", "capacity": 5, "service": "nope-1"})).await.unwrap();
     assert_eq!(r.status(), 404);
-    let r = s.http.get(format!("{}/v1/nodes", s.internal)).send().await.unwrap();
+    let r = s.admin.get(format!("{}/v1/nodes", s.internal)).send().await.unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1);
     // The node API is not on the public listener.
-    let r = s.http.get(format!("{}/v1/nodes", s.base)).send().await.unwrap();
+    let r = s.admin.get(format!("{}/v1/nodes", s.base)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     // Metrics are exported.
     assert_eq!(s.token(&Jwt::new("u1", Some(1)).sign(), "1-qqo").await.status, 200);
-    let text = s.http.get(format!("{}/metrics", s.internal)).send().await.unwrap().text().await.unwrap();
+    let text = s.admin.get(format!("{}/metrics", s.internal)).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("tokenserver_token_requests_total"), "{text}");
     // The new user's allocation went through the SQLite group-commit writer.
     assert!(text.contains(r#"tokenserver_sqlite_batch_calls_count{writer="sync-writer"} "#), "{text}");
@@ -143,4 +143,109 @@ async fn generated_master_secret_is_persisted_across_restarts() {
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].expose(), second[0].expose());
     assert_eq!(first[0].expose().len(), 64);
+}
+
+#[tokio::test]
+async fn without_a_configured_key_the_internal_listener_answers_only_to_generated_ones() {
+    let s = TestServer::start(&[
+        ("TOKENSERVER_INTERNAL__ADMIN_KEY", ""),
+        ("TOKENSERVER_SESSIONS__REQUIRE_API_KEY", "true"),
+    ])
+    .await;
+    // Whoever reaches the listener is refused, and nothing changes.
+    let r = s
+        .http
+        .post(format!("{}/v1/nodes", s.internal))
+        .json(&json!({"node": "https://attacker.example", "capacity": 9}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unauthorized");
+    assert_eq!(s.http.get(format!("{}/metrics", s.internal)).send().await.unwrap().status(), 401);
+    let r = s.http.post(format!("{}/v1/sessions", s.internal)).json(&json!({"meta": {}})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(s.loads_and_users().await, vec![], "no node was added");
+    // The CLI shows the keys the server generated and keeps in the database.
+    let dir = TempDir::new();
+    let env = [("TOKENSERVER_DATABASE_URL", s.db_url()), ("SYNC_MASTER_SECRET", SECRET)];
+    let (code, out, err) = cli(&dir.0, &["keys", "--json"], &env);
+    assert_eq!(code, 0, "{err}");
+    let keys: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(keys["master_secret"], json!({"origin": "configured", "value": null}));
+    assert_eq!(keys["internal.admin_key"]["origin"], "generated");
+    assert_eq!(keys["sessions.api_key"]["origin"], "generated");
+    let admin = keys["internal.admin_key"]["value"].as_str().unwrap();
+    let sessions = keys["sessions.api_key"]["value"].as_str().unwrap();
+    assert_eq!((admin.len(), sessions.len()), (64, 64));
+    assert_ne!(admin, sessions);
+    let r = s
+        .http
+        .post(format!("{}/v1/nodes", s.internal))
+        .bearer_auth(admin)
+        .json(&json!({"node": "https://sync.example.com", "capacity": 9}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = s
+        .http
+        .post(format!("{}/v1/sessions", s.internal))
+        .bearer_auth(sessions)
+        .json(&json!({"meta": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Each key opens its own routes only.
+    let r = s
+        .http
+        .post(format!("{}/v1/sessions", s.internal))
+        .bearer_auth(admin)
+        .json(&json!({"meta": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        s.http.get(format!("{}/v1/nodes", s.internal)).bearer_auth(sessions).send().await.unwrap().status(),
+        401
+    );
+    // The text form names each key and where it came from.
+    let (code, out, _) = cli(&dir.0, &["keys"], &env);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines().any(|l| l.starts_with("internal.admin_key") && l.contains("generated") && l.ends_with(admin)),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("master_secret") && l.contains("(set in the configuration)")), "{out}");
+    s.finish().await;
+}
+
+#[tokio::test]
+async fn without_a_key_a_database_that_cannot_keep_one_turns_the_routes_off() {
+    let Some(s) = TestServer::start_on(
+        tokenserver_store::Backend::Postgres,
+        &[("TOKENSERVER_INTERNAL__ADMIN_KEY", ""), ("TOKENSERVER_SESSIONS__REQUIRE_API_KEY", "true")],
+    )
+    .await
+    else {
+        return;
+    };
+    let r = s
+        .admin
+        .post(format!("{}/v1/nodes", s.internal))
+        .json(&json!({"node": "https://x.example", "capacity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "admin_key_required");
+    let r = s.http.post(format!("{}/v1/sessions", s.internal)).json(&json!({"meta": {}})).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "api_key_required");
+    let r = s.http.get(format!("{}/v1/sessions/dump", s.internal)).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(s.http.get(format!("{}/__lbheartbeat__", s.internal)).send().await.unwrap().status(), 200);
+    s.finish().await;
 }

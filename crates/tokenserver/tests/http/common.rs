@@ -25,6 +25,8 @@ pub const TEST_JWK: &str = include_str!("../fixtures/test-rsa.jwk.json");
 pub const SECRET: &str = "secret0";
 pub const DOMAIN: &str = "test.com";
 pub const NODE: &str = "https://example.com";
+/// The admin key every test server is started with (unless a test sets its own).
+pub const ADMIN_KEY: &str = "test-admin-key";
 
 pub fn now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
@@ -193,6 +195,8 @@ pub struct TestServer {
     pub db: TestDb,
     pub fxa: MockFxa,
     pub http: reqwest::Client,
+    /// A client that sends [`ADMIN_KEY`].
+    pub admin: reqwest::Client,
     fresh: FreshDb,
 }
 
@@ -248,6 +252,9 @@ impl TestServer {
             ("SYNC_TOKENSERVER__FXA_METRICS_HASH_SECRET".into(), SECRET.into()),
             ("SYNC_TOKENSERVER__FXA_EMAIL_DOMAIN".into(), DOMAIN.into()),
             ("SYNC_TOKENSERVER__FXA_OAUTH_SERVER_URL".into(), fxa.url.clone()),
+            ("TOKENSERVER_INTERNAL__ADMIN_KEY".into(), ADMIN_KEY.into()),
+            // HaKr's API has no key; the tests talk to a loopback listener, where that is allowed.
+            ("TOKENSERVER_SESSIONS__REQUIRE_API_KEY".into(), "false".into()),
         ];
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let cfg = config::load(None, &vars).unwrap_or_else(|e| panic!("{e}"));
@@ -264,8 +271,21 @@ impl TestServer {
             db,
             fxa,
             http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+            admin: reqwest::Client::builder()
+                .default_headers(
+                    [(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}").parse().unwrap())]
+                        .into_iter()
+                        .collect(),
+                )
+                .build()
+                .unwrap(),
             fresh: fresh_db,
         }
+    }
+
+    /// The database URL the server runs on.
+    pub fn db_url(&self) -> &str {
+        &self.fresh.url
     }
 
     /// Stops the server and drops its database.

@@ -50,7 +50,12 @@ async fn cancelled_writes_never_wedge_the_store(backend: Backend) {
                     match (i + round) % 3 {
                         0 => {
                             let body = json!({"node": format!("https://n{n}.example.com"), "capacity": 10});
-                            let _ = client.post(format!("{}/v1/nodes", s.internal)).json(&body).send().await;
+                            let _ = client
+                                .post(format!("{}/v1/nodes", s.internal))
+                                .bearer_auth(ADMIN_KEY)
+                                .json(&body)
+                                .send()
+                                .await;
                         }
                         1 => {
                             let jwt = Jwt::new(&format!("u{n}"), Some(1)).sign();
@@ -78,7 +83,7 @@ async fn cancelled_writes_never_wedge_the_store(backend: Backend) {
     }
     // Every write path answers now.
     let r = s
-        .http
+        .admin
         .post(format!("{}/v1/nodes", s.internal))
         .json(&json!({"node": "https://after.example.com", "capacity": 5}))
         .send()
@@ -208,7 +213,8 @@ async fn a_body_shorter_than_its_content_length_is_a_408() {
     let s = TestServer::start(&[("TOKENSERVER_LIMITS__BODY_TIMEOUT", "300ms")]).await;
     let mut conn = connect(&s.internal).await;
     conn.write_all(
-        b"POST /v1/nodes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"node\":",
+        b"POST /v1/nodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-admin-key\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"node\":",
     )
     .await
     .unwrap();

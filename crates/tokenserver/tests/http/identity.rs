@@ -131,12 +131,12 @@ async fn non_jwt_tokens_go_to_remote_verify_and_are_cached() {
     let rows = s.user_rows("remote-user").await;
     assert_eq!((rows.len(), rows[0].generation), (1, 1234));
 
-    // FxA says no: 401, and refusals are not cached.
+    // FxA says no: 401, and the refusal is remembered for a while (no call for a replay).
     let refused = remote_token("x", None, 401);
     for _ in 0..2 {
         assert_401(&s.token(&refused, "1-qqo").await, INVALID_CREDENTIALS);
     }
-    assert_eq!(s.fxa.verify_hits(), 3);
+    assert_eq!(s.fxa.verify_hits(), 2);
     // A 2xx with an unexpected body: 401.
     let odd = serde_json::json!({"status": 200, "body": {"unexpected": true}}).to_string();
     assert_401(&s.token(&odd, "1-qqo").await, INVALID_CREDENTIALS);
@@ -172,4 +172,50 @@ async fn slow_or_unreachable_fxa_is_a_503_not_a_hang() {
     let r = s2.token(&Jwt::new("x", Some(1)).sign(), "1-qqo").await;
     assert_error(&r, 503, "error", "body", "", "Resource is not available");
     assert_eq!(s2.count_users().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_verifications_are_bounded_and_the_rest_get_a_503() {
+    let s = std::sync::Arc::new(
+        TestServer::start(&[
+            ("SYNC_TOKENSERVER__FXA_OAUTH_VERIFY_CONCURRENCY", "2"),
+            ("SYNC_TOKENSERVER__FXA_OAUTH_REFUSAL_CACHE_TTL", "0"),
+        ])
+        .await,
+    );
+    s.add_node(NODE, 100, 100).await;
+    // Twelve distinct opaque tokens that FxA takes a while to answer.
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let s = s.clone();
+            let token = serde_json::json!({"sleep_ms": 2000, "status": 200, "n": i,
+                "body": {"user": format!("u{i}"), "scope": [SYNC_SCOPE], "client_id": "c"}})
+            .to_string();
+            tokio::spawn(async move { s.token(&token, "1-qqo").await })
+        })
+        .collect();
+    let (mut ok, mut busy) = (0, 0);
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            200 => ok += 1,
+            503 => {
+                assert_error(&r, 503, "error", "body", "", "Resource is not available");
+                assert_eq!(
+                    (&r.headers["retry-after"], &r.headers["x-backoff"]),
+                    (&"10".parse().unwrap(), &"10".parse().unwrap())
+                );
+                busy += 1;
+            }
+            other => panic!("{other}: {}", r.body),
+        }
+    }
+    assert_eq!((ok, busy), (2, 10));
+    assert_eq!(s.fxa.verify_hits(), 2, "no more than the bound reached FxA");
+    // With the refusal cache off, a refused token is asked about every time.
+    let refused = remote_token("x", None, 401);
+    for _ in 0..2 {
+        assert_401(&s.token(&refused, "1-qqo").await, INVALID_CREDENTIALS);
+    }
+    assert_eq!(s.fxa.verify_hits(), 4);
 }

@@ -322,9 +322,10 @@ async fn v1_errors_use_the_envelope() {
 
 #[tokio::test]
 async fn dump_needs_the_admin_key_and_lists_no_tokens() {
-    let server = TestServer::start(&[]).await;
+    // No key configured: one is generated (SQLite keeps it), and the dump answers only to it.
+    let server = TestServer::start(&[("TOKENSERVER_INTERNAL__ADMIN_KEY", "")]).await;
     let r = send(&server, "GET", "/v1/sessions/dump", None, "").await;
-    assert_eq!(envelope(&r), (403, "dump_requires_admin_key".into()));
+    assert_eq!(envelope(&r), (401, "unauthorized".into()));
     server.finish().await;
 
     let server = TestServer::start(&[("TOKENSERVER_INTERNAL__ADMIN_KEY", "adm")]).await;
@@ -419,4 +420,82 @@ async fn flow_on_redis() {
 #[tokio::test]
 async fn flow_on_redis_cluster() {
     flow_on(SessionBackend::RedisCluster).await;
+}
+
+/// The real binary with HaKr's dump on: `HEAD /dump` needs the admin key and logs the sessions in
+/// lines of at most 100 (HaKr wrote them all into one line).
+#[tokio::test]
+async fn hakr_dump_needs_the_admin_key_and_logs_in_bounded_lines() {
+    use std::io::BufRead;
+    let dir = crate::common::TempDir::new();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokenserver"))
+        .current_dir(&dir.0)
+        .env_clear()
+        .envs([
+            ("TOKENSERVER_PORT", "0"),
+            ("TOKENSERVER_INTERNAL__PORT", "0"),
+            ("SYNC_MASTER_SECRET", "s"),
+            ("TOKENSERVER_INTERNAL__ADMIN_KEY", "adm"),
+            ("TOKENSERVER_SESSIONS__URL", "memory:"),
+            ("TOKENSERVER_SESSIONS__DUMP_ENABLED", "1"),
+            ("TOKENSERVER_SESSIONS__REQUIRE_API_KEY", "false"),
+            ("SYNC_TOKENSERVER__FXA_OAUTH_SERVER_URL", "http://127.0.0.1:9"),
+            ("RUST_LOG", "tokenserver=debug"),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let next = |what: &str| -> Value {
+        loop {
+            let v = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no {what} line"));
+            if v["message"].as_str().unwrap_or("").starts_with(what) {
+                return v;
+            }
+        }
+    };
+    let internal = format!("http://{}", next("Server running")["internal"].as_str().unwrap());
+    let http = reqwest::Client::new();
+    for i in 0..250 {
+        let r = http.post(format!("{internal}/token")).json(&json!({"meta": {"n": i}})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = http.head(format!("{internal}/dump")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http.head(format!("{internal}/dump")).bearer_auth("adm").send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let mut sizes = Vec::new();
+    while sizes.iter().sum::<usize>() < 250 {
+        let line = next("DUMP: [");
+        sizes.push(line["message"].as_str().unwrap().matches("\"expires\"").count());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(sizes, [100, 100, 50]);
+}
+
+#[tokio::test]
+async fn the_memory_store_refuses_sessions_past_its_cap() {
+    let server =
+        TestServer::start(&[("TOKENSERVER_SESSIONS__URL", "memory:"), ("TOKENSERVER_SESSIONS__MAX_SESSIONS", "2")])
+            .await;
+    let a = hakr_create(&server, json!({})).await;
+    assert_eq!(v1(&server, "POST", "/v1/sessions", json!({"meta": {}})).await.status, 201);
+    let r = v1(&server, "POST", "/v1/sessions", json!({"meta": {}})).await;
+    assert_eq!(envelope(&r), (503, "store_full".into()));
+    let r = send(&server, "POST", "/token", JSON, r#"{"meta":{}}"#).await;
+    assert_eq!((r.status, r.body.as_str()), (503, "StoreFull"));
+    // Existing sessions go on; ending one makes room.
+    let b = ok_token(&hakr_put(&server, &a, None).await);
+    send(&server, "DELETE", "/token", JSON, &json!({ "token": b }).to_string()).await;
+    assert_eq!(v1(&server, "POST", "/v1/sessions", json!({"meta": {}})).await.status, 201);
+    server.finish().await;
 }
