@@ -1,23 +1,32 @@
-//! Storage for tokenserver: one trait per token family, and the backends that implement it.
+//! Storage for tokenserver: one trait per token family at the root ([`sync`], [`session`]), and
+//! the backends that implement them, one folder each with one file per family it holds:
 //!
-//! The Sync family stores Mozilla's node-assignment schema (`services`, `nodes`, `users`). Every
-//! read-modify-write is one trait method that the backend makes atomic; callers never build one
-//! from several calls. Backends are chosen by URL ([`open`]).
+//! | backend | URL | families |
+//! |---|---|---|
+//! | [`sqlite`] | `sqlite://path`, `sqlite::memory:` | Sync, sessions |
+//! | [`postgres`] | `postgres://…`, `postgresql://…` | Sync, sessions |
+//! | [`mysql`] | `mysql://…` (MySQL, MariaDB) | Sync |
+//! | [`redis`] | `redis://…`, `rediss://…`, `redis+cluster://h:p,h:p/` | sessions |
+//! | [`memory`] | `memory:` | sessions |
+//!
+//! What the SQL backends share (the Sync transactions, migrations, the allocation queue, the
+//! read pool, the SQL each must provide) is in [`sql`]. Every read-modify-write is one trait
+//! method that the backend makes atomic; callers never build one from several calls. A URL is
+//! parsed once ([`Backend::from_url`]) and opened once ([`open`]), for every family asked of it.
 
-mod alloc_queue;
 mod caller;
 pub mod error;
-mod migrate;
+pub mod memory;
 pub mod mysql;
 pub mod postgres;
-mod read_pool;
+mod ready;
+pub mod redis;
 pub mod session;
-mod sql_backend;
+pub mod sql;
 pub mod sqlite;
 pub mod sync;
 #[cfg(feature = "testing")]
 pub mod testing;
-mod tx;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,37 +56,48 @@ impl Default for PoolSettings {
     }
 }
 
-/// Connections idle longer than this are pinged before use: after an outage they are found dead
-/// and replaced, while under load (connections never idle that long) no request pays a ping.
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
-
-/// Pool options for a networked database (PostgreSQL, MySQL): sized and timed by `settings`,
-/// pinging only connections that sat idle (sqlx's default pings before every acquire, a round
-/// trip per request).
-pub(crate) fn network_pool<DB: sqlx::Database>(settings: &PoolSettings) -> sqlx::pool::PoolOptions<DB> {
-    sqlx::pool::PoolOptions::<DB>::new()
-        .max_connections(settings.max_size)
-        .acquire_timeout(settings.connection_timeout)
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for > PING_IF_IDLE_FOR {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
-            })
-        })
+/// Everything a store is opened with.
+#[derive(Debug, Clone, Default)]
+pub struct StoreSettings {
+    /// Connections (PostgreSQL, MySQL), read connections and durability (SQLite).
+    pub pool: PoolSettings,
+    /// The in-process session store's layout and bound.
+    pub memory: memory::MemoryOptions,
 }
 
-/// The backend a database URL names.
+/// A token family, as asked of [`open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Sync node assignment.
+    Sync,
+    /// Session tokens.
+    Sessions,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::Sync => "Sync node assignment",
+            Family::Sessions => "session tokens",
+        })
+    }
+}
+
+/// The backend a store URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// `sqlite:` URLs (the default, embedded).
+    /// `sqlite:` (the default, embedded).
     Sqlite,
     /// `postgres://` and `postgresql://`.
     Postgres,
     /// `mysql://` (MySQL and MariaDB).
     MySql,
+    /// `redis://` / `rediss://`.
+    Redis,
+    /// `redis+cluster://host:port,host:port/`.
+    RedisCluster,
+    /// `memory:` (in process, lost on restart).
+    Memory,
 }
 
 impl Backend {
@@ -88,22 +108,104 @@ impl Backend {
             "sqlite" => Ok(Self::Sqlite),
             "postgres" | "postgresql" => Ok(Self::Postgres),
             "mysql" => Ok(Self::MySql),
+            "redis" | "rediss" => Ok(Self::Redis),
+            "redis+cluster" | "rediss+cluster" => Ok(Self::RedisCluster),
+            "memory" => Ok(Self::Memory),
             _ => Err(StoreError::Config(format!(
-                "unsupported database URL scheme {scheme:?}: use sqlite:, postgres:// or mysql://"
+                "unsupported store URL scheme {scheme:?}: use sqlite:, postgres://, mysql://, redis://, \
+                 redis+cluster:// or memory:"
             ))),
+        }
+    }
+
+    /// Whether this backend holds `family`.
+    pub fn holds(self, family: Family) -> bool {
+        match family {
+            Family::Sync => matches!(self, Self::Sqlite | Self::Postgres | Self::MySql),
+            Family::Sessions => !matches!(self, Self::MySql),
+        }
+    }
+
+    /// The backends that hold `family`, for messages.
+    pub fn holding(family: Family) -> &'static str {
+        match family {
+            Family::Sync => "sqlite:, postgres:// or mysql://",
+            Family::Sessions => "sqlite:, postgres://, redis://, redis+cluster:// or memory:",
         }
     }
 }
 
-/// Opens the Sync store named by `url`.
-pub async fn open_sync(url: &str, pool: &PoolSettings) -> Result<Arc<dyn SyncStore>, StoreError> {
-    match Backend::from_url(url)? {
-        Backend::Sqlite => {
-            Ok(Arc::new(sqlite::SqliteStore::open(url, pool.max_size as usize, pool.sqlite_durability).await?))
-        }
-        Backend::Postgres => Ok(Arc::new(postgres::PgStore::open(url, pool).await?)),
-        Backend::MySql => Ok(Arc::new(mysql::MySqlStore::open(url, pool).await?)),
+/// The stores [`open`] made, one per family asked for.
+#[derive(Default)]
+pub struct Stores {
+    /// Sync node assignment.
+    pub sync: Option<Arc<dyn SyncStore>>,
+    /// Session tokens.
+    pub sessions: Option<Arc<dyn SessionStore>>,
+}
+
+/// Opens `url` once for every family in `families`: on SQLite, Sync and sessions in one file
+/// share one writer. Fails with [`StoreError::Config`] when the backend does not hold a family.
+pub async fn open(url: &str, settings: &StoreSettings, families: &[Family]) -> Result<Stores, StoreError> {
+    let backend = Backend::from_url(url)?;
+    if let Some(family) = families.iter().find(|f| !backend.holds(**f)) {
+        return Err(StoreError::Config(format!(
+            "{backend:?} does not hold {family}; use {}",
+            Backend::holding(*family)
+        )));
     }
+    let wants = |family| families.contains(&family);
+    let mut stores = Stores::default();
+    let pool = &settings.pool;
+    match backend {
+        Backend::Sqlite => {
+            let writer = if wants(Family::Sync) { "sync-writer" } else { "session-writer" };
+            let db = sqlite::SqliteStore::open(url, writer, pool.max_size as usize, pool.sqlite_durability).await?;
+            if wants(Family::Sessions) {
+                stores.sessions = Some(Arc::new(sqlite::session::SqliteSessions::on(&db).await?));
+            }
+            if wants(Family::Sync) {
+                stores.sync = Some(Arc::new(db));
+            }
+        }
+        Backend::Postgres => {
+            if wants(Family::Sync) {
+                stores.sync = Some(Arc::new(postgres::PgStore::open(url, pool).await?));
+            }
+            if wants(Family::Sessions) {
+                stores.sessions = Some(Arc::new(postgres::session::PgSessions::open(url, pool).await?));
+            }
+        }
+        Backend::MySql => {
+            if wants(Family::Sync) {
+                stores.sync = Some(Arc::new(mysql::MySqlStore::open(url, pool).await?));
+            }
+        }
+        Backend::Redis | Backend::RedisCluster => {
+            if wants(Family::Sessions) {
+                stores.sessions = Some(Arc::new(redis::session::RedisSessions::open(url).await?));
+            }
+        }
+        Backend::Memory => {
+            if wants(Family::Sessions) {
+                stores.sessions = Some(Arc::new(memory::session::MemorySessions::with_options(settings.memory)));
+            }
+        }
+    }
+    Ok(stores)
+}
+
+/// The Sync store `url` names (a shorthand of [`open`]).
+pub async fn open_sync(url: &str, settings: &StoreSettings) -> Result<Arc<dyn SyncStore>, StoreError> {
+    open(url, settings, &[Family::Sync]).await?.sync.ok_or_else(|| StoreError::Config("no Sync store".into()))
+}
+
+/// The session store `url` names (a shorthand of [`open`]).
+pub async fn open_sessions(url: &str, settings: &StoreSettings) -> Result<Arc<dyn SessionStore>, StoreError> {
+    open(url, settings, &[Family::Sessions])
+        .await?
+        .sessions
+        .ok_or_else(|| StoreError::Config("no session store".into()))
 }
 
 /// A `users` row for unit tests of the code that passes rows around.
@@ -127,15 +229,41 @@ mod tests {
 
     #[test]
     fn url_schemes() {
-        assert_eq!(Backend::from_url("sqlite://tokenserver.db").ok(), Some(Backend::Sqlite));
-        assert_eq!(Backend::from_url("sqlite::memory:").ok(), Some(Backend::Sqlite));
-        assert_eq!(Backend::from_url("postgres://u:p@h/db").ok(), Some(Backend::Postgres));
-        assert_eq!(Backend::from_url("postgresql:///tokenserver?host=/run/postgresql").ok(), Some(Backend::Postgres));
-        assert_eq!(
-            Backend::from_url("mysql://u@localhost/db?socket=/run/mysqld/mysqld.sock").ok(),
-            Some(Backend::MySql)
-        );
-        assert!(Backend::from_url("redis://x").is_err());
+        let cases = [
+            ("sqlite://tokenserver.db", Backend::Sqlite),
+            ("sqlite::memory:", Backend::Sqlite),
+            ("postgres://u:p@h/db", Backend::Postgres),
+            ("postgresql:///tokenserver?host=/run/postgresql", Backend::Postgres),
+            ("mysql://u@localhost/db?socket=/run/mysqld/mysqld.sock", Backend::MySql),
+            ("redis://127.0.0.1/", Backend::Redis),
+            ("rediss://h:6380/0", Backend::Redis),
+            ("redis+cluster://127.0.0.1:7001,127.0.0.1:7002", Backend::RedisCluster),
+            ("memory:", Backend::Memory),
+        ];
+        for (url, backend) in cases {
+            assert_eq!(Backend::from_url(url).ok(), Some(backend), "{url}");
+        }
         assert!(Backend::from_url("nonsense").is_err());
+        assert!(Backend::from_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn families_each_backend_holds() {
+        assert!(Backend::Sqlite.holds(Family::Sync) && Backend::Sqlite.holds(Family::Sessions));
+        assert!(Backend::MySql.holds(Family::Sync) && !Backend::MySql.holds(Family::Sessions));
+        assert!(!Backend::Redis.holds(Family::Sync) && Backend::RedisCluster.holds(Family::Sessions));
+        assert!(!Backend::Memory.holds(Family::Sync) && Backend::Memory.holds(Family::Sessions));
+    }
+
+    #[tokio::test]
+    async fn a_family_the_backend_does_not_hold_is_a_configuration_error() {
+        let err = open("mysql://root@127.0.0.1:1/x", &StoreSettings::default(), &[Family::Sessions]).await.err();
+        assert!(
+            matches!(&err, Some(StoreError::Config(m)) if m.contains("session tokens")),
+            "{:?}",
+            err.map(|e| e.to_string())
+        );
+        let err = open("memory:", &StoreSettings::default(), &[Family::Sync]).await.err();
+        assert!(matches!(err, Some(StoreError::Config(_))));
     }
 }

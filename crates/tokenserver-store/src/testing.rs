@@ -1,9 +1,11 @@
-//! Test support: a fresh, isolated database per test on every backend.
+//! Test support: a fresh, isolated store URL per test on every backend.
 //!
 //! PostgreSQL tests get their own schema inside `TOKENSERVER_TEST_POSTGRES_URL`'s database,
-//! MySQL tests their own database on `TOKENSERVER_TEST_MYSQL_URL`'s server, SQLite tests a file in
-//! a temporary directory. When a variable is unset the backend is skipped with a printed notice;
-//! when it is set and the server is unreachable, the test fails (CI must never skip silently).
+//! MySQL tests their own database on `TOKENSERVER_TEST_MYSQL_URL`'s server, Redis and Redis
+//! Cluster tests their own key prefix, SQLite tests a file in a temporary directory (or an
+//! in-memory database, [`sqlite_in_memory`]). When a variable is unset the backend is skipped with
+//! a printed notice; when it is set and the server is unreachable, the test fails (CI must never
+//! skip silently).
 
 use std::str::FromStr;
 
@@ -37,10 +39,29 @@ fn env(name: &str) -> Option<String> {
     }
 }
 
-/// Creates a fresh database for `backend`, or `None` (skipped) when its URL variable is unset.
+/// A SQLite database in memory (`sqlite::memory:`): gone with its store.
+pub fn sqlite_in_memory() -> FreshDb {
+    FreshDb { url: "sqlite::memory:".into(), backend: Backend::Sqlite, name: String::new(), admin_url: String::new() }
+}
+
+/// Creates a fresh database (or key prefix) for `backend`, or `None` (skipped) when its URL
+/// variable is unset.
 #[allow(clippy::panic)]
 pub async fn fresh(backend: Backend) -> Option<FreshDb> {
+    let nothing = String::new;
     match backend {
+        Backend::Memory => Some(FreshDb { url: "memory:".into(), backend, name: nothing(), admin_url: nothing() }),
+        Backend::Redis => {
+            let url = env("TOKENSERVER_TEST_REDIS_URL")?;
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let url = format!("{url}{sep}prefix={}:", unique("t"));
+            Some(FreshDb { url, backend, name: nothing(), admin_url: nothing() })
+        }
+        Backend::RedisCluster => {
+            let urls = env("TOKENSERVER_TEST_REDIS_CLUSTER_URLS")?;
+            let url = format!("{}?prefix={}:", cluster_url(&urls), unique("t"));
+            Some(FreshDb { url, backend, name: nothing(), admin_url: nothing() })
+        }
         Backend::Sqlite => {
             let dir = std::env::temp_dir().join(unique("ts-sqlite-"));
             if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -84,9 +105,11 @@ pub async fn fresh(backend: Backend) -> Option<FreshDb> {
 }
 
 impl FreshDb {
-    /// Drops the schema / database / directory.
+    /// Drops the schema / database / directory (Redis keys expire on their own).
     pub async fn drop_now(&self) {
         match self.backend {
+            Backend::Memory | Backend::Redis | Backend::RedisCluster => {}
+            Backend::Sqlite if self.name.is_empty() => {}
             Backend::Sqlite => {
                 let _ = std::fs::remove_dir_all(&self.name);
             }
@@ -104,24 +127,6 @@ impl FreshDb {
     }
 }
 
-/// A session store URL made for one test, with what is needed to clean it up.
-#[derive(Debug, Clone)]
-pub struct SessionDb {
-    /// URL to give the store / server.
-    pub url: String,
-    /// The SQL database behind it, if any.
-    pub sql: Option<FreshDb>,
-}
-
-impl SessionDb {
-    /// Drops what [`fresh_sessions`] created (Redis keys expire on their own).
-    pub async fn drop_now(&self) {
-        if let Some(db) = &self.sql {
-            db.drop_now().await;
-        }
-    }
-}
-
 /// `TOKENSERVER_TEST_REDIS_CLUSTER_URLS` (`redis://h:p,redis://h:p,…`) as one
 /// `redis+cluster://h:p,h:p` URL.
 pub fn cluster_url(urls: &str) -> String {
@@ -131,31 +136,4 @@ pub fn cluster_url(urls: &str) -> String {
         .filter(|h| !h.is_empty())
         .collect();
     format!("redis+cluster://{}/", hosts.join(","))
-}
-
-/// A fresh session store URL for `backend`, or `None` (skipped) when its variable is unset.
-/// Redis stores get a key prefix of their own.
-pub async fn fresh_sessions(backend: crate::session::SessionBackend) -> Option<SessionDb> {
-    use crate::session::SessionBackend as B;
-    let prefix = unique("t");
-    Some(match backend {
-        B::Memory => SessionDb { url: "memory:".into(), sql: None },
-        B::Sqlite => {
-            let db = fresh(Backend::Sqlite).await?;
-            SessionDb { url: db.url.clone(), sql: Some(db) }
-        }
-        B::Postgres => {
-            let db = fresh(Backend::Postgres).await?;
-            SessionDb { url: db.url.clone(), sql: Some(db) }
-        }
-        B::Redis => {
-            let url = env("TOKENSERVER_TEST_REDIS_URL")?;
-            let sep = if url.contains('?') { '&' } else { '?' };
-            SessionDb { url: format!("{url}{sep}prefix={prefix}:"), sql: None }
-        }
-        B::RedisCluster => {
-            let urls = env("TOKENSERVER_TEST_REDIS_CLUSTER_URLS")?;
-            SessionDb { url: format!("{}?prefix={prefix}:", cluster_url(&urls)), sql: None }
-        }
-    })
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokenserver_auth::fxa::FxaVerifier;
 use tokenserver_core::Secret;
-use tokenserver_store::SyncStore;
+use tokenserver_store::{Family, SessionStore, StoreSettings, SyncStore};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -56,16 +56,51 @@ pub fn generate_secret() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-/// Opens the store named by the configuration, migrating it when configured to.
+/// What the configuration opens its stores with.
+fn store_settings(config: &Config) -> StoreSettings {
+    StoreSettings {
+        pool: config.database.pool.clone(),
+        memory: config.sessions.as_ref().map(|s| s.memory).unwrap_or_default(),
+    }
+}
+
+/// The Sync store, and the session store when sessions are on: each URL opened once, so that on
+/// SQLite both families in one file share its writer. The Sync schema is migrated when
+/// configured to.
+pub async fn open_stores(config: &Config) -> Result<(Arc<dyn SyncStore>, Option<Arc<dyn SessionStore>>), StartError> {
+    let settings = store_settings(config);
+    let sync_url = config.database.url.expose();
+    let (sync, sessions) = match &config.sessions {
+        Some(s) if s.url.expose() == sync_url => {
+            let stores = tokenserver_store::open(sync_url, &settings, &[Family::Sync, Family::Sessions]).await?;
+            (stores.sync, stores.sessions)
+        }
+        Some(s) => (
+            Some(tokenserver_store::open_sync(sync_url, &settings).await?),
+            Some(tokenserver_store::open_sessions(s.url.expose(), &settings).await?),
+        ),
+        None => (Some(tokenserver_store::open_sync(sync_url, &settings).await?), None),
+    };
+    let sync = sync.ok_or_else(|| StartError::Other("no Sync store".into()))?;
+    migrate_if_configured(config, sync.as_ref()).await?;
+    Ok((sync, sessions))
+}
+
+/// The Sync store alone (the CLI's node and key commands), migrated when configured to.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn SyncStore>, StartError> {
-    let store = tokenserver_store::open_sync(config.database.url.expose(), &config.database.pool).await?;
+    let store = tokenserver_store::open_sync(config.database.url.expose(), &store_settings(config)).await?;
+    migrate_if_configured(config, store.as_ref()).await?;
+    Ok(store)
+}
+
+async fn migrate_if_configured(config: &Config, store: &dyn SyncStore) -> Result<(), StartError> {
     if config.database.run_migrations {
         let report = store.migrate().await?;
         for version in &report.applied {
             tracing::info!(version = %version, "applied migration");
         }
     }
-    Ok(store)
+    Ok(())
 }
 
 /// The configured master secrets, or the one generated and kept in the database.
@@ -98,7 +133,7 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    let store = open_store(&config).await?;
+    let (store, session_store) = open_stores(&config).await?;
     let secrets = master_secrets(&config, store.as_ref()).await?;
     for app in &config.sync.applications {
         store.ensure_service(&app.service, &app.pattern).await?;
@@ -126,9 +161,9 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         });
     }
     let sync = SyncTokens::new(&config, &secrets, store.clone(), verifier.clone()).map_err(StartError::Other)?;
-    let sessions = match &config.sessions {
-        Some(cfg) => {
-            let sessions = Arc::new(crate::session::Sessions::open(cfg, &config.database.pool).await?);
+    let sessions = match (&config.sessions, session_store) {
+        (Some(cfg), Some(store)) => {
+            let sessions = Arc::new(crate::session::Sessions::new(store, cfg));
             sessions.spawn_purge();
             tracing::info!(
                 backend = sessions.store().backend(),
@@ -138,7 +173,7 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
             );
             Some(sessions)
         }
-        None => None,
+        _ => None,
     };
     Ok(AppState {
         config: Arc::new(config),

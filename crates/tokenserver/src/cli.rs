@@ -136,7 +136,9 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
     match command {
         Command::Serve => serve(config).await,
         Command::Migrate => {
-            let store = tokenserver_store::open_sync(config.database.url.expose(), &config.database.pool)
+            let settings =
+                tokenserver_store::StoreSettings { pool: config.database.pool.clone(), ..Default::default() };
+            let store = tokenserver_store::open_sync(config.database.url.expose(), &settings)
                 .await
                 .map_err(|e| e.to_string())?;
             let report = store.migrate().await.map_err(|e| e.to_string())?;

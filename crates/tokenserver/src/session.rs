@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
+use tokenserver_core::clock::now_ms;
+use tokenserver_core::session::RotateOutcome;
 use tokenserver_core::session::{meta, Invalid, MetaError, MetaUpdate, RotateRequest, SessionRecord, SessionToken};
-use tokenserver_store::session::{now_ms, DumpPage, RotateOutcome};
+use tokenserver_store::session::DumpPage;
 use tokenserver_store::{SessionStore, StoreError};
 
 use crate::config::SessionsConfig;
@@ -88,15 +90,14 @@ impl std::fmt::Debug for OpCounters {
 }
 
 impl Sessions {
-    /// Opens the configured store.
-    pub async fn open(config: &SessionsConfig, pool: &tokenserver_store::PoolSettings) -> Result<Self, StoreError> {
-        let store = tokenserver_store::session::open(config.url.expose(), pool, config.memory).await?;
-        Ok(Self {
+    /// The service over `store`, opened for `config`'s URL.
+    pub fn new(store: Arc<dyn SessionStore>, config: &SessionsConfig) -> Self {
+        Self {
             store,
             config: config.clone(),
             counters: OpCounters::register(),
             dumps: Arc::new(tokio::sync::Semaphore::new(1)),
-        })
+        }
     }
 
     /// The settings in force.
@@ -211,7 +212,9 @@ mod tests {
     async fn one_dump_at_a_time() {
         let vars = [("TOKENSERVER_SESSIONS__URL".to_string(), "memory:".to_string())];
         let config = crate::config::load(None, &vars).unwrap();
-        let sessions = Sessions::open(config.sessions.as_ref().unwrap(), &config.database.pool).await.unwrap();
+        let cfg = config.sessions.as_ref().unwrap();
+        let store = tokenserver_store::open_sessions(cfg.url.expose(), &Default::default()).await.unwrap();
+        let sessions = Sessions::new(store, cfg);
         let first = sessions.dump_slot().expect("free");
         assert!(sessions.dump_slot().is_none(), "taken while the first runs");
         let page = sessions.dump(&first, None, 10).await.unwrap();

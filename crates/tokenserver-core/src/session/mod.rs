@@ -6,5 +6,7 @@ pub mod rotation;
 pub mod token;
 
 pub use meta::{MetaError, MetaLimits, MetaUpdate};
-pub use rotation::{decide, replay_answer, Decision, Invalid, RotateRequest, Rotated, RotationPolicy, SessionRecord};
+pub use rotation::{
+    decide, replay_answer, Decision, Invalid, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord,
+};
 pub use token::{ChainId, SealedSuccessor, SessionToken, TokenHash};

@@ -139,6 +139,31 @@ pub enum Decision {
     Reject(MetaError),
 }
 
+/// The outcome of a rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotateOutcome {
+    /// The token was live: here is its successor.
+    Rotated {
+        /// The new token.
+        token: SessionToken,
+        /// Its record.
+        record: SessionRecord,
+    },
+    /// A retry inside the grace window: the successor issued the first time.
+    Replayed {
+        /// The same successor as before.
+        token: SessionToken,
+        /// Its current record.
+        record: SessionRecord,
+    },
+    /// The token is not usable; nothing was issued.
+    Refused(Invalid),
+    /// A rotated token was reused after the grace window: the session was revoked.
+    Revoked,
+    /// The merged metadata breaks a limit; nothing changed.
+    Rejected(MetaError),
+}
+
 /// Decides what to do with `req` given the presented token's record.
 pub fn decide(record: Option<&SessionRecord>, req: &RotateRequest, policy: &RotationPolicy) -> Decision {
     let Some(record) = record else {

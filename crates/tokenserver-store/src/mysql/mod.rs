@@ -6,16 +6,16 @@
 //! rows, then the user's `users` rows, with `SELECT … FOR UPDATE`. Migrations run under
 //! `GET_LOCK`. Only SQL that MariaDB 10.6+ and MySQL 8 both accept is used.
 
-mod sync;
+pub(crate) mod sync;
 
 use std::str::FromStr;
 
 use sqlx::mysql::MySqlConnectOptions;
 use sqlx::{Executor, MySqlPool};
 
-use crate::alloc_queue::AllocationQueue;
-use crate::migrate::Migration;
-use crate::read_pool::ReadPool;
+use crate::sql::alloc_queue::AllocationQueue;
+use crate::sql::migrate::Migration;
+use crate::sql::read_pool::ReadPool;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -108,7 +108,7 @@ fn normalise_url(url: &str) -> String {
 #[derive(Debug, Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
-    /// The request path's reads ([`crate::read_pool`]): single autocommit `SELECT`s, for which
+    /// The request path's reads ([`crate::sql::read_pool`]): single autocommit `SELECT`s, for which
     /// the write pool's READ COMMITTED makes no difference.
     reads: ReadPool<sqlx::MySqlConnection>,
     /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
@@ -122,7 +122,7 @@ impl MySqlStore {
         let options = MySqlConnectOptions::from_str(&normalise_url(url))
             .map_err(|e| StoreError::Config(format!("invalid MySQL URL: {e}")))?;
         let reads = ReadPool::new(options.clone(), pool)?;
-        let pool = crate::network_pool::<sqlx::MySql>(pool)
+        let pool = crate::sql::network_pool::<sqlx::MySql>(pool)
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED").await?;
@@ -143,7 +143,7 @@ impl MySqlStore {
         if locked != Some(1) {
             return Err(StoreError::Unavailable("could not take the migration lock".into()));
         }
-        let result = sync::apply_migrations(&mut conn, MIGRATIONS).await;
+        let result = sync::stamped::apply_migrations(&mut conn, MIGRATIONS).await;
         let _ = sqlx::query("SELECT RELEASE_LOCK('tokenserver_migrations')").execute(&mut *conn).await;
         result
     }

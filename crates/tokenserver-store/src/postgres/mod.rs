@@ -5,16 +5,17 @@
 //! rows, with `SELECT … FOR UPDATE` (READ COMMITTED, the default), so allocations never overbook a
 //! node and two writers of one user are serialized. Migrations run under an advisory lock.
 
-mod sync;
+pub mod session;
+pub(crate) mod sync;
 
 use std::str::FromStr;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
-use crate::alloc_queue::AllocationQueue;
-use crate::migrate::Migration;
-use crate::read_pool::ReadPool;
+use crate::sql::alloc_queue::AllocationQueue;
+use crate::sql::migrate::Migration;
+use crate::sql::read_pool::ReadPool;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -63,7 +64,7 @@ const MIGRATION_LOCK: i64 = 0x746f_6b65_6e73_7276;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
-    /// The request path's reads ([`crate::read_pool`]).
+    /// The request path's reads ([`crate::sql::read_pool`]).
     reads: ReadPool<sqlx::PgConnection>,
     /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
     /// that task's own copy of the store.
@@ -76,7 +77,7 @@ impl PgStore {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         let reads = ReadPool::new(options.clone(), pool)?;
-        let pool = crate::network_pool(pool).connect_lazy_with(options);
+        let pool = crate::sql::network_pool(pool).connect_lazy_with(options);
         let queue = AllocationQueue::start(Self { pool: pool.clone(), reads: reads.clone(), allocations: None });
         Ok(Self { pool, reads, allocations: Some(queue) })
     }
@@ -85,7 +86,7 @@ impl PgStore {
         // PostgreSQL DDL is transactional: one transaction, serialized by an advisory lock.
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
-        let report = sync::apply_migrations(&mut tx, MIGRATIONS).await?;
+        let report = sync::stamped::apply_migrations(&mut tx, MIGRATIONS).await?;
         tx.commit().await?;
         Ok(report)
     }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use crate::migrate::Migration;
+use crate::sql::migrate::Migration;
 use crate::StoreError;
 
 /// Schema migrations. Versions follow diesel's naming so the bookkeeping table looks like
@@ -208,18 +208,26 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url` (`sqlite://path`, `sqlite:path` or
-    /// `sqlite::memory:`) and starts its writer; `max_readers` inline read connections are kept.
-    pub async fn open(url: &str, max_readers: usize, durability: Durability) -> Result<Self, StoreError> {
+    /// `sqlite::memory:`) and starts its writer (`writer`: its name in metrics and thread names);
+    /// `max_readers` inline read connections are kept. Creates no table: see
+    /// [`crate::SyncStore::migrate`] and [`session::SqliteSessions::on`].
+    pub async fn open(url: &str, writer: &str, max_readers: usize, durability: Durability) -> Result<Self, StoreError> {
         let file = database_file(url)?;
-        tokio::task::spawn_blocking(move || Self::open_blocking(file, max_readers, durability))
+        let name = writer.to_string();
+        tokio::task::spawn_blocking(move || Self::open_blocking(file, &name, max_readers, durability))
             .await
             .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))?
     }
 
-    fn open_blocking(file: Option<PathBuf>, max_readers: usize, durability: Durability) -> Result<Self, StoreError> {
+    fn open_blocking(
+        file: Option<PathBuf>,
+        name: &str,
+        max_readers: usize,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
         let Some(path) = file else {
             let conn = writer_connection(None, durability)?;
-            let writer = group::GroupWriter::start("sync-writer", conn, None, None)?;
+            let writer = group::GroupWriter::start(name, conn, None, None)?;
             return Ok(Self { writer, reads: None, rows: None });
         };
         let conn = writer_connection(Some(&path), durability)?;
@@ -228,7 +236,12 @@ impl SqliteStore {
         let rows = row_cache::RowCache::open(&path).map(Arc::new);
         let watch =
             rows.clone().map(|rows| Box::new(row_cache::CommitWatch::new(rows)) as Box<dyn group::BatchObserver>);
-        let writer = group::GroupWriter::start("sync-writer", conn, Some(checkpoints), watch)?;
+        let writer = group::GroupWriter::start(name, conn, Some(checkpoints), watch)?;
         Ok(Self { writer, reads: Some(Arc::new(ReadConns::new(path, max_readers))), rows })
+    }
+
+    /// The database's writer.
+    pub(crate) fn writer(&self) -> &group::GroupWriter {
+        &self.writer
     }
 }

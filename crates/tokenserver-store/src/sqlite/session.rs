@@ -1,7 +1,7 @@
 //! SQLite session store (the default): durable in WAL mode, every call on one writer thread.
 //!
-//! Session calls are all small writes, so every one goes to a group-commit writer thread
-//! ([`super::group`]): under load one commit carries many rotations; alone, a call
+//! Session calls are all small writes, so every one goes to the database's group-commit writer
+//! thread ([`super::group`], shared with the Sync store when both live in one file): under load one commit carries many rotations; alone, a call
 //! commits at once. A restart loses nothing that was answered (`synchronous = NORMAL` in WAL
 //! survives a process crash; a power cut may lose the last commits).
 //!
@@ -15,18 +15,14 @@
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokenserver_core::session::{
-    ChainId, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
+    ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
 use super::group::GroupWriter;
-use super::{database_file, writer_connection, Durability};
-use crate::session::{
-    end_with, revoke_by_walking, rotate_with, DumpEntry, DumpPage, Result, RotateOutcome, SessionOps, SessionStore,
-};
+use super::SqliteStore;
+use crate::ready::run_now;
+use crate::session::{end_with, revoke_by_walking, rotate, DumpEntry, DumpPage, Result, SessionOps, SessionStore};
 use crate::StoreError;
-
-/// Expired records deleted per purge statement (keeps each writer turn short).
-const PURGE_BATCH: i64 = 10_000;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS tokenserver_sessions (
@@ -93,7 +89,7 @@ fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRecord> {
 
 /// One call's steps, on the writer's connection.
 struct Ops<'a> {
-    conn: &'a Connection,
+    conn: &'a mut Connection,
 }
 
 impl SessionOps for Ops<'_> {
@@ -132,7 +128,7 @@ pub struct SqliteSessions {
     writer: GroupWriter,
 }
 
-/// Creates the table, or brings an older layout up to date.
+/// Creates the table, or brings an older layout up to date (inside the writer's transaction).
 fn prepare_schema(conn: &Connection) -> Result<()> {
     let earlier_layout: bool = conn
         .query_row(
@@ -142,36 +138,26 @@ fn prepare_schema(conn: &Connection) -> Result<()> {
         )
         .map_err(e)?;
     if earlier_layout {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {MOVE_EARLIER_LAYOUT_ASIDE} {SCHEMA} {COPY_EARLIER_LAYOUT_BACK} COMMIT;"
-        ))
-        .map_err(|err| {
-            let _ = conn.execute_batch("ROLLBACK");
-            e(err)
-        })?;
+        conn.execute_batch(&format!("{MOVE_EARLIER_LAYOUT_ASIDE} {SCHEMA} {COPY_EARLIER_LAYOUT_BACK}")).map_err(e)?;
         tracing::info!("session table rewritten keyed by token hash alone");
     }
     conn.execute_batch(SCHEMA).map_err(e)
 }
 
 impl SqliteSessions {
-    /// Opens (creating if missing) the database at `url` and starts its writer thread (and, for
-    /// a file, its checkpointer).
-    pub async fn open(url: &str, durability: Durability) -> Result<Self> {
-        let file = database_file(url)?;
-        let (conn, checkpointer) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let conn = writer_connection(file.as_deref(), durability)?;
-            prepare_schema(&conn)?;
-            let checkpointer = file.as_deref().map(|path| writer_connection(Some(path), durability)).transpose()?;
-            Ok((conn, checkpointer))
-        })
-        .await
-        .map_err(|err| StoreError::Backend(format!("open task failed: {err}")))??;
-        Ok(Self { writer: GroupWriter::start("session-writer", conn, checkpointer, None)? })
+    /// The session store of the database `db` opened, on its writer (one writer per file: Sync
+    /// and session writes share its commits). Creates the table, or upgrades an earlier layout.
+    pub async fn on(db: &SqliteStore) -> Result<Self> {
+        let store = Self { writer: db.writer().clone() };
+        store.call(|conn| prepare_schema(conn)).await?;
+        Ok(store)
     }
 
-    async fn call<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> Result<T> + Send + 'static) -> Result<T> {
-        self.writer.call(move |conn| f(conn)).await
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.writer.call(f).await
     }
 }
 
@@ -188,7 +174,7 @@ impl SessionStore for SqliteSessions {
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
         let (req, policy) = (req.clone(), *policy);
-        self.call(move |conn| rotate_with(&mut Ops { conn }, &req, &policy)).await
+        self.call(move |conn| run_now(rotate(&mut Ops { conn }, &req, &policy))).await
     }
 
     async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
@@ -229,19 +215,13 @@ impl SessionStore for SqliteSessions {
         .await
     }
 
-    async fn purge(&self, now: u64) -> Result<u64> {
-        let mut total = 0u64;
-        loop {
-            let n = self
-                .call(move |conn| {
-                    conn.prepare_cached(PURGE).and_then(|mut s| s.execute(params![now as i64, PURGE_BATCH])).map_err(e)
-                })
-                .await?;
-            total += n as u64;
-            if (n as i64) < PURGE_BATCH {
-                return Ok(total);
-            }
-        }
+    async fn purge_batch(&self, now: u64, max: u64) -> Result<u64> {
+        let n = self
+            .call(move |conn| {
+                conn.prepare_cached(PURGE).and_then(|mut s| s.execute(params![now as i64, max as i64])).map_err(e)
+            })
+            .await?;
+        Ok(n as u64)
     }
 
     async fn check(&self) -> Result<()> {

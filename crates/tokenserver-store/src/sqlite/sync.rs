@@ -5,10 +5,7 @@
 //! ones before it in the batch, so allocations stay serialized exactly as with one transaction
 //! each. Reads run inline (or, in memory, on the writer).
 
-use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension};
@@ -16,86 +13,94 @@ use tokenserver_core::sync::allocation::NodeState;
 use tokenserver_core::sync::users::UserRow;
 
 use super::{rusqlite_error as e, SqliteStore, MIGRATIONS};
-use crate::migrate::{Existing, Migration};
+use crate::ready::run_now;
+use crate::sql::migrate::{Existing, Migration};
+use crate::sql::tx::{self, NewUser, SyncTx};
+use crate::sql::SyncSql;
 use crate::sync::{
     node_record, Allocate, MigrationReport, NewNode, NodeRecord, OwnedAllocate, OwnedUserChange, Result, SyncStore,
     UserChange,
 };
-use crate::tx::{self, NewUser, SyncTx};
 use crate::StoreError;
 
-pub(super) mod sql {
-    pub const EXISTING_TABLES: &str = "SELECT name FROM sqlite_master WHERE type = 'table' \
+/// SQLite's statements for the Sync store.
+pub(crate) struct SqliteSql;
+
+impl crate::sql::SyncSql for SqliteSql {
+    /// One writer runs every write: nothing to lock.
+    const LOCK_USER: Option<&'static str> = None;
+
+    const EXISTING_TABLES: &'static str = "SELECT name FROM sqlite_master WHERE type = 'table' \
         AND name IN ('services', 'nodes', 'users', '__diesel_schema_migrations')";
 
-    pub const APPLIED_VERSIONS: &str = "SELECT version FROM __diesel_schema_migrations";
+    const APPLIED_VERSIONS: &'static str = "SELECT version FROM __diesel_schema_migrations";
 
-    pub const RECORD_VERSION: &str = "INSERT INTO __diesel_schema_migrations (version) VALUES (?)";
+    const RECORD_VERSION: &'static str = "INSERT INTO __diesel_schema_migrations (version) VALUES (?)";
 
-    pub const SERVICE_ID: &str = "SELECT id FROM services WHERE service = ?";
+    const SERVICE_ID: &'static str = "SELECT id FROM services WHERE service = ?";
 
     /// Plans pinned: with statistics (after an `ANALYZE`) SQLite plans the node `LEFT JOIN` as a
     /// scan of `unique_idx`; rowid subqueries give the same columns (NULL when the node is gone)
     /// with a lookup whatever the statistics.
-    pub const USER_ROWS: &str = "SELECT users.uid, (SELECT id FROM nodes WHERE id = users.nodeid), \
+    const USER_ROWS: &'static str = "SELECT users.uid, (SELECT id FROM nodes WHERE id = users.nodeid), \
         (SELECT node FROM nodes WHERE id = users.nodeid), users.generation, users.keys_changed_at, \
         users.client_state, users.created_at, users.replaced_at \
         FROM users INDEXED BY lookup_idx \
         WHERE users.email = ? AND users.service = (SELECT id FROM services WHERE service = ?) \
         ORDER BY users.created_at DESC, users.uid DESC LIMIT 20";
 
-    pub const LOCK_NODES: &str = "SELECT id, node, available, current_load, capacity, downed, backoff \
+    const LOCK_NODES: &'static str = "SELECT id, node, available, current_load, capacity, downed, backoff \
         FROM nodes WHERE service = ? ORDER BY id";
 
-    pub const RELEASE: &str = "UPDATE nodes SET available = ? WHERE id = ?";
+    const RELEASE: &'static str = "UPDATE nodes SET available = ? WHERE id = ?";
 
-    pub const ADD_USER_TO_NODE: &str =
+    const ADD_USER_TO_NODE: &'static str =
         "UPDATE nodes SET current_load = current_load + 1, available = MAX(available - 1, 0) WHERE id = ?";
 
-    pub const POST_USER: &str = "INSERT INTO users \
+    const POST_USER: &'static str = "INSERT INTO users \
         (service, email, generation, client_state, created_at, nodeid, keys_changed_at, replaced_at) \
         VALUES (?, ?, ?, ?, ?, ?, ?, NULL) RETURNING uid";
 
     // SQLite's planner, without statistics, prefers replaced_at_idx (service, replaced_at) for
     // these, i.e. a scan of every live user of the service: the writes that filter by email are
     // pinned to lookup_idx (email, service, created_at).
-    pub const PUT_USER: &str = "UPDATE users INDEXED BY lookup_idx SET generation = ?, keys_changed_at = ? \
+    const PUT_USER: &'static str = "UPDATE users INDEXED BY lookup_idx SET generation = ?, keys_changed_at = ? \
         WHERE service = ? AND email = ? AND generation <= ? \
         AND COALESCE(keys_changed_at, 0) <= COALESCE(?, keys_changed_at, 0) AND replaced_at IS NULL";
 
-    pub const REPLACE_OTHERS: &str = "UPDATE users INDEXED BY lookup_idx SET replaced_at = ? \
+    const REPLACE_OTHERS: &'static str = "UPDATE users INDEXED BY lookup_idx SET replaced_at = ? \
         WHERE service = ? AND email = ? AND replaced_at IS NULL AND uid <> ?";
 
-    pub const REPLACE_USER: &str = "UPDATE users SET replaced_at = ? \
+    const REPLACE_USER: &'static str = "UPDATE users SET replaced_at = ? \
         WHERE service = (SELECT id FROM services WHERE service = ?) AND uid = ? AND replaced_at IS NULL";
 
-    pub const RETIRE_USER: &str = "UPDATE users INDEXED BY lookup_idx SET generation = ?, replaced_at = ? \
+    const RETIRE_USER: &'static str = "UPDATE users INDEXED BY lookup_idx SET generation = ?, replaced_at = ? \
         WHERE service = (SELECT id FROM services WHERE service = ?) AND email = ? AND replaced_at IS NULL";
 
-    pub const UPDATE_USER_GENERATION: &str =
+    const UPDATE_USER_GENERATION: &'static str =
         "UPDATE users INDEXED BY lookup_idx SET generation = COALESCE(?, generation), \
         keys_changed_at = COALESCE(?, keys_changed_at) \
         WHERE service = (SELECT id FROM services WHERE service = ?) AND email = ? \
         AND generation <= COALESCE(?, generation) \
         AND COALESCE(keys_changed_at, 0) <= COALESCE(?, keys_changed_at, 0) AND replaced_at IS NULL";
 
-    pub const INSERT_NODE: &str = "INSERT INTO nodes \
+    const INSERT_NODE: &'static str = "INSERT INTO nodes \
         (service, node, available, current_load, capacity, downed, backoff) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id";
 
-    pub const INIT_NODE: &str = "INSERT OR IGNORE INTO nodes \
+    const INIT_NODE: &'static str = "INSERT OR IGNORE INTO nodes \
         (service, node, available, current_load, capacity, downed, backoff) VALUES (?, ?, ?, 0, ?, 0, 0)";
 
-    pub const LIST_NODES: &str = "SELECT COALESCE(services.service, ''), nodes.id, nodes.node, nodes.available, \
+    const LIST_NODES: &'static str = "SELECT COALESCE(services.service, ''), nodes.id, nodes.node, nodes.available, \
         nodes.current_load, nodes.capacity, nodes.downed, nodes.backoff \
         FROM nodes LEFT OUTER JOIN services ON nodes.service = services.id \
         WHERE (? IS NULL OR services.service = ?) ORDER BY nodes.id";
 
-    pub const INSERT_SERVICE: &str = "INSERT INTO services (service, pattern) VALUES (?, ?)";
-
-    pub const GET_META: &str = "SELECT value FROM tokenserver_meta WHERE name = ?";
-
-    pub const PUT_META: &str = "INSERT INTO tokenserver_meta (name, value) VALUES (?, ?)";
+    const INSERT_SERVICE: &'static str = "INSERT INTO services (service, pattern) VALUES (?, ?)";
 }
+
+const GET_META: &str = "SELECT value FROM tokenserver_meta WHERE name = ?";
+
+const PUT_META: &str = "INSERT INTO tokenserver_meta (name, value) VALUES (?, ?)";
 
 /// A `users` row as `USER_ROWS` selects it.
 fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
@@ -125,13 +130,13 @@ fn node_state(r: &rusqlite::Row<'_>, offset: usize) -> rusqlite::Result<NodeStat
 }
 
 fn rows_of(conn: &Connection, service: &str, email: &str) -> rusqlite::Result<Vec<UserRow>> {
-    let mut stmt = conn.prepare_cached(sql::USER_ROWS)?;
+    let mut stmt = conn.prepare_cached(SqliteSql::USER_ROWS)?;
     let rows = stmt.query_map((email, service), user_row)?;
     rows.collect()
 }
 
 fn service_id(conn: &Connection, service: &str) -> Result<Option<i64>> {
-    let mut stmt = conn.prepare_cached(sql::SERVICE_ID).map_err(e)?;
+    let mut stmt = conn.prepare_cached(SqliteSql::SERVICE_ID).map_err(e)?;
     stmt.query_row([service], |r| r.get(0)).optional().map_err(e)
 }
 
@@ -142,25 +147,25 @@ fn require_service(conn: &Connection, service: &str) -> Result<i64> {
 /// Brings the schema up to date (inside the writer's transaction).
 fn apply_migrations(conn: &Connection, all: &[Migration]) -> Result<MigrationReport> {
     let tables = conn
-        .prepare(sql::EXISTING_TABLES)
+        .prepare(SqliteSql::EXISTING_TABLES)
         .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>())
         .map_err(e)?;
-    let applied = if crate::migrate::has_bookkeeping(&tables) {
-        conn.prepare(sql::APPLIED_VERSIONS)
+    let applied = if crate::sql::migrate::has_bookkeeping(&tables) {
+        conn.prepare(SqliteSql::APPLIED_VERSIONS)
             .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(0))?.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(e)?
     } else {
         Vec::new()
     };
     let existing = Existing::new(&tables, applied);
-    let todo = crate::migrate::plan(all, &existing);
+    let todo = crate::sql::migrate::plan(all, &existing);
     if !todo.is_empty() && !existing.has_bookkeeping {
-        conn.execute_batch(crate::migrate::CREATE_BOOKKEEPING).map_err(e)?;
+        conn.execute_batch(crate::sql::migrate::CREATE_BOOKKEEPING).map_err(e)?;
     }
     let mut report = MigrationReport::default();
     for m in todo {
         conn.execute_batch(m.sql).map_err(e)?;
-        conn.execute(sql::RECORD_VERSION, [m.version]).map_err(e)?;
+        conn.execute(SqliteSql::RECORD_VERSION, [m.version]).map_err(e)?;
         report.applied.push(m.version.to_string());
     }
     Ok(report)
@@ -187,46 +192,37 @@ impl SyncTx for Tx<'_> {
     }
 
     async fn lock_nodes(&mut self, service_id: i64) -> Result<Vec<NodeState>> {
-        let mut stmt = self.conn.prepare_cached(sql::LOCK_NODES).map_err(e)?;
+        let mut stmt = self.conn.prepare_cached(SqliteSql::LOCK_NODES).map_err(e)?;
         let rows = stmt.query_map([service_id], |r| node_state(r, 0)).map_err(e)?;
         rows.collect::<rusqlite::Result<_>>().map_err(e)
     }
 
     async fn set_available(&mut self, node_id: i64, available: i64) -> Result<()> {
-        self.conn.prepare_cached(sql::RELEASE).and_then(|mut s| s.execute((available, node_id))).map_err(e)?;
+        self.conn.prepare_cached(SqliteSql::RELEASE).and_then(|mut s| s.execute((available, node_id))).map_err(e)?;
         Ok(())
     }
 
     async fn add_user_to_node(&mut self, node_id: i64) -> Result<()> {
-        self.conn.prepare_cached(sql::ADD_USER_TO_NODE).and_then(|mut s| s.execute([node_id])).map_err(e)?;
+        self.conn.prepare_cached(SqliteSql::ADD_USER_TO_NODE).and_then(|mut s| s.execute([node_id])).map_err(e)?;
         Ok(())
     }
 
     async fn insert_user(&mut self, u: NewUser<'_>) -> Result<i64> {
-        let mut stmt = self.conn.prepare_cached(sql::POST_USER).map_err(e)?;
+        let mut stmt = self.conn.prepare_cached(SqliteSql::POST_USER).map_err(e)?;
         let params = (u.service_id, u.email, u.generation, u.client_state, u.created_at, u.node_id, u.keys_changed_at);
         stmt.query_row(params, |r| r.get(0)).map_err(e)
     }
 
     async fn put_user(&mut self, service_id: i64, email: &str, generation: i64, kca: Option<i64>) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached(sql::PUT_USER).map_err(e)?;
+        let mut stmt = self.conn.prepare_cached(SqliteSql::PUT_USER).map_err(e)?;
         stmt.execute((generation, kca, service_id, email, generation, kca)).map_err(e)?;
         Ok(())
     }
 
     async fn replace_others(&mut self, service_id: i64, email: &str, keep_uid: i64, now_ms: i64) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached(sql::REPLACE_OTHERS).map_err(e)?;
+        let mut stmt = self.conn.prepare_cached(SqliteSql::REPLACE_OTHERS).map_err(e)?;
         stmt.execute((now_ms, service_id, email, keep_uid)).map_err(e)?;
         Ok(())
-    }
-}
-
-/// Completes a future that never suspends (every step of [`Tx`] is synchronous).
-fn run_now<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
-    let mut fut = pin!(fut);
-    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(out) => out,
-        Poll::Pending => Err(StoreError::Backend("a SQLite write step suspended".into())),
     }
 }
 
@@ -343,7 +339,7 @@ impl SyncStore for SqliteStore {
     async fn replace_rows(&self, service: &str, uids: &[i64], replaced_at: i64) -> Result<()> {
         let (service, uids) = (service.to_string(), uids.to_vec());
         self.write(Touch::All, move |conn| {
-            let mut stmt = conn.prepare_cached(sql::REPLACE_USER).map_err(e)?;
+            let mut stmt = conn.prepare_cached(SqliteSql::REPLACE_USER).map_err(e)?;
             for uid in uids {
                 stmt.execute((replaced_at, &service, uid)).map_err(e)?;
             }
@@ -355,7 +351,7 @@ impl SyncStore for SqliteStore {
     async fn retire_user(&self, service: &str, email: &str, now_ms: i64) -> Result<u64> {
         let (s, m) = (service.to_string(), email.to_string());
         self.write(Touch::User(s.clone(), m.clone()), move |conn| {
-            let mut stmt = conn.prepare_cached(sql::RETIRE_USER).map_err(e)?;
+            let mut stmt = conn.prepare_cached(SqliteSql::RETIRE_USER).map_err(e)?;
             let n = stmt.execute((tokenserver_core::sync::MAX_GENERATION, now_ms, &s, &m)).map_err(e)?;
             Ok(n as u64)
         })
@@ -371,7 +367,7 @@ impl SyncStore for SqliteStore {
     ) -> Result<u64> {
         let (s, m) = (service.to_string(), email.to_string());
         self.write(Touch::User(s.clone(), m.clone()), move |conn| {
-            let mut stmt = conn.prepare_cached(sql::UPDATE_USER_GENERATION).map_err(e)?;
+            let mut stmt = conn.prepare_cached(SqliteSql::UPDATE_USER_GENERATION).map_err(e)?;
             let n = stmt.execute((generation, keys_changed_at, &s, &m, generation, keys_changed_at)).map_err(e)?;
             Ok(n as u64)
         })
@@ -385,7 +381,7 @@ impl SyncStore for SqliteStore {
         let id = self
             .write(Touch::Nothing, move |conn| {
                 let service = require_service(conn, &service)?;
-                let mut stmt = conn.prepare_cached(sql::INSERT_NODE).map_err(e)?;
+                let mut stmt = conn.prepare_cached(SqliteSql::INSERT_NODE).map_err(e)?;
                 stmt.query_row((service, &url, available, load, capacity, downed, backoff), |r| r.get::<_, i64>(0))
                     .map_err(|err| match e(err) {
                         StoreError::AlreadyExists(_) => StoreError::AlreadyExists(format!("node {url}")),
@@ -401,7 +397,7 @@ impl SyncStore for SqliteStore {
         self.write(Touch::Nothing, move |conn| {
             let service = require_service(conn, &service)?;
             let n = conn
-                .prepare_cached(sql::INIT_NODE)
+                .prepare_cached(SqliteSql::INIT_NODE)
                 .and_then(|mut s| s.execute((service, &node, capacity, capacity)))
                 .map_err(e)?;
             Ok(n > 0)
@@ -412,7 +408,7 @@ impl SyncStore for SqliteStore {
     async fn list_nodes(&self, service: Option<&str>) -> Result<Vec<NodeRecord>> {
         let service = service.map(str::to_string);
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(sql::LIST_NODES)?;
+            let mut stmt = conn.prepare_cached(SqliteSql::LIST_NODES)?;
             let rows = stmt
                 .query_map((&service, &service), |r| Ok(NodeRecord { service: r.get(0)?, state: node_state(r, 1)? }))?;
             rows.collect()
@@ -426,7 +422,9 @@ impl SyncStore for SqliteStore {
             if let Some(id) = service_id(conn, &service)? {
                 return Ok(id);
             }
-            conn.prepare_cached(sql::INSERT_SERVICE).and_then(|mut s| s.execute((&service, &pattern))).map_err(e)?;
+            conn.prepare_cached(SqliteSql::INSERT_SERVICE)
+                .and_then(|mut s| s.execute((&service, &pattern)))
+                .map_err(e)?;
             require_service(conn, &service)
         })
         .await
@@ -441,13 +439,13 @@ impl SyncStore for SqliteStore {
         let found = self
             .write(Touch::Nothing, move |conn| {
                 let existing: Option<String> = conn
-                    .prepare_cached(sql::GET_META)
+                    .prepare_cached(GET_META)
                     .and_then(|mut s| s.query_row([&name], |r| r.get(0)).optional())
                     .map_err(e)?;
                 if let Some(secret) = existing {
                     return Ok((secret, false));
                 }
-                conn.prepare_cached(sql::PUT_META).and_then(|mut s| s.execute((&name, &fresh))).map_err(e)?;
+                conn.prepare_cached(PUT_META).and_then(|mut s| s.execute((&name, &fresh))).map_err(e)?;
                 Ok((fresh, true))
             })
             .await?;

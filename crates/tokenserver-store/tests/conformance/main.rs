@@ -1,37 +1,57 @@
-//! One conformance suite, run against every backend: each case is a plain async function over
-//! `&dyn SyncStore`, stamped out as `sync::<backend>::<case>` (`cargo test postgres` runs one
-//! backend). Backends whose URL variable is unset are skipped with a printed notice.
+//! One conformance suite per family, run against every backend that holds it. Each case is a
+//! plain async function over the family's trait (`sync_cases.rs`, `session_cases.rs`), stamped
+//! out as `<family>::<backend>::<case>` by [`stamp!`]: `cargo test sync::postgres` runs one
+//! backend, `cargo test sessions::` one family. Backends whose URL variable is unset are skipped
+//! with a printed notice. Cases that hold for one backend only live in `<backend>_only.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod mysql_only;
+mod postgres_only;
 mod schema;
-mod session;
-mod sqlite_rows;
-mod sync;
+mod session_cases;
+mod sqlite_only;
+mod sync_cases;
 
 use std::sync::Arc;
 
-use tokenserver_store::testing::{fresh, FreshDb};
-use tokenserver_store::{Backend, PoolSettings, SyncStore};
+use tokenserver_store::testing::FreshDb;
+use tokenserver_store::{SessionStore, StoreSettings, SyncStore};
 
-/// A migrated store on a fresh database.
-pub async fn open(backend: Backend) -> Option<(Arc<dyn SyncStore>, FreshDb)> {
-    let db = fresh(backend).await?;
-    let store = tokenserver_store::open_sync(&db.url, &PoolSettings::default()).await.unwrap();
+/// A migrated Sync store on `db`.
+pub async fn open_sync(db: FreshDb) -> (Arc<dyn SyncStore>, FreshDb) {
+    let store = tokenserver_store::open_sync(&db.url, &StoreSettings::default()).await.unwrap();
     store.migrate().await.unwrap();
-    Some((store, db))
+    (store, db)
 }
 
-macro_rules! conformance {
-    (backends: [$($b:ident => $backend:expr),+ $(,)?], cases: $cases:tt $(,)?) => {
-        mod stamped { $( conformance!(@one $b, $backend, $cases); )+ }
+/// A session store on `db` (64 memory shards).
+pub async fn open_sessions(db: FreshDb) -> (Arc<dyn SessionStore>, FreshDb) {
+    let mut settings = StoreSettings::default();
+    settings.memory.shards = 64;
+    (tokenserver_store::open_sessions(&db.url, &settings).await.unwrap(), db)
+}
+
+/// Stamps `<family>::<backend>::<case>` tests: each gets a fresh database from its backend's
+/// expression (`Option<FreshDb>`: `None` skips), opens it with `open`, runs
+/// `crate::<cases>::<case>` on the store, then drops the database.
+macro_rules! stamp {
+    (
+        family: $family:ident, open: $open:path, cases_in: $cases:ident,
+        backends: [$($backend:ident => $db:expr),+ $(,)?],
+        cases: $list:tt $(,)?
+    ) => {
+        mod $family { $( stamp!(@backend $open, $cases, $backend, $db, $list); )+ }
     };
-    (@one $b:ident, $backend:expr, [$($case:ident),+ $(,)?]) => {
-        pub mod $b { $(
+    (@backend $open:path, $cases:ident, $backend:ident, $db:expr, [$($case:ident),+ $(,)?]) => {
+        pub mod $backend { $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
-                let Some((store, db)) = crate::open($backend).await else { return };
-                crate::sync::$case(store.as_ref()).await;
+                #[allow(unused_imports)]
+                use tokenserver_store::{testing::{fresh, sqlite_in_memory}, Backend};
+                let Some(db) = $db else { return };
+                let (store, db) = $open(db).await;
+                crate::$cases::$case(store.as_ref()).await;
                 drop(store);
                 db.drop_now().await;
             }
@@ -39,11 +59,13 @@ macro_rules! conformance {
     };
 }
 
-conformance! {
+stamp! {
+    family: sync, open: crate::open_sync, cases_in: sync_cases,
     backends: [
-        sqlite => tokenserver_store::Backend::Sqlite,
-        postgres => tokenserver_store::Backend::Postgres,
-        mysql => tokenserver_store::Backend::MySql,
+        sqlite => fresh(Backend::Sqlite).await,
+        sqlite_memory => Some(sqlite_in_memory()),
+        postgres => fresh(Backend::Postgres).await,
+        mysql => fresh(Backend::MySql).await,
     ],
     cases: [
         migrate_is_idempotent_and_seeds_sync15,
@@ -69,45 +91,15 @@ conformance! {
     ],
 }
 
-/// A session store on a fresh database / key prefix.
-pub async fn open_sessions(
-    backend: tokenserver_store::session::SessionBackend,
-) -> Option<(Arc<dyn tokenserver_store::SessionStore>, tokenserver_store::testing::SessionDb)> {
-    let db = tokenserver_store::testing::fresh_sessions(backend).await?;
-    let store = tokenserver_store::session::open(
-        &db.url,
-        &PoolSettings::default(),
-        tokenserver_store::session::MemoryOptions { shards: 64, ..Default::default() },
-    )
-    .await
-    .unwrap();
-    Some((store, db))
-}
-
-macro_rules! session_conformance {
-    (backends: [$($b:ident => $backend:expr),+ $(,)?], cases: $cases:tt $(,)?) => {
-        mod sessions { $( session_conformance!(@one $b, $backend, $cases); )+ }
-    };
-    (@one $b:ident, $backend:expr, [$($case:ident),+ $(,)?]) => {
-        pub mod $b { $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $case() {
-                let Some((store, db)) = crate::open_sessions($backend).await else { return };
-                crate::session::$case(store.as_ref()).await;
-                drop(store);
-                db.drop_now().await;
-            }
-        )+ }
-    };
-}
-
-session_conformance! {
+stamp! {
+    family: sessions, open: crate::open_sessions, cases_in: session_cases,
     backends: [
-        memory => tokenserver_store::session::SessionBackend::Memory,
-        sqlite => tokenserver_store::session::SessionBackend::Sqlite,
-        postgres => tokenserver_store::session::SessionBackend::Postgres,
-        redis => tokenserver_store::session::SessionBackend::Redis,
-        redis_cluster => tokenserver_store::session::SessionBackend::RedisCluster,
+        memory => fresh(Backend::Memory).await,
+        sqlite => fresh(Backend::Sqlite).await,
+        sqlite_memory => Some(sqlite_in_memory()),
+        postgres => fresh(Backend::Postgres).await,
+        redis => fresh(Backend::Redis).await,
+        redis_cluster => fresh(Backend::RedisCluster).await,
     ],
     cases: [
         rotation_chain_carries_metadata_and_consumes_each_token,

@@ -101,7 +101,7 @@ pub struct SessionsConfig {
     /// Request body bound on the session routes.
     pub max_body_bytes: usize,
     /// Memory store layout and bound.
-    pub memory: tokenserver_store::session::MemoryOptions,
+    pub memory: tokenserver_store::memory::MemoryOptions,
     /// Bearer key of the session routes.
     pub api_key: Option<Secret<String>>,
     /// Session routes need a key (`false` only on a loopback internal listener).
@@ -251,13 +251,19 @@ fn validate_sessions(
     internal_host: &str,
     warnings: &mut Vec<String>,
 ) -> Result<Option<SessionsConfig>, ConfigError> {
-    use tokenserver_store::session::SessionBackend;
+    use tokenserver_store::{Backend, Family};
     if !s.enabled {
         return Ok(None);
     }
     let url = match s.url {
         Some(url) => {
-            SessionBackend::from_url(&url).map_err(|e| bad("sessions.url", e))?;
+            let backend = Backend::from_url(&url).map_err(|e| bad("sessions.url", e))?;
+            if !backend.holds(Family::Sessions) {
+                return Err(bad(
+                    "sessions.url",
+                    format!("{backend:?} holds no sessions: use {}", Backend::holding(Family::Sessions)),
+                ));
+            }
             url
         }
         None => match tokenserver_store::Backend::from_url(database_url) {
@@ -326,7 +332,7 @@ fn validate_sessions(
         },
         dump_enabled: s.dump_enabled,
         max_body_bytes: s.max_body_bytes,
-        memory: tokenserver_store::session::MemoryOptions { shards: s.memory_shards, max_sessions: s.max_sessions },
+        memory: tokenserver_store::memory::MemoryOptions { shards: s.memory_shards, max_sessions: s.max_sessions },
         api_key: s.api_key.filter(|k| !k.is_empty()).map(Secret::new),
         require_api_key: s.require_api_key,
     }))
@@ -371,7 +377,17 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         return Err(bad("master_secret", "must not be empty"));
     }
 
-    tokenserver_store::Backend::from_url(&ts.database_url).map_err(|e| bad("tokenserver.database_url", e))?;
+    let backend =
+        tokenserver_store::Backend::from_url(&ts.database_url).map_err(|e| bad("tokenserver.database_url", e))?;
+    if !backend.holds(tokenserver_store::Family::Sync) {
+        return Err(bad(
+            "tokenserver.database_url",
+            format!(
+                "{backend:?} holds no Sync data: use {}",
+                tokenserver_store::Backend::holding(tokenserver_store::Family::Sync)
+            ),
+        ));
+    }
     if ts.database_pool_max_size == 0 {
         return Err(bad("tokenserver.database_pool_max_size", "must be at least 1"));
     }

@@ -12,8 +12,8 @@ use axum::routing::{head, post};
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tokenserver_core::session::RotateOutcome;
 use tokenserver_core::session::{MetaError, MetaUpdate};
-use tokenserver_store::session::RotateOutcome;
 
 use super::json::FastJson as Json;
 use super::sessions::{meta_status, SessionsState};

@@ -15,8 +15,8 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tokenserver_core::session::RotateOutcome;
 use tokenserver_core::session::{MetaError, MetaUpdate, SessionRecord, SessionToken};
-use tokenserver_store::session::RotateOutcome;
 use tokenserver_store::StoreError;
 
 use std::sync::Arc;

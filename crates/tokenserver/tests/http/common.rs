@@ -263,6 +263,7 @@ impl TestServer {
             Backend::Sqlite => TestDb::Sqlite(sqlx::SqlitePool::connect(&fresh_db.url).await.unwrap()),
             Backend::Postgres => TestDb::Pg(sqlx::PgPool::connect(&fresh_db.url).await.unwrap()),
             Backend::MySql => TestDb::My(sqlx::MySqlPool::connect(&fresh_db.url).await.unwrap()),
+            other => panic!("{other:?} holds no Sync database"),
         };
         Self {
             base: format!("http://{}", running.public_addr),

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokenserver_store::session::SessionBackend;
-use tokenserver_store::testing::fresh_sessions;
+use tokenserver_store::testing::fresh;
+use tokenserver_store::Backend;
 
 use crate::common::{Response, TestServer};
 
@@ -388,8 +388,8 @@ async fn concurrent_rotations_of_one_token_over_http() {
     server.finish().await;
 }
 
-async fn flow_on(backend: SessionBackend) {
-    let Some(db) = fresh_sessions(backend).await else { return };
+async fn flow_on(backend: Backend) {
+    let Some(db) = fresh(backend).await else { return };
     let server = TestServer::start(&[("TOKENSERVER_SESSIONS__URL", db.url.as_str())]).await;
     let t1 = hakr_create(&server, json!({"b": 1})).await;
     let t2 = ok_token(&hakr_put(&server, &t1, Some(json!({"a": 2}))).await);
@@ -404,22 +404,22 @@ async fn flow_on(backend: SessionBackend) {
 
 #[tokio::test]
 async fn flow_on_memory() {
-    flow_on(SessionBackend::Memory).await;
+    flow_on(Backend::Memory).await;
 }
 
 #[tokio::test]
 async fn flow_on_postgres() {
-    flow_on(SessionBackend::Postgres).await;
+    flow_on(Backend::Postgres).await;
 }
 
 #[tokio::test]
 async fn flow_on_redis() {
-    flow_on(SessionBackend::Redis).await;
+    flow_on(Backend::Redis).await;
 }
 
 #[tokio::test]
 async fn flow_on_redis_cluster() {
-    flow_on(SessionBackend::RedisCluster).await;
+    flow_on(Backend::RedisCluster).await;
 }
 
 /// The real binary with HaKr's dump on: `HEAD /dump` needs the admin key and logs the sessions in

@@ -3,10 +3,12 @@
 
 use futures::future::join_all;
 use serde_json::json;
+use tokenserver_core::clock::now_ms;
+use tokenserver_core::session::RotateOutcome;
 use tokenserver_core::session::{
     Invalid, MetaError, MetaLimits, MetaUpdate, RotateRequest, RotationPolicy, SessionRecord, SessionToken,
 };
-use tokenserver_store::session::{now_ms, RotateOutcome, SessionStore};
+use tokenserver_store::session::SessionStore;
 
 const MIN: u64 = 60_000;
 

@@ -7,12 +7,11 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use tokenserver_core::session::{
-    decide, replay_answer, Decision, Invalid, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken,
-    TokenHash,
+    ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
-use super::{DumpEntry, DumpPage, Result, RotateOutcome, SessionStore};
 use crate::caller::{transaction, Caller};
+use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &[&str] = &[
@@ -62,12 +61,78 @@ async fn remove(tx: &mut Transaction<'_, Postgres>, hash: &TokenHash) -> Result<
     Ok(())
 }
 
-async fn revoke(tx: &mut Transaction<'_, Postgres>, token: &SessionToken) -> Result<()> {
-    sqlx::query("DELETE FROM tokenserver_sessions WHERE chain = $1")
-        .bind(&token.chain().0[..])
-        .execute(&mut **tx)
-        .await?;
+async fn revoke(tx: &mut Transaction<'_, Postgres>, chain: &ChainId) -> Result<()> {
+    sqlx::query("DELETE FROM tokenserver_sessions WHERE chain = $1").bind(&chain.0[..]).execute(&mut **tx).await?;
     Ok(())
+}
+
+async fn insert(
+    tx: &mut Transaction<'_, Postgres>,
+    hash: &TokenHash,
+    chain: &ChainId,
+    r: &SessionRecord,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&hash.0[..])
+    .bind(&chain.0[..])
+    .bind(&r.meta)
+    .bind(r.expires_at as i64)
+    .bind(r.deadline as i64)
+    .bind(r.ttl_ms as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A rotation's steps in one transaction, looking at the caller before each statement.
+struct Steps<'t> {
+    tx: &'t mut Transaction<'static, Postgres>,
+    caller: &'t Caller,
+}
+
+impl RotationSteps for Steps<'_> {
+    async fn load(&mut self, hash: &TokenHash, lock: bool) -> Result<Option<SessionRecord>> {
+        self.caller.check()?;
+        load(self.tx, hash, lock).await
+    }
+
+    async fn rotate(
+        &mut self,
+        presented: &TokenHash,
+        rotated: &Rotated,
+        successor_hash: &TokenHash,
+        chain: &ChainId,
+        successor: &SessionRecord,
+    ) -> Result<bool> {
+        self.caller.check()?;
+        sqlx::query(
+            "UPDATE tokenserver_sessions SET meta = '', rotated_at = $2, successor = $3, sealed = $4 \
+             WHERE token_hash = $1",
+        )
+        .bind(&presented.0[..])
+        .bind(rotated.at as i64)
+        .bind(&rotated.successor.0[..])
+        .bind(rotated.sealed.as_bytes())
+        .execute(&mut **self.tx)
+        .await?;
+        self.caller.check()?;
+        insert(self.tx, successor_hash, chain, successor).await?;
+        // The presented row was locked when loaded: nobody changed it meanwhile.
+        Ok(true)
+    }
+
+    async fn revoke(&mut self, chain: &ChainId, _from: &TokenHash) -> Result<()> {
+        self.caller.check()?;
+        revoke(self.tx, chain).await
+    }
+
+    async fn remove(&mut self, hash: &TokenHash) -> Result<()> {
+        self.caller.check()?;
+        remove(self.tx, hash).await
+    }
 }
 
 /// The PostgreSQL session store.
@@ -79,29 +144,13 @@ pub struct PgSessions {
 impl PgSessions {
     /// Connects and creates the table when missing.
     pub async fn open(url: &str, settings: &PoolSettings) -> Result<Self> {
-        let pool = crate::network_pool::<Postgres>(settings).connect(url).await?;
+        let pool = crate::sql::network_pool::<Postgres>(settings).connect(url).await?;
         let mut tx = pool.begin().await?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(Self { pool })
-    }
-
-    async fn insert(tx: &mut Transaction<'_, Postgres>, token: &SessionToken, r: &SessionRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&token.hash().0[..])
-        .bind(&token.chain().0[..])
-        .bind(&r.meta)
-        .bind(r.expires_at as i64)
-        .bind(r.deadline as i64)
-        .bind(r.ttl_ms as i64)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
     }
 }
 
@@ -114,7 +163,7 @@ impl SessionStore for PgSessions {
     async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
         let (token, record) = (token.clone(), record.clone());
         transaction(&self.pool, Caller::default(), move |tx, _| {
-            Box::pin(async move { Self::insert(tx, &token, &record).await })
+            Box::pin(async move { insert(tx, &token.hash(), &token.chain(), &record).await })
         })
         .await
     }
@@ -122,46 +171,7 @@ impl SessionStore for PgSessions {
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
         let (req, policy) = (req.clone(), *policy);
         transaction(&self.pool, Caller::default(), move |tx, caller| {
-            Box::pin(async move {
-                let hash = req.presented.hash();
-                let current = load(tx, &hash, true).await?;
-                caller.check()?;
-                Ok(match decide(current.as_ref(), &req, &policy) {
-                    Decision::Rotate { rotated, successor, .. } => {
-                        sqlx::query(
-                            "UPDATE tokenserver_sessions SET meta = '', rotated_at = $2, successor = $3, sealed = $4 \
-                             WHERE token_hash = $1",
-                        )
-                        .bind(&hash.0[..])
-                        .bind(rotated.at as i64)
-                        .bind(&rotated.successor.0[..])
-                        .bind(rotated.sealed.as_bytes())
-                        .execute(&mut **tx)
-                        .await?;
-                        caller.check()?;
-                        Self::insert(tx, &req.successor, &successor).await?;
-                        RotateOutcome::Rotated { token: req.successor.clone(), record: successor }
-                    }
-                    Decision::Replay { successor_hash, successor } => {
-                        let next = load(tx, &successor_hash, false).await?;
-                        match replay_answer(next.as_ref(), req.now) {
-                            Some(record) => RotateOutcome::Replayed { token: successor, record: record.clone() },
-                            None => RotateOutcome::Refused(Invalid::SuccessorGone),
-                        }
-                    }
-                    Decision::RevokeChain { .. } => {
-                        revoke(tx, &req.presented).await?;
-                        RotateOutcome::Revoked
-                    }
-                    Decision::Refuse { why, remove: expired } => {
-                        if expired {
-                            remove(tx, &hash).await?;
-                        }
-                        RotateOutcome::Refused(why)
-                    }
-                    Decision::Reject(e) => RotateOutcome::Rejected(e),
-                })
-            })
+            Box::pin(async move { rotate(&mut Steps { tx, caller }, &req, &policy).await })
         })
         .await
     }
@@ -180,7 +190,7 @@ impl SessionStore for PgSessions {
                         false
                     }
                     Some(_) => {
-                        revoke(tx, &token).await?;
+                        revoke(tx, &token.chain()).await?;
                         true
                     }
                 })
@@ -226,22 +236,16 @@ impl SessionStore for PgSessions {
         Ok(DumpPage { entries, next, records })
     }
 
-    async fn purge(&self, now: u64) -> Result<u64> {
-        let mut total = 0u64;
-        loop {
-            let done = sqlx::query(
-                "DELETE FROM tokenserver_sessions WHERE token_hash IN \
-                 (SELECT token_hash FROM tokenserver_sessions WHERE expires_at <= $1 LIMIT 10000)",
-            )
-            .bind(now as i64)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            total += done;
-            if done < 10_000 {
-                return Ok(total);
-            }
-        }
+    async fn purge_batch(&self, now: u64, max: u64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM tokenserver_sessions WHERE token_hash IN \
+             (SELECT token_hash FROM tokenserver_sessions WHERE expires_at <= $1 LIMIT $2)",
+        )
+        .bind(now as i64)
+        .bind(i64::try_from(max).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn check(&self) -> Result<()> {

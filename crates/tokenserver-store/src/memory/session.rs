@@ -25,10 +25,12 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 use tokenserver_core::session::{
-    ChainId, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord, SessionToken, TokenHash,
+    ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord, SessionToken,
+    TokenHash,
 };
 
-use super::{end_with, rotate_with, DumpEntry, DumpPage, Result, RotateOutcome, SessionOps, SessionStore};
+use crate::ready::run_now;
+use crate::session::{end_with, rotate, DumpEntry, DumpPage, Result, SessionOps, SessionStore};
 use crate::StoreError;
 
 /// Width of an expiry-wheel slot, ms: expired sessions are invisible at once and freed by the
@@ -307,6 +309,11 @@ impl MemorySessions {
         self
     }
 
+    /// A store laid out and bounded by `options`.
+    pub fn with_options(options: super::MemoryOptions) -> Self {
+        Self::new(options.shards).with_max_sessions(options.max_sessions)
+    }
+
     fn with_chain<T>(&self, token: &SessionToken, grace_ms: u64, f: impl FnOnce(&mut ChainOps<'_>) -> T) -> T {
         let chain = token.chain();
         let idx = usize::from(u16::from_le_bytes([chain.0[0], chain.0[1]])) & self.mask;
@@ -353,7 +360,7 @@ impl SessionStore for MemorySessions {
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
         self.grace_ms.fetch_max(policy.grace_ms, Ordering::Relaxed);
-        self.with_chain(&req.presented, policy.grace_ms, |ops| rotate_with(ops, req, policy))
+        self.with_chain(&req.presented, policy.grace_ms, |ops| run_now(rotate(ops, req, policy)))
     }
 
     async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
@@ -407,7 +414,8 @@ impl SessionStore for MemorySessions {
         Ok(DumpPage { entries, next, records: after.is_none().then(|| self.len()) })
     }
 
-    async fn purge(&self, now: u64) -> Result<u64> {
+    /// The whole wheel at once (`max` does not apply: a purge only walks due slots).
+    async fn purge_batch(&self, now: u64, _max: u64) -> Result<u64> {
         let due = now / SLOT_MS;
         let grace_ms = self.grace_ms.load(Ordering::Relaxed);
         let mut removed = 0u64;

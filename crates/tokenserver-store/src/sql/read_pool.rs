@@ -6,8 +6,8 @@
 //! goes back to the pool without a round trip, marked clean if its read finished; one whose read
 //! failed, or was dropped mid-query (a request timeout), is closed when the pool next looks at
 //! it, since its protocol state is unknown. (A read holds no locks, so it may wait until then; a
-//! write transaction could not.) As with the sqlx pool ([`crate::network_pool`]), only a
-//! connection idle for more than [`crate::PING_IF_IDLE_FOR`] is pinged before use, so that one
+//! write transaction could not.) As with the sqlx pool ([`crate::sql::network_pool`]), only a
+//! connection idle for more than [`crate::sql::PING_IF_IDLE_FOR`] is pinged before use, so that one
 //! killed by an outage is found and replaced.
 
 use std::ops::{Deref, DerefMut};
@@ -42,7 +42,7 @@ impl<C: Connection> managed::Manager for Connector<C> {
             // Dropped by deadpool, which then takes another connection or opens one.
             return Err(RecycleError::message("read did not finish"));
         }
-        if metrics.last_used() > crate::PING_IF_IDLE_FOR {
+        if metrics.last_used() > crate::sql::PING_IF_IDLE_FOR {
             pooled.conn.ping().await?;
         }
         Ok(())

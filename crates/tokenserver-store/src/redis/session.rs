@@ -1,0 +1,327 @@
+//! Redis and Redis Cluster session store.
+//!
+//! One hash per token under `<prefix>s:{<chain id>}:<token hash hex>`: the chain id is the hash
+//! tag, so every token of a session lives in one Cluster slot and the scripts below touch one
+//! slot only. Fields: `m` metadata, `e` idle expiry, `d` deadline, `t` idle lifetime (ms), and
+//! once rotated `r` (when), `s` (successor hash, hex), `x` (sealed successor). Each key expires
+//! natively at `e` (`PEXPIREAT`), so there is nothing to purge.
+//!
+//! A rotation reads the record, decides in Rust (merging metadata there, so JSON is never
+//! handled in Lua), then runs a script that applies the decision only if the token is still
+//! live and unrotated — the compare-and-set that makes two concurrent rotations of one token
+//! produce one successor; the loser re-reads and sees the rotated record.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use redis::Script;
+use tokenserver_core::session::{
+    ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SealedSuccessor, SessionRecord, SessionToken,
+    TokenHash,
+};
+
+use super::{e, Redis};
+use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
+use crate::StoreError;
+/// Longest chain walked by a revocation.
+const MAX_WALK: usize = 100_000;
+
+const CREATE: &str = r"
+redis.call('HSET', KEYS[1], 'm', ARGV[1], 'e', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+";
+
+const ROTATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'r') == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', ARGV[2], 'x', ARGV[3])
+redis.call('HDEL', KEYS[1], 'm')
+redis.call('HSET', KEYS[2], 'm', ARGV[4], 'e', ARGV[5], 'd', ARGV[6], 't', ARGV[7])
+redis.call('PEXPIREAT', KEYS[2], ARGV[5])
+return 1
+";
+
+/// Deletes KEYS[1] and its successors (ARGV[1]: the chain's key prefix, ARGV[2]: walk bound).
+/// With ARGV[3] (now) set, only an unexpired KEYS[1] starts a walk. Returns 1 when it did.
+const REVOKE: &str = r"
+local key = KEYS[1]
+if ARGV[3] ~= '' then
+  local e = redis.call('HGET', key, 'e')
+  local d = redis.call('HGET', key, 'd')
+  if not e or not d then return 0 end
+  local now = tonumber(ARGV[3])
+  if now >= tonumber(e) or now >= tonumber(d) then
+    redis.call('DEL', key)
+    return 0
+  end
+end
+local limit = tonumber(ARGV[2])
+local n = 0
+while key and n < limit do
+  local s = redis.call('HGET', key, 's')
+  redis.call('DEL', key)
+  n = n + 1
+  if s then key = ARGV[1] .. s else key = nil end
+end
+return 1
+";
+
+/// Keys asked of each `SCAN` in a dump; fixed, so that a page can resume inside a batch by
+/// asking for the same batch again.
+const DUMP_SCAN_COUNT: u64 = 100;
+
+/// Where a dump's scan stands: a node and that node's `SCAN` cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ScanAt {
+    node: usize,
+    cursor: u64,
+}
+
+/// `<node>:<SCAN cursor>:<keys of that batch already seen>`. A page resumed after the keyspace
+/// was resized may repeat or skip a few sessions (SCAN's own guarantee holds only for a whole
+/// scan): dumps are an operator's view, not an export.
+fn dump_cursor(at: ScanAt, skip: usize) -> String {
+    format!("{}:{}:{skip}", at.node, at.cursor)
+}
+
+fn parse_dump_cursor(cursor: &str) -> Option<(ScanAt, usize)> {
+    let mut parts = cursor.split(':');
+    let node = parts.next()?.parse().ok()?;
+    let scan = parts.next()?.parse().ok()?;
+    let skip = parts.next()?.parse().ok()?;
+    parts.next().is_none().then_some((ScanAt { node, cursor: scan }, skip))
+}
+
+/// The Redis session store.
+#[derive(Clone)]
+pub struct RedisSessions {
+    redis: Redis,
+    create: Script,
+    rotate: Script,
+    revoke: Script,
+}
+
+impl std::fmt::Debug for RedisSessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSessions").field("redis", &self.redis).finish_non_exhaustive()
+    }
+}
+
+impl RedisSessions {
+    /// Connects to the server or cluster `url` names (`redis://…`, `redis+cluster://h:p,h:p`,
+    /// optional `?prefix=`).
+    pub async fn open(url: &str) -> Result<Self> {
+        Ok(Self {
+            redis: Redis::connect(url).await?,
+            create: Script::new(CREATE),
+            rotate: Script::new(ROTATE),
+            revoke: Script::new(REVOKE),
+        })
+    }
+
+    fn chain_prefix(&self, chain: &ChainId) -> String {
+        format!("{}s:{{{chain}}}:", self.redis.prefix)
+    }
+
+    fn key(&self, chain: &ChainId, hash: &TokenHash) -> String {
+        format!("{}{}", self.chain_prefix(chain), hash.to_hex())
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<SessionRecord>> {
+        let mut conn = self.redis.conn();
+        let fields: HashMap<String, Vec<u8>> =
+            redis::cmd("HGETALL").arg(key).query_async(&mut conn).await.map_err(e)?;
+        Ok(parse(&fields))
+    }
+
+    async fn walk_delete(&self, chain: &ChainId, first: &str, now: Option<u64>) -> Result<bool> {
+        let mut conn = self.redis.conn();
+        let done: i64 = self
+            .revoke
+            .key(first)
+            .arg(self.chain_prefix(chain))
+            .arg(MAX_WALK)
+            .arg(now.map(|n| n.to_string()).unwrap_or_default())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(e)?;
+        Ok(done == 1)
+    }
+}
+
+/// A rotation's steps: plain reads, and a compare-and-set script that applies the decision only
+/// if the presented token is still live and unrotated.
+struct Steps<'a> {
+    store: &'a RedisSessions,
+    chain: ChainId,
+}
+
+impl RotationSteps for Steps<'_> {
+    async fn load(&mut self, hash: &TokenHash, _lock: bool) -> Result<Option<SessionRecord>> {
+        self.store.load(&self.store.key(&self.chain, hash)).await
+    }
+
+    async fn rotate(
+        &mut self,
+        presented: &TokenHash,
+        rotated: &Rotated,
+        successor_hash: &TokenHash,
+        chain: &ChainId,
+        successor: &SessionRecord,
+    ) -> Result<bool> {
+        let mut conn = self.store.redis.conn();
+        let applied: i64 = self
+            .store
+            .rotate
+            .key(self.store.key(&self.chain, presented))
+            .key(self.store.key(chain, successor_hash))
+            .arg(rotated.at)
+            .arg(rotated.successor.to_hex())
+            .arg(rotated.sealed.as_bytes())
+            .arg(&successor.meta)
+            .arg(successor.expires_at)
+            .arg(successor.deadline)
+            .arg(successor.ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(e)?;
+        Ok(applied == 1)
+    }
+
+    async fn revoke(&mut self, chain: &ChainId, from: &TokenHash) -> Result<()> {
+        self.store.walk_delete(chain, &self.store.key(chain, from), None).await.map(|_| ())
+    }
+
+    async fn remove(&mut self, _hash: &TokenHash) -> Result<()> {
+        // Expired keys vanish on their own.
+        Ok(())
+    }
+}
+
+fn number(fields: &HashMap<String, Vec<u8>>, name: &str) -> Option<u64> {
+    std::str::from_utf8(fields.get(name)?).ok()?.parse().ok()
+}
+
+fn parse(fields: &HashMap<String, Vec<u8>>) -> Option<SessionRecord> {
+    let rotated = match (number(fields, "r"), fields.get("s"), fields.get("x")) {
+        (Some(at), Some(s), Some(x)) => {
+            let successor = TokenHash::from_slice(&hex::decode(s).ok()?)?;
+            Some(Rotated { at, successor, sealed: SealedSuccessor::from_slice(x)? })
+        }
+        _ => None,
+    };
+    Some(SessionRecord {
+        meta: fields.get("m").and_then(|m| String::from_utf8(m.clone()).ok()).unwrap_or_default(),
+        expires_at: number(fields, "e")?,
+        deadline: number(fields, "d")?,
+        ttl_ms: number(fields, "t")?,
+        rotated,
+    })
+}
+
+#[async_trait]
+impl SessionStore for RedisSessions {
+    fn backend(&self) -> &'static str {
+        if self.redis.is_cluster() {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
+    }
+
+    async fn create(&self, token: &SessionToken, r: &SessionRecord) -> Result<()> {
+        let mut conn = self.redis.conn();
+        let _: i64 = self
+            .create
+            .key(self.key(&token.chain(), &token.hash()))
+            .arg(&r.meta)
+            .arg(r.expires_at)
+            .arg(r.deadline)
+            .arg(r.ttl_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(e)?;
+        Ok(())
+    }
+
+    async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
+        rotate(&mut Steps { store: self, chain: req.presented.chain() }, req, policy).await
+    }
+
+    async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
+        let chain = token.chain();
+        self.walk_delete(&chain, &self.key(&chain, &token.hash()), Some(now)).await
+    }
+
+    async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
+        let (mut at, mut skip) = match after {
+            None => (ScanAt { node: 0, cursor: 0 }, 0),
+            Some(c) => parse_dump_cursor(c)
+                .filter(|(at, _)| at.node < self.redis.nodes.len())
+                .ok_or_else(|| StoreError::InvalidInput("not a dump cursor of this store".into()))?,
+        };
+        let limit = limit.max(1);
+        let pattern = format!("{}s:*", self.redis.prefix);
+        let mut entries = Vec::new();
+        while at.node < self.redis.nodes.len() {
+            // Replicas hold copies of their primary's keys: primaries only.
+            let (mut node, primary) = self.redis.node(at.node).await?;
+            if primary {
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(at.cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(DUMP_SCAN_COUNT)
+                        .query_async(&mut node)
+                        .await
+                        .map_err(e)?;
+                    for (i, key) in keys.iter().enumerate().skip(skip) {
+                        if entries.len() >= limit {
+                            return Ok(DumpPage { entries, next: Some(dump_cursor(at, i)), records: None });
+                        }
+                        let fields: HashMap<String, Vec<u8>> =
+                            redis::cmd("HGETALL").arg(key).query_async(&mut node).await.map_err(e)?;
+                        if let Some(r) = parse(&fields).filter(|r| r.is_live(now)) {
+                            entries.push(DumpEntry { expires_at: r.expires_at, deadline: r.deadline, meta: r.meta });
+                        }
+                    }
+                    skip = 0;
+                    if next == 0 {
+                        break;
+                    }
+                    at.cursor = next;
+                }
+            }
+            at = ScanAt { node: at.node + 1, cursor: 0 };
+        }
+        Ok(DumpPage { entries, next: None, records: None })
+    }
+
+    async fn purge_batch(&self, _now: u64, _max: u64) -> Result<u64> {
+        Ok(0)
+    }
+
+    async fn check(&self) -> Result<()> {
+        let mut conn = self.redis.conn();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(e)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dump_cursors_round_trip() {
+        let at = ScanAt { node: 2, cursor: 1234 };
+        assert_eq!(parse_dump_cursor(&dump_cursor(at, 7)), Some((at, 7)));
+        for bad in ["", "1", "1:2", "1:2:3:4", "x:1:2", "1:-2:3"] {
+            assert_eq!(parse_dump_cursor(bad), None, "{bad}");
+        }
+    }
+}

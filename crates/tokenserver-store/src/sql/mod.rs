@@ -1,0 +1,83 @@
+//! What the SQL backends (SQLite, PostgreSQL, MySQL) share: the Sync transactions written once
+//! over [`tx::SyncTx`], the migration bookkeeping, and the SQL each backend must provide
+//! ([`SyncSql`]); and what the network ones (PostgreSQL, MySQL) share besides: the sqlx
+//! implementation of the Sync store ([`sync`]), the allocation queue and the request path's read
+//! pool.
+
+pub(crate) mod alloc_queue;
+pub(crate) mod migrate;
+pub(crate) mod read_pool;
+pub(crate) mod sync;
+pub(crate) mod tx;
+
+use std::time::Duration;
+
+use crate::PoolSettings;
+
+/// The statements of the Sync store, one per step, with the same bind order on every backend
+/// (PostgreSQL repeats a value as `$5` rather than reusing `$1`). A backend implements this on a
+/// marker type; the compiler then holds it to the whole list.
+pub(crate) trait SyncSql {
+    /// Names of `services`, `nodes`, `users` and `__diesel_schema_migrations` that exist.
+    const EXISTING_TABLES: &'static str;
+    /// Versions in the bookkeeping table.
+    const APPLIED_VERSIONS: &'static str;
+    /// Records a version (`$1`).
+    const RECORD_VERSION: &'static str;
+    /// `services.id` of a name.
+    const SERVICE_ID: &'static str;
+    /// A user's rows joined with their node (email, service), newest first, at most 20.
+    const USER_ROWS: &'static str;
+    /// Locks a user's rows (email, service id); `None` where writes are serialized already.
+    const LOCK_USER: Option<&'static str>;
+    /// The service's nodes by id (service id), locked where rows are locked.
+    const LOCK_NODES: &'static str;
+    /// Sets a node's `available` (available, id).
+    const RELEASE: &'static str;
+    /// `current_load + 1`, `available - 1` floored at 0 (id).
+    const ADD_USER_TO_NODE: &'static str;
+    /// Inserts a user row (service id, email, generation, client state, created at, node id,
+    /// keys changed at).
+    const POST_USER: &'static str;
+    /// Mozilla's guarded `put_user` (generation, kca, service id, email, generation, kca).
+    const PUT_USER: &'static str;
+    /// Marks a user's other live rows replaced (now, service id, email, uid kept).
+    const REPLACE_OTHERS: &'static str;
+    /// Marks one row replaced if live (replaced at, service name, uid).
+    const REPLACE_USER: &'static str;
+    /// FxA delete-user (max generation, now, service name, email).
+    const RETIRE_USER: &'static str;
+    /// FxA password-change, never lowering (generation, kca, service name, email, generation,
+    /// kca).
+    const UPDATE_USER_GENERATION: &'static str;
+    /// Inserts a node (service id, node, available, load, capacity, downed, backoff).
+    const INSERT_NODE: &'static str;
+    /// Inserts a node unless one with that URL exists (service id, node, available, capacity).
+    const INIT_NODE: &'static str;
+    /// Every node with its service name, optionally of one service (name, name).
+    const LIST_NODES: &'static str;
+    /// Inserts a service (name, pattern).
+    const INSERT_SERVICE: &'static str;
+}
+
+/// Connections idle longer than this are pinged before use: after an outage they are found dead
+/// and replaced, while under load (connections never idle that long) no request pays a ping.
+pub(crate) const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// Pool options for a networked database (PostgreSQL, MySQL): sized and timed by `settings`,
+/// pinging only connections that sat idle (sqlx's default pings before every acquire, a round
+/// trip per request).
+pub(crate) fn network_pool<DB: sqlx::Database>(settings: &PoolSettings) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(settings.max_size)
+        .acquire_timeout(settings.connection_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
