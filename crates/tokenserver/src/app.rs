@@ -1,38 +1,17 @@
-//! Wiring: opens the store, prepares secrets and the verifier, and serves both listeners.
+//! Wiring: opens the stores, prepares secrets, keys and the verifier, and serves both listeners.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokenserver_auth::fxa::FxaVerifier;
 use tokenserver_core::Secret;
 use tokenserver_store::{Family, SessionStore, StoreSettings, SyncStore};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+pub use crate::state::AppState;
 use crate::sync::SyncTokens;
-
-/// Shared state of every handler.
-#[derive(Clone)]
-pub struct AppState {
-    /// Validated configuration.
-    pub config: Arc<Config>,
-    /// Sync node-assignment store.
-    pub store: Arc<dyn SyncStore>,
-    /// FxA verifier (OAuth tokens and SETs).
-    pub verifier: Arc<FxaVerifier>,
-    /// The Sync token flow.
-    pub sync: Arc<SyncTokens>,
-    /// Session tokens, when enabled.
-    pub sessions: Option<Arc<crate::session::Sessions>>,
-    /// The admin routes' key; `None`: they answer 403.
-    pub admin_key: Option<crate::keys::BearerKey>,
-    /// How the session routes are guarded.
-    pub session_access: crate::keys::SessionAccess,
-    /// Prometheus exporter, when this process installed one.
-    pub metrics: Option<PrometheusHandle>,
-}
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -43,17 +22,6 @@ pub enum StartError {
     /// Anything else, with its explanation.
     #[error("{0}")]
     Other(String),
-}
-
-/// The process-wide Prometheus recorder (installed on first use).
-pub fn metrics_handle() -> Option<PrometheusHandle> {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().ok()).clone()
-}
-
-/// A random 32-byte secret, hex-encoded.
-pub fn generate_secret() -> String {
-    hex::encode(rand::random::<[u8; 32]>())
 }
 
 /// What the configuration opens its stores with.
@@ -108,7 +76,7 @@ pub async fn master_secrets(config: &Config, store: &dyn SyncStore) -> Result<Ve
     if !config.master_secrets.is_empty() {
         return Ok(config.master_secrets.clone());
     }
-    let Some((secret, created)) = store.generated_secret("master_secret", &generate_secret).await? else {
+    let Some((secret, created)) = store.generated_secret("master_secret", &crate::keys::generate_secret).await? else {
         return Err(StartError::Other(
             "master_secret must be set when the database is PostgreSQL or MySQL \
              (Mozilla's schema has nowhere to keep a generated one)"
@@ -129,7 +97,7 @@ pub async fn master_secrets(config: &Config, store: &dyn SyncStore) -> Result<Ve
 /// Builds the application state: store, secrets, bootstrap rows, verifier.
 pub async fn build(config: Config) -> Result<AppState, StartError> {
     // Installed before the stores open: their threads take metric handles once, at start.
-    let metrics = metrics_handle();
+    let metrics = crate::telemetry::metrics_handle();
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }

@@ -159,7 +159,7 @@ async fn keys(config: &Config, json: bool) -> Result<(), String> {
     use crate::keys::{KeyInForce, Origin};
     let store = app::open_store(config).await.map_err(|e| e.to_string())?;
     let master = if config.master_secrets.is_empty() {
-        match store.generated_secret("master_secret", &app::generate_secret).await.map_err(|e| e.to_string())? {
+        match store.generated_secret("master_secret", &crate::keys::generate_secret).await.map_err(|e| e.to_string())? {
             Some((value, created)) => KeyInForce {
                 setting: "master_secret",
                 value: Some(tokenserver_core::Secret::new(value)),

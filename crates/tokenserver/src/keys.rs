@@ -99,6 +99,11 @@ impl SessionAccess {
     }
 }
 
+/// A random 32-byte secret, hex-encoded.
+pub fn generate_secret() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
 /// Name of the generated admin key in the database.
 const GENERATED_ADMIN_KEY: &str = "admin_key";
 /// Name of the generated session API key in the database.
@@ -113,7 +118,7 @@ async fn key_in_force(
     if let Some(key) = configured {
         return Ok(KeyInForce { setting, value: Some(key.clone()), origin: Origin::Configured });
     }
-    Ok(match store.generated_secret(generated_name, &crate::app::generate_secret).await? {
+    Ok(match store.generated_secret(generated_name, &generate_secret).await? {
         Some((value, created)) => {
             KeyInForce { setting, value: Some(Secret::new(value)), origin: Origin::Generated { created } }
         }

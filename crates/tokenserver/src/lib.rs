@@ -9,5 +9,6 @@ pub mod http;
 pub mod keys;
 pub mod ops;
 pub mod session;
+pub mod state;
 pub mod sync;
 pub mod telemetry;

@@ -70,7 +70,7 @@ struct OpCounters(HashMap<(&'static str, &'static str), metrics::Counter>);
 impl OpCounters {
     fn register() -> Self {
         // The recorder must be in place before handles are taken (a handle taken earlier counts nothing).
-        let _ = crate::app::metrics_handle();
+        let _ = crate::telemetry::metrics_handle();
         let mut map = HashMap::new();
         for (op, outcomes) in OUTCOMES {
             for outcome in *outcomes {

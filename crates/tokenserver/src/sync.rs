@@ -8,13 +8,14 @@
 //! there first, in which case the flow re-reads and decides again.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokenserver_auth::{AuthError, TokenVerifier};
-use tokenserver_core::sync::consistency::{plan_change, validate, Change, Claimed, Stored};
-use tokenserver_core::sync::hashes::metrics_hashes;
-use tokenserver_core::sync::keyid::{fxa_kid, is_visible_ascii, parse_key_id, KeyIdError};
+use tokenserver_auth::{AuthError, Identity, TokenVerifier};
+use tokenserver_core::clock;
+use tokenserver_core::sync::consistency::{plan_change, validate, Change, Claimed, Stored, Violation};
+use tokenserver_core::sync::hashes::{metrics_hashes, MetricsHashes};
+use tokenserver_core::sync::keyid::{fxa_kid, is_visible_ascii, parse_key_id, KeyId, KeyIdError};
 use tokenserver_core::sync::tokenlib::{mint_bytes, random_salt, signing_key, TokenPayload};
 use tokenserver_core::sync::users::{resolve, Status, UserRow};
 use tokenserver_core::Secret;
@@ -22,7 +23,6 @@ use tokenserver_store::sync::{Allocate, UserChange};
 use tokenserver_store::{StoreError, SyncStore};
 
 use crate::config::{Application, Config};
-use crate::http::error::SyncError;
 
 /// Longest bearer token we will try to verify; FxA access tokens are far shorter.
 const MAX_BEARER_LEN: usize = 16 * 1024;
@@ -33,6 +33,55 @@ const MAX_ATTEMPTS: usize = 32;
 /// `client_state` and `email` column widths.
 const MAX_CLIENT_STATE_HEX: usize = 32;
 const MAX_EMAIL: usize = 255;
+
+/// Why no token was issued, in the order the flow checks (the HTTP layer renders each as its
+/// catalogue entry, `http::error`).
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// A1–A3: no usable `Authorization` header.
+    #[error("no usable Authorization header")]
+    Unauthorized,
+    /// A4: a scheme other than `Bearer`.
+    #[error("the authorization scheme is not Bearer")]
+    UnsupportedScheme,
+    /// A5 and the bounds on what a credential names: the credentials are not acceptable.
+    #[error("invalid credentials: {0}")]
+    InvalidCredentials(&'static str),
+    /// A6: the identity provider could not be asked (unreachable, slow, or as many calls under
+    /// way as allowed).
+    #[error("the identity provider is unavailable")]
+    IdentityUnavailable,
+    /// K1–K7.
+    #[error(transparent)]
+    KeyId(#[from] KeyIdError),
+    /// P1.
+    #[error("unsupported application")]
+    UnsupportedApplication,
+    /// P2, with the version asked for.
+    #[error("unsupported application version {0:?}")]
+    UnsupportedVersion(String),
+    /// U1.
+    #[error("new users are not allowed")]
+    NewUsersDisabled,
+    /// Q1.
+    #[error("invalid query string")]
+    InvalidQuery,
+    /// V1–V8.
+    #[error("consistency rule: {0:?}")]
+    Consistency(Violation),
+    /// The database (U2 is `NoNodeAvailable`, T1 is `Timeout`).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Every attempt lost a race with another request for the same user.
+    #[error("gave up after repeated concurrent updates of one user")]
+    Contended,
+    /// The user's row is retired and has no node (U3-like; Mozilla answers 500).
+    #[error("the user is retired")]
+    Retired,
+    /// A stored row that cannot be (no node) or a token that cannot be encoded.
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}
 
 /// The raw request parts the flow needs.
 #[derive(Debug, Clone, Copy)]
@@ -104,55 +153,23 @@ pub struct SyncTokens {
     db_timeout: Option<Duration>,
 }
 
-fn now() -> (u64, i64) {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs(), i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+fn now_ms() -> i64 {
+    i64::try_from(clock::now_ms()).unwrap_or(i64::MAX)
 }
 
 /// Parses `Authorization: Bearer <token>` (A1–A4): scheme case-insensitive, split at the first
 /// space, everything after it is the token.
-pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, SyncError> {
-    let raw = header.ok_or(SyncError::unauthorized())?;
+pub fn bearer_token(header: Option<&[u8]>) -> Result<&str, IssueError> {
+    let raw = header.ok_or(IssueError::Unauthorized)?;
     if !is_visible_ascii(raw) {
-        return Err(SyncError::unauthorized());
+        return Err(IssueError::Unauthorized);
     }
-    let text = std::str::from_utf8(raw).map_err(|_| SyncError::unauthorized())?;
-    let (scheme, token) = text.split_once(' ').ok_or(SyncError::unauthorized())?;
+    let text = std::str::from_utf8(raw).map_err(|_| IssueError::Unauthorized)?;
+    let (scheme, token) = text.split_once(' ').ok_or(IssueError::Unauthorized)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(SyncError::unsupported());
+        return Err(IssueError::UnsupportedScheme);
     }
     Ok(token)
-}
-
-fn key_id_error(e: KeyIdError) -> SyncError {
-    match e {
-        KeyIdError::Missing => SyncError::missing_key_id(),
-        KeyIdError::NotVisibleAscii => SyncError::invalid_key_id(),
-        KeyIdError::NoSeparator | KeyIdError::BadClientState | KeyIdError::BadKeysChangedAt => {
-            SyncError::invalid_credentials()
-        }
-        KeyIdError::BadClientStateHeader => SyncError::invalid_client_state_header(),
-        KeyIdError::ClientStateMismatch => SyncError::client_state_mismatch(),
-    }
-}
-
-/// Maps a store failure to the catalogue; the detail goes to the log only.
-pub fn store_error(e: &StoreError) -> SyncError {
-    match e {
-        StoreError::NoNodeAvailable => {
-            tracing::warn!("no node can take a new user: add capacity with `tokenserver node add`");
-            SyncError::unavailable()
-        }
-        StoreError::Unavailable(detail) => {
-            tracing::error!(error = %detail, "database unavailable");
-            SyncError::unavailable()
-        }
-        StoreError::Conflict => SyncError::unavailable(),
-        other => {
-            tracing::error!(error = %other, "database error");
-            SyncError::internal()
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -161,9 +178,40 @@ struct Query {
 }
 
 /// Parses the query string; `Err` is Q1 (e.g. `duration` given twice).
-fn parse_duration(query: Option<&str>, max: u64) -> Result<u64, SyncError> {
-    let q: Query = serde_urlencoded::from_str(query.unwrap_or("")).map_err(|_| SyncError::invalid_query())?;
+fn parse_duration(query: Option<&str>, max: u64) -> Result<u64, IssueError> {
+    let q: Query = serde_urlencoded::from_str(query.unwrap_or("")).map_err(|_| IssueError::InvalidQuery)?;
     Ok(q.duration.and_then(|d| d.parse::<u64>().ok()).filter(|d| *d <= max).unwrap_or(max))
+}
+
+/// Who the request is, once its credentials passed (A1–A6, K1–K7).
+struct Caller {
+    identity: Identity,
+    key_id: KeyId,
+    email: String,
+    hashes: MetricsHashes,
+}
+
+/// The user's current row and what the rules changed in it: what the token will name.
+struct Settled {
+    user: UserRow,
+    change: Change,
+    /// The row now current (a new one after a client-state change).
+    uid: i64,
+    first_seen_at: i64,
+}
+
+impl Settled {
+    /// (generation, keys_changed_at, client_state) as the row now stands.
+    fn state(&self) -> (i64, Option<i64>, &str) {
+        let user = &self.user;
+        match &self.change {
+            Change::None => (user.generation, user.keys_changed_at, &user.client_state),
+            Change::Update { generation, keys_changed_at } => (*generation, *keys_changed_at, &user.client_state),
+            Change::NewClientState { generation, keys_changed_at, client_state } => {
+                (*generation, *keys_changed_at, client_state)
+            }
+        }
+    }
 }
 
 impl SyncTokens {
@@ -198,137 +246,162 @@ impl SyncTokens {
         }
     }
 
-    fn map_db(e: &StoreError) -> SyncError {
-        match e {
-            StoreError::Timeout => SyncError::elapsed(),
-            other => store_error(other),
-        }
+    /// Issues a token, or says which rule refused it.
+    pub async fn issue(&self, req: TokenRequest<'_>) -> Result<Issued, IssueError> {
+        let caller = self.authenticate(&req).await?;
+        let app = self.application(req.application, req.version)?;
+        let claimed = Claimed {
+            generation: caller.identity.generation,
+            keys_changed_at: caller.key_id.keys_changed_at,
+            client_state: &caller.key_id.client_state,
+        };
+        let duration = parse_duration(req.query, app.token_duration);
+        let settled = self.settle(app, &caller.email, &claimed, duration.as_ref().map(|_| ()).map_err(|_| ())).await?;
+        self.mint(app, &caller, settled, duration?)
     }
 
-    /// Issues a token, or the catalogue error that applies.
-    pub async fn issue(&self, req: TokenRequest<'_>) -> Result<Issued, SyncError> {
+    /// The credentials (A1–A6) and the key id (K1–K7), each checked in the catalogue's order.
+    async fn authenticate(&self, req: &TokenRequest<'_>) -> Result<Caller, IssueError> {
         let bearer = bearer_token(req.authorization)?;
         if bearer.len() > MAX_BEARER_LEN {
-            return Err(SyncError::invalid_credentials());
+            return Err(IssueError::InvalidCredentials("bearer token too long"));
         }
-        let identity = self.verifier.verify(bearer).await.map_err(|e| match e {
-            AuthError::Invalid(why) => {
-                tracing::debug!(reason = why, "OAuth token refused");
-                metrics::counter!("tokenserver_token_verification_failures_total", "reason" => "invalid").increment(1);
-                SyncError::invalid_credentials()
-            }
-            AuthError::Unavailable(why) => {
-                tracing::warn!(reason = %why, "FxA unavailable");
-                metrics::counter!("tokenserver_token_verification_failures_total", "reason" => "unavailable")
-                    .increment(1);
-                SyncError::resource_unavailable()
-            }
-            AuthError::Busy => {
-                metrics::counter!("tokenserver_token_verification_failures_total", "reason" => "busy").increment(1);
-                SyncError::resource_unavailable()
+        let identity = self.verifier.verify(bearer).await.map_err(|e| {
+            let reason = match &e {
+                AuthError::Invalid(why) => {
+                    tracing::debug!(reason = why, "OAuth token refused");
+                    "invalid"
+                }
+                AuthError::Unavailable(why) => {
+                    tracing::warn!(reason = %why, "FxA unavailable");
+                    "unavailable"
+                }
+                AuthError::Busy => "busy",
+            };
+            metrics::counter!("tokenserver_token_verification_failures_total", "reason" => reason).increment(1);
+            match e {
+                AuthError::Invalid(why) => IssueError::InvalidCredentials(why),
+                AuthError::Unavailable(_) | AuthError::Busy => IssueError::IdentityUnavailable,
             }
         })?;
-        let key_id = parse_key_id(req.key_id, req.client_state).map_err(key_id_error)?;
+        let key_id = parse_key_id(req.key_id, req.client_state)?;
         if key_id.client_state.len() > MAX_CLIENT_STATE_HEX {
-            return Err(SyncError::invalid_credentials());
+            return Err(IssueError::InvalidCredentials("client state too long"));
         }
         let email = format!("{}@{}", identity.fxa_uid, self.email_domain);
         if email.len() > MAX_EMAIL {
-            return Err(SyncError::invalid_credentials());
+            return Err(IssueError::InvalidCredentials("user id too long"));
         }
         let hashes = metrics_hashes(self.metrics_secret.expose(), &identity.fxa_uid);
-        let app = self.application(req.application, req.version)?;
-        let claimed = Claimed {
-            generation: identity.generation,
-            keys_changed_at: key_id.keys_changed_at,
-            client_state: &key_id.client_state,
-        };
-        let duration = parse_duration(req.query, app.token_duration);
+        Ok(Caller { identity, key_id, email, hashes })
+    }
 
+    /// Finds or allocates the user's assignment and applies what the consistency rules ask,
+    /// again from a fresh read whenever another request changed the user first. `query` is the
+    /// query string's verdict (Q1), which the catalogue checks after the assignment.
+    async fn settle(
+        &self,
+        app: &Application,
+        email: &str,
+        claimed: &Claimed<'_>,
+        query: Result<(), ()>,
+    ) -> Result<Settled, IssueError> {
         for _ in 0..MAX_ATTEMPTS {
-            let (user, old_client_states, first_seen_at) = match self.assignment(&app.service, &email, &claimed).await?
-            {
-                Some(found) => found,
-                None => continue,
+            let Some((user, old_client_states, first_seen_at)) = self.assignment(&app.service, email, claimed).await?
+            else {
+                continue;
             };
-            let duration = duration.clone()?;
+            query.map_err(|()| IssueError::InvalidQuery)?;
             let stored = Stored {
                 generation: user.generation,
                 keys_changed_at: user.keys_changed_at,
                 client_state: &user.client_state,
                 old_client_states: &old_client_states,
             };
-            if let Err(v) = validate(&claimed, &stored) {
+            if let Err(v) = validate(claimed, &stored) {
                 metrics::counter!("tokenserver_consistency_rejections_total", "rule" => format!("{v:?}")).increment(1);
-                return Err(v.into());
+                return Err(IssueError::Consistency(v));
             }
-            let change = plan_change(&claimed, &stored);
-            let (now_s, now_ms) = now();
-            let (uid, generation, keys_changed_at, client_state) = match &change {
-                Change::None => (user.uid, user.generation, user.keys_changed_at, user.client_state.as_str()),
+            let change = plan_change(claimed, &stored);
+            let written = match &change {
+                Change::None => Some(user.uid),
                 Change::Update { generation, keys_changed_at } => {
                     let ch = UserChange::Update { generation: *generation, keys_changed_at: *keys_changed_at };
-                    match self.db(self.store.change_user(&app.service, &email, user.uid, &ch, now_ms)).await {
-                        Ok(uid) => (uid, *generation, *keys_changed_at, user.client_state.as_str()),
-                        Err(StoreError::Conflict) => continue,
-                        Err(e) => return Err(Self::map_db(&e)),
-                    }
+                    self.change_user(&app.service, email, user.uid, &ch).await?
                 }
                 Change::NewClientState { generation, keys_changed_at, client_state } => {
-                    let node_id = user.node_id.ok_or_else(SyncError::internal)?;
+                    let node_id = user.node_id.ok_or(IssueError::Internal("assigned row without a node"))?;
                     let ch = UserChange::NewClientState {
                         generation: *generation,
                         keys_changed_at: *keys_changed_at,
                         client_state,
                         node_id,
                     };
-                    match self.db(self.store.change_user(&app.service, &email, user.uid, &ch, now_ms)).await {
-                        Ok(uid) => (uid, *generation, *keys_changed_at, client_state.as_str()),
-                        Err(StoreError::Conflict) => continue,
-                        Err(e) => return Err(Self::map_db(&e)),
-                    }
+                    self.change_user(&app.service, email, user.uid, &ch).await?
                 }
             };
-            let node = user.node.as_deref().ok_or_else(SyncError::internal)?;
-            let payload = TokenPayload {
-                node: node.to_string(),
-                fxa_kid: fxa_kid(keys_changed_at, generation, client_state),
-                fxa_uid: identity.fxa_uid.clone(),
-                hashed_device_id: hashes.hashed_device_id.clone(),
-                hashed_fxa_uid: hashes.hashed_fxa_uid.clone(),
-                expires: now_s + duration,
-                uid,
-                tokenserver_origin: "rust",
-                salt: random_salt(),
-            };
-            let bytes = serde_json::to_vec(&payload).map_err(|_| SyncError::internal())?;
-            let minted = mint_bytes(&bytes, &payload.salt, self.signer.sig_key.expose(), self.signer.master.expose());
-            let api_endpoint = app
-                .pattern
-                .replace("{node}", node)
-                .replace("{uid}", &uid.to_string())
-                .replace("{service}", &app.service);
-            return Ok(Issued {
-                response: TokenResponse {
-                    id: minted.id,
-                    key: minted.key,
-                    uid,
-                    api_endpoint,
-                    duration,
-                    hashed_fxa_uid: hashes.hashed_fxa_uid,
-                    hashalg: "sha256".into(),
-                    node_type: app.node_type.clone(),
-                },
-                timestamp: now_s,
-                metrics_uid_full: hashes.full,
-                first_seen_at,
-            });
+            if let Some(uid) = written {
+                return Ok(Settled { user, change, uid, first_seen_at });
+            }
         }
         tracing::warn!("gave up after repeated concurrent updates of one user");
-        Err(SyncError::unavailable())
+        Err(IssueError::Contended)
     }
 
-    fn application(&self, name: &str, version: &str) -> Result<&Application, SyncError> {
+    /// Applies `ch` to the user's row `uid`: the row now current, or `None` when another request
+    /// changed the user first.
+    async fn change_user(
+        &self,
+        service: &str,
+        email: &str,
+        uid: i64,
+        ch: &UserChange<'_>,
+    ) -> Result<Option<i64>, IssueError> {
+        match self.db(self.store.change_user(service, email, uid, ch, now_ms())).await {
+            Ok(uid) => Ok(Some(uid)),
+            Err(StoreError::Conflict) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The signed token and its derived secret, for the settled row.
+    fn mint(&self, app: &Application, caller: &Caller, s: Settled, duration: u64) -> Result<Issued, IssueError> {
+        let node = s.user.node.as_deref().ok_or(IssueError::Internal("assigned row without a node URL"))?;
+        let now_s = clock::now_s();
+        let (generation, keys_changed_at, client_state) = s.state();
+        let payload = TokenPayload {
+            node: node.to_string(),
+            fxa_kid: fxa_kid(keys_changed_at, generation, client_state),
+            fxa_uid: caller.identity.fxa_uid.clone(),
+            hashed_device_id: caller.hashes.hashed_device_id.clone(),
+            hashed_fxa_uid: caller.hashes.hashed_fxa_uid.clone(),
+            expires: now_s + duration,
+            uid: s.uid,
+            tokenserver_origin: "rust",
+            salt: random_salt(),
+        };
+        let bytes = serde_json::to_vec(&payload).map_err(|_| IssueError::Internal("token payload"))?;
+        let minted = mint_bytes(&bytes, &payload.salt, self.signer.sig_key.expose(), self.signer.master.expose());
+        let api_endpoint =
+            app.pattern.replace("{node}", node).replace("{uid}", &s.uid.to_string()).replace("{service}", &app.service);
+        Ok(Issued {
+            response: TokenResponse {
+                id: minted.id,
+                key: minted.key,
+                uid: s.uid,
+                api_endpoint,
+                duration,
+                hashed_fxa_uid: caller.hashes.hashed_fxa_uid.clone(),
+                hashalg: "sha256".into(),
+                node_type: app.node_type.clone(),
+            },
+            timestamp: now_s,
+            metrics_uid_full: caller.hashes.full.clone(),
+            first_seen_at: s.first_seen_at,
+        })
+    }
+
+    fn application(&self, name: &str, version: &str) -> Result<&Application, IssueError> {
         let mut known_name = false;
         for app in &self.applications {
             if app.name == name {
@@ -338,7 +411,11 @@ impl SyncTokens {
                 }
             }
         }
-        Err(if known_name { SyncError::unsupported_version(version) } else { SyncError::unsupported_application() })
+        Err(if known_name {
+            IssueError::UnsupportedVersion(version.to_string())
+        } else {
+            IssueError::UnsupportedApplication
+        })
     }
 
     /// Mozilla's `get_or_create_user` (§4.6), made atomic. `Ok(None)` means another request
@@ -348,12 +425,12 @@ impl SyncTokens {
         service: &str,
         email: &str,
         claimed: &Claimed<'_>,
-    ) -> Result<Option<(UserRow, Vec<String>, i64)>, SyncError> {
-        let rows = self.db(self.store.user_rows(service, email)).await.map_err(|e| Self::map_db(&e))?;
-        let (_, now_ms) = now();
+    ) -> Result<Option<(UserRow, Vec<String>, i64)>, IssueError> {
+        let rows = self.db(self.store.user_rows(service, email)).await?;
+        let now_ms = now_ms();
         let Some(resolved) = resolve(&rows) else {
             if !self.allow_new_users {
-                return Err(SyncError::new_users_disabled());
+                return Err(IssueError::NewUsersDisabled);
             }
             let req = Allocate {
                 service,
@@ -372,20 +449,18 @@ impl SyncTokens {
                     Ok(Some((row, Vec::new(), first_seen)))
                 }
                 Err(StoreError::Conflict) => Ok(None),
-                Err(e) => Err(Self::map_db(&e)),
+                Err(e) => Err(e.into()),
             };
         };
         if !resolved.unreplaced_uids.is_empty() {
             // Race recovery: older rows left live by a concurrent writer (ours never do).
-            self.db(self.store.replace_rows(service, &resolved.unreplaced_uids, resolved.current.created_at))
-                .await
-                .map_err(|e| Self::map_db(&e))?;
+            self.db(self.store.replace_rows(service, &resolved.unreplaced_uids, resolved.current.created_at)).await?;
         }
         match resolved.status {
             Status::Assigned => Ok(Some((resolved.current, resolved.old_client_states, resolved.first_seen_at))),
             Status::RetiredWithoutNode => {
                 tracing::error!("Tokenserver user retired");
-                Err(SyncError::internal())
+                Err(IssueError::Retired)
             }
             Status::NeedsNode => {
                 let current = &resolved.current;
@@ -405,7 +480,7 @@ impl SyncTokens {
                         Ok(Some((row, resolved.old_client_states, resolved.first_seen_at)))
                     }
                     Err(StoreError::Conflict) => Ok(None),
-                    Err(e) => Err(Self::map_db(&e)),
+                    Err(e) => Err(e.into()),
                 }
             }
         }
@@ -418,23 +493,23 @@ mod tests {
 
     #[test]
     fn authorization_parsing() {
-        assert_eq!(bearer_token(None), Err(SyncError::unauthorized()));
-        assert_eq!(bearer_token(Some(b"Bearer\x01 x")), Err(SyncError::unauthorized()));
-        assert_eq!(bearer_token(Some(b"Bearer")), Err(SyncError::unauthorized()));
-        assert_eq!(bearer_token(Some(b"BrowserID abc")), Err(SyncError::unsupported()));
-        assert_eq!(bearer_token(Some(b"bEaReR abc def")), Ok("abc def"));
-        assert_eq!(bearer_token(Some(b"Bearer ")), Ok(""));
+        assert!(matches!(bearer_token(None), Err(IssueError::Unauthorized)));
+        assert!(matches!(bearer_token(Some(b"Bearer\x01 x")), Err(IssueError::Unauthorized)));
+        assert!(matches!(bearer_token(Some(b"Bearer")), Err(IssueError::Unauthorized)));
+        assert!(matches!(bearer_token(Some(b"BrowserID abc")), Err(IssueError::UnsupportedScheme)));
+        assert_eq!(bearer_token(Some(b"bEaReR abc def")).ok(), Some("abc def"));
+        assert_eq!(bearer_token(Some(b"Bearer ")).ok(), Some(""));
     }
 
     #[test]
     fn duration_rules() {
-        assert_eq!(parse_duration(None, 3600), Ok(3600));
-        assert_eq!(parse_duration(Some("duration=12"), 3600), Ok(12));
-        assert_eq!(parse_duration(Some("duration=0"), 3600), Ok(0));
-        assert_eq!(parse_duration(Some("duration=4000"), 3600), Ok(3600));
-        assert_eq!(parse_duration(Some("duration=lolwut"), 3600), Ok(3600));
-        assert_eq!(parse_duration(Some("duration=-1"), 3600), Ok(3600));
-        assert_eq!(parse_duration(Some("other=1&duration=5"), 3600), Ok(5));
-        assert_eq!(parse_duration(Some("duration=1&duration=2"), 3600), Err(SyncError::invalid_query()));
+        assert_eq!(parse_duration(None, 3600).ok(), Some(3600));
+        assert_eq!(parse_duration(Some("duration=12"), 3600).ok(), Some(12));
+        assert_eq!(parse_duration(Some("duration=0"), 3600).ok(), Some(0));
+        assert_eq!(parse_duration(Some("duration=4000"), 3600).ok(), Some(3600));
+        assert_eq!(parse_duration(Some("duration=lolwut"), 3600).ok(), Some(3600));
+        assert_eq!(parse_duration(Some("duration=-1"), 3600).ok(), Some(3600));
+        assert_eq!(parse_duration(Some("other=1&duration=5"), 3600).ok(), Some(5));
+        assert!(matches!(parse_duration(Some("duration=1&duration=2"), 3600), Err(IssueError::InvalidQuery)));
     }
 }

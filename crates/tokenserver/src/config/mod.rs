@@ -14,8 +14,6 @@ use tokenserver_auth::fxa::{oauth_base, FxaSettings};
 use tokenserver_core::Secret;
 use tokenserver_store::PoolSettings;
 
-use crate::http::serve::Limits;
-
 pub use file::FileConfig;
 
 /// A configuration problem, naming the key.
@@ -106,6 +104,19 @@ pub struct SessionsConfig {
     pub api_key: Option<Secret<String>>,
     /// Session routes need a key (`false` only on a loopback internal listener).
     pub require_api_key: bool,
+}
+
+/// How a listener bounds its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// From the first byte of a request to its last header.
+    pub header_read_timeout: Duration,
+    /// Longest a connection may sit between requests.
+    pub idle_timeout: Duration,
+    /// From the request's headers to the last byte of its body.
+    pub body_timeout: Duration,
 }
 
 /// Connection limits of both listeners.
@@ -361,31 +372,31 @@ fn validate_limits(l: &file::LimitsFile) -> Result<ListenerLimits, ConfigError> 
     })
 }
 
-fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
-    let limits = validate_limits(&raw.limits)?;
-    let ts = raw.tokenserver;
-    let sessions = validate_sessions(raw.sessions, &ts.database_url, &raw.internal.host, &mut warnings)?;
-    let mut master_secrets: Vec<String> = match raw.master_secret {
+fn validate_master_secrets(
+    secret: Option<file::Secrets>,
+    secret_file: Option<&str>,
+) -> Result<Vec<Secret<String>>, ConfigError> {
+    let mut secrets: Vec<String> = match secret {
         Some(file::Secrets::One(s)) => vec![s],
         Some(file::Secrets::Many(v)) => v,
         None => Vec::new(),
     };
-    if let Some(path) = &raw.master_secret_file {
-        master_secrets.extend(read_secret_file(path)?);
+    if let Some(path) = secret_file {
+        secrets.extend(read_secret_file(path)?);
     }
-    if master_secrets.iter().any(String::is_empty) {
+    if secrets.iter().any(String::is_empty) {
         return Err(bad("master_secret", "must not be empty"));
     }
+    Ok(secrets.into_iter().map(Secret::new).collect())
+}
 
-    let backend =
-        tokenserver_store::Backend::from_url(&ts.database_url).map_err(|e| bad("tokenserver.database_url", e))?;
-    if !backend.holds(tokenserver_store::Family::Sync) {
+fn validate_database(ts: &file::SyncFile) -> Result<DatabaseConfig, ConfigError> {
+    use tokenserver_store::{Backend, Family};
+    let backend = Backend::from_url(&ts.database_url).map_err(|e| bad("tokenserver.database_url", e))?;
+    if !backend.holds(Family::Sync) {
         return Err(bad(
             "tokenserver.database_url",
-            format!(
-                "{backend:?} holds no Sync data: use {}",
-                tokenserver_store::Backend::holding(tokenserver_store::Family::Sync)
-            ),
+            format!("{backend:?} holds no Sync data: use {}", Backend::holding(Family::Sync)),
         ));
     }
     if ts.database_pool_max_size == 0 {
@@ -406,33 +417,23 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
     };
     let request_timeout =
         ts.database_request_timeout.map(|s| seconds("tokenserver.database_request_timeout", s)).transpose()?;
+    Ok(DatabaseConfig {
+        url: Secret::new(ts.database_url.clone()),
+        pool,
+        request_timeout,
+        run_migrations: ts.run_migrations,
+    })
+}
 
-    if ts.fxa_email_domain.is_empty() || ts.fxa_email_domain.contains('@') {
-        return Err(bad("tokenserver.fxa_email_domain", "must be a domain such as api.accounts.firefox.com"));
+fn check_node_type(key: &str, node_type: &str) -> Result<(), ConfigError> {
+    if !matches!(node_type, "mysql" | "postgres" | "spanner") {
+        return Err(bad(key, "must be mysql, postgres or spanner"));
     }
-    oauth_base(&ts.fxa_oauth_server_url).map_err(|e| bad("tokenserver.fxa_oauth_server_url", e))?;
-    let release_rate = ts.node_capacity_release_rate.unwrap_or(0.1);
-    if !(release_rate > 0.0 && release_rate <= 1.0) {
-        return Err(bad("tokenserver.node_capacity_release_rate", "must be in (0, 1]"));
-    }
-    if !matches!(ts.node_type.as_str(), "mysql" | "postgres" | "spanner") {
-        return Err(bad("tokenserver.node_type", "must be mysql, postgres or spanner"));
-    }
-    if ts.spanner_node_id.is_some() {
-        return Err(bad("tokenserver.spanner_node_id", "Spanner migration mode is not supported"));
-    }
-    let init_node = match ts.init_node_url {
-        Some(url) => {
-            check_node_url(&url).map_err(|e| bad("tokenserver.init_node_url", e))?;
-            if ts.init_node_capacity < 1 {
-                return Err(bad("tokenserver.init_node_capacity", "must be at least 1"));
-            }
-            Some((url, ts.init_node_capacity))
-        }
-        None => None,
-    };
+    Ok(())
+}
 
-    let mut apps = ts.applications;
+fn validate_applications(ts: &file::SyncFile) -> Result<Vec<Application>, ConfigError> {
+    let mut apps = ts.applications.clone();
     if apps.is_empty() {
         apps.insert("sync-1.5".into(), file::ApplicationFile::default());
     }
@@ -441,20 +442,56 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         let (name, version) = parse_application(&service)?;
         let token_duration = app.token_duration.unwrap_or(ts.token_duration);
         let node_type = app.node_type.unwrap_or_else(|| ts.node_type.clone());
-        if !matches!(node_type.as_str(), "mysql" | "postgres" | "spanner") {
-            return Err(bad(
-                &format!("tokenserver.applications.{service}.node_type"),
-                "must be mysql, postgres or spanner",
-            ));
-        }
+        check_node_type(&format!("tokenserver.applications.{service}.node_type"), &node_type)?;
         let pattern = app.pattern.unwrap_or_else(|| format!("{{node}}/{version}/{{uid}}"));
         if !pattern.contains("{uid}") {
             return Err(bad(&format!("tokenserver.applications.{service}.pattern"), "must contain {uid}"));
         }
         applications.push(Application { name, version, service, pattern, token_duration, node_type });
     }
+    Ok(applications)
+}
 
-    let jwks: Vec<_> = [ts.fxa_oauth_primary_jwk, ts.fxa_oauth_secondary_jwk].into_iter().flatten().collect();
+fn validate_sync(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<SyncConfig, ConfigError> {
+    if ts.fxa_email_domain.is_empty() || ts.fxa_email_domain.contains('@') {
+        return Err(bad("tokenserver.fxa_email_domain", "must be a domain such as api.accounts.firefox.com"));
+    }
+    let release_rate = ts.node_capacity_release_rate.unwrap_or(0.1);
+    if !(release_rate > 0.0 && release_rate <= 1.0) {
+        return Err(bad("tokenserver.node_capacity_release_rate", "must be in (0, 1]"));
+    }
+    check_node_type("tokenserver.node_type", &ts.node_type)?;
+    if ts.spanner_node_id.is_some() {
+        return Err(bad("tokenserver.spanner_node_id", "Spanner migration mode is not supported"));
+    }
+    let init_node = match &ts.init_node_url {
+        Some(url) => {
+            check_node_url(url).map_err(|e| bad("tokenserver.init_node_url", e))?;
+            if ts.init_node_capacity < 1 {
+                return Err(bad("tokenserver.init_node_capacity", "must be at least 1"));
+            }
+            Some((url.clone(), ts.init_node_capacity))
+        }
+        None => None,
+    };
+    if ts.fxa_metrics_hash_secret == "secret" {
+        warnings
+            .push("tokenserver.fxa_metrics_hash_secret is the default \"secret\": set your own in production".into());
+    }
+    Ok(SyncConfig {
+        applications: validate_applications(ts)?,
+        email_domain: ts.fxa_email_domain.clone(),
+        metrics_hash_secret: Secret::new(ts.fxa_metrics_hash_secret.clone()),
+        release_rate,
+        allow_new_users: ts.allow_new_users,
+        init_node,
+    })
+}
+
+fn validate_fxa(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<FxaSettings, ConfigError> {
+    oauth_base(&ts.fxa_oauth_server_url).map_err(|e| bad("tokenserver.fxa_oauth_server_url", e))?;
+    let jwks: Vec<_> =
+        [ts.fxa_oauth_primary_jwk.clone(), ts.fxa_oauth_secondary_jwk.clone()].into_iter().flatten().collect();
     for (i, jwk) in jwks.iter().enumerate() {
         let key = if i == 0 { "tokenserver.fxa_oauth_primary_jwk" } else { "tokenserver.fxa_oauth_secondary_jwk" };
         if jwk.to_key().is_none() {
@@ -484,35 +521,29 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
             "fxa_webhook_enabled without fxa_webhook_set_client_id and fxa_webhook_set_issuer: every event will be refused".into(),
         );
     }
-
-    if ts.fxa_metrics_hash_secret == "secret" {
-        warnings
-            .push("tokenserver.fxa_metrics_hash_secret is the default \"secret\": set your own in production".into());
-    }
     if ts.fxa_email_domain.contains("stage") || ts.fxa_oauth_server_url.contains("stage") {
         warnings.push("FxA settings point at Mozilla's *stage* servers: real Firefox accounts will be refused".into());
     }
+    Ok(fxa)
+}
 
+/// The whole configuration, section by section; the first bad key stops it.
+fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
+    let limits = validate_limits(&raw.limits)?;
+    let ts = &raw.tokenserver;
+    let sessions = validate_sessions(raw.sessions, &ts.database_url, &raw.internal.host, &mut warnings)?;
+    let master_secrets = validate_master_secrets(raw.master_secret, raw.master_secret_file.as_deref())?;
+    let database = validate_database(ts)?;
+    let sync = validate_sync(ts, &mut warnings)?;
+    let fxa = validate_fxa(ts, &mut warnings)?;
     Ok(Config {
         public_addr: format!("{}:{}", raw.host, raw.port),
         internal_addr: format!("{}:{}", raw.internal.host, raw.internal.port),
         admin_key: raw.internal.admin_key.filter(|k| !k.is_empty()).map(Secret::new),
         human_logs: raw.human_logs,
-        master_secrets: master_secrets.into_iter().map(Secret::new).collect(),
-        database: DatabaseConfig {
-            url: Secret::new(ts.database_url),
-            pool,
-            request_timeout,
-            run_migrations: ts.run_migrations,
-        },
-        sync: SyncConfig {
-            applications,
-            email_domain: ts.fxa_email_domain,
-            metrics_hash_secret: Secret::new(ts.fxa_metrics_hash_secret),
-            release_rate,
-            allow_new_users: ts.allow_new_users,
-            init_node,
-        },
+        master_secrets,
+        database,
+        sync,
         fxa,
         webhook: WebhookConfig { enabled: ts.fxa_webhook_enabled, metrics_only: ts.fxa_webhook_metrics_only },
         sessions,

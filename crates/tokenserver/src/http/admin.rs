@@ -9,12 +9,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
-use tokenserver_store::StoreError;
 
-use crate::app::AppState;
 use crate::http::error::ApiError;
 use crate::keys::BearerKey;
-use crate::ops::node::{self, NodeSpec, OpsError};
+use crate::ops::node::{self, NodeSpec};
+use crate::state::AppState;
 
 /// Routes of the internal listener (state still to be applied).
 pub fn router(state: AppState) -> Router<AppState> {
@@ -52,36 +51,19 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
-fn ops_error(e: OpsError) -> ApiError {
-    match e {
-        OpsError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", m),
-        OpsError::Store(StoreError::AlreadyExists(m)) => ApiError::new(StatusCode::CONFLICT, "node_already_exists", m),
-        OpsError::Store(StoreError::UnknownService(s)) => {
-            ApiError::new(StatusCode::NOT_FOUND, "unknown_service", format!("no service {s:?}"))
-        }
-        OpsError::Store(StoreError::Unavailable(_)) => {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable")
-        }
-        OpsError::Store(other) => {
-            tracing::error!(error = %other, "node operation failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
-        }
-    }
-}
-
 #[derive(Deserialize)]
 struct ListQuery {
     service: Option<String>,
 }
 
 async fn list_nodes(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
-    let nodes = node::list(state.store.as_ref(), q.service.as_deref()).await.map_err(ops_error)?;
+    let nodes = node::list(state.store.as_ref(), q.service.as_deref()).await.map_err(ApiError::from)?;
     Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
 }
 
 async fn add_node(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let spec: NodeSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))?;
-    let view = node::add(state.store.as_ref(), &spec, state.config.sync.release_rate).await.map_err(ops_error)?;
+    let view = node::add(state.store.as_ref(), &spec, state.config.sync.release_rate).await.map_err(ApiError::from)?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }

@@ -1,6 +1,8 @@
-//! Error bodies. `SyncError` renders Mozilla's Cornice shape byte for byte (spec §1.5):
+//! Error bodies, and the one place where the flows' errors (and the store's) become HTTP answers.
+//! `SyncError` renders Mozilla's Cornice shape byte for byte (spec §1.5):
 //! `{"status":…,"errors":[{"location":…,"name":…,"description":…}]}`. `ApiError` renders our own
-//! v1 envelope `{"error":…,"message":…}` for the internal APIs.
+//! v1 envelope `{"error":…,"message":…}` for the internal APIs. Driver text never reaches a
+//! client: it is logged here.
 
 use std::borrow::Cow;
 
@@ -8,6 +10,12 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokenserver_core::sync::consistency::Violation;
+use tokenserver_core::sync::keyid::KeyIdError;
+use tokenserver_store::StoreError;
+
+use crate::ops::node::OpsError;
+use crate::session::SessionError;
+use crate::sync::IssueError;
 
 /// Seconds clients are asked to wait after a 503.
 pub const RETRY_AFTER_S: u64 = 10;
@@ -134,6 +142,62 @@ impl From<Violation> for SyncError {
     }
 }
 
+impl From<KeyIdError> for SyncError {
+    fn from(e: KeyIdError) -> Self {
+        match e {
+            KeyIdError::Missing => SyncError::missing_key_id(),
+            KeyIdError::NotVisibleAscii => SyncError::invalid_key_id(),
+            KeyIdError::NoSeparator | KeyIdError::BadClientState | KeyIdError::BadKeysChangedAt => {
+                SyncError::invalid_credentials()
+            }
+            KeyIdError::BadClientStateHeader => SyncError::invalid_client_state_header(),
+            KeyIdError::ClientStateMismatch => SyncError::client_state_mismatch(),
+        }
+    }
+}
+
+impl From<&StoreError> for SyncError {
+    /// The catalogue's answer to a store failure; the detail goes to the log only.
+    fn from(e: &StoreError) -> Self {
+        match e {
+            StoreError::Timeout => SyncError::elapsed(),
+            StoreError::NoNodeAvailable => {
+                tracing::warn!("no node can take a new user: add capacity with `tokenserver node add`");
+                SyncError::unavailable()
+            }
+            StoreError::Unavailable(detail) => {
+                tracing::error!(error = %detail, "database unavailable");
+                SyncError::unavailable()
+            }
+            StoreError::Conflict | StoreError::Abandoned | StoreError::Full(_) => SyncError::unavailable(),
+            other => {
+                tracing::error!(error = %other, "database error");
+                SyncError::internal()
+            }
+        }
+    }
+}
+
+impl From<IssueError> for SyncError {
+    fn from(e: IssueError) -> Self {
+        match e {
+            IssueError::Unauthorized => SyncError::unauthorized(),
+            IssueError::UnsupportedScheme => SyncError::unsupported(),
+            IssueError::InvalidCredentials(_) => SyncError::invalid_credentials(),
+            IssueError::IdentityUnavailable => SyncError::resource_unavailable(),
+            IssueError::KeyId(k) => k.into(),
+            IssueError::UnsupportedApplication => SyncError::unsupported_application(),
+            IssueError::UnsupportedVersion(v) => SyncError::unsupported_version(&v),
+            IssueError::NewUsersDisabled => SyncError::new_users_disabled(),
+            IssueError::InvalidQuery => SyncError::invalid_query(),
+            IssueError::Consistency(v) => v.into(),
+            IssueError::Store(s) => (&s).into(),
+            IssueError::Contended => SyncError::unavailable(),
+            IssueError::Retired | IssueError::Internal(_) => SyncError::internal(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Instance<'a> {
     location: &'a str,
@@ -186,6 +250,85 @@ impl ApiError {
     /// Builds one.
     pub fn new(http: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self { http, code, message: message.into() }
+    }
+}
+
+impl ApiError {
+    /// A session store failure, as the session APIs answer it.
+    pub fn session_store(e: &StoreError) -> Self {
+        match e {
+            StoreError::Full(_) => {
+                tracing::warn!(error = %e, "session store full");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_full",
+                    "the session store holds as many sessions as it may",
+                )
+            }
+            StoreError::InvalidInput(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor", m.clone()),
+            StoreError::Unavailable(_) | StoreError::Conflict | StoreError::Timeout | StoreError::Abandoned => {
+                tracing::warn!(error = %e, "session store unavailable");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the session store is unavailable")
+            }
+            other => {
+                tracing::error!(error = %other, "session store failed");
+                ApiError::internal()
+            }
+        }
+    }
+
+    /// 500 with nothing of the cause.
+    pub fn internal() -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Meta(m) => crate::http::sessions::meta_error(&m),
+            SessionError::InvalidTtl { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ttl", e.to_string())
+            }
+            SessionError::Store(s) => ApiError::session_store(&s),
+        }
+    }
+}
+
+impl From<OpsError> for ApiError {
+    fn from(e: OpsError) -> Self {
+        match e {
+            OpsError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", m),
+            OpsError::Store(StoreError::AlreadyExists(m)) => {
+                ApiError::new(StatusCode::CONFLICT, "node_already_exists", m)
+            }
+            OpsError::Store(StoreError::UnknownService(s)) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_service", format!("no service {s:?}"))
+            }
+            OpsError::Store(StoreError::Unavailable(_) | StoreError::Timeout | StoreError::Abandoned) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable")
+            }
+            OpsError::Store(other) => {
+                tracing::error!(error = %other, "node operation failed");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+/// A session failure as HaKr's routes answer it: text, 500 for any store failure (HaKr's
+/// `InternalServerError`), 503 `StoreFull` when the memory store is full, limits as 413/422.
+pub fn hakr_failure(e: SessionError) -> Response {
+    match e {
+        SessionError::Meta(m) => (crate::http::sessions::meta_status(&m), m.to_string()).into_response(),
+        SessionError::Store(StoreError::Full(why)) => {
+            tracing::warn!(%why, "session store full");
+            (StatusCode::SERVICE_UNAVAILABLE, "StoreFull").into_response()
+        }
+        other => {
+            tracing::error!(error = %other, "could not acquire read/write lock (session store failed)");
+            (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError").into_response()
+        }
     }
 }
 

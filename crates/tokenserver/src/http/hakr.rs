@@ -17,7 +17,7 @@ use tokenserver_core::session::{MetaError, MetaUpdate};
 
 use super::json::FastJson as Json;
 use super::sessions::{meta_status, SessionsState};
-use crate::session::SessionError;
+use crate::http::error::hakr_failure;
 
 /// Most sessions one `HEAD /dump` writes to the log.
 const MAX_LOGGED_DUMP: usize = 10_000;
@@ -59,32 +59,14 @@ struct RemovePayload {
     token: String,
 }
 
-fn internal_error() -> Response {
-    (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError").into_response()
-}
-
 fn limit_error(e: &MetaError) -> Response {
     (meta_status(e), e.to_string()).into_response()
-}
-
-fn failure(e: SessionError) -> Response {
-    match e {
-        SessionError::Meta(m) => limit_error(&m),
-        SessionError::Store(tokenserver_store::StoreError::Full(why)) => {
-            tracing::warn!(%why, "session store full");
-            (StatusCode::SERVICE_UNAVAILABLE, "StoreFull").into_response()
-        }
-        other => {
-            tracing::error!(error = %other, "could not acquire read/write lock (session store failed)");
-            internal_error()
-        }
-    }
 }
 
 async fn create(State(state): State<SessionsState>, Json(p): Json<CreatePayload>) -> Response {
     match state.sessions.create(p.meta, None).await {
         Ok(issued) => issued.token.encode().into_response(),
-        Err(e) => failure(e),
+        Err(e) => hakr_failure(e),
     }
 }
 
@@ -97,7 +79,7 @@ async fn update(State(state): State<SessionsState>, Json(p): Json<UpdatePayload>
         }
         Ok(RotateOutcome::Refused(_) | RotateOutcome::Revoked) => r#"{"Err":"InvalidToken"}"#.to_string(),
         Ok(RotateOutcome::Rejected(e)) => return limit_error(&e),
-        Err(e) => return failure(e),
+        Err(e) => return hakr_failure(e),
     };
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
@@ -105,7 +87,7 @@ async fn update(State(state): State<SessionsState>, Json(p): Json<UpdatePayload>
 async fn remove(State(state): State<SessionsState>, Json(p): Json<RemovePayload>) -> Response {
     match state.sessions.end(&p.token).await {
         Ok(_) => StatusCode::ACCEPTED.into_response(),
-        Err(e) => failure(e),
+        Err(e) => hakr_failure(e),
     }
 }
 

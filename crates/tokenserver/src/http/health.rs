@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// Crate version, reported by the heartbeat and `/__version__`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

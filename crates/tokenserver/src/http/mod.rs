@@ -25,7 +25,7 @@ use futures_util::future::Either;
 use tower::Service;
 use tower_http::limit::RequestBodyLimitLayer;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// Total size of request headers accepted (names + values).
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;

@@ -29,18 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tower::Service;
 
-/// How a listener bounds its connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Most connections open at once.
-    pub max_connections: usize,
-    /// From the first byte of a request to its last header.
-    pub header_read_timeout: Duration,
-    /// Longest a connection may sit between requests.
-    pub idle_timeout: Duration,
-    /// From the request's headers to the last byte of its body.
-    pub body_timeout: Duration,
-}
+use crate::config::Limits;
 
 /// What a connection is doing, as its reads and its requests say.
 #[derive(Debug)]

@@ -17,15 +17,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokenserver_core::session::RotateOutcome;
 use tokenserver_core::session::{MetaError, MetaUpdate, SessionRecord, SessionToken};
-use tokenserver_store::StoreError;
 
 use std::sync::Arc;
 
-use crate::app::AppState;
 use crate::http::admin::check_admin_key;
 use crate::http::error::ApiError;
 use crate::keys::{BearerKey, SessionAccess};
-use crate::session::{DumpSlot, SessionError, Sessions};
+use crate::session::{DumpSlot, Sessions};
+use crate::state::AppState;
 
 /// Most sessions one dump returns.
 pub const MAX_DUMP: usize = 1000;
@@ -123,45 +122,13 @@ pub fn meta_status(e: &MetaError) -> StatusCode {
 }
 
 /// The v1 rendering of a metadata limit.
-fn meta_error(e: &MetaError) -> ApiError {
+pub(crate) fn meta_error(e: &MetaError) -> ApiError {
     let code = match e {
         MetaError::TooLarge { .. } => "metadata_too_large",
         MetaError::TooDeep { .. } => "metadata_too_deep",
         MetaError::TooManyKeys { .. } => "metadata_too_many_keys",
     };
     ApiError::new(meta_status(e), code, e.to_string())
-}
-
-fn store_error(e: &StoreError) -> ApiError {
-    match e {
-        StoreError::Full(_) => {
-            tracing::warn!(error = %e, "session store full");
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_full",
-                "the session store holds as many sessions as it may",
-            )
-        }
-        StoreError::InvalidInput(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor", m.clone()),
-        StoreError::Unavailable(_) | StoreError::Conflict => {
-            tracing::warn!(error = %e, "session store unavailable");
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the session store is unavailable")
-        }
-        other => {
-            tracing::error!(error = %other, "session store failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
-        }
-    }
-}
-
-fn session_error(e: SessionError) -> ApiError {
-    match e {
-        SessionError::Meta(m) => meta_error(&m),
-        SessionError::InvalidTtl { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ttl", e.to_string())
-        }
-        SessionError::Store(s) => store_error(&s),
-    }
 }
 
 /// `{"token":…,"expires_at":…,"meta":…}`, written around the stored canonical metadata.
@@ -188,7 +155,7 @@ struct CreateBody {
 }
 
 async fn create(State(state): State<SessionsState>, V1Json(body): V1Json<CreateBody>) -> Result<Response, ApiError> {
-    let issued = state.sessions.create(body.meta, body.ttl.map(Duration::from_secs)).await.map_err(session_error)?;
+    let issued = state.sessions.create(body.meta, body.ttl.map(Duration::from_secs)).await.map_err(ApiError::from)?;
     Ok(json_response(StatusCode::CREATED, issued_body(&issued.token, &issued.record)))
 }
 
@@ -216,7 +183,7 @@ async fn rotate(State(state): State<SessionsState>, V1Json(body): V1Json<RotateB
             ))
         }
     };
-    match state.sessions.rotate(&body.token, update).await.map_err(session_error)? {
+    match state.sessions.rotate(&body.token, update).await.map_err(ApiError::from)? {
         RotateOutcome::Rotated { token, record } | RotateOutcome::Replayed { token, record } => {
             Ok(json_response(StatusCode::OK, issued_body(&token, &record)))
         }
@@ -232,7 +199,7 @@ struct EndBody {
 }
 
 async fn end(State(state): State<SessionsState>, V1Json(body): V1Json<EndBody>) -> Result<Response, ApiError> {
-    if state.sessions.end(&body.token).await.map_err(session_error)? {
+    if state.sessions.end(&body.token).await.map_err(ApiError::from)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::new(StatusCode::NOT_FOUND, "session_not_found", "no live session has this token"))
@@ -265,7 +232,7 @@ async fn dump(
             format!("limit must be between 1 and {MAX_DUMP}"),
         ));
     }
-    let page = state.sessions.dump(&slot, cursor.as_deref(), limit).await.map_err(session_error)?;
+    let page = state.sessions.dump(&slot, cursor.as_deref(), limit).await.map_err(ApiError::from)?;
     let list: Vec<Value> = page
         .entries
         .iter()

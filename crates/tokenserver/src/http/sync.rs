@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::sync::TokenRequest;
 
 /// Routes of this module.
@@ -60,6 +60,7 @@ async fn get_token(
                 .into_response()
         }
         Err(e) => {
+            let e = crate::http::error::SyncError::from(e);
             metrics::counter!("tokenserver_token_requests_total", "status" => e.http.as_str().to_owned()).increment(1);
             e.into_response()
         }

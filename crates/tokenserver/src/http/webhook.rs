@@ -10,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 
-use crate::app::AppState;
 use crate::http::error::SyncError;
-use crate::sync::{bearer_token, store_error};
+use crate::state::AppState;
+use crate::sync::bearer_token;
 
 const DELETE_USER: &str = "https://schemas.accounts.firefox.com/event/delete-user";
 const PASSWORD_CHANGE: &str = "https://schemas.accounts.firefox.com/event/password-change";
@@ -30,7 +30,7 @@ async fn handle_fxa_events(State(state): State<AppState>, headers: HeaderMap) ->
 }
 
 async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError> {
-    let token = bearer_token(headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes))?;
+    let token = bearer_token(headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes)).map_err(SyncError::from)?;
     let claims = state.verifier.verify_set(token).await.map_err(|e| {
         tracing::info!(reason = %e, "webhook SET refused");
         SyncError::invalid_credentials()
@@ -43,15 +43,12 @@ async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError>
         return Ok(());
     }
     let email = format!("{}@{}", claims.sub, state.config.sync.email_domain);
-    let now_ms = i64::try_from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis(),
-    )
-    .unwrap_or(i64::MAX);
+    let now_ms = i64::try_from(tokenserver_core::clock::now_ms()).unwrap_or(i64::MAX);
     for (event, data) in events {
         match event.as_str() {
             DELETE_USER => {
                 for app in &state.config.sync.applications {
-                    state.store.retire_user(&app.service, &email, now_ms).await.map_err(|e| store_error(&e))?;
+                    state.store.retire_user(&app.service, &email, now_ms).await.map_err(|e| SyncError::from(&e))?;
                 }
                 metrics::counter!("tokenserver_webhook_events_processed_total", "event_type" => "delete_user")
                     .increment(1);
@@ -65,7 +62,7 @@ async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError>
                         .store
                         .update_user_generation(&app.service, &email, Some(change_time.saturating_sub(1)), None)
                         .await
-                        .map_err(|e| store_error(&e))?;
+                        .map_err(|e| SyncError::from(&e))?;
                 }
                 metrics::counter!("tokenserver_webhook_events_processed_total", "event_type" => "password_change")
                     .increment(1);

@@ -1,0 +1,32 @@
+//! What every handler shares: the configuration, the stores, the flows and the keys. Built by
+//! [`crate::app::build`]; the HTTP layer reads it and nothing here knows of HTTP.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokenserver_auth::fxa::FxaVerifier;
+use tokenserver_store::SyncStore;
+
+use crate::config::Config;
+use crate::sync::SyncTokens;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Sync node-assignment store.
+    pub store: Arc<dyn SyncStore>,
+    /// FxA verifier (OAuth tokens and SETs).
+    pub verifier: Arc<FxaVerifier>,
+    /// The Sync token flow.
+    pub sync: Arc<SyncTokens>,
+    /// Session tokens, when enabled.
+    pub sessions: Option<Arc<crate::session::Sessions>>,
+    /// The admin routes' key; `None`: they answer 403.
+    pub admin_key: Option<crate::keys::BearerKey>,
+    /// How the session routes are guarded.
+    pub session_access: crate::keys::SessionAccess,
+    /// Prometheus exporter, when this process installed one.
+    pub metrics: Option<PrometheusHandle>,
+}
