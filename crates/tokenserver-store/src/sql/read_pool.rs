@@ -2,7 +2,7 @@
 //!
 //! sqlx 0.8 pings every connection it takes back into its pool (`PoolConnection::return_to_pool`,
 //! to catch one left mid-query by a cancelled future): a second round trip to the database per
-//! request, which was 16% of the server's CPU on the cached-token scenario. Here a connection
+//! request (its cost: bench/results/tuning-notes.md). Here a connection
 //! goes back to the pool without a round trip, marked clean if its read finished; one whose read
 //! failed, or was dropped mid-query (a request timeout), is closed when the pool next looks at
 //! it, since its protocol state is unknown. (A read holds no locks, so it may wait until then; a

@@ -20,11 +20,12 @@ use tokio::sync::oneshot;
 use crate::caller::Waiting;
 use crate::StoreError;
 
+// The measurements behind these values: bench/results/tuning-notes.md.
+
 /// Most calls committed together.
 const MAX_BATCH: usize = 512;
 /// Page cache of the writer, KiB (negative `cache_size`). Larger is not better: SQLite walks the
-/// whole cache's hash table at the end of a write transaction that grew the file (with 64 MiB
-/// the session writer spent 7% of its time there).
+/// whole cache's hash table at the end of a write transaction that grew the file.
 const CACHE_KIB: i64 = 8_192;
 /// How often the checkpointer looks at the WAL.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
@@ -36,18 +37,13 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 
 /// A batch that starts within this long of the previous one's end counts as under load.
 const BUSY_GAP: Duration = Duration::from_millis(1);
-/// Under load, the longest the writer waits for more calls before it begins a batch.
-/// Committing one call at a time made a commit (several WAL pages) per call: with this wait,
-/// new-user allocations at 64 connections went from batches of ~1 call to several, and their
-/// p99 from 15–24 ms to 8–15 ms (benchmarked; see the README). An idle writer never waits.
+/// Under load, the longest the writer waits for more calls before it begins a batch: a commit
+/// costs several WAL pages whether it carries one call or twenty. An idle writer never waits.
 const GATHER: Duration = Duration::from_millis(1);
 /// How often the writer looks at its queue while it gathers.
 const GATHER_STEP: Duration = Duration::from_micros(100);
 /// The wait ends as soon as this many calls are queued: a batch that size is large enough, and
-/// waiting on only idles the writer. (A fixed 1 ms wait did: session rotations at 64
-/// connections left the writer idle ~60% of the time between batches of ~40 calls, with a
-/// quarter of both cores unused; ending the wait here gave 12–15% more rotations, merges and
-/// creates over three alternating runs of each.)
+/// waiting longer only idles the writer.
 const GATHER_BELOW: usize = 16;
 
 /// Told about each batch's transaction, on the writer thread.

@@ -5,8 +5,8 @@
 //! and checksums move; <https://www.sqlite.org/walformat.html>, "the WAL-index header"). The
 //! cache remembers the header it was filled under and empties itself as soon as the header
 //! differs, so an answer from it is one a read of the database would have given at that moment.
-//! Checking costs one 48-byte `pread` of a page the kernel holds in memory, where the query it
-//! replaces (a read transaction, three index lookups) cost ~15 µs per request.
+//! Checking costs one 48-byte `pread` of a page the kernel holds in memory, far less than the query
+//! it replaces (a read transaction, three index lookups; bench/results/tuning-notes.md).
 //!
 //! The header is read before the database: rows read afterwards are at least as new as that
 //! header, so filing them under it can only make a later check discard them early, never serve

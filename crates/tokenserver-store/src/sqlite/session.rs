@@ -8,9 +8,9 @@
 //! Rows are keyed by the token hash, which starts with the token's issue time
 //! ([`tokenserver_core::session::token`]): new tokens go to the right edge of the table, and so do
 //! the recently issued tokens that active sessions rotate, so one commit of many rotations writes
-//! a few pages rather than one page per session (against the previous key, session id first:
-//! ~0.3 WAL pages per rotation instead of ~1.4, and 25-55% less server CPU in the runs measured). Revocation follows successor links, as in the Redis
-//! store. The expiry index grows at its right edge too (expiry = now + lifetime).
+//! a few pages rather than one page per session (bench/results/tuning-notes.md). Revocation
+//! follows successor links, as in the Redis store. The expiry index grows at its right edge too
+//! (expiry = now + lifetime).
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};

@@ -39,8 +39,8 @@ async fn get_token(
     match state.sync.issue(req).await {
         Ok(issued) => {
             metrics::counter!("tokenserver_token_requests_total", "status" => "200").increment(1);
-            // One line per token is DEBUG: at INFO it costs a quarter of the endpoint's
-            // throughput (benchmarked); request counts are in the metrics.
+            // One line per token is DEBUG: at INFO it is a large share of the endpoint's cost
+            // (bench/results/tuning-notes.md); request counts are in the metrics.
             tracing::debug!(
                 token_type = "OAuth",
                 uid = %issued.metrics_uid_full,
