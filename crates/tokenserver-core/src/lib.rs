@@ -4,6 +4,7 @@
 //! from [`clock`] by the callers), so it is tested with tables of cases and shared by the server,
 //! the CLI and every storage backend.
 
+pub mod access;
 pub mod clock;
 pub mod secret;
 pub mod session;

@@ -1,12 +1,13 @@
-//! Storage for tokenserver: one trait per token family at the root ([`sync`], [`session`]), and
+//! Storage for tokenserver: one trait per token family at the root ([`sync`], [`session`],
+//! [`access`]), and
 //! the backends that implement them, one folder each with one file per family it holds:
 //!
 //! | backend | URL | families |
 //! |---|---|---|
-//! | [`sqlite`] | `sqlite://path`, `sqlite::memory:` | Sync, sessions |
-//! | [`postgres`] | `postgres://…`, `postgresql://…` | Sync, sessions |
-//! | [`mysql`] | `mysql://…` (MySQL, MariaDB) | Sync |
-//! | [`redis`] | `redis://…`, `rediss://…`, `redis+cluster://h:p,h:p/` | sessions |
+//! | [`sqlite`] | `sqlite://path`, `sqlite::memory:` | Sync, sessions, access tokens |
+//! | [`postgres`] | `postgres://…`, `postgresql://…` | Sync, sessions, access tokens |
+//! | [`mysql`] | `mysql://…` (MySQL, MariaDB) | Sync, access tokens |
+//! | [`redis`] | `redis://…`, `rediss://…`, `redis+cluster://h:p,h:p/` | sessions, access tokens |
 //! | [`memory`] | `memory:` | sessions |
 //!
 //! What the SQL backends share (the Sync transactions, migrations, the allocation queue, the
@@ -14,6 +15,7 @@
 //! method that the backend makes atomic; callers never build one from several calls. A URL is
 //! parsed once ([`Backend::from_url`]) and opened once ([`open`]), for every family asked of it.
 
+pub mod access;
 mod caller;
 pub mod error;
 pub mod memory;
@@ -31,6 +33,7 @@ pub mod testing;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use access::AccessStore;
 pub use error::StoreError;
 pub use session::SessionStore;
 pub use sync::SyncStore;
@@ -72,6 +75,8 @@ pub enum Family {
     Sync,
     /// Session tokens.
     Sessions,
+    /// Access tokens.
+    Access,
 }
 
 impl std::fmt::Display for Family {
@@ -79,6 +84,7 @@ impl std::fmt::Display for Family {
         f.write_str(match self {
             Family::Sync => "Sync node assignment",
             Family::Sessions => "session tokens",
+            Family::Access => "access tokens",
         })
     }
 }
@@ -123,6 +129,7 @@ impl Backend {
         match family {
             Family::Sync => matches!(self, Self::Sqlite | Self::Postgres | Self::MySql),
             Family::Sessions => !matches!(self, Self::MySql),
+            Family::Access => !matches!(self, Self::Memory),
         }
     }
 
@@ -131,6 +138,7 @@ impl Backend {
         match family {
             Family::Sync => "sqlite:, postgres:// or mysql://",
             Family::Sessions => "sqlite:, postgres://, redis://, redis+cluster:// or memory:",
+            Family::Access => "sqlite:, postgres://, mysql://, redis:// or redis+cluster://",
         }
     }
 }
@@ -142,6 +150,8 @@ pub struct Stores {
     pub sync: Option<Arc<dyn SyncStore>>,
     /// Session tokens.
     pub sessions: Option<Arc<dyn SessionStore>>,
+    /// Access tokens.
+    pub access: Option<Arc<dyn AccessStore>>,
 }
 
 /// Opens `url` once for every family in `families`: on SQLite, Sync and sessions in one file
@@ -159,10 +169,19 @@ pub async fn open(url: &str, settings: &StoreSettings, families: &[Family]) -> R
     let pool = &settings.pool;
     match backend {
         Backend::Sqlite => {
-            let writer = if wants(Family::Sync) { "sync-writer" } else { "session-writer" };
+            let writer = if wants(Family::Sync) {
+                "sync-writer"
+            } else if wants(Family::Sessions) {
+                "session-writer"
+            } else {
+                "access-writer"
+            };
             let db = sqlite::SqliteStore::open(url, writer, pool.max_size as usize, pool.sqlite_durability).await?;
             if wants(Family::Sessions) {
                 stores.sessions = Some(Arc::new(sqlite::session::SqliteSessions::on(&db).await?));
+            }
+            if wants(Family::Access) {
+                stores.access = Some(Arc::new(sqlite::access::SqliteAccess::on(&db).await?));
             }
             if wants(Family::Sync) {
                 stores.sync = Some(Arc::new(db));
@@ -175,15 +194,24 @@ pub async fn open(url: &str, settings: &StoreSettings, families: &[Family]) -> R
             if wants(Family::Sessions) {
                 stores.sessions = Some(Arc::new(postgres::session::PgSessions::open(url, pool).await?));
             }
+            if wants(Family::Access) {
+                stores.access = Some(Arc::new(postgres::access::PgAccess::open(url, pool).await?));
+            }
         }
         Backend::MySql => {
             if wants(Family::Sync) {
                 stores.sync = Some(Arc::new(mysql::MySqlStore::open(url, pool).await?));
             }
+            if wants(Family::Access) {
+                stores.access = Some(Arc::new(mysql::access::MySqlAccess::open(url, pool).await?));
+            }
         }
         Backend::Redis | Backend::RedisCluster => {
             if wants(Family::Sessions) {
                 stores.sessions = Some(Arc::new(redis::session::RedisSessions::open(url).await?));
+            }
+            if wants(Family::Access) {
+                stores.access = Some(Arc::new(redis::access::RedisAccess::open(url).await?));
             }
         }
         Backend::Memory => {
@@ -206,6 +234,43 @@ pub async fn open_sessions(url: &str, settings: &StoreSettings) -> Result<Arc<dy
         .await?
         .sessions
         .ok_or_else(|| StoreError::Config("no session store".into()))
+}
+
+/// Runs `batch(max)` until it returns fewer than `max`; returns the sum (a purge or revocation
+/// in bounded steps).
+pub(crate) async fn in_batches<F, Fut>(max: u64, mut batch: F) -> Result<u64, StoreError>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let n = batch(max).await?;
+        total += n;
+        if n < max {
+            return Ok(total);
+        }
+    }
+}
+
+/// The hash a SQL store's page starts after: the hex cursor of the page before, or the lowest
+/// hash (empty) for the first page.
+pub(crate) fn hash_cursor(after: Option<&str>) -> Result<Vec<u8>, StoreError> {
+    match after {
+        None => Ok(Vec::new()),
+        Some(cursor) => hex::decode(cursor)
+            .ok()
+            .filter(|h| h.len() == 32)
+            .ok_or_else(|| StoreError::InvalidInput("not a cursor of this store".into())),
+    }
+}
+
+/// The access-token store `url` names (a shorthand of [`open`]).
+pub async fn open_access(url: &str, settings: &StoreSettings) -> Result<Arc<dyn AccessStore>, StoreError> {
+    open(url, settings, &[Family::Access])
+        .await?
+        .access
+        .ok_or_else(|| StoreError::Config("no access-token store".into()))
 }
 
 /// A `users` row for unit tests of the code that passes rows around.

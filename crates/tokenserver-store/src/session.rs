@@ -77,14 +77,7 @@ pub trait SessionStore: Send + Sync + std::fmt::Debug {
 
     /// Removes every record expired at `now`, [`PURGE_BATCH`] at a time; returns how many.
     async fn purge(&self, now: u64) -> Result<u64> {
-        let mut total = 0;
-        loop {
-            let n = self.purge_batch(now, PURGE_BATCH).await?;
-            total += n;
-            if n < PURGE_BATCH {
-                return Ok(total);
-            }
-        }
+        crate::in_batches(PURGE_BATCH, |max| self.purge_batch(now, max)).await
     }
 }
 
@@ -215,16 +208,4 @@ pub(crate) fn end_with(ops: &mut impl SessionOps, token: &SessionToken, now: u64
     }
     ops.revoke(&token.chain(), &hash)?;
     Ok(true)
-}
-
-/// The token hash a SQL store's dump page starts after: the hex cursor of the page before, or
-/// the lowest hash (empty) for the first page.
-pub(crate) fn hash_cursor(after: Option<&str>) -> Result<Vec<u8>> {
-    match after {
-        None => Ok(Vec::new()),
-        Some(cursor) => hex::decode(cursor)
-            .ok()
-            .filter(|h| h.len() == 32)
-            .ok_or_else(|| StoreError::InvalidInput("not a dump cursor of this store".into())),
-    }
 }

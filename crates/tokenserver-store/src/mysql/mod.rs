@@ -6,6 +6,7 @@
 //! rows, then the user's `users` rows, with `SELECT … FOR UPDATE`. Migrations run under
 //! `GET_LOCK`. Only SQL that MariaDB 10.6+ and MySQL 8 both accept is used.
 
+pub mod access;
 pub(crate) mod sync;
 
 use std::str::FromStr;
@@ -100,7 +101,7 @@ CREATE TABLE IF NOT EXISTS users (
 ];
 
 /// Rewrites the `unix_socket=` spelling some deployments use into sqlx's `socket=`.
-fn normalise_url(url: &str) -> String {
+pub(crate) fn normalise_url(url: &str) -> String {
     url.replacen("unix_socket=", "socket=", 1)
 }
 

@@ -5,6 +5,7 @@
 //! rows, with `SELECT … FOR UPDATE` (READ COMMITTED, the default), so allocations never overbook a
 //! node and two writers of one user are serialized. Migrations run under an advisory lock.
 
+pub mod access;
 pub mod session;
 pub(crate) mod sync;
 

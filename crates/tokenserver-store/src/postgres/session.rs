@@ -200,7 +200,7 @@ impl SessionStore for PgSessions {
     }
 
     async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
-        let from = crate::session::hash_cursor(after)?;
+        let from = crate::hash_cursor(after)?;
         let limit = limit.max(1);
         let rows = sqlx::query(
             "SELECT expires_at, deadline, meta, token_hash FROM tokenserver_sessions \

@@ -5,6 +5,7 @@
 //! taken off before the client sees the URL. A single server's connection reconnects by itself
 //! (`ConnectionManager`); a cluster's follows the cluster's slot map.
 
+pub mod access;
 pub mod session;
 
 use redis::aio::{ConnectionLike, ConnectionManager};

@@ -13,6 +13,7 @@
 //! (`sqlite::memory:`) exists once per connection, so there every call, reads included, goes to
 //! its writer.
 
+pub mod access;
 pub(crate) mod group;
 mod row_cache;
 pub mod session;
@@ -243,5 +244,10 @@ impl SqliteStore {
     /// The database's writer.
     pub(crate) fn writer(&self) -> &group::GroupWriter {
         &self.writer
+    }
+
+    /// The inline readers of a file database (`None` in memory: reads go to the writer).
+    pub(crate) fn readers(&self) -> Option<Arc<ReadConns>> {
+        self.reads.clone()
     }
 }

@@ -184,7 +184,7 @@ impl SessionStore for SqliteSessions {
 
     async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
         let first = after.is_none();
-        let from = crate::session::hash_cursor(after)?;
+        let from = crate::hash_cursor(after)?;
         let limit = limit.max(1);
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(DUMP).map_err(e)?;

@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod access_cases;
 mod mysql_only;
 mod postgres_only;
 mod schema;
@@ -16,7 +17,7 @@ mod sync_cases;
 use std::sync::Arc;
 
 use tokenserver_store::testing::FreshDb;
-use tokenserver_store::{SessionStore, StoreSettings, SyncStore};
+use tokenserver_store::{AccessStore, SessionStore, StoreSettings, SyncStore};
 
 /// A migrated Sync store on `db`.
 pub async fn open_sync(db: FreshDb) -> (Arc<dyn SyncStore>, FreshDb) {
@@ -30,6 +31,11 @@ pub async fn open_sessions(db: FreshDb) -> (Arc<dyn SessionStore>, FreshDb) {
     let mut settings = StoreSettings::default();
     settings.memory.shards = 64;
     (tokenserver_store::open_sessions(&db.url, &settings).await.unwrap(), db)
+}
+
+/// An access-token store on `db`.
+pub async fn open_access(db: FreshDb) -> (Arc<dyn AccessStore>, FreshDb) {
+    (tokenserver_store::open_access(&db.url, &StoreSettings::default()).await.unwrap(), db)
 }
 
 /// Stamps `<family>::<backend>::<case>` tests: each gets a fresh database from its backend's
@@ -113,6 +119,28 @@ stamp! {
         dump_pages_cover_every_session_once,
         purge_removes_expired_records,
         concurrent_rotations_issue_one_successor,
+        cancelled_calls_change_all_or_nothing,
+    ],
+}
+
+stamp! {
+    family: access, open: crate::open_access, cases_in: access_cases,
+    backends: [
+        sqlite => fresh(Backend::Sqlite).await,
+        sqlite_memory => Some(sqlite_in_memory()),
+        postgres => fresh(Backend::Postgres).await,
+        mysql => fresh(Backend::MySql).await,
+        redis => fresh(Backend::Redis).await,
+        redis_cluster => fresh(Backend::RedisCluster).await,
+    ],
+    cases: [
+        create_get_delete,
+        tokens_of_any_shape_round_trip,
+        expired_tokens_are_invisible_at_once_and_can_be_created_again,
+        listing_pages_cover_every_token_once,
+        revocations_count_the_live_tokens_they_remove,
+        purge_reclaims_expired_tokens,
+        concurrent_creates_of_one_token_have_one_winner,
         cancelled_calls_change_all_or_nothing,
     ],
 }

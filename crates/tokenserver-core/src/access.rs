@@ -1,0 +1,333 @@
+//! Access tokens: opaque tokens an external authorization server registers, each mapping
+//! (service, token) to an application and optionally a user, with an optional expiry (3scale
+//! apisonator's "native OAuth" tokens). The rules here are the ones every API and store shares:
+//! what a token, an id and a TTL may be, and who a request is once a token is resolved.
+//!
+//! Decisions where apisonator was loose (its reference §11), taken here once for both APIs:
+//! * a token is 1..=`max_bytes` bytes of UTF-8 without control characters and without leading or
+//!   trailing whitespace (apisonator accepted `" abc "` at creation and stripped it when
+//!   authorizing, so such a token could never be used);
+//! * a TTL is plain decimal seconds, `0` meaning permanent, at most `max_ttl` (apisonator took
+//!   Ruby's `Integer()`: hex, octal, underscores, no upper bound); absent means the default
+//!   (86,400 s, apisonator's since v2.84.0, not "never expires" as its document said);
+//! * service, application and user ids are 1..=[`MAX_ID_BYTES`] bytes of the same characters.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+/// Bytes of a generated token (256 bits), before base64url.
+pub const GENERATED_TOKEN_BYTES: usize = 32;
+/// Longest service, application or user id, bytes.
+pub const MAX_ID_BYTES: usize = 256;
+/// apisonator's default token size limit, bytes (`CONFIG_OAUTH_MAX_TOKEN_SIZE`).
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 3584;
+/// apisonator's TTL when none is given, seconds.
+pub const DEFAULT_TTL_S: u64 = 86_400;
+
+/// Why a token's text is refused (`access_token_format_invalid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// Empty.
+    #[error("the token is empty")]
+    Empty,
+    /// Longer than allowed.
+    #[error("the token is longer than {max} bytes")]
+    TooLong {
+        /// The limit.
+        max: usize,
+    },
+    /// Starts or ends with whitespace.
+    #[error("the token starts or ends with whitespace")]
+    Padded,
+    /// Holds a control character.
+    #[error("the token holds a control character")]
+    Control,
+}
+
+/// Checks a token's text.
+pub fn check_token(token: &str, max_bytes: usize) -> Result<(), FormatError> {
+    check_text(token, max_bytes)
+}
+
+fn check_text(text: &str, max_bytes: usize) -> Result<(), FormatError> {
+    if text.is_empty() {
+        return Err(FormatError::Empty);
+    }
+    if text.len() > max_bytes {
+        return Err(FormatError::TooLong { max: max_bytes });
+    }
+    if text.trim() != text {
+        return Err(FormatError::Padded);
+    }
+    if text.chars().any(char::is_control) {
+        return Err(FormatError::Control);
+    }
+    Ok(())
+}
+
+/// Checks a service, application or user id.
+pub fn check_id(id: &str) -> Result<(), FormatError> {
+    check_text(id, MAX_ID_BYTES)
+}
+
+/// A new token: 256 bits from the OS CSPRNG, base64url without padding (43 characters).
+pub fn generate_token() -> String {
+    let bytes: [u8; GENERATED_TOKEN_BYTES] = rand::random();
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Why a TTL is refused (`access_token_invalid_ttl`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TtlError {
+    /// Not plain decimal seconds.
+    #[error("the TTL must be a whole number of seconds, 0 for a permanent token")]
+    NotANumber,
+    /// Above the configured maximum.
+    #[error("the TTL must be at most {max} seconds")]
+    TooLong {
+        /// The limit, seconds.
+        max: u64,
+    },
+}
+
+/// A TTL as written in a form (apisonator's `ttl` parameter): `None` when absent, else plain
+/// decimal seconds with optional surrounding whitespace and an optional `+`.
+pub fn parse_ttl(text: Option<&str>) -> Result<Option<u64>, TtlError> {
+    let Some(text) = text else { return Ok(None) };
+    let digits = text.trim();
+    let digits = digits.strip_prefix('+').unwrap_or(digits);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(TtlError::NotANumber);
+    }
+    digits.parse().map(Some).map_err(|_| TtlError::NotANumber)
+}
+
+/// When a token created at `now_ms` with `ttl_s` (`None`: the default) expires, in ms since the
+/// epoch; `None` for a permanent token (`ttl_s == 0`).
+pub fn expires_at(ttl_s: Option<u64>, now_ms: u64, default_s: u64, max_s: u64) -> Result<Option<u64>, TtlError> {
+    let ttl = ttl_s.unwrap_or(default_s);
+    if ttl > max_s {
+        return Err(TtlError::TooLong { max: max_s });
+    }
+    Ok((ttl > 0).then(|| now_ms.saturating_add(ttl.saturating_mul(1000))))
+}
+
+/// A stored token as the rules see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The application.
+    pub app_id: String,
+    /// The user, for a user's token.
+    pub user_id: Option<String>,
+    /// Expiry, ms since the epoch; `None`: permanent.
+    pub expires_at: Option<u64>,
+}
+
+impl Grant {
+    /// Live at `now` (an expired token is invisible at once, whether or not its storage has been
+    /// reclaimed yet).
+    pub fn live(&self, now_ms: u64) -> bool {
+        self.expires_at.is_none_or(|e| now_ms < e)
+    }
+}
+
+/// What an authorization call names, after normalisation (trimmed; empty means absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Named<'a> {
+    /// `access_token`.
+    pub access_token: Option<&'a str>,
+    /// `app_id`.
+    pub app_id: Option<&'a str>,
+    /// `user_id`.
+    pub user_id: Option<&'a str>,
+}
+
+impl<'a> Named<'a> {
+    /// Normalises raw parameters as apisonator did: surrounding whitespace is stripped and an
+    /// empty value counts as absent.
+    pub fn new(access_token: Option<&'a str>, app_id: Option<&'a str>, user_id: Option<&'a str>) -> Self {
+        let clean = |v: Option<&'a str>| v.map(str::trim).filter(|v| !v.is_empty());
+        Self { access_token: clean(access_token), app_id: clean(app_id), user_id: clean(user_id) }
+    }
+
+    /// The token to look up, if the answer needs one: a token is consulted only when an
+    /// identifier is missing (identifiers given explicitly always win).
+    pub fn lookup(&self) -> Option<&'a str> {
+        if self.app_id.is_some() && self.user_id.is_some() {
+            return None;
+        }
+        self.access_token
+    }
+}
+
+/// Who an authorization call is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorized {
+    /// The application.
+    pub app_id: String,
+    /// The user, when one was named or the token carries one.
+    pub user_id: Option<String>,
+}
+
+/// Why an authorization call names nobody.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthorizeError {
+    /// No application was named and no token given (`application_not_found`, id `""`).
+    #[error("application with id=\"\" was not found")]
+    NoApplication,
+    /// The token is unknown or expired and no application was named (`access_token_invalid`).
+    #[error("token \"{0}\" is invalid: expired or never defined")]
+    InvalidToken(String),
+}
+
+/// The precedence rule (apisonator's, reference §7.2 and, for users, §7.3): each identifier given
+/// explicitly wins over the token's; the token fills only what is missing; an unknown or expired
+/// token is an error only when it had to supply the application. `found` is the lookup of
+/// [`Named::lookup`]'s token (`None` when nothing was looked up or nothing live was found).
+pub fn authorize(named: &Named<'_>, found: Option<&Grant>) -> Result<Authorized, AuthorizeError> {
+    let named_user = named.user_id.map(str::to_string);
+    match (named.app_id, found) {
+        (Some(app), found) => Ok(Authorized {
+            app_id: app.to_string(),
+            user_id: named_user.or_else(|| found.and_then(|g| g.user_id.clone())),
+        }),
+        (None, Some(grant)) => {
+            Ok(Authorized { app_id: grant.app_id.clone(), user_id: named_user.or_else(|| grant.user_id.clone()) })
+        }
+        (None, None) => match named.access_token {
+            None => Err(AuthorizeError::NoApplication),
+            Some(token) => Err(AuthorizeError::InvalidToken(token.to_string())),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_text_rules() {
+        for ok in ["VALID-TOKEN", "foo bar", "_*-/9090", "?---$$$$", "6666", "hello.xml.xml", "ü/β"] {
+            assert_eq!(check_token(ok, DEFAULT_MAX_TOKEN_BYTES), Ok(()), "{ok}");
+        }
+        assert_eq!(check_token("", 10), Err(FormatError::Empty));
+        assert_eq!(check_token(" abc ", 10), Err(FormatError::Padded));
+        assert_eq!(check_token("abc\n", 10), Err(FormatError::Padded));
+        assert_eq!(check_token("a\u{7}b", 10), Err(FormatError::Control));
+        // The limit is in bytes: 3583 characters and a two-byte one are 3585 bytes.
+        let ascii = "A".repeat(3583);
+        assert_eq!(check_token(&format!("{ascii}A"), 3584), Ok(()));
+        assert_eq!(check_token(&format!("{ascii}AB"), 3584), Err(FormatError::TooLong { max: 3584 }));
+        assert_eq!(check_token(&format!("{ascii}β"), 3584), Err(FormatError::TooLong { max: 3584 }));
+        assert_eq!(check_id(&"x".repeat(257)), Err(FormatError::TooLong { max: MAX_ID_BYTES }));
+    }
+
+    #[test]
+    fn generated_tokens_are_256_bits_of_base64url() {
+        let (a, b) = (generate_token(), generate_token());
+        assert_eq!((a.len(), b.len()), (43, 43));
+        assert_ne!(a, b);
+        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert_eq!(URL_SAFE_NO_PAD.decode(&a).unwrap().len(), 32);
+    }
+
+    #[test]
+    fn ttls_are_plain_decimal() {
+        assert_eq!(parse_ttl(None), Ok(None));
+        for (text, want) in [("0", 0), ("100", 100), (" 100 ", 100), ("+5", 5), ("08", 8), ("1000", 1000)] {
+            assert_eq!(parse_ttl(Some(text)), Ok(Some(want)), "{text}");
+        }
+        // apisonator's invalid ones, and what Ruby's Integer() took that we do not.
+        for bad in [
+            "-666",
+            "-1",
+            "",
+            " ",
+            "80x",
+            "x80",
+            "adbc",
+            "1.5",
+            "1e3",
+            "-0",
+            "0x1A",
+            "0b11",
+            "0o17",
+            "1_000",
+            "99999999999999999999",
+        ] {
+            assert_eq!(parse_ttl(Some(bad)), Err(TtlError::NotANumber), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn expiry_from_ttl() {
+        let now = 1_000_000;
+        assert_eq!(expires_at(None, now, 86_400, 1_000_000), Ok(Some(now + 86_400_000)), "absent: the default");
+        assert_eq!(expires_at(Some(0), now, 86_400, 1_000_000), Ok(None), "0: permanent");
+        assert_eq!(expires_at(Some(10), now, 86_400, 1_000_000), Ok(Some(now + 10_000)));
+        assert_eq!(expires_at(Some(1_000_001), now, 86_400, 1_000_000), Err(TtlError::TooLong { max: 1_000_000 }));
+        let g = Grant { app_id: "a".into(), user_id: None, expires_at: Some(now) };
+        assert!(g.live(now - 1) && !g.live(now), "expired at its expiry");
+        assert!(Grant { expires_at: None, ..g }.live(u64::MAX));
+    }
+
+    fn grant(app: &str, user: Option<&str>) -> Grant {
+        Grant { app_id: app.into(), user_id: user.map(String::from), expires_at: None }
+    }
+
+    fn ok(app: &str, user: Option<&str>) -> Result<Authorized, AuthorizeError> {
+        Ok(Authorized { app_id: app.into(), user_id: user.map(String::from) })
+    }
+
+    #[test]
+    fn parameters_are_trimmed_and_empty_ones_absent() {
+        let n = Named::new(Some("  tok "), Some(""), Some("  "));
+        assert_eq!(n, Named { access_token: Some("tok"), app_id: None, user_id: None });
+    }
+
+    #[test]
+    fn identifiers_given_explicitly_win_over_the_tokens() {
+        let app_token = grant("2001", None);
+        let user_token = grant("2001", Some("alex"));
+        // §7.2: the token supplies the application when none is named.
+        let n = Named::new(Some("valid-token"), None, None);
+        assert_eq!(n.lookup(), Some("valid-token"));
+        assert_eq!(authorize(&n, Some(&app_token)), ok("2001", None));
+        // §7.2 rule 4: a named application wins; an invalid token beside it is no error.
+        let n = Named::new(Some("fake"), Some("3001"), None);
+        assert_eq!(authorize(&n, None), ok("3001", None));
+        assert_eq!(authorize(&n, Some(&app_token)), ok("3001", None));
+        // §7.3: a user's token gives its user when none is named...
+        let n = Named::new(Some("user-token"), None, None);
+        assert_eq!(authorize(&n, Some(&user_token)), ok("2001", Some("alex")));
+        // ...the same user named: the same answer...
+        let n = Named::new(Some("user-token"), None, Some("alex"));
+        assert_eq!(authorize(&n, Some(&user_token)), ok("2001", Some("alex")));
+        // ...and a user named explicitly wins over the token's.
+        let n = Named::new(Some("user-token"), None, Some("made-up"));
+        assert_eq!(authorize(&n, Some(&user_token)), ok("2001", Some("made-up")));
+        // Each fills only the gap: a named app keeps the token's user.
+        let n = Named::new(Some("user-token"), Some("3001"), None);
+        assert_eq!(authorize(&n, Some(&user_token)), ok("3001", Some("alex")));
+        // Both named: the token is not even looked up.
+        let n = Named::new(Some("user-token"), Some("3001"), Some("bob"));
+        assert_eq!(n.lookup(), None);
+        assert_eq!(authorize(&n, None), ok("3001", Some("bob")));
+    }
+
+    #[test]
+    fn nobody_named_is_an_error_saying_why() {
+        assert_eq!(authorize(&Named::new(None, None, None), None), Err(AuthorizeError::NoApplication));
+        assert_eq!(
+            authorize(&Named::new(Some("boo"), None, None), None),
+            Err(AuthorizeError::InvalidToken("boo".into()))
+        );
+        assert_eq!(
+            AuthorizeError::InvalidToken("boo".into()).to_string(),
+            r#"token "boo" is invalid: expired or never defined"#
+        );
+        assert_eq!(AuthorizeError::NoApplication.to_string(), r#"application with id="" was not found"#);
+        // A user alone names no application.
+        assert_eq!(authorize(&Named::new(None, None, Some("alex")), None), Err(AuthorizeError::NoApplication));
+    }
+}
