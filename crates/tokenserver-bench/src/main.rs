@@ -3,6 +3,7 @@
 //! `run` benchmarks the Sync scenarios on each backend; `scale` repeats the cached-token scenario
 //! with millions of users in the database. Results are printed and written as a Markdown table.
 
+mod access;
 mod load;
 mod populate;
 mod procs;
@@ -98,6 +99,23 @@ enum Command {
         /// through its own API in the same run, before tokenserver.
         #[arg(long)]
         hakr: Option<PathBuf>,
+    },
+    /// Access tokens: authorize, create, and listing pages of a big application, per backend.
+    Access {
+        #[command(flatten)]
+        common: Common,
+        /// Access-token backends: sqlite, postgres, mysql, redis, redis-cluster.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,redis")]
+        backends: Vec<String>,
+        /// Tokens of the big application the listing scenarios page through.
+        #[arg(long, default_value_t = 1_000_000)]
+        big: u64,
+        /// Redis server for the redis runs.
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        redis_url: String,
+        /// Redis Cluster nodes for the redis-cluster runs.
+        #[arg(long, default_value = "redis+cluster://127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103/")]
+        redis_cluster_url: String,
     },
     /// Scenario 2 with 1,000 users, then with `--users` users in the database (SQLite).
     Scale {
@@ -559,6 +577,28 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             }
             let hello = hello_mean(&ctx, &mut rows, hello)?;
             let md = report(&rows, hello, &ctx, "Session tokens");
+            write_out(&ctx, &md)?;
+            let _ = std::fs::remove_dir_all(&ctx.work);
+            Ok(())
+        }
+        Command::Access { common, backends, big, redis_url, redis_cluster_url } => {
+            let ctx = ctx(common)?;
+            let mut rows = Vec::new();
+            let hello = run_hello(&ctx, &mut rows, HELLO_FIRST)?;
+            for b in &backends {
+                let prefix = format!("bench{}:", std::process::id());
+                let url = match b.as_str() {
+                    "sqlite" => format!("sqlite://{}/access.db", ctx.work.display()),
+                    "postgres" => populate::fresh_database(Backend::Postgres, &ctx.common.postgres_url).await?,
+                    "mysql" => populate::fresh_database(Backend::MySql, &ctx.common.mysql_url).await?,
+                    "redis" => format!("{redis_url}?prefix={prefix}"),
+                    "redis-cluster" => format!("{redis_cluster_url}?prefix={prefix}"),
+                    other => return Err(format!("unknown access-token backend {other:?}")),
+                };
+                access::run_backend(&ctx, b, &url, big, &mut rows)?;
+            }
+            let hello = hello_mean(&ctx, &mut rows, hello)?;
+            let md = report(&rows, hello, &ctx, "Access tokens");
             write_out(&ctx, &md)?;
             let _ = std::fs::remove_dir_all(&ctx.work);
             Ok(())

@@ -201,6 +201,36 @@ pub fn authorize(named: &Named<'_>, found: Option<&Grant>) -> Result<Authorized,
     }
 }
 
+/// The (application, user) an apisonator token key's value names. Since 2.95 the value is the
+/// bare application id; up to 2.94 a user was written `user_len:<N>/<user>/<app>`, N counting
+/// characters (Unicode scalar values), and an application id that itself held `user_len:<d>/`
+/// was written with an empty user (`user_len:0//<app>`). The marker is searched anywhere in the
+/// value, as apisonator's unanchored pattern did; a value whose length does not fit is taken
+/// whole as the application id.
+pub fn decode_apisonator_value(value: &str) -> (&str, Option<&str>) {
+    let mut search = 0;
+    while let Some(found) = value[search..].find("user_len:") {
+        let start = search + found + "user_len:".len();
+        let digits = value[start..].bytes().take_while(u8::is_ascii_digit).count();
+        let after = start + digits;
+        if digits > 0 && value[after..].starts_with('/') {
+            let Ok(chars) = value[start..after].parse::<usize>() else { return (value, None) };
+            let rest = &value[after + 1..];
+            let user_end = match rest.char_indices().nth(chars) {
+                Some((i, _)) => i,
+                None if rest.chars().count() == chars => rest.len(),
+                None => return (value, None),
+            };
+            let (user, tail) = rest.split_at(user_end);
+            // One separator, then the application id (apisonator skipped it unchecked).
+            let app = tail.get(1..).unwrap_or("");
+            return (app, (!user.is_empty()).then_some(user));
+        }
+        search = start;
+    }
+    (value, None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,5 +359,20 @@ mod tests {
         assert_eq!(AuthorizeError::NoApplication.to_string(), r#"application with id="" was not found"#);
         // A user alone names no application.
         assert_eq!(authorize(&Named::new(None, None, Some("alex")), None), Err(AuthorizeError::NoApplication));
+    }
+
+    #[test]
+    fn apisonator_values_decode_as_r1_wrote_them() {
+        // The reference's examples (§2.2), produced by R1's own encoder.
+        assert_eq!(decode_apisonator_value("2001"), ("2001", None));
+        assert_eq!(decode_apisonator_value("user_len:4/alex/2001"), ("2001", Some("alex")));
+        assert_eq!(decode_apisonator_value("user_len:0//user_len:5/myapp"), ("user_len:5/myapp", None));
+        assert_eq!(decode_apisonator_value("user_len:1/ü/a/b"), ("a/b", Some("ü")));
+        assert_eq!(decode_apisonator_value("user_len:0//2001"), ("2001", None));
+        // N counts characters, not bytes; the user may hold slashes.
+        assert_eq!(decode_apisonator_value("user_len:3/a/β/app"), ("app", Some("a/β")));
+        // No marker, or one that does not parse: the whole value is the application.
+        assert_eq!(decode_apisonator_value("user_len:x/app"), ("user_len:x/app", None));
+        assert_eq!(decode_apisonator_value("user_len:9/ab"), ("user_len:9/ab", None));
     }
 }

@@ -108,7 +108,10 @@ impl FreshDb {
     /// Drops the schema / database / directory (Redis keys expire on their own).
     pub async fn drop_now(&self) {
         match self.backend {
-            Backend::Memory | Backend::Redis | Backend::RedisCluster => {}
+            Backend::Memory => {}
+            Backend::Redis | Backend::RedisCluster => {
+                let _ = self.redis_keys(true).await;
+            }
             Backend::Sqlite if self.name.is_empty() => {}
             Backend::Sqlite => {
                 let _ = std::fs::remove_dir_all(&self.name);
@@ -122,6 +125,74 @@ impl FreshDb {
                 if let Ok(mut c) = sqlx::MySqlConnection::connect(&self.admin_url).await {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", self.name)).execute(&mut c).await;
                 }
+            }
+        }
+    }
+}
+
+impl FreshDb {
+    /// Every key under this database's Redis prefix, on every primary; deleted when `delete`.
+    async fn redis_keys(&self, delete: bool) -> Result<Vec<String>, crate::StoreError> {
+        let redis = crate::redis::Redis::connect(&self.url).await?;
+        let mut found = Vec::new();
+        for node in 0..redis.nodes.len() {
+            let (mut conn, primary) = redis.node(node).await?;
+            if !primary {
+                continue;
+            }
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{}*", redis.prefix))
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(crate::redis::e)?;
+                if delete && !keys.is_empty() {
+                    // One key per DEL: a cluster node refuses keys of several slots in one.
+                    let mut pipe = redis::pipe();
+                    for k in &keys {
+                        pipe.cmd("DEL").arg(k).ignore();
+                    }
+                    let () = pipe.query_async(&mut conn).await.map_err(crate::redis::e)?;
+                }
+                found.extend(keys);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(found)
+    }
+
+    /// What the access-token store holds for this database, read from the store itself rather
+    /// than through the trait: rows of the SQL table, or Redis keys of any service (every token
+    /// hash and index set; the registry of service ids is not counted). `None` where there is
+    /// nothing outside the process to read (an in-memory SQLite database).
+    pub async fn access_entries(&self) -> Option<u64> {
+        let count = "SELECT COUNT(*) FROM tokenserver_access_tokens";
+        match self.backend {
+            Backend::Memory => None,
+            Backend::Sqlite if self.name.is_empty() => None,
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url).await.ok()?;
+                sqlx::query_scalar::<_, i64>(count).fetch_one(&mut c).await.ok().map(|n| n as u64)
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.url).await.ok()?;
+                sqlx::query_scalar::<_, i64>(count).fetch_one(&mut c).await.ok().map(|n| n as u64)
+            }
+            Backend::MySql => {
+                let mut c = sqlx::MySqlConnection::connect(&self.url).await.ok()?;
+                sqlx::query_scalar::<_, i64>(count).fetch_one(&mut c).await.ok().map(|n| n as u64)
+            }
+            Backend::Redis | Backend::RedisCluster => {
+                let keys = self.redis_keys(false).await.ok()?;
+                Some(keys.iter().filter(|k| k.contains(":a:{")).count() as u64)
             }
         }
     }

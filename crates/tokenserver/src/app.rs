@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokenserver_auth::fxa::FxaVerifier;
 use tokenserver_core::Secret;
-use tokenserver_store::{Family, SessionStore, StoreSettings, SyncStore};
+use tokenserver_store::{AccessStore, Family, SessionStore, StoreSettings, SyncStore};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -25,33 +25,51 @@ pub enum StartError {
 }
 
 /// What the configuration opens its stores with.
-fn store_settings(config: &Config) -> StoreSettings {
+pub fn store_settings(config: &Config) -> StoreSettings {
     StoreSettings {
         pool: config.database.pool.clone(),
         memory: config.sessions.as_ref().map(|s| s.memory).unwrap_or_default(),
     }
 }
 
-/// The Sync store, and the session store when sessions are on: each URL opened once, so that on
-/// SQLite both families in one file share its writer. The Sync schema is migrated when
-/// configured to.
-pub async fn open_stores(config: &Config) -> Result<(Arc<dyn SyncStore>, Option<Arc<dyn SessionStore>>), StartError> {
+/// The stores the configuration names.
+pub struct OpenStores {
+    /// Sync node assignment.
+    pub sync: Arc<dyn SyncStore>,
+    /// Session tokens, when enabled.
+    pub sessions: Option<Arc<dyn SessionStore>>,
+    /// Access tokens, when enabled.
+    pub access: Option<Arc<dyn AccessStore>>,
+}
+
+/// Every enabled family's store, each URL opened once for all the families it holds (on SQLite,
+/// families in one file share its writer). The Sync schema is migrated when configured to.
+pub async fn open_stores(config: &Config) -> Result<OpenStores, StartError> {
     let settings = store_settings(config);
-    let sync_url = config.database.url.expose();
-    let (sync, sessions) = match &config.sessions {
-        Some(s) if s.url.expose() == sync_url => {
-            let stores = tokenserver_store::open(sync_url, &settings, &[Family::Sync, Family::Sessions]).await?;
-            (stores.sync, stores.sessions)
+    let mut asked: Vec<(&str, Family)> = vec![(config.database.url.expose(), Family::Sync)];
+    if let Some(s) = &config.sessions {
+        asked.push((s.url.expose(), Family::Sessions));
+    }
+    if let Some(a) = &config.access {
+        asked.push((a.url.expose(), Family::Access));
+    }
+    let mut wanted: Vec<(&str, Vec<Family>)> = Vec::new();
+    for (url, family) in asked {
+        match wanted.iter_mut().find(|(u, _)| *u == url) {
+            Some((_, families)) => families.push(family),
+            None => wanted.push((url, vec![family])),
         }
-        Some(s) => (
-            Some(tokenserver_store::open_sync(sync_url, &settings).await?),
-            Some(tokenserver_store::open_sessions(s.url.expose(), &settings).await?),
-        ),
-        None => (Some(tokenserver_store::open_sync(sync_url, &settings).await?), None),
-    };
+    }
+    let (mut sync, mut sessions, mut access) = (None, None, None);
+    for (url, families) in &wanted {
+        let opened = tokenserver_store::open(url, &settings, families).await?;
+        sync = sync.or(opened.sync);
+        sessions = sessions.or(opened.sessions);
+        access = access.or(opened.access);
+    }
     let sync = sync.ok_or_else(|| StartError::Other("no Sync store".into()))?;
     migrate_if_configured(config, sync.as_ref()).await?;
-    Ok((sync, sessions))
+    Ok(OpenStores { sync, sessions, access })
 }
 
 /// The Sync store alone (the CLI's node and key commands), migrated when configured to.
@@ -101,7 +119,7 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    let (store, session_store) = open_stores(&config).await?;
+    let OpenStores { sync: store, sessions: session_store, access: access_store } = open_stores(&config).await?;
     let secrets = master_secrets(&config, store.as_ref()).await?;
     for app in &config.sync.applications {
         store.ensure_service(&app.service, &app.pattern).await?;
@@ -120,6 +138,10 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
     let sessions_key = crate::keys::sessions_api_key(&config, store.as_ref()).await?;
     if config.sessions.is_some() {
         crate::keys::log_origin(&sessions_key, "session routes");
+    }
+    let access_key = crate::keys::access_api_key(&config, store.as_ref()).await?;
+    if config.access.is_some() {
+        crate::keys::log_origin(&access_key, "access-token v1 routes");
     }
     let verifier = Arc::new(FxaVerifier::new(&config.fxa).map_err(StartError::Other)?);
     {
@@ -143,6 +165,15 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         }
         _ => None,
     };
+    let access = match (&config.access, access_store) {
+        (Some(cfg), Some(store)) => {
+            let access = Arc::new(crate::access::AccessTokens::new(store, cfg));
+            access.spawn_purge();
+            tracing::info!(backend = access.store().backend(), "access tokens enabled");
+            Some(access)
+        }
+        _ => None,
+    };
     Ok(AppState {
         config: Arc::new(config),
         store,
@@ -150,7 +181,9 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         sync: Arc::new(sync),
         sessions,
         admin_key: admin.bearer(),
-        session_access: crate::keys::SessionAccess::of(&sessions_key),
+        session_access: crate::keys::RouteAccess::of(&sessions_key),
+        access,
+        access_access: crate::keys::RouteAccess::of(&access_key),
         metrics,
     })
 }

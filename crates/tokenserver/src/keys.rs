@@ -1,7 +1,8 @@
 //! The keys the internal listener answers to, and where each came from.
 //!
-//! Every admin route needs `internal.admin_key`, and every session route `sessions.api_key`
-//! (unless the operator opted out on a loopback-only listener). A key not configured is
+//! Every admin route needs `internal.admin_key`, every session route `sessions.api_key` and every
+//! v1 access-token route `access.api_key` (unless the operator opted out on a loopback-only
+//! listener; apisonator's routes authenticate with their per-service keys instead). A key not configured is
 //! generated on first start and kept in the database beside the generated master secret, when
 //! the database can keep it (SQLite); `tokenserver keys` shows it. Where it cannot (PostgreSQL,
 //! MySQL), the routes it guards answer 403 until one is configured.
@@ -77,9 +78,9 @@ impl KeyInForce {
     }
 }
 
-/// How the session routes are guarded.
+/// How a family's routes (sessions, access tokens) are guarded.
 #[derive(Debug, Clone)]
-pub enum SessionAccess {
+pub enum RouteAccess {
     /// By this key.
     Key(BearerKey),
     /// Not at all: the operator opted out (loopback-only listener).
@@ -88,13 +89,13 @@ pub enum SessionAccess {
     Off,
 }
 
-impl SessionAccess {
+impl RouteAccess {
     /// From the key in force.
     pub fn of(key: &KeyInForce) -> Self {
         match (key.origin, key.bearer()) {
-            (Origin::NotRequired, _) => SessionAccess::Open,
-            (_, Some(bearer)) => SessionAccess::Key(bearer),
-            (_, None) => SessionAccess::Off,
+            (Origin::NotRequired, _) => RouteAccess::Open,
+            (_, Some(bearer)) => RouteAccess::Key(bearer),
+            (_, None) => RouteAccess::Off,
         }
     }
 }
@@ -108,6 +109,8 @@ pub fn generate_secret() -> String {
 const GENERATED_ADMIN_KEY: &str = "admin_key";
 /// Name of the generated session API key in the database.
 const GENERATED_SESSIONS_KEY: &str = "sessions_api_key";
+/// Name of the generated access-token API key in the database.
+const GENERATED_ACCESS_KEY: &str = "access_api_key";
 
 async fn key_in_force(
     setting: &'static str,
@@ -138,6 +141,17 @@ pub async fn sessions_api_key(config: &Config, store: &dyn SyncStore) -> Result<
         // A configured key is always enforced; without one, the operator may open the routes.
         Some(s) if s.api_key.is_some() || s.require_api_key => {
             key_in_force(setting, s.api_key.as_ref(), GENERATED_SESSIONS_KEY, store).await
+        }
+        _ => Ok(KeyInForce { setting, value: None, origin: Origin::NotRequired }),
+    }
+}
+
+/// The access-token API key in force.
+pub async fn access_api_key(config: &Config, store: &dyn SyncStore) -> Result<KeyInForce, StoreError> {
+    let setting = "access.api_key";
+    match &config.access {
+        Some(a) if a.api_key.is_some() || a.require_api_key => {
+            key_in_force(setting, a.api_key.as_ref(), GENERATED_ACCESS_KEY, store).await
         }
         _ => Ok(KeyInForce { setting, value: None, origin: Origin::NotRequired }),
     }

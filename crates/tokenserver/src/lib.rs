@@ -2,10 +2,12 @@
 //! configuration, CLI, HTTP routers and the flows that tie `tokenserver-core` rules to
 //! `tokenserver-store` backends and `tokenserver-auth` verifiers.
 
+pub mod access;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod jobs;
 pub mod keys;
 pub mod ops;
 pub mod session;

@@ -183,23 +183,10 @@ impl Sessions {
         self.dumps.clone().try_acquire_owned().ok().map(|permit| DumpSlot { _permit: permit })
     }
 
-    /// Removes expired sessions every `purge_interval` until the process ends.
+    /// Removes expired sessions every `purge_interval` until the service is dropped.
     pub fn spawn_purge(self: &Arc<Self>) {
-        let this = Arc::downgrade(self);
-        let every = self.config.purge_interval;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(sessions) = this.upgrade() else { return };
-                match sessions.store.purge(now_ms()).await {
-                    Ok(0) => tracing::trace!("PURGED: nothing"),
-                    Ok(n) => {
-                        metrics::counter!("tokenserver_sessions_purged_total").increment(n);
-                        tracing::debug!(purged = n, "PURGED: expired sessions removed");
-                    }
-                    Err(e) => tracing::error!(error = %e, "PURGE failed"),
-                }
-            }
+        crate::jobs::spawn_purge(self, self.config.purge_interval, "sessions", |s| async move {
+            s.store.purge(now_ms()).await
         });
     }
 }

@@ -26,7 +26,11 @@ pub struct AppState {
     /// The admin routes' key; `None`: they answer 403.
     pub admin_key: Option<crate::keys::BearerKey>,
     /// How the session routes are guarded.
-    pub session_access: crate::keys::SessionAccess,
+    pub session_access: crate::keys::RouteAccess,
+    /// Access tokens, when enabled.
+    pub access: Option<Arc<crate::access::AccessTokens>>,
+    /// How the v1 access-token routes are guarded.
+    pub access_access: crate::keys::RouteAccess,
     /// Prometheus exporter, when this process installed one.
     pub metrics: Option<PrometheusHandle>,
 }

@@ -6,26 +6,36 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `…:t:<token>` | hash | `a` app, `u` user, `e` expiry (ms; absent when permanent), `c` created |
-//! | `…:app:<app>` | sorted set, all scores 0 | the application's tokens, in byte order (listing) |
-//! | `…:user:<len(app)>:<app>:<user>` | sorted set, all scores 0 | one user's tokens (listing) |
+//! | `…:app:<app>` | sorted set, all scores 0 | the application's tokens as *entries* (below) |
+//! | `…:user:<len(app)>:<app>:<user>` | sorted set, all scores 0 | one user's tokens, as entries |
 //! | `…:all` | sorted set, all scores 0 | every token of the service (revoking the service) |
 //! | `…:exp` | sorted set, score = expiry | the tokens that expire (the sweep) |
 //! | `<prefix>a:services` | set | services with tokens (for the sweep; never trimmed) |
 //!
-//! Listing walks the application's set by byte order (`ZRANGE … BYLEX`) from the last token of
-//! the page before: a token present through the whole listing is returned exactly once, and a
-//! page costs the same however large the set. A sorted set by expiry could not be paged that way
-//! (permanent tokens and tokens created in the same millisecond share a score), so expiry has its
-//! own set, which the sweep ([`AccessStore::purge`]) walks from its low end, deleting due tokens
-//! and their index entries in bounded batches: no index grows for an application that is never
-//! listed. Reads compare the expiry with `now`, so an expired token is invisible at once.
+//! An entry of a listing set is `<token>\0<user>\0<expiry>\0<created>` (empty for a field that
+//! is absent): a page is then one `ZRANGE … BYLEX` and nothing else. Reading each token's hash
+//! from a script instead cost Redis ~0.4 ms a page of 100 and put the page's p99 at ~50 ms at 64
+//! connections (bench/results/tuning-notes.md). Tokens and ids hold no control characters, so
+//! the byte order of entries is the byte order of their tokens, and the entries of a token are
+//! rebuilt exactly from its hash when it is deleted. Entries never change while their token
+//! lives (re-creating an expired token removes the old ones first).
+//!
+//! Listing walks the set from just past the last token of the page before: a token present
+//! through the whole listing is returned exactly once, and a page costs the same however large
+//! the set. A sorted set by expiry could not be paged that way (permanent tokens and tokens
+//! created in the same millisecond share a score), so expiry has its own set, which the sweep
+//! ([`AccessStore::purge`]) walks from its low end, deleting due tokens and their entries in
+//! bounded batches: no index grows for an application that is never listed. Reads compare the
+//! expiry with `now`, so an expired token is invisible at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use redis::{Script, Value};
+use parking_lot::Mutex;
+use redis::Script;
 use tokenserver_core::access::Grant;
 
 use super::{e, Redis};
@@ -34,120 +44,137 @@ use crate::StoreError;
 
 /// Index entries a listing may pass over (expired, not yet swept) before it ends a short page.
 const LIST_SCAN_FACTOR: usize = 4;
+/// Services this process remembers having registered (the set starts over past this).
+const REGISTERED_MAX: usize = 10_000;
 
-/// Creates a token unless a live one exists: 1 done, 0 exists. An expired token not yet swept
-/// is replaced (its index entries go first). ARGV: key prefix of the service, token, app, user
-/// (`''`: none), expiry (`''`: permanent), created, now.
-const CREATE: &str = r"
-local p, tok = ARGV[1], ARGV[2]
-local t = p .. 't:' .. tok
-local old = redis.call('HMGET', t, 'a', 'u', 'e')
-if old[1] then
-  if not old[3] or tonumber(old[3]) > tonumber(ARGV[7]) then return 0 end
-  redis.call('ZREM', p .. 'app:' .. old[1], tok)
-  if old[2] then redis.call('ZREM', p .. 'user:' .. #old[1] .. ':' .. old[1] .. ':' .. old[2], tok) end
+/// Prepends the helpers every script shares: the listing entry of a token, and a user's set.
+macro_rules! lua {
+    ($body:literal) => {
+        concat!(
+            r"
+local function entry(tok, u, e, c)
+  return tok .. '\0' .. (u or '') .. '\0' .. (e or '') .. '\0' .. (c or '')
+end
+local function userset(p, a, u)
+  return p .. 'user:' .. #a .. ':' .. a .. ':' .. u
+end
+-- Removes token tok (hash t, fields v = a, u, e, c) and every entry of it.
+local function remove(p, t, tok, v)
+  local m = entry(tok, v[2], v[3], v[4])
+  redis.call('ZREM', p .. 'app:' .. v[1], m)
+  if v[2] then redis.call('ZREM', userset(p, v[1], v[2]), m) end
   redis.call('ZREM', p .. 'exp', tok)
+  redis.call('ZREM', p .. 'all', tok)
   redis.call('DEL', t)
 end
-redis.call('HSET', t, 'a', ARGV[3], 'c', ARGV[6])
-redis.call('ZADD', p .. 'app:' .. ARGV[3], 0, tok)
-redis.call('ZADD', p .. 'all', 0, tok)
-if ARGV[4] ~= '' then
-  redis.call('HSET', t, 'u', ARGV[4])
-  redis.call('ZADD', p .. 'user:' .. #ARGV[3] .. ':' .. ARGV[3] .. ':' .. ARGV[4], 0, tok)
+",
+            $body
+        )
+    };
+}
+
+/// Creates a token unless a live one exists: 1 done, 0 exists. An expired token not yet swept
+/// is replaced (its entries go first). ARGV: key prefix of the service, token, app, user
+/// (`''`: none), expiry (`''`: permanent), created, now.
+const CREATE: &str = lua!(
+    r"
+local p, tok = ARGV[1], ARGV[2]
+local t = p .. 't:' .. tok
+local old = redis.call('HMGET', t, 'a', 'u', 'e', 'c')
+if old[1] then
+  if not old[3] or tonumber(old[3]) > tonumber(ARGV[7]) then return 0 end
+  remove(p, t, tok, old)
 end
-if ARGV[5] ~= '' then
-  redis.call('HSET', t, 'e', ARGV[5])
-  redis.call('ZADD', p .. 'exp', ARGV[5], tok)
+local a, u, e, c = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local m = entry(tok, u, e, c)
+redis.call('HSET', t, 'a', a, 'c', c)
+redis.call('ZADD', p .. 'app:' .. a, 0, m)
+redis.call('ZADD', p .. 'all', 0, tok)
+if u ~= '' then
+  redis.call('HSET', t, 'u', u)
+  redis.call('ZADD', userset(p, a, u), 0, m)
+end
+if e ~= '' then
+  redis.call('HSET', t, 'e', e)
+  redis.call('ZADD', p .. 'exp', e, tok)
 end
 return 1
-";
+"
+);
 
-/// Deletes tokens and their index entries. ARGV: key prefix, now, then the tokens. Returns how
-/// many of them were live.
-const DELETE: &str = r"
+/// Deletes tokens and their entries. ARGV: key prefix, now, then the tokens. Returns how many
+/// of them were live.
+const DELETE: &str = lua!(
+    r"
 local p, now, live = ARGV[1], tonumber(ARGV[2]), 0
 for i = 3, #ARGV do
   local tok = ARGV[i]
   local t = p .. 't:' .. tok
-  local v = redis.call('HMGET', t, 'a', 'u', 'e')
+  local v = redis.call('HMGET', t, 'a', 'u', 'e', 'c')
   if v[1] then
     if not v[3] or tonumber(v[3]) > now then live = live + 1 end
-    redis.call('ZREM', p .. 'app:' .. v[1], tok)
-    if v[2] then redis.call('ZREM', p .. 'user:' .. #v[1] .. ':' .. v[1] .. ':' .. v[2], tok) end
-    redis.call('DEL', t)
+    remove(p, t, tok, v)
+  else
+    redis.call('ZREM', p .. 'exp', tok)
+    redis.call('ZREM', p .. 'all', tok)
   end
-  redis.call('ZREM', p .. 'exp', tok)
-  redis.call('ZREM', p .. 'all', tok)
 end
 return live
-";
+"
+);
 
 /// Deletes the live token ARGV[2] (ARGV: key prefix, token, now): 1 done, 0 none live (an
 /// expired one is left to the sweep).
-const DELETE_LIVE: &str = r"
+const DELETE_LIVE: &str = lua!(
+    r"
 local p, tok = ARGV[1], ARGV[2]
 local t = p .. 't:' .. tok
-local v = redis.call('HMGET', t, 'a', 'u', 'e')
+local v = redis.call('HMGET', t, 'a', 'u', 'e', 'c')
 if not v[1] or (v[3] and tonumber(v[3]) <= tonumber(ARGV[3])) then return 0 end
-redis.call('ZREM', p .. 'app:' .. v[1], tok)
-if v[2] then redis.call('ZREM', p .. 'user:' .. #v[1] .. ':' .. v[1] .. ':' .. v[2], tok) end
-redis.call('ZREM', p .. 'exp', tok)
-redis.call('ZREM', p .. 'all', tok)
-redis.call('DEL', t)
+remove(p, t, tok, v)
 return 1
-";
-
-/// A page of a listing. ARGV: key prefix, index key (relative to the prefix), start (`-` or
-/// `(<token>`), limit, now, most index entries to pass over. Returns `{last seen or '', more (0/1),
-/// token, app, user, expiry, created, …}` with `''` for absent fields.
-const LIST: &str = r"
-local p, idx, start = ARGV[1], ARGV[1] .. ARGV[2], ARGV[3]
-local limit, now, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local out, last, more = {}, '', 1
-local n = 0
-while n < limit and budget > 0 do
-  local want = math.min(limit - n, budget)
-  local members = redis.call('ZRANGE', idx, start, '+', 'BYLEX', 'LIMIT', 0, want)
-  for _, tok in ipairs(members) do
-    budget = budget - 1
-    last = tok
-    local v = redis.call('HMGET', p .. 't:' .. tok, 'a', 'u', 'e', 'c')
-    if v[1] and (not v[3] or tonumber(v[3]) > now) then
-      n = n + 1
-      table.insert(out, tok)
-      table.insert(out, v[1])
-      table.insert(out, v[2] or '')
-      table.insert(out, v[3] or '')
-      table.insert(out, v[4] or '0')
-    end
-  end
-  if #members < want then more = 0 break end
-  start = '(' .. last
-end
-table.insert(out, 1, more)
-table.insert(out, 1, last)
-return out
-";
+"
+);
 
 /// The service's due tokens, up to ARGV[3] (ARGV: key prefix, now, max), with their entries.
 /// Returns how many.
-const SWEEP: &str = r"
+const SWEEP: &str = lua!(
+    r"
 local p = ARGV[1]
 local due = redis.call('ZRANGEBYSCORE', p .. 'exp', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, tok in ipairs(due) do
   local t = p .. 't:' .. tok
-  local v = redis.call('HMGET', t, 'a', 'u')
+  local v = redis.call('HMGET', t, 'a', 'u', 'e', 'c')
   if v[1] then
-    redis.call('ZREM', p .. 'app:' .. v[1], tok)
-    if v[2] then redis.call('ZREM', p .. 'user:' .. #v[1] .. ':' .. v[1] .. ':' .. v[2], tok) end
-    redis.call('DEL', t)
+    remove(p, t, tok, v)
+  else
+    redis.call('ZREM', p .. 'exp', tok)
+    redis.call('ZREM', p .. 'all', tok)
   end
-  redis.call('ZREM', p .. 'all', tok)
-  redis.call('ZREM', p .. 'exp', tok)
 end
 return #due
-";
+"
+);
+
+/// A listing entry read back: (token, user, expiry, created).
+fn parse_entry(entry: &[u8]) -> Option<(String, Option<String>, Option<u64>, u64)> {
+    let text = std::str::from_utf8(entry).ok()?;
+    let mut fields = text.split('\0');
+    let (token, user, expires, created) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+    if fields.next().is_some() || token.is_empty() {
+        return None;
+    }
+    let expires = match expires {
+        "" => None,
+        e => Some(e.parse().ok()?),
+    };
+    Some((token.to_string(), (!user.is_empty()).then(|| user.to_string()), expires, created.parse().unwrap_or(0)))
+}
+
+/// The token of an index member (a listing entry, or a bare token from `all`).
+fn member_token(member: &str) -> &str {
+    member.split('\0').next().unwrap_or(member)
+}
 
 /// The Redis access-token store.
 #[derive(Clone)]
@@ -156,34 +183,15 @@ pub struct RedisAccess {
     create: Script,
     delete: Script,
     delete_live: Script,
-    list: Script,
     sweep: Script,
+    /// Services registered by this process (the registry is never trimmed, so once is enough).
+    registered: Arc<Mutex<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for RedisAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisAccess").field("redis", &self.redis).finish_non_exhaustive()
     }
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        _ => None,
-    }
-}
-
-fn number(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(i) => u64::try_from(*i).ok(),
-        other => text(other)?.parse().ok(),
-    }
-}
-
-fn nonempty(s: String) -> Option<String> {
-    (!s.is_empty()).then_some(s)
 }
 
 impl RedisAccess {
@@ -194,9 +202,24 @@ impl RedisAccess {
             create: Script::new(CREATE),
             delete: Script::new(DELETE),
             delete_live: Script::new(DELETE_LIVE),
-            list: Script::new(LIST),
             sweep: Script::new(SWEEP),
+            registered: Arc::new(Mutex::new(HashSet::new())),
         })
+    }
+
+    /// Adds `service` to the registry the sweep walks, once per process.
+    async fn register(&self, service: &str) -> Result<()> {
+        if self.registered.lock().contains(service) {
+            return Ok(());
+        }
+        let mut conn = self.redis.conn();
+        let _: i64 = redis::cmd("SADD").arg(self.registry()).arg(service).query_async(&mut conn).await.map_err(e)?;
+        let mut known = self.registered.lock();
+        if known.len() >= REGISTERED_MAX {
+            known.clear();
+        }
+        known.insert(service.to_string());
+        Ok(())
     }
 
     /// The key prefix of a service's keys (its id is the hash tag).
@@ -216,16 +239,17 @@ impl RedisAccess {
         let mut live = 0u64;
         loop {
             let mut conn = self.redis.conn();
-            let batch: Vec<String> = redis::cmd("ZRANGE")
+            let members: Vec<String> = redis::cmd("ZRANGE")
                 .arg(&key)
                 .arg(0)
                 .arg(crate::access::REVOKE_BATCH as i64 - 1)
                 .query_async(&mut conn)
                 .await
                 .map_err(e)?;
-            if batch.is_empty() {
+            if members.is_empty() {
                 return Ok(live);
             }
+            let batch: Vec<&str> = members.iter().map(|m| member_token(m)).collect();
             let mut call = self.delete.prepare_invoke();
             call.key(&key).arg(&prefix).arg(now);
             for tok in &batch {
@@ -249,8 +273,8 @@ impl AccessStore for RedisAccess {
 
     async fn create(&self, t: &NewToken<'_>) -> Result<()> {
         let prefix = self.service_prefix(t.service);
+        self.register(t.service).await?;
         let mut conn = self.redis.conn();
-        let _: i64 = redis::cmd("SADD").arg(self.registry()).arg(t.service).query_async(&mut conn).await.map_err(e)?;
         let done: i64 = self
             .create
             .key(format!("{prefix}t:{}", t.token))
@@ -306,53 +330,60 @@ impl AccessStore for RedisAccess {
 
     async fn list(&self, l: &Listing<'_>) -> Result<TokenPage> {
         let prefix = self.service_prefix(l.service);
-        let index = match l.user_id {
-            None => format!("app:{}", l.app_id),
-            Some(user) => format!("user:{}:{}:{user}", l.app_id.len(), l.app_id),
+        let key = match l.user_id {
+            None => format!("{prefix}app:{}", l.app_id),
+            Some(user) => format!("{prefix}user:{}:{}:{user}", l.app_id.len(), l.app_id),
         };
-        let start = match l.after {
+        let refused = || StoreError::InvalidInput("not a cursor of this store".into());
+        // Just past every entry of the cursor's token: its entries all start `<token>\0`.
+        let mut start = match l.after {
             None => "-".to_string(),
             Some(cursor) => {
-                let bytes = URL_SAFE_NO_PAD
-                    .decode(cursor)
-                    .map_err(|_| StoreError::InvalidInput("not a cursor of this store".into()))?;
-                let last = String::from_utf8(bytes)
-                    .map_err(|_| StoreError::InvalidInput("not a cursor of this store".into()))?;
-                format!("({last}")
+                let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| refused())?;
+                let last = String::from_utf8(bytes).map_err(|_| refused())?;
+                format!("[{last}\u{1}")
             }
         };
         let limit = l.limit.max(1);
+        let mut budget = limit * LIST_SCAN_FACTOR;
+        let mut tokens = Vec::with_capacity(limit);
+        let mut last: Option<String> = None;
         let mut conn = self.redis.conn();
-        let reply: Vec<Value> = self
-            .list
-            .key(format!("{prefix}{index}"))
-            .arg(&prefix)
-            .arg(&index)
-            .arg(start)
-            .arg(limit)
-            .arg(l.now)
-            .arg(limit * LIST_SCAN_FACTOR)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(e)?;
-        let bad = || StoreError::Backend("unexpected listing reply".into());
-        let (head, rest) = reply.split_at_checked(2).ok_or_else(bad)?;
-        let last = text(&head[0]).ok_or_else(bad)?;
-        let more = number(&head[1]).ok_or_else(bad)? == 1;
-        let mut tokens = Vec::with_capacity(rest.len() / 5);
-        for row in rest.chunks(5) {
-            let [token, app, user, expires, created] = row else { return Err(bad()) };
-            tokens.push(AccessToken {
-                token: text(token).ok_or_else(bad)?,
-                grant: Grant {
-                    app_id: text(app).ok_or_else(bad)?,
-                    user_id: text(user).and_then(nonempty),
-                    expires_at: text(expires).and_then(nonempty).and_then(|v| v.parse().ok()),
-                },
-                created_at: number(created).unwrap_or(0),
-            });
-        }
-        let next = (more && !last.is_empty()).then(|| URL_SAFE_NO_PAD.encode(last.as_bytes()));
+        let more = loop {
+            let want = limit - tokens.len();
+            let entries: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("BYLEX")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(want)
+                .query_async(&mut conn)
+                .await
+                .map_err(e)?;
+            let fetched = entries.len();
+            for entry in entries {
+                let (token, user_id, expires_at, created_at) = parse_entry(&entry)
+                    .ok_or_else(|| StoreError::Backend("an access-token index entry is not ours".into()))?;
+                last = Some(token.clone());
+                let grant = Grant { app_id: l.app_id.to_string(), user_id, expires_at };
+                if grant.live(l.now) {
+                    tokens.push(AccessToken { token, grant, created_at });
+                }
+            }
+            budget = budget.saturating_sub(fetched);
+            if fetched < want {
+                break false;
+            }
+            if tokens.len() >= limit || budget == 0 {
+                break true;
+            }
+            if let Some(t) = &last {
+                start = format!("[{t}\u{1}");
+            }
+        };
+        let next = last.filter(|_| more).map(|t| URL_SAFE_NO_PAD.encode(t.as_bytes()));
         Ok(TokenPage { tokens, next })
     }
 
@@ -413,5 +444,24 @@ impl AccessStore for RedisAccess {
         let mut conn = self.redis.conn();
         let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(e)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_entries_read_back_as_written() {
+        assert_eq!(
+            parse_entry(b"tok en\0alice\x001764000000000\x001763990000000"),
+            Some(("tok en".into(), Some("alice".into()), Some(1_764_000_000_000), 1_763_990_000_000))
+        );
+        assert_eq!(parse_entry(b"t\0\0\x005"), Some(("t".into(), None, None, 5)));
+        for bad in [&b"t"[..], b"t\0\0", b"\0\0\0", b"t\0u\0x\x001", b"t\0\0\0\0"] {
+            assert_eq!(parse_entry(bad), None, "{bad:?}");
+        }
+        assert_eq!(member_token("abc\0u\0\x001"), "abc");
+        assert_eq!(member_token("bare"), "bare");
     }
 }

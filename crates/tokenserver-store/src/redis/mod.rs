@@ -6,6 +6,7 @@
 //! (`ConnectionManager`); a cluster's follows the cluster's slot map.
 
 pub mod access;
+pub mod apisonator;
 pub mod session;
 
 use redis::aio::{ConnectionLike, ConnectionManager};

@@ -3,6 +3,14 @@
 //! Creation is one `INSERT … ON CONFLICT DO NOTHING` and, when the token exists but has expired,
 //! an `UPDATE` guarded by that expiry: both run in the writer's transaction, so two creates of
 //! one token cannot both succeed.
+//!
+//! The listing indexes order an application's (and a user's) tokens by creation time, then hash:
+//! a create then writes at the right edge of its application's range, and the one page it
+//! dirties at random is the table's own (the hash is what makes tokens unique). Ordered by hash,
+//! as the table is, every create dirtied a second random page: a commit of a batch of creates
+//! wrote about twice the WAL pages (bench/results/tuning-notes.md). The cursor is the last
+//! token's (created_at, hash). They also hold every column a page shows, so a page is one range
+//! of one index: looking each token up in the table cost ~1.3 µs a token, most of a page's time.
 
 use std::sync::Arc;
 
@@ -25,9 +33,13 @@ CREATE TABLE IF NOT EXISTS tokenserver_access_tokens (
     created_at INTEGER NOT NULL,
     PRIMARY KEY (service, token_hash)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tokenserver_access_app_idx ON tokenserver_access_tokens (service, app_id, token_hash);
-CREATE INDEX IF NOT EXISTS tokenserver_access_user_idx
-    ON tokenserver_access_tokens (service, app_id, user_id, token_hash);
+DROP INDEX IF EXISTS tokenserver_access_app_idx;
+DROP INDEX IF EXISTS tokenserver_access_user_idx;
+CREATE INDEX IF NOT EXISTS tokenserver_access_app_page_idx
+    ON tokenserver_access_tokens (service, app_id, created_at, token_hash, token, user_id, expires_at);
+CREATE INDEX IF NOT EXISTS tokenserver_access_user_page_idx
+    ON tokenserver_access_tokens (service, app_id, user_id, created_at, token_hash, token, expires_at)
+    WHERE user_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tokenserver_access_expiry_idx ON tokenserver_access_tokens (expires_at)
     WHERE expires_at IS NOT NULL;
 "#;
@@ -43,15 +55,16 @@ const GET: &str = "SELECT token, app_id, user_id, expires_at, created_at FROM to
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = ?1 AND token_hash = ?2 AND (expires_at IS NULL OR expires_at > ?3)";
 const LIST_APP: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
-    FROM tokenserver_access_tokens INDEXED BY tokenserver_access_app_idx \
-    WHERE service = ?1 AND app_id = ?2 AND token_hash > ?3 AND (expires_at IS NULL OR expires_at > ?4) \
-    ORDER BY token_hash LIMIT ?5";
+    FROM tokenserver_access_tokens INDEXED BY tokenserver_access_app_page_idx \
+    WHERE service = ?1 AND app_id = ?2 AND (created_at, token_hash) > (?3, ?4) \
+    AND (expires_at IS NULL OR expires_at > ?5) ORDER BY created_at, token_hash LIMIT ?6";
 const LIST_USER: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
-    FROM tokenserver_access_tokens INDEXED BY tokenserver_access_user_idx \
-    WHERE service = ?1 AND app_id = ?2 AND user_id = ?6 AND token_hash > ?3 \
-    AND (expires_at IS NULL OR expires_at > ?4) ORDER BY token_hash LIMIT ?5";
+    FROM tokenserver_access_tokens INDEXED BY tokenserver_access_user_page_idx \
+    WHERE service = ?1 AND app_id = ?2 AND user_id = ?7 AND user_id IS NOT NULL \
+    AND (created_at, token_hash) > (?3, ?4) \
+    AND (expires_at IS NULL OR expires_at > ?5) ORDER BY created_at, token_hash LIMIT ?6";
 const REVOKE_APP: &str = "DELETE FROM tokenserver_access_tokens WHERE (service, token_hash) IN \
-    (SELECT service, token_hash FROM tokenserver_access_tokens INDEXED BY tokenserver_access_app_idx \
+    (SELECT service, token_hash FROM tokenserver_access_tokens INDEXED BY tokenserver_access_app_page_idx \
      WHERE service = ?1 AND app_id = ?2 AND (expires_at IS NULL OR expires_at > ?3) LIMIT ?4)";
 const REVOKE_SERVICE: &str = "DELETE FROM tokenserver_access_tokens WHERE (service, token_hash) IN \
     (SELECT service, token_hash FROM tokenserver_access_tokens \
@@ -86,30 +99,34 @@ fn get(conn: &Connection, service: &str, token: &str, now: u64) -> rusqlite::Res
 fn list(conn: &Connection, l: &ListingOwned) -> rusqlite::Result<TokenPage> {
     let now = l.now as i64;
     let mut tokens = Vec::new();
-    let mut last: Option<Vec<u8>> = None;
-    let mut push = |row: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
-        tokens.push(token_row(row)?);
-        last = Some(row.get(5)?);
-        Ok(())
+    let mut last: Option<(i64, Vec<u8>)> = None;
+    let (created, hash) = (l.from.0, &l.from.1[..]);
+    let mut stmt = conn.prepare_cached(if l.user_id.is_some() { LIST_USER } else { LIST_APP })?;
+    let mut rows = match &l.user_id {
+        None => stmt.query(params![l.service, l.app_id, created, hash, now, l.limit as i64])?,
+        Some(user) => stmt.query(params![l.service, l.app_id, created, hash, now, l.limit as i64, user])?,
     };
-    match &l.user_id {
-        None => {
-            let mut stmt = conn.prepare_cached(LIST_APP)?;
-            let mut rows = stmt.query(params![l.service, l.app_id, &l.from[..], now, l.limit as i64])?;
-            while let Some(row) = rows.next()? {
-                push(row)?;
-            }
-        }
-        Some(user) => {
-            let mut stmt = conn.prepare_cached(LIST_USER)?;
-            let mut rows = stmt.query(params![l.service, l.app_id, &l.from[..], now, l.limit as i64, user])?;
-            while let Some(row) = rows.next()? {
-                push(row)?;
-            }
-        }
+    while let Some(row) = rows.next()? {
+        tokens.push(token_row(row)?);
+        last = Some((row.get(4)?, row.get(5)?));
     }
-    let next = last.filter(|_| tokens.len() >= l.limit).map(hex::encode);
+    let next = last.filter(|_| tokens.len() >= l.limit).map(|(created, hash)| encode_cursor(created, &hash));
     Ok(TokenPage { tokens, next })
+}
+
+/// The cursor after a token: its `created_at` (16 hex digits) and hash (64).
+fn encode_cursor(created: i64, hash: &[u8]) -> String {
+    format!("{:016x}{}", created.max(0), hex::encode(hash))
+}
+
+/// The (created_at, hash) a listing starts after; the first page starts before any token.
+fn decode_cursor(after: Option<&str>) -> Result<(i64, Vec<u8>)> {
+    let Some(cursor) = after else { return Ok((i64::MIN, Vec::new())) };
+    let refused = || StoreError::InvalidInput("not a cursor of this store".into());
+    let (created, hash) = (cursor.get(..16).ok_or_else(refused)?, cursor.get(16..).ok_or_else(refused)?);
+    let created = i64::from_str_radix(created, 16).map_err(|_| refused())?;
+    let hash = hex::decode(hash).ok().filter(|h| h.len() == 32).ok_or_else(refused)?;
+    Ok((created, hash))
 }
 
 /// A [`Listing`] that owns its strings (to cross to the writer thread in memory).
@@ -117,7 +134,7 @@ struct ListingOwned {
     service: String,
     app_id: String,
     user_id: Option<String>,
-    from: Vec<u8>,
+    from: (i64, Vec<u8>),
     limit: usize,
     now: u64,
 }
@@ -214,7 +231,7 @@ impl AccessStore for SqliteAccess {
             service: l.service.to_string(),
             app_id: l.app_id.to_string(),
             user_id: l.user_id.map(str::to_string),
-            from: crate::hash_cursor(l.after)?,
+            from: decode_cursor(l.after)?,
             limit: l.limit.max(1),
             now: l.now,
         };
@@ -261,5 +278,22 @@ impl AccessStore for SqliteAccess {
 
     async fn check(&self) -> Result<()> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_refuse_others() {
+        let hash = [7u8; 32];
+        let c = encode_cursor(1_764_000_000_123, &hash);
+        assert_eq!(c.len(), 80);
+        assert_eq!(decode_cursor(Some(&c)).ok(), Some((1_764_000_000_123, hash.to_vec())));
+        assert_eq!(decode_cursor(None).ok(), Some((i64::MIN, Vec::new())));
+        for bad in ["", "zz", &c[..79], &format!("{c}00"), &hex::encode([1u8; 32])] {
+            assert!(matches!(decode_cursor(Some(bad)), Err(StoreError::InvalidInput(_))), "{bad}");
+        }
     }
 }

@@ -265,19 +265,37 @@ pub async fn cancelled_calls_change_all_or_nothing(s: &dyn AccessStore) {
         .await;
     }))
     .await;
-    let mut listed: HashMap<String, usize> = HashMap::new();
-    for app in 0..4 {
-        for t in all_pages(s, "svc", &format!("app-{app}"), None, 50, now).await {
-            *listed.entry(t).or_default() += 1;
+    // A cancelled caller's write may still be landing on its detached task, so the check reads
+    // the store until two snapshots in a row agree (each token changes at most twice), then
+    // holds the invariant against that quiet state.
+    let snapshot = || async {
+        let mut listed: HashMap<String, usize> = HashMap::new();
+        for app in 0..4 {
+            for t in all_pages(s, "svc", &format!("app-{app}"), None, 50, now).await {
+                *listed.entry(t).or_default() += 1;
+            }
+            for t in all_pages(s, "svc", &format!("app-{app}"), Some("u"), 50, now).await {
+                *listed.entry(t).or_default() += 1;
+            }
         }
-        for t in all_pages(s, "svc", &format!("app-{app}"), Some("u"), 50, now).await {
-            *listed.entry(t).or_default() += 1;
+        let mut state = Vec::with_capacity(tokens.len());
+        for t in &tokens {
+            let readable = s.get("svc", t, now).await.unwrap().is_some();
+            state.push((t.clone(), readable, listed.get(t).copied().unwrap_or(0)));
         }
+        state
+    };
+    let mut last = snapshot().await;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let next = snapshot().await;
+        if next == last {
+            break;
+        }
+        last = next;
     }
-    for t in &tokens {
-        let readable = s.get("svc", t, now).await.unwrap().is_some();
-        let times = listed.get(t).copied().unwrap_or(0);
-        assert_eq!(times, if readable { 2 } else { 0 }, "{t}: readable {readable}, listed {times}");
+    for (t, readable, times) in &last {
+        assert_eq!(*times, if *readable { 2 } else { 0 }, "{t}: readable {readable}, listed {times}");
     }
     s.create(&new("svc", "after", "app-0", None, None, now)).await.unwrap();
     assert!(s.get("svc", "after", now).await.unwrap().is_some());

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod access_cases;
+mod access_storage;
 mod mysql_only;
 mod postgres_only;
 mod schema;

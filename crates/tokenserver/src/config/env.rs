@@ -18,6 +18,7 @@ const TOP_LEVEL: &[&str] = &[
     "internal",
     "tokenserver",
     "sessions",
+    "access",
     "limits",
     "syncstorage",
 ];
@@ -46,6 +47,8 @@ const STRING_KEYS: &[&str] = &[
     "url",
     "api_key",
     "sqlite_synchronous",
+    "provider_key",
+    "service_tokens",
 ];
 
 /// Environment prefixes in increasing precedence.

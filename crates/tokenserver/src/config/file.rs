@@ -61,6 +61,8 @@ pub struct FileConfig {
     pub tokenserver: SyncFile,
     /// Session tokens (`[sessions]`).
     pub sessions: SessionsFile,
+    /// Access tokens (`[access]`).
+    pub access: AccessFile,
     /// Connection limits of both listeners (`[limits]`).
     pub limits: LimitsFile,
     /// Mozilla's storage settings: accepted and ignored (we are not a storage node).
@@ -79,6 +81,7 @@ impl Default for FileConfig {
             internal: InternalFile::default(),
             tokenserver: SyncFile::default(),
             sessions: SessionsFile::default(),
+            access: AccessFile::default(),
             limits: LimitsFile::default(),
             syncstorage: None,
         }
@@ -333,6 +336,60 @@ impl Default for LimitsFile {
             header_read_timeout: DurationText::Text("10s".into()),
             idle_timeout: DurationText::Text("75s".into()),
             body_timeout: DurationText::Text("30s".into()),
+        }
+    }
+}
+
+/// `[access.services."<id>"]`: how apisonator's routes authenticate calls for one service.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct AccessServiceFile {
+    /// The provider key that owns the service (`provider_key=`).
+    pub provider_key: Option<String>,
+    /// Service tokens accepted for the service (`service_token=`): one, or a list.
+    pub service_tokens: Option<Secrets>,
+}
+
+/// `[access]`: access tokens on the internal listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AccessFile {
+    /// Serve the access-token APIs.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub enabled: bool,
+    /// Store: `sqlite:…`, `postgres://…`, `mysql://…`, `redis://…`, `redis+cluster://h:p,h:p`;
+    /// default: the Sync database.
+    pub url: Option<String>,
+    /// Lifetime of a token created without a TTL.
+    pub default_ttl: DurationText,
+    /// Longest TTL a token may be given (0, permanent, is always allowed).
+    pub max_ttl: DurationText,
+    /// Longest token, bytes (apisonator's `CONFIG_OAUTH_MAX_TOKEN_SIZE`).
+    pub max_token_bytes: usize,
+    /// How often expired tokens are reclaimed.
+    pub purge_interval: DurationText,
+    /// The v1 API requires `Authorization: Bearer <api_key>` (generated and kept in the database
+    /// when not set).
+    pub api_key: Option<String>,
+    /// `false` opens the v1 API without a key; accepted only on a loopback internal listener.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub require_api_key: bool,
+    /// Per-service keys of apisonator's routes.
+    pub services: BTreeMap<String, AccessServiceFile>,
+}
+
+impl Default for AccessFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: None,
+            default_ttl: DurationText::Text("1day".into()),
+            max_ttl: DurationText::Text("365days".into()),
+            max_token_bytes: 3584,
+            purge_interval: DurationText::Text("1min".into()),
+            api_key: None,
+            require_api_key: true,
+            services: BTreeMap::new(),
         }
     }
 }

@@ -128,6 +128,36 @@ pub struct ListenerLimits {
     pub internal: Limits,
 }
 
+/// The keys apisonator's routes accept for one service.
+#[derive(Debug, Clone, Default)]
+pub struct AccessServiceKeys {
+    /// `provider_key`.
+    pub provider_key: Option<Secret<String>>,
+    /// `service_token`s.
+    pub service_tokens: Vec<Secret<String>>,
+}
+
+/// Access-token settings.
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    /// Store URL (may hold a password: never logged).
+    pub url: Secret<String>,
+    /// TTL of a token created without one, seconds.
+    pub default_ttl_s: u64,
+    /// Longest TTL, seconds.
+    pub max_ttl_s: u64,
+    /// Longest token, bytes.
+    pub max_token_bytes: usize,
+    /// Purge period.
+    pub purge_interval: Duration,
+    /// Bearer key of the v1 API.
+    pub api_key: Option<Secret<String>>,
+    /// The v1 API needs a key (`false` only on a loopback internal listener).
+    pub require_api_key: bool,
+    /// apisonator's per-service keys, by service id.
+    pub services: std::collections::BTreeMap<String, AccessServiceKeys>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -151,6 +181,8 @@ pub struct Config {
     pub webhook: WebhookConfig,
     /// Session tokens; `None` when disabled.
     pub sessions: Option<SessionsConfig>,
+    /// Access tokens; `None` when disabled.
+    pub access: Option<AccessConfig>,
     /// Connection limits.
     pub limits: ListenerLimits,
     /// Warnings to log once logging is up (unknown keys, risky defaults).
@@ -527,11 +559,82 @@ fn validate_fxa(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<FxaSe
     Ok(fxa)
 }
 
+fn validate_access(
+    a: &file::AccessFile,
+    database_url: &str,
+    internal_host: &str,
+) -> Result<Option<AccessConfig>, ConfigError> {
+    use tokenserver_store::{Backend, Family};
+    if !a.enabled {
+        return Ok(None);
+    }
+    let url = a.url.clone().unwrap_or_else(|| database_url.to_string());
+    let backend = Backend::from_url(&url).map_err(|e| bad("access.url", e))?;
+    if !backend.holds(Family::Access) {
+        return Err(bad(
+            "access.url",
+            format!("{backend:?} holds no access tokens: use {}", Backend::holding(Family::Access)),
+        ));
+    }
+    let default_ttl = duration("access.default_ttl", &a.default_ttl)?;
+    let max_ttl = duration("access.max_ttl", &a.max_ttl)?;
+    if max_ttl < Duration::from_secs(1) {
+        return Err(bad("access.max_ttl", "must be at least 1s"));
+    }
+    if default_ttl > max_ttl {
+        return Err(bad("access.default_ttl", "must be at most access.max_ttl"));
+    }
+    if a.max_token_bytes == 0 || a.max_token_bytes > 65_535 {
+        return Err(bad("access.max_token_bytes", "must be between 1 and 65535"));
+    }
+    let purge_interval = duration("access.purge_interval", &a.purge_interval)?;
+    if purge_interval < Duration::from_millis(100) {
+        return Err(bad("access.purge_interval", "must be at least 100ms"));
+    }
+    if !a.require_api_key && !is_loopback(internal_host) {
+        return Err(bad(
+            "access.require_api_key",
+            format!("false is accepted only when internal.host is a loopback address, not {internal_host:?}"),
+        ));
+    }
+    let mut services = std::collections::BTreeMap::new();
+    for (id, keys) in &a.services {
+        tokenserver_core::access::check_id(id).map_err(|e| bad(&format!("access.services.{id}"), e))?;
+        let nonempty = |k: &String| !k.is_empty();
+        services.insert(
+            id.clone(),
+            AccessServiceKeys {
+                provider_key: keys.provider_key.clone().filter(nonempty).map(Secret::new),
+                service_tokens: match &keys.service_tokens {
+                    Some(file::Secrets::One(t)) => vec![t.clone()],
+                    Some(file::Secrets::Many(ts)) => ts.clone(),
+                    None => Vec::new(),
+                }
+                .into_iter()
+                .filter(nonempty)
+                .map(Secret::new)
+                .collect(),
+            },
+        );
+    }
+    Ok(Some(AccessConfig {
+        url: Secret::new(url),
+        default_ttl_s: default_ttl.as_secs(),
+        max_ttl_s: max_ttl.as_secs(),
+        max_token_bytes: a.max_token_bytes,
+        purge_interval,
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()).map(Secret::new),
+        require_api_key: a.require_api_key,
+        services,
+    }))
+}
+
 /// The whole configuration, section by section; the first bad key stops it.
 fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
     let limits = validate_limits(&raw.limits)?;
     let ts = &raw.tokenserver;
     let sessions = validate_sessions(raw.sessions, &ts.database_url, &raw.internal.host, &mut warnings)?;
+    let access = validate_access(&raw.access, &ts.database_url, &raw.internal.host)?;
     let master_secrets = validate_master_secrets(raw.master_secret, raw.master_secret_file.as_deref())?;
     let database = validate_database(ts)?;
     let sync = validate_sync(ts, &mut warnings)?;
@@ -547,6 +650,7 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         fxa,
         webhook: WebhookConfig { enabled: ts.fxa_webhook_enabled, metrics_only: ts.fxa_webhook_metrics_only },
         sessions,
+        access,
         limits,
         warnings,
     })
@@ -707,6 +811,63 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
         .unwrap_or_else(|e| unreachable!("{e}"));
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("topsecret") && !dbg.contains("alsosecret"));
+    }
+
+    #[test]
+    fn access_settings() {
+        let c = load(None, &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        let a = c.access.unwrap_or_else(|| unreachable!("enabled by default"));
+        assert_eq!(a.url.expose(), "sqlite://tokenserver.db");
+        assert_eq!((a.default_ttl_s, a.max_ttl_s, a.max_token_bytes), (86_400, 365 * 86_400, 3584));
+        assert_eq!(a.purge_interval, Duration::from_secs(60));
+        assert!(a.require_api_key && a.api_key.is_none() && a.services.is_empty());
+
+        let toml = r#"
+[access]
+url = "redis://127.0.0.1:6379/?prefix=acc:"
+default_ttl = "1h"
+max_ttl = "30days"
+
+[access.services."2555417777820"]
+provider_key = "pk-secret"
+service_tokens = ["st-1", "st-2"]
+
+[access.services.other]
+service_tokens = "st-3"
+"#;
+        let c = with_file(toml, &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        let a = c.access.clone().unwrap_or_else(|| unreachable!());
+        assert_eq!((a.default_ttl_s, a.max_ttl_s), (3600, 30 * 86_400));
+        let svc = &a.services["2555417777820"];
+        assert_eq!(svc.provider_key.as_ref().map(|k| k.expose().as_str()), Some("pk-secret"));
+        assert_eq!(svc.service_tokens.len(), 2);
+        assert_eq!(a.services["other"].service_tokens.len(), 1);
+        assert!(!format!("{c:?}").contains("pk-secret"), "keys are secrets");
+        // From the environment too.
+        let c = load(None, &vars(&[("TOKENSERVER_ACCESS__SERVICES__S1__PROVIDER_KEY", "pk")]))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.access.unwrap_or_else(|| unreachable!()).services["s1"].provider_key.is_some());
+        let c = load(None, &vars(&[("TOKENSERVER_ACCESS__ENABLED", "false")])).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.access.is_none());
+
+        for (key, value, named) in [
+            ("TOKENSERVER_ACCESS__URL", "memory:", "access.url"),
+            ("TOKENSERVER_ACCESS__DEFAULT_TTL", "400days", "access.default_ttl"),
+            ("TOKENSERVER_ACCESS__MAX_TTL", "0", "access.max_ttl"),
+            ("TOKENSERVER_ACCESS__MAX_TOKEN_BYTES", "0", "access.max_token_bytes"),
+            ("TOKENSERVER_ACCESS__PURGE_INTERVAL", "1ms", "access.purge_interval"),
+        ] {
+            let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(named), "{key}={value}: {err}");
+        }
+        let err = load(
+            None,
+            &vars(&[("TOKENSERVER_ACCESS__REQUIRE_API_KEY", "false"), ("TOKENSERVER_INTERNAL__HOST", "0.0.0.0")]),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(err.contains("access.require_api_key"), "{err}");
     }
 
     #[test]

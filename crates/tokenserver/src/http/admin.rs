@@ -11,7 +11,6 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::http::error::ApiError;
-use crate::keys::BearerKey;
 use crate::ops::node::{self, NodeSpec};
 use crate::state::AppState;
 
@@ -24,21 +23,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/__lbheartbeat__", get(crate::http::health::lbheartbeat))
 }
 
-/// `Err` with the answer when `headers` do not carry the admin key `key`.
-pub fn check_admin_key(key: Option<&BearerKey>, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-    match key {
-        Some(key) if key.matches(headers) => Ok(()),
-        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid admin key is required")),
-        None => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "admin_key_required",
-            "the admin API is off: set internal.admin_key",
-        )),
-    }
-}
-
 async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match check_admin_key(state.admin_key.as_ref(), req.headers()) {
+    match crate::http::guard::check_admin_key(state.admin_key.as_ref(), req.headers()) {
         Ok(()) => next.run(req).await,
         Err(refused) => refused.into_response(),
     }

@@ -13,6 +13,7 @@ use tokenserver_core::sync::consistency::Violation;
 use tokenserver_core::sync::keyid::KeyIdError;
 use tokenserver_store::StoreError;
 
+use crate::access::AccessError;
 use crate::ops::node::OpsError;
 use crate::session::SessionError;
 use crate::sync::IssueError;
@@ -291,6 +292,49 @@ impl From<SessionError> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_ttl", e.to_string())
             }
             SessionError::Store(s) => ApiError::session_store(&s),
+        }
+    }
+}
+
+impl From<AccessError> for ApiError {
+    fn from(e: AccessError) -> Self {
+        use tokenserver_core::access::AuthorizeError;
+        let status = |s: StatusCode, code: &'static str| ApiError::new(s, code, e.to_string());
+        match &e {
+            AccessError::Format(_) => status(StatusCode::UNPROCESSABLE_ENTITY, "access_token_format_invalid"),
+            AccessError::Id { .. } => status(StatusCode::UNPROCESSABLE_ENTITY, "invalid_id"),
+            AccessError::Ttl(_) => status(StatusCode::UNPROCESSABLE_ENTITY, "access_token_invalid_ttl"),
+            AccessError::AlreadyExists(_) => status(StatusCode::CONFLICT, "access_token_already_exists"),
+            AccessError::NotFound(_) => status(StatusCode::NOT_FOUND, "access_token_invalid"),
+            AccessError::Authorize(AuthorizeError::InvalidToken(_)) => {
+                status(StatusCode::NOT_FOUND, "access_token_invalid")
+            }
+            AccessError::Authorize(AuthorizeError::NoApplication) => {
+                status(StatusCode::NOT_FOUND, "application_not_found")
+            }
+            AccessError::InvalidLimit => status(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit"),
+            AccessError::Store(store) => ApiError::access_store(store),
+        }
+    }
+}
+
+impl ApiError {
+    /// An access-token store failure, as the v1 API answers it.
+    pub fn access_store(e: &StoreError) -> Self {
+        match e {
+            StoreError::InvalidInput(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor", m.clone()),
+            StoreError::Unavailable(_) | StoreError::Conflict | StoreError::Timeout | StoreError::Abandoned => {
+                tracing::warn!(error = %e, "access-token store unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the access-token store is unavailable",
+                )
+            }
+            other => {
+                tracing::error!(error = %other, "access-token store failed");
+                ApiError::internal()
+            }
         }
     }
 }

@@ -93,7 +93,7 @@ async fn remove(State(state): State<SessionsState>, Json(p): Json<RemovePayload>
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC, as HaKr's dump writes expiry.
 fn hakr_time(ms: u64) -> String {
-    let text = super::sessions::rfc3339(ms);
+    let text = crate::http::json::rfc3339(ms);
     text.trim_end_matches('Z').replacen('T', " ", 1)
 }
 

@@ -1,8 +1,11 @@
 //! HTTP routers: the public listener (Sync token API, webhook, health) and the internal one
 //! (node administration, session tokens, metrics).
 
+pub mod access;
 pub mod admin;
+pub mod apisonator;
 pub mod error;
+pub mod guard;
 pub mod hakr;
 pub mod health;
 pub mod json;
@@ -111,6 +114,12 @@ pub fn internal_router(state: AppState) -> Router {
     // extractor so rejections read as HaKr's did).
     if let Some(sessions) = sessions::router(&state) {
         router = router.merge(sessions);
+    }
+    if let Some(access) = access::router(&state) {
+        router = router.merge(access.layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)));
+    }
+    if let Some(apisonator) = apisonator::router(&state) {
+        router = router.merge(apisonator.layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)));
     }
     router.with_state(state)
 }

@@ -5,14 +5,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokenserver_core::session::RotateOutcome;
@@ -20,9 +19,10 @@ use tokenserver_core::session::{MetaError, MetaUpdate, SessionRecord, SessionTok
 
 use std::sync::Arc;
 
-use crate::http::admin::check_admin_key;
 use crate::http::error::ApiError;
-use crate::keys::{BearerKey, SessionAccess};
+use crate::http::guard::check_admin_key;
+use crate::http::json::{rfc3339, V1Json};
+use crate::keys::{BearerKey, RouteAccess};
 use crate::session::{DumpSlot, Sessions};
 use crate::state::AppState;
 
@@ -64,52 +64,10 @@ pub fn router(state: &AppState) -> Option<Router<AppState>> {
     Some(router.layer(limit).with_state(SessionsState { sessions, admin_key: state.admin_key.clone() }))
 }
 
-async fn require_api_key(State(access): State<SessionAccess>, req: Request, next: Next) -> Response {
-    match &access {
-        SessionAccess::Open => next.run(req).await,
-        SessionAccess::Key(key) if key.matches(req.headers()) => next.run(req).await,
-        SessionAccess::Key(_) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid session API key is required")
-                .into_response()
-        }
-        SessionAccess::Off => {
-            ApiError::new(StatusCode::FORBIDDEN, "api_key_required", "the session routes are off: set sessions.api_key")
-                .into_response()
-        }
-    }
-}
-
-/// RFC 3339 UTC, whole seconds.
-pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-/// `Json<T>` whose rejections are v1 envelope errors.
-pub struct V1Json<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for V1Json<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match super::json::FastJson::<T>::from_request(req, state).await {
-            Ok(super::json::FastJson(v)) => Ok(Self(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
-    }
-}
-
-fn json_rejection(r: JsonRejection) -> ApiError {
-    let text = r.body_text();
-    match r {
-        JsonRejection::MissingJsonContentType(_) => {
-            ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", text)
-        }
-        JsonRejection::JsonSyntaxError(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", text),
-        JsonRejection::JsonDataError(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", text),
-        _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", text)
-        }
-        _ => ApiError::new(r.status(), "invalid_body", text),
+async fn require_api_key(State(access): State<RouteAccess>, req: Request, next: Next) -> Response {
+    match crate::http::guard::check_route_key(&access, req.headers(), "sessions.api_key") {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
     }
 }
 

@@ -1,7 +1,5 @@
 //! The internal listener (node API, metrics, admin key) and the CLI binary.
 
-use std::process::Command;
-
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -53,20 +51,6 @@ async fn admin_key_guards_the_internal_api() {
     // Load balancers may probe liveness without the key.
     let r = s.http.get(format!("{}/__lbheartbeat__", s.internal)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-}
-
-fn cli(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokenserver"));
-    cmd.current_dir(dir).args(args).env_remove("SYNC_MASTER_SECRET");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -255,6 +255,7 @@ impl TestServer {
             ("TOKENSERVER_INTERNAL__ADMIN_KEY".into(), ADMIN_KEY.into()),
             // HaKr's API has no key; the tests talk to a loopback listener, where that is allowed.
             ("TOKENSERVER_SESSIONS__REQUIRE_API_KEY".into(), "false".into()),
+            ("TOKENSERVER_ACCESS__REQUIRE_API_KEY".into(), "false".into()),
         ];
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let cfg = config::load(None, &vars).unwrap_or_else(|e| panic!("{e}"));
@@ -450,4 +451,20 @@ pub const INVALID_CREDENTIALS: (&str, &str, &str, &str) = ("invalid-credentials"
 
 pub fn assert_401(resp: &Response, e: (&str, &str, &str, &str)) {
     assert_error(resp, 401, e.0, e.1, e.2, e.3);
+}
+
+/// Runs the binary in `dir` with `args` (and `env` on top of ours, without SYNC_MASTER_SECRET):
+/// (exit code, stdout, stderr).
+pub fn cli(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenserver"));
+    cmd.current_dir(dir).args(args).env_remove("SYNC_MASTER_SECRET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

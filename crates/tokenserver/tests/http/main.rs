@@ -4,6 +4,7 @@
 // Tests may unwrap: a failure is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod access;
 mod admin;
 mod backends;
 mod common;

@@ -1,4 +1,7 @@
-//! Command line: `serve` (the default), `migrate`, `node add|list`, `token inspect`, `keys`.
+//! Command line: `serve` (the default), `migrate`, `node add|list`, `token inspect`, `keys`,
+//! `access …`.
+
+mod access;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +39,9 @@ pub enum Command {
     /// Token utilities.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Access tokens: create, get, delete, list, revoke; import from apisonator's Redis.
+    #[command(subcommand)]
+    Access(access::AccessCommand),
     /// Show the keys and secrets in force and where each comes from; generated ones (kept in
     /// the database) are printed so that they can be given to storage nodes and API clients.
     Keys {
@@ -152,6 +158,7 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
         Command::Node(cmd) => node_command(cmd, config).await,
         Command::Token(TokenCommand::Inspect { id, secrets }) => inspect(&id, secrets, &config).await,
         Command::Keys { json } => keys(&config, json).await,
+        Command::Access(cmd) => access::run(cmd, &config).await,
     }
 }
 
@@ -172,7 +179,8 @@ async fn keys(config: &Config, json: bool) -> Result<(), String> {
     };
     let admin = crate::keys::admin_key(config, store.as_ref()).await.map_err(|e| e.to_string())?;
     let sessions = crate::keys::sessions_api_key(config, store.as_ref()).await.map_err(|e| e.to_string())?;
-    let rows: Vec<(&str, &str, Option<&str>)> = [&master, &admin, &sessions]
+    let access = crate::keys::access_api_key(config, store.as_ref()).await.map_err(|e| e.to_string())?;
+    let rows: Vec<(&str, &str, Option<&str>)> = [&master, &admin, &sessions, &access]
         .iter()
         .map(|k| {
             let (origin, value) = match k.origin {

@@ -1,0 +1,211 @@
+//! The v1 access-token API on the internal listener, under `/v1/services/{service_id}/…`: JSON,
+//! the v1 error envelope, `access.api_key`. apisonator's own routes are in [`super::apisonator`].
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST …/tokens` `{token?, app_id, user_id?, ttl?}` | 201, the token |
+//! | `GET …/tokens/{token}` | `{app_id, user_id, expires_at}` |
+//! | `DELETE …/tokens/{token}` | 204 |
+//! | `DELETE …/tokens` | `{revoked}`: every token of the service |
+//! | `GET …/applications/{app_id}/tokens?user_id&limit&cursor` | `{tokens, next_cursor}` |
+//! | `DELETE …/applications/{app_id}/tokens` | `{revoked}` |
+//! | `POST …/authorize` `{access_token?, app_id?, user_id?}` | `{app_id, user_id}` |
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokenserver_core::access::Named;
+use tokenserver_store::access::AccessToken;
+
+use crate::access::{AccessTokens, CreateRequest};
+use crate::http::error::ApiError;
+use crate::http::json::{Rfc3339, V1Json};
+use crate::keys::RouteAccess;
+use crate::state::AppState;
+
+/// The v1 routes, when access tokens are enabled.
+pub fn router(state: &AppState) -> Option<Router<AppState>> {
+    let access = state.access.clone()?;
+    let router = Router::new()
+        .route("/v1/services/{service}/tokens", post(create).delete(revoke_service))
+        .route("/v1/services/{service}/tokens/{token}", get(read).delete(remove))
+        .route("/v1/services/{service}/applications/{app}/tokens", get(list).delete(revoke_app))
+        .route("/v1/services/{service}/authorize", post(authorize))
+        .layer(axum::middleware::from_fn_with_state(state.access_access.clone(), require_api_key))
+        .with_state(access);
+    Some(Router::new().merge(router))
+}
+
+async fn require_api_key(State(access): State<RouteAccess>, req: Request, next: Next) -> Response {
+    match crate::http::guard::check_route_key(&access, req.headers(), "access.api_key") {
+        Ok(()) => next.run(req).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+type Access = State<Arc<AccessTokens>>;
+
+/// Path segments, or the envelope's 404 for ones that do not decode.
+fn segments<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(p)| p)
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not_found", "a path segment is not valid UTF-8"))
+}
+
+/// A token as the v1 API (and the CLI) shows it: `{token, app_id, user_id, expires_at,
+/// created_at}`, times RFC 3339, `expires_at` `null` when permanent. Serialized straight from the
+/// stored record (a page holds up to a thousand of them: no `serde_json::Value` in between).
+#[derive(Debug, Serialize)]
+pub struct TokenView<'a> {
+    token: &'a str,
+    app_id: &'a str,
+    user_id: Option<&'a str>,
+    expires_at: Option<Rfc3339>,
+    created_at: Rfc3339,
+}
+
+impl<'a> TokenView<'a> {
+    /// The view of `t`.
+    pub fn of(t: &'a AccessToken) -> Self {
+        Self {
+            token: &t.token,
+            app_id: &t.grant.app_id,
+            user_id: t.grant.user_id.as_deref(),
+            expires_at: t.grant.expires_at.map(Rfc3339),
+            created_at: Rfc3339(t.created_at),
+        }
+    }
+}
+
+/// One token read by its text: `{app_id, user_id, expires_at}`.
+#[derive(Serialize)]
+struct GrantView<'a> {
+    app_id: &'a str,
+    user_id: Option<&'a str>,
+    expires_at: Option<Rfc3339>,
+}
+
+/// A page of a listing.
+#[derive(Serialize)]
+struct PageView<'a> {
+    tokens: Vec<TokenView<'a>>,
+    next_cursor: Option<&'a str>,
+}
+
+/// Who a call is.
+#[derive(Serialize)]
+struct WhoView<'a> {
+    app_id: &'a str,
+    user_id: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    token: Option<String>,
+    app_id: String,
+    user_id: Option<String>,
+    /// Seconds; absent: `access.default_ttl`; 0: permanent.
+    ttl: Option<u64>,
+}
+
+async fn create(
+    State(access): Access,
+    path: Result<Path<String>, PathRejection>,
+    V1Json(body): V1Json<CreateBody>,
+) -> Result<Response, ApiError> {
+    let service = segments(path)?;
+    let req = CreateRequest {
+        token: body.token.as_deref(),
+        app_id: &body.app_id,
+        user_id: body.user_id.as_deref(),
+        ttl_s: body.ttl,
+    };
+    let created = access.create(&service, &req).await?;
+    Ok((StatusCode::CREATED, Json(TokenView::of(&created))).into_response())
+}
+
+async fn read(
+    State(access): Access,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (service, token) = segments(path)?;
+    let t = access.get(&service, &token).await?;
+    let g = &t.grant;
+    let view = GrantView { app_id: &g.app_id, user_id: g.user_id.as_deref(), expires_at: g.expires_at.map(Rfc3339) };
+    Ok(Json(view).into_response())
+}
+
+async fn remove(
+    State(access): Access,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (service, token) = segments(path)?;
+    access.delete(&service, &token).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    user_id: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list(
+    State(access): Access,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (service, app) = segments(path)?;
+    let Query(q) = query
+        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit", "limit must be a number"))?;
+    let user = q.user_id.as_deref().filter(|u| !u.is_empty());
+    let page = access.list(&service, &app, user, q.cursor.as_deref(), q.limit).await?;
+    let view = PageView { tokens: page.tokens.iter().map(TokenView::of).collect(), next_cursor: page.next.as_deref() };
+    Ok(Json(view).into_response())
+}
+
+async fn revoke_app(
+    State(access): Access,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (service, app) = segments(path)?;
+    let revoked = access.revoke_app(&service, &app).await?;
+    Ok(Json(json!({ "revoked": revoked })).into_response())
+}
+
+async fn revoke_service(
+    State(access): Access,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let service = segments(path)?;
+    let revoked = access.revoke_service(&service).await?;
+    Ok(Json(json!({ "revoked": revoked })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeBody {
+    access_token: Option<String>,
+    app_id: Option<String>,
+    user_id: Option<String>,
+}
+
+async fn authorize(
+    State(access): Access,
+    path: Result<Path<String>, PathRejection>,
+    V1Json(body): V1Json<AuthorizeBody>,
+) -> Result<Response, ApiError> {
+    let service = segments(path)?;
+    let named = Named::new(body.access_token.as_deref(), body.app_id.as_deref(), body.user_id.as_deref());
+    let who = access.authorize(&service, &named).await?;
+    Ok(Json(WhoView { app_id: &who.app_id, user_id: who.user_id.as_deref() }).into_response())
+}
