@@ -2,7 +2,7 @@
 //! `tokenserver-core`'s rules, call the store once, count outcomes. Every surface is a rendering
 //! of these results (`http/error.rs` maps [`AccessError`]).
 
-use std::collections::HashMap;
+use crate::telemetry::OpCounters;
 use std::sync::Arc;
 
 use tokenserver_core::access::{
@@ -63,37 +63,6 @@ const OUTCOMES: &[(&str, &[&str])] = &[
     ("delete", &["ok", "unknown", "error"]),
 ];
 
-/// The operation counters, registered once (a labelled key built per call allocates).
-struct OpCounters(HashMap<(&'static str, &'static str), metrics::Counter>);
-
-impl OpCounters {
-    fn register() -> Self {
-        // The recorder must be in place before handles are taken.
-        let _ = crate::telemetry::metrics_handle();
-        let mut map = HashMap::new();
-        for (op, outcomes) in OUTCOMES {
-            for outcome in *outcomes {
-                let counter =
-                    metrics::counter!("tokenserver_access_operations_total", "op" => *op, "outcome" => *outcome);
-                map.insert((*op, *outcome), counter);
-            }
-        }
-        Self(map)
-    }
-
-    fn count(&self, op: &'static str, outcome: &'static str) {
-        if let Some(c) = self.0.get(&(op, outcome)) {
-            c.increment(1);
-        }
-    }
-}
-
-impl std::fmt::Debug for OpCounters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpCounters").field("series", &self.0.len()).finish()
-    }
-}
-
 fn id(which: &'static str, value: &str) -> Result<(), AccessError> {
     check_id(value).map_err(|error| AccessError::Id { which, error })
 }
@@ -122,7 +91,11 @@ pub struct AccessTokens {
 impl AccessTokens {
     /// The service over `store`, opened for `config`'s URL.
     pub fn new(store: Arc<dyn AccessStore>, config: &AccessConfig) -> Self {
-        Self { store, config: config.clone(), counters: OpCounters::register() }
+        Self {
+            store,
+            config: config.clone(),
+            counters: OpCounters::register("tokenserver_access_operations_total", OUTCOMES),
+        }
     }
 
     /// The settings in force.
@@ -165,56 +138,38 @@ impl AccessTokens {
             }
         };
         let new = NewToken { service, token, app_id: req.app_id, user_id: req.user_id, expires_at: expires, now };
-        match self.store.create(&new).await {
-            Ok(()) => {
-                self.counters.count("create", "ok");
-                Ok(new.stored())
-            }
-            Err(StoreError::AlreadyExists(_)) => {
-                self.counters.count("create", "exists");
-                Err(AccessError::AlreadyExists(token.to_string()))
-            }
-            Err(e) => {
-                self.counters.count("create", "error");
-                Err(e.into())
-            }
-        }
+        let created = self.store.create(&new).await.map(|()| new.stored()).map_err(|e| match e {
+            StoreError::AlreadyExists(_) => AccessError::AlreadyExists(token.to_string()),
+            e => e.into(),
+        });
+        self.tally("create", created)
     }
 
     /// The live token `token` of `service`.
     pub async fn get(&self, service: &str, token: &str) -> Result<AccessToken, AccessError> {
-        match self.store.get(service, token, now_ms()).await {
-            Ok(Some(t)) => {
-                self.counters.count("get", "ok");
-                Ok(t)
-            }
-            Ok(None) => {
-                self.counters.count("get", "unknown");
-                Err(AccessError::NotFound(token.to_string()))
-            }
-            Err(e) => {
-                self.counters.count("get", "error");
-                Err(e.into())
-            }
-        }
+        let found = self.store.get(service, token, now_ms()).await.map_err(AccessError::from);
+        self.tally("get", found.and_then(|t| t.ok_or_else(|| AccessError::NotFound(token.to_string()))))
     }
 
     /// Deletes the live token `token` of `service`.
     pub async fn delete(&self, service: &str, token: &str) -> Result<(), AccessError> {
-        match self.store.delete(service, token, now_ms()).await {
-            Ok(true) => {
-                self.counters.count("delete", "ok");
-                Ok(())
-            }
-            Ok(false) => {
-                self.counters.count("delete", "unknown");
-                Err(AccessError::NotFound(token.to_string()))
-            }
-            Err(e) => {
-                self.counters.count("delete", "error");
-                Err(e.into())
-            }
-        }
+        let deleted = self.store.delete(service, token, now_ms()).await.map_err(AccessError::from);
+        self.tally(
+            "delete",
+            deleted.and_then(|gone| gone.then_some(()).ok_or_else(|| AccessError::NotFound(token.to_string()))),
+        )
+    }
+
+    /// Counts `op` under the outcome `result` stands for, and passes it on.
+    fn tally<T>(&self, op: &'static str, result: Result<T, AccessError>) -> Result<T, AccessError> {
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(AccessError::AlreadyExists(_)) => "exists",
+            Err(AccessError::NotFound(_)) => "unknown",
+            Err(_) => "error",
+        };
+        self.counters.count(op, outcome);
+        result
     }
 
     /// A page of an application's (or one of its users') tokens.

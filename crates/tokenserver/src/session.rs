@@ -2,7 +2,7 @@
 //! configured lifetimes and limits, call the store once, count outcomes. Both HTTP surfaces are
 //! thin renderings of these results.
 
-use std::collections::HashMap;
+use crate::telemetry::OpCounters;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,39 +63,13 @@ const OUTCOMES: &[(&str, &[&str])] = &[
     ("end", &["ended", "unknown", "error"]),
 ];
 
-/// The operation counters, registered once: building a labelled key per call allocated on
-/// every request. Registering up front also shows every series, at 0, from the start.
-struct OpCounters(HashMap<(&'static str, &'static str), metrics::Counter>);
-
-impl OpCounters {
-    fn register() -> Self {
-        // The recorder must be in place before handles are taken (a handle taken earlier counts nothing).
-        let _ = crate::telemetry::metrics_handle();
-        let mut map = HashMap::new();
-        for (op, outcomes) in OUTCOMES {
-            for outcome in *outcomes {
-                let counter =
-                    metrics::counter!("tokenserver_session_operations_total", "op" => *op, "outcome" => *outcome);
-                map.insert((*op, *outcome), counter);
-            }
-        }
-        Self(map)
-    }
-}
-
-impl std::fmt::Debug for OpCounters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OpCounters").field("series", &self.0.len()).finish()
-    }
-}
-
 impl Sessions {
     /// The service over `store`, opened for `config`'s URL.
     pub fn new(store: Arc<dyn SessionStore>, config: &SessionsConfig) -> Self {
         Self {
             store,
             config: config.clone(),
-            counters: OpCounters::register(),
+            counters: OpCounters::register("tokenserver_session_operations_total", OUTCOMES),
             dumps: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
@@ -106,9 +80,7 @@ impl Sessions {
     }
 
     fn count(&self, op: &'static str, outcome: &'static str) {
-        if let Some(counter) = self.counters.0.get(&(op, outcome)) {
-            counter.increment(1);
-        }
+        self.counters.count(op, outcome);
     }
 
     /// The store (health checks, tests).

@@ -23,3 +23,35 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().ok()).clone()
 }
+
+/// A family's `{metric}{op, outcome}` counters, registered once: building a labelled key per call
+/// allocated on every request, and registering up front shows every series, at 0, from the start.
+pub struct OpCounters(std::collections::HashMap<(&'static str, &'static str), metrics::Counter>);
+
+impl OpCounters {
+    /// Registers `metric` for every `(op, outcomes)` pair.
+    pub fn register(metric: &'static str, outcomes: &[(&'static str, &[&'static str])]) -> Self {
+        // The recorder must be in place before handles are taken (a handle taken earlier counts nothing).
+        let _ = metrics_handle();
+        let mut map = std::collections::HashMap::new();
+        for (op, outcomes) in outcomes {
+            for outcome in *outcomes {
+                map.insert((*op, *outcome), metrics::counter!(metric, "op" => *op, "outcome" => *outcome));
+            }
+        }
+        Self(map)
+    }
+
+    /// Counts one `op` that ended in `outcome` (a pair not registered is not counted).
+    pub fn count(&self, op: &'static str, outcome: &'static str) {
+        if let Some(counter) = self.0.get(&(op, outcome)) {
+            counter.increment(1);
+        }
+    }
+}
+
+impl std::fmt::Debug for OpCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpCounters").field("series", &self.0.len()).finish()
+    }
+}

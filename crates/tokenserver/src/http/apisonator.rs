@@ -177,11 +177,9 @@ impl Call {
         Ok(Self { params })
     }
 
-    fn answer(&self, result: Result<Response, XmlError>) -> Response {
-        match result {
-            Ok(resp) => resp,
-            Err(e) => render_error(&e, self.params.no_body),
-        }
+    /// A 200 with `body`, or with none when the caller asked for `no_body`.
+    fn ok(&self, body: String) -> Response {
+        xml_response(StatusCode::OK, if self.params.no_body { String::new() } else { body })
     }
 
     /// apisonator's `ensure_authenticated!`: the provider key, when given, must own the service
@@ -292,6 +290,24 @@ fn access_error(e: AccessError) -> XmlError {
     }
 }
 
+/// What every route does around its own steps: read the parameters (a refused content type is
+/// answered at once), run the route, and render its error as apisonator does.
+async fn respond(
+    headers: &HeaderMap,
+    query: Option<&str>,
+    body: Option<&Bytes>,
+    route: impl AsyncFnOnce(&Call) -> Result<Response, XmlError>,
+) -> Response {
+    let call = match Call::read(headers, query, body) {
+        Ok(call) => call,
+        Err((e, no_body)) => return render_error(&e, no_body),
+    };
+    match route(&call).await {
+        Ok(resp) => resp,
+        Err(e) => render_error(&e, call.params.no_body),
+    }
+}
+
 /// `hello.xml.xml.xml` → `hello.xml.xml`; a path without `.xml` is no route.
 fn peel_xml(segment: &str) -> Option<&str> {
     segment.strip_suffix(".xml").filter(|t| !t.is_empty())
@@ -304,11 +320,7 @@ async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let call = match Call::read(&headers, query.as_deref(), Some(&body)) {
-        Ok(call) => call,
-        Err((e, no_body)) => return render_error(&e, no_body),
-    };
-    let result = async {
+    respond(&headers, query.as_deref(), Some(&body), async |call: &Call| {
         let p = &call.params;
         if p.get("token").is_none() && !p.structured("token") {
             return Err(err(
@@ -330,9 +342,8 @@ async fn create(
         let req = CreateRequest { token: Some(token), app_id, user_id: p.get("user_id"), ttl_s };
         state.access.create(&service, &req).await.map_err(access_error)?;
         Ok(xml_response(StatusCode::OK, String::new()))
-    }
-    .await;
-    call.answer(result)
+    })
+    .await
 }
 
 async fn read(
@@ -342,11 +353,7 @@ async fn read(
     headers: HeaderMap,
 ) -> Response {
     let Some(token) = peel_xml(&segment) else { return unknown().await };
-    let call = match Call::read(&headers, query.as_deref(), None) {
-        Ok(call) => call,
-        Err((e, no_body)) => return render_error(&e, no_body),
-    };
-    let result = async {
+    respond(&headers, query.as_deref(), None, async |call: &Call| {
         call.authenticate(&state, &service)?;
         let t = state.access.get(&service, token).await.map_err(access_error)?;
         let user = t
@@ -359,10 +366,9 @@ async fn read(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<application>\n  <app_id>{}</app_id>\n{user}</application>\n",
             escape(&t.grant.app_id)
         );
-        Ok(xml_response(StatusCode::OK, if call.params.no_body { String::new() } else { body }))
-    }
-    .await;
-    call.answer(result)
+        Ok(call.ok(body))
+    })
+    .await
 }
 
 async fn remove(
@@ -372,17 +378,12 @@ async fn remove(
     headers: HeaderMap,
 ) -> Response {
     let Some(token) = peel_xml(&segment) else { return unknown().await };
-    let call = match Call::read(&headers, query.as_deref(), None) {
-        Ok(call) => call,
-        Err((e, no_body)) => return render_error(&e, no_body),
-    };
-    let result = async {
+    respond(&headers, query.as_deref(), None, async |call: &Call| {
         call.authenticate(&state, &service)?;
         state.access.delete(&service, token).await.map_err(access_error)?;
         Ok(xml_response(StatusCode::OK, String::new()))
-    }
-    .await;
-    call.answer(result)
+    })
+    .await
 }
 
 async fn list(
@@ -391,11 +392,7 @@ async fn list(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let call = match Call::read(&headers, query.as_deref(), None) {
-        Ok(call) => call,
-        Err((e, no_body)) => return render_error(&e, no_body),
-    };
-    let result = async {
+    respond(&headers, query.as_deref(), None, async |call: &Call| {
         call.authenticate(&state, &service)?;
         let p = &call.params;
         let limit = match p.get("count").or(p.get("limit")) {
@@ -424,10 +421,9 @@ async fn list(
             ));
         }
         body.push_str("</oauth_access_tokens>\n");
-        Ok(xml_response(StatusCode::OK, if p.no_body { String::new() } else { body }))
-    }
-    .await;
-    call.answer(result)
+        Ok(call.ok(body))
+    })
+    .await
 }
 
 /// `OPTIONS`: CORS pre-flight.

@@ -629,24 +629,7 @@ async fn v1_api_key_guards_the_routes() {
     s.finish().await;
 }
 
-macro_rules! per_backend {
-    ($($name:ident),+ $(,)?) => { $(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() { super::$name(tokenserver_store::Backend::Sqlite).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() { super::$name(tokenserver_store::Backend::Postgres).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn mysql() { super::$name(tokenserver_store::Backend::MySql).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn redis() { super::$name(tokenserver_store::Backend::Redis).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn redis_cluster() { super::$name(tokenserver_store::Backend::RedisCluster).await }
-        }
-    )+ };
-}
-
-per_backend!(fifty_concurrent_creates_of_one_token_have_one_winner);
+per_backend!(all: fifty_concurrent_creates_of_one_token_have_one_winner);
 
 /// Fifty parallel creates of one token over HTTP: one 201, forty-nine 409, and the stored token is
 /// the winner's, on every backend.
@@ -764,7 +747,8 @@ async fn cli_imports_from_apisonator_and_manages_tokens() {
     assert_eq!((user["app_id"].as_str(), user["user_id"].as_str()), (Some("2001"), Some("alex")));
     let expires = humantime::parse_rfc3339(user["expires_at"].as_str().unwrap()).unwrap();
     let left = expires.duration_since(std::time::SystemTime::now()).unwrap().as_secs();
-    assert!((590..=600).contains(&left), "the key's TTL is the token's: {left}");
+    // Wide: under a loaded test run the CLI calls in between take seconds.
+    assert!((480..=600).contains(&left), "the key's TTL is the token's: {left}");
 
     let (code, out, err) = crate::common::cli(&dir.0, &["access", "create", svc.as_str(), "2001", "--ttl", "0"], &[]);
     assert_eq!(code, 0, "{err}");

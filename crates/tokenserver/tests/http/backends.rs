@@ -11,20 +11,7 @@ use tokenserver_store::Backend;
 use crate::common::*;
 use crate::proxy::{target_of, Proxy};
 
-macro_rules! per_backend {
-    ($($name:ident),+ $(,)?) => { $(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() { super::$name(tokenserver_store::Backend::Sqlite).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() { super::$name(tokenserver_store::Backend::Postgres).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn mysql() { super::$name(tokenserver_store::Backend::MySql).await }
-        }
-    )+ };
-}
-
-per_backend!(
+per_backend!(sql:
     token_flow_writes_mozillas_rows,
     fifty_concurrent_first_requests_create_one_user,
     concurrent_allocations_never_exceed_capacity,

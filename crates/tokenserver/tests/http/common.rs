@@ -149,6 +149,27 @@ pub enum TestDb {
 }
 
 /// Runs the same code on whichever pool the test database uses.
+/// One test module per case, one `#[tokio::test]` per backend: `per_backend!(sql: a, b)` runs each
+/// case on SQLite, PostgreSQL and MySQL, `per_backend!(all: a)` on the Redis backends too. A
+/// backend whose `TOKENSERVER_TEST_*` URL is unset is skipped by the case itself (`fresh`).
+macro_rules! per_backend {
+    (@one $name:ident [$($backend:ident => $variant:ident),+]) => {
+        mod $name { $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $backend() { super::$name(tokenserver_store::Backend::$variant).await }
+        )+ }
+    };
+    (sql: $($name:ident),+ $(,)?) => {
+        per_backend!(@each [sqlite => Sqlite, postgres => Postgres, mysql => MySql] $($name),+);
+    };
+    (all: $($name:ident),+ $(,)?) => {
+        per_backend!(@each [
+            sqlite => Sqlite, postgres => Postgres, mysql => MySql, redis => Redis, redis_cluster => RedisCluster
+        ] $($name),+);
+    };
+    (@each $backends:tt $($name:ident),+) => { $( per_backend!(@one $name $backends); )+ };
+}
+
 macro_rules! on_pool {
     ($db:expr, |$p:ident| $body:expr) => {
         match $db {

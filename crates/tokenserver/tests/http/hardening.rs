@@ -8,20 +8,7 @@ use tokenserver_store::Backend;
 
 use crate::common::*;
 
-macro_rules! per_backend {
-    ($($name:ident),+ $(,)?) => { $(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() { super::$name(tokenserver_store::Backend::Sqlite).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() { super::$name(tokenserver_store::Backend::Postgres).await }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn mysql() { super::$name(tokenserver_store::Backend::MySql).await }
-        }
-    )+ };
-}
-
-per_backend!(cancelled_writes_never_wedge_the_store, heartbeat_fails_when_writes_cannot_get_the_database);
+per_backend!(sql: cancelled_writes_never_wedge_the_store, heartbeat_fails_when_writes_cannot_get_the_database);
 
 /// A client that gives up after `ms` milliseconds (its connection is closed, and the server
 /// drops the request's future wherever it was).

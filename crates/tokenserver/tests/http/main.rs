@@ -4,10 +4,12 @@
 // Tests may unwrap: a failure is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+// First: its `per_backend!` is used by the modules below.
+#[macro_use]
+mod common;
 mod access;
 mod admin;
 mod backends;
-mod common;
 mod hardening;
 mod identity;
 mod proxy;
