@@ -164,6 +164,30 @@ pub struct NewNode<'a> {
     pub backoff: bool,
 }
 
+/// Changes to a node's columns; `None` leaves one as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeChange {
+    /// Maximum users.
+    pub capacity: Option<i64>,
+    /// Slots available before capacity is released again.
+    pub available: Option<i64>,
+    /// Assignments made.
+    pub current_load: Option<i64>,
+    /// Downed flag (set or clear).
+    pub downed: Option<bool>,
+    /// Backoff flag (set or clear).
+    pub backoff: Option<bool>,
+}
+
+/// Live (not replaced) users of one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeUsers {
+    /// `nodes.id`.
+    pub node_id: i64,
+    /// Rows with this node and no `replaced_at`.
+    pub live: i64,
+}
+
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MigrationReport {
@@ -228,6 +252,22 @@ pub trait SyncStore: Send + Sync + 'static {
 
     /// All nodes, optionally of one service, by id.
     async fn list_nodes(&self, service: Option<&str>) -> Result<Vec<NodeRecord>>;
+
+    /// Applies `change` to the node `node` of `service`; [`StoreError::NotFound`] if there is none.
+    async fn update_node(&self, service: &str, node: &str, change: &NodeChange) -> Result<()>;
+
+    /// Marks every live user of the node replaced at `now_ms` (they are allocated a node again
+    /// on their next request, keeping their account state). Returns how many;
+    /// [`StoreError::NotFound`] if there is no such node.
+    async fn unassign_node(&self, service: &str, node: &str, now_ms: i64) -> Result<u64>;
+
+    /// Unassigns the node's users (as [`Self::unassign_node`]) and deletes the node, atomically.
+    /// Returns how many users were unassigned.
+    async fn remove_node(&self, service: &str, node: &str, now_ms: i64) -> Result<u64>;
+
+    /// Live users per node (nodes without any are absent). A scan of the users table: an
+    /// operator's call, not the request path's.
+    async fn node_users(&self) -> Result<Vec<NodeUsers>>;
 
     /// Inserts the service row if missing (by name). Returns its id.
     async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64>;

@@ -2,8 +2,10 @@
 //!
 //! A node takes new users while `available > 0`, `current_load < capacity` and it is neither
 //! `downed` nor in `backoff`. Among those the least relatively loaded wins: empty nodes first, then
-//! the smallest `ln(load) / ln(capacity)`, then — unlike Mozilla, whose query has no tie-breaker —
-//! the lowest node id. When no node qualifies, capacity is released on every eligible node in
+//! the smallest `ln(load) / ln(capacity)`. Ties — which Mozilla's query leaves to the database —
+//! go to the node with more `available` slots, then to the lowest node id: the same answer on every
+//! backend, and one that does not depend on the ids a database hands out (a large fresh node beats
+//! a nearly full one added later or earlier alike). When no node qualifies, capacity is released on every eligible node in
 //! `release_rate` steps and the choice is retried.
 
 /// The node columns the policy reads.
@@ -42,10 +44,9 @@ impl NodeState {
 
 /// The node a new assignment goes to, if any takes new users.
 pub fn choose_node(nodes: &[NodeState]) -> Option<&NodeState> {
-    nodes
-        .iter()
-        .filter(|n| n.takes_new_users())
-        .min_by(|a, b| a.load_ratio().total_cmp(&b.load_ratio()).then(a.id.cmp(&b.id)))
+    nodes.iter().filter(|n| n.takes_new_users()).min_by(|a, b| {
+        a.load_ratio().total_cmp(&b.load_ratio()).then(b.available.cmp(&a.available)).then(a.id.cmp(&b.id))
+    })
 }
 
 /// The new `available` for a node when capacity is released, or `None` if the node gets none.
@@ -76,13 +77,21 @@ mod tests {
     }
 
     #[test]
-    fn least_loaded_wins_and_ties_go_to_the_lowest_id() {
+    fn least_loaded_wins_then_more_available_then_the_lowest_id() {
         let nodes = [node(1, 10, 2, 100), node(2, 10, 3, 100), node(3, 10, 1, 100)];
         assert_eq!(choose_node(&nodes).map(|n| n.id), Some(3));
         let empty_first = [node(5, 10, 1, 100), node(4, 10, 0, 100), node(6, 10, 0, 100)];
         assert_eq!(choose_node(&empty_first).map(|n| n.id), Some(4));
         let ties = [node(9, 10, 5, 100), node(7, 10, 5, 100)];
         assert_eq!(choose_node(&ties).map(|n| n.id), Some(7));
+        // Same ratio (both empty): more available slots win whatever the ids.
+        let fresh_big_later = [node(1, 2, 0, 10), node(8, 500, 0, 5000)];
+        assert_eq!(choose_node(&fresh_big_later).map(|n| n.id), Some(8));
+        let fresh_big_earlier = [node(8, 2, 0, 10), node(1, 500, 0, 5000)];
+        assert_eq!(choose_node(&fresh_big_earlier).map(|n| n.id), Some(1));
+        // Same ratio, same available: the lowest id, in any input order.
+        let same = [node(12, 10, 5, 100), node(3, 10, 5, 100), node(6, 10, 5, 100)];
+        assert_eq!(choose_node(&same).map(|n| n.id), Some(3));
         // Relative load: 10 of 1000 beats 5 of 10.
         let relative = [node(1, 10, 5, 10), node(2, 10, 10, 1000)];
         assert_eq!(choose_node(&relative).map(|n| n.id), Some(2));

@@ -74,6 +74,20 @@ impl crate::sql::SyncSql for PgSql {
         WHERE ($1::TEXT IS NULL OR services.service = $2) ORDER BY nodes.id";
 
     const INSERT_SERVICE: &'static str = "INSERT INTO services (service, pattern) VALUES ($1, $2)";
+
+    const NODE_ID: &'static str = "SELECT nodes.id::BIGINT FROM nodes JOIN services ON nodes.service = services.id \
+        WHERE services.service = $1 AND nodes.node = $2";
+
+    const UPDATE_NODE: &'static str = "UPDATE nodes SET capacity = COALESCE($1, capacity), \
+        available = COALESCE($2, available), current_load = COALESCE($3, current_load), \
+        downed = COALESCE($4, downed), backoff = COALESCE($5, backoff) WHERE id = $6";
+
+    const UNASSIGN_NODE: &'static str = "UPDATE users SET replaced_at = $1 WHERE nodeid = $2 AND replaced_at IS NULL";
+
+    const DELETE_NODE: &'static str = "DELETE FROM nodes WHERE id = $1";
+
+    const NODE_USERS: &'static str = "SELECT nodeid::BIGINT, COUNT(*)::BIGINT FROM users \
+        WHERE replaced_at IS NULL AND nodeid IS NOT NULL GROUP BY nodeid ORDER BY nodeid";
 }
 
 /// Runs an `INSERT … RETURNING id`.

@@ -58,6 +58,17 @@ pub(crate) trait SyncSql {
     const LIST_NODES: &'static str;
     /// Inserts a service (name, pattern).
     const INSERT_SERVICE: &'static str;
+    /// A node's id (service name, node URL).
+    const NODE_ID: &'static str;
+    /// Sets the given columns, keeps the others (capacity, available, load, downed, backoff, id;
+    /// each nullable).
+    const UPDATE_NODE: &'static str;
+    /// Marks a node's live users replaced (now, node id).
+    const UNASSIGN_NODE: &'static str;
+    /// Deletes a node (id).
+    const DELETE_NODE: &'static str;
+    /// Live users per node id.
+    const NODE_USERS: &'static str;
 }
 
 /// Connections idle longer than this are pinged before use: after an outage they are found dead

@@ -32,8 +32,8 @@ macro_rules! sync_store {
             use crate::sql::tx::{self, NewUser, SyncTx};
             use crate::sql::SyncSql;
             use crate::sync::{
-                Allocate, MigrationReport, NewNode, NodeRecord, OwnedAllocate, OwnedUserChange, Result, SyncStore,
-                UserChange,
+                Allocate, MigrationReport, NewNode, NodeChange, NodeRecord, NodeUsers, OwnedAllocate, OwnedUserChange,
+                Result, SyncStore, UserChange,
             };
             use crate::StoreError;
 
@@ -75,6 +75,22 @@ macro_rules! sync_store {
 
             async fn require_service(conn: &mut $conn, service: &str) -> Result<i64> {
                 service_id(conn, service).await?.ok_or_else(|| StoreError::UnknownService(service.to_string()))
+            }
+
+            /// The id of `node` of `service`, or [`StoreError::NotFound`].
+            async fn node_id(conn: &mut $conn, service: &str, node: &str) -> Result<i64> {
+                sqlx::query_scalar::<_, i64>(Sql::NODE_ID)
+                    .bind(service)
+                    .bind(node)
+                    .fetch_optional(conn)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(format!("node {node} of service {service}")))
+            }
+
+            /// Marks the node's live users replaced; how many.
+            async fn unassign(conn: &mut $conn, node_id: i64, now_ms: i64) -> Result<u64> {
+                let done = sqlx::query(Sql::UNASSIGN_NODE).bind(now_ms).bind(node_id).execute(conn).await?;
+                Ok(done.rows_affected())
             }
 
             /// Brings the schema up to date on `conn` (which holds the backend's migration lock):
@@ -386,6 +402,63 @@ macro_rules! sync_store {
                         })
                     })
                     .await
+                }
+
+                async fn update_node(&self, service: &str, node: &str, change: &NodeChange) -> Result<()> {
+                    let (service, node, c) = (service.to_string(), node.to_string(), change.clone());
+                    crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                        Box::pin(async move {
+                            let mut tx = Tx { tx, caller };
+                            let id = node_id(tx.conn()?, &service, &node).await?;
+                            sqlx::query(Sql::UPDATE_NODE)
+                                .bind(c.capacity)
+                                .bind(c.available)
+                                .bind(c.current_load)
+                                .bind(c.downed.map(i64::from))
+                                .bind(c.backoff.map(i64::from))
+                                .bind(id)
+                                .execute(tx.conn()?)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .await
+                }
+
+                async fn unassign_node(&self, service: &str, node: &str, now_ms: i64) -> Result<u64> {
+                    let (service, node) = (service.to_string(), node.to_string());
+                    crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                        Box::pin(async move {
+                            let mut tx = Tx { tx, caller };
+                            let id = node_id(tx.conn()?, &service, &node).await?;
+                            unassign(tx.conn()?, id, now_ms).await
+                        })
+                    })
+                    .await
+                }
+
+                async fn remove_node(&self, service: &str, node: &str, now_ms: i64) -> Result<u64> {
+                    let (service, node) = (service.to_string(), node.to_string());
+                    crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                        Box::pin(async move {
+                            let mut tx = Tx { tx, caller };
+                            let id = node_id(tx.conn()?, &service, &node).await?;
+                            let unassigned = unassign(tx.conn()?, id, now_ms).await?;
+                            sqlx::query(Sql::DELETE_NODE).bind(id).execute(tx.conn()?).await?;
+                            Ok(unassigned)
+                        })
+                    })
+                    .await
+                }
+
+                async fn node_users(&self) -> Result<Vec<NodeUsers>> {
+                    let mut lease = self.reads.get().await?;
+                    let rows = sqlx::query(Sql::NODE_USERS).fetch_all(&mut *lease).await?;
+                    lease.keep();
+                    rows.iter()
+                        .map(|r| Ok(NodeUsers { node_id: r.try_get(0)?, live: r.try_get(1)? }))
+                        .collect::<std::result::Result<_, sqlx::Error>>()
+                        .map_err(StoreError::from)
                 }
 
                 async fn list_nodes(&self, service: Option<&str>) -> Result<Vec<NodeRecord>> {

@@ -18,8 +18,8 @@ use crate::sql::migrate::{Existing, Migration};
 use crate::sql::tx::{self, NewUser, SyncTx};
 use crate::sql::SyncSql;
 use crate::sync::{
-    node_record, Allocate, MigrationReport, NewNode, NodeRecord, OwnedAllocate, OwnedUserChange, Result, SyncStore,
-    UserChange,
+    node_record, Allocate, MigrationReport, NewNode, NodeChange, NodeRecord, NodeUsers, OwnedAllocate, OwnedUserChange,
+    Result, SyncStore, UserChange,
 };
 use crate::StoreError;
 
@@ -96,6 +96,20 @@ impl crate::sql::SyncSql for SqliteSql {
         WHERE (? IS NULL OR services.service = ?) ORDER BY nodes.id";
 
     const INSERT_SERVICE: &'static str = "INSERT INTO services (service, pattern) VALUES (?, ?)";
+
+    const NODE_ID: &'static str = "SELECT nodes.id FROM nodes JOIN services ON nodes.service = services.id \
+        WHERE services.service = ? AND nodes.node = ?";
+
+    const UPDATE_NODE: &'static str = "UPDATE nodes SET capacity = COALESCE(?, capacity), \
+        available = COALESCE(?, available), current_load = COALESCE(?, current_load), \
+        downed = COALESCE(?, downed), backoff = COALESCE(?, backoff) WHERE id = ?";
+
+    const UNASSIGN_NODE: &'static str = "UPDATE users SET replaced_at = ? WHERE nodeid = ? AND replaced_at IS NULL";
+
+    const DELETE_NODE: &'static str = "DELETE FROM nodes WHERE id = ?";
+
+    const NODE_USERS: &'static str = "SELECT nodeid, COUNT(*) FROM users \
+        WHERE replaced_at IS NULL AND nodeid IS NOT NULL GROUP BY nodeid ORDER BY nodeid";
 }
 
 const GET_META: &str = "SELECT value FROM tokenserver_meta WHERE name = ?";
@@ -138,6 +152,20 @@ fn rows_of(conn: &Connection, service: &str, email: &str) -> rusqlite::Result<Ve
 fn service_id(conn: &Connection, service: &str) -> Result<Option<i64>> {
     let mut stmt = conn.prepare_cached(SqliteSql::SERVICE_ID).map_err(e)?;
     stmt.query_row([service], |r| r.get(0)).optional().map_err(e)
+}
+
+/// The id of `node` of `service`, or [`StoreError::NotFound`].
+fn node_id(conn: &Connection, service: &str, node: &str) -> Result<i64> {
+    conn.prepare_cached(SqliteSql::NODE_ID)
+        .and_then(|mut s| s.query_row((service, node), |r| r.get(0)).optional())
+        .map_err(e)?
+        .ok_or_else(|| StoreError::NotFound(format!("node {node} of service {service}")))
+}
+
+/// Marks the node's live users replaced; how many.
+fn unassign(conn: &Connection, node_id: i64, now_ms: i64) -> Result<u64> {
+    let n = conn.prepare_cached(SqliteSql::UNASSIGN_NODE).and_then(|mut s| s.execute((now_ms, node_id))).map_err(e)?;
+    Ok(n as u64)
 }
 
 fn require_service(conn: &Connection, service: &str) -> Result<i64> {
@@ -411,6 +439,44 @@ impl SyncStore for SqliteStore {
             let mut stmt = conn.prepare_cached(SqliteSql::LIST_NODES)?;
             let rows = stmt
                 .query_map((&service, &service), |r| Ok(NodeRecord { service: r.get(0)?, state: node_state(r, 1)? }))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn update_node(&self, service: &str, node: &str, change: &NodeChange) -> Result<()> {
+        let (service, node, c) = (service.to_string(), node.to_string(), change.clone());
+        self.write(Touch::All, move |conn| {
+            let id = node_id(conn, &service, &node)?;
+            let flags = (c.downed.map(i64::from), c.backoff.map(i64::from));
+            conn.prepare_cached(SqliteSql::UPDATE_NODE)
+                .and_then(|mut s| s.execute((c.capacity, c.available, c.current_load, flags.0, flags.1, id)))
+                .map_err(e)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unassign_node(&self, service: &str, node: &str, now_ms: i64) -> Result<u64> {
+        let (service, node) = (service.to_string(), node.to_string());
+        self.write(Touch::All, move |conn| unassign(conn, node_id(conn, &service, &node)?, now_ms)).await
+    }
+
+    async fn remove_node(&self, service: &str, node: &str, now_ms: i64) -> Result<u64> {
+        let (service, node) = (service.to_string(), node.to_string());
+        self.write(Touch::All, move |conn| {
+            let id = node_id(conn, &service, &node)?;
+            let unassigned = unassign(conn, id, now_ms)?;
+            conn.prepare_cached(SqliteSql::DELETE_NODE).and_then(|mut s| s.execute([id])).map_err(e)?;
+            Ok(unassigned)
+        })
+        .await
+    }
+
+    async fn node_users(&self) -> Result<Vec<NodeUsers>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(SqliteSql::NODE_USERS)?;
+            let rows = stmt.query_map([], |r| Ok(NodeUsers { node_id: r.get(0)?, live: r.get(1)? }))?;
             rows.collect()
         })
         .await

@@ -2,7 +2,7 @@
 
 use futures::future::join_all;
 use tokenserver_core::sync::users::{resolve, Status};
-use tokenserver_store::sync::{Allocate, NewNode, UserChange};
+use tokenserver_store::sync::{Allocate, NewNode, NodeChange, NodeUsers, UserChange};
 use tokenserver_store::{StoreError, SyncStore};
 
 const SVC: &str = "sync-1.5";
@@ -81,16 +81,19 @@ pub async fn allocation_skips_downed_backoff_and_full_nodes(s: &dyn SyncStore) {
     assert_eq!(row.node_id, Some(ok));
 }
 
-pub async fn ties_go_to_the_lowest_node_id(s: &dyn SyncStore) {
+pub async fn ties_go_to_more_available_then_the_lowest_node_id(s: &dyn SyncStore) {
     let first = node(s, "https://b", 100, 10, 5, false, false).await;
     node(s, "https://a", 100, 10, 5, false, false).await;
     assert_eq!(s.allocate_user(&alloc("a@x", None, 1)).await.unwrap().node_id, Some(first));
-    let mut empty = Vec::new();
-    for url in ["https://e1", "https://e2"] {
-        empty.push(node(s, url, 100, 10, 0, false, false).await);
-    }
-    // Empty nodes win over loaded ones, the lowest id among them.
-    assert_eq!(s.allocate_user(&alloc("b@x", None, 1)).await.unwrap().node_id, Some(empty[0]));
+    // Two empty nodes: the large fresh one added later beats the small one added first, whatever
+    // ids the database handed out.
+    node(s, "https://small", 10, 2, 0, false, false).await;
+    let big = node(s, "https://big", 5000, 500, 0, false, false).await;
+    assert_eq!(s.allocate_user(&alloc("b@x", None, 1)).await.unwrap().node_id, Some(big));
+    // Same ratio (both empty), same available: the lowest id.
+    let e1 = node(s, "https://e1", 100, 600, 0, false, false).await;
+    node(s, "https://e2", 100, 600, 0, false, false).await;
+    assert_eq!(s.allocate_user(&alloc("c@x", None, 1)).await.unwrap().node_id, Some(e1));
 }
 
 pub async fn capacity_is_released_gradually_with_mozillas_rounding(s: &dyn SyncStore) {
@@ -247,6 +250,60 @@ pub async fn node_operations(s: &dyn SyncStore) {
         ("https://m", 5, 5, 0, 0, 0)
     );
     assert!(s.list_nodes(Some("other-1")).await.unwrap().is_empty());
+}
+
+pub async fn node_lifecycle_update_drain_unassign_remove(s: &dyn SyncStore) {
+    let a = node(s, "https://a", 100, 10, 0, true, true).await;
+    let b = node(s, "https://b", 100, 10, 0, false, false).await;
+    // Clear both flags (Mozilla's script can only set them) and set the numbers; `None` keeps.
+    let clear = NodeChange { downed: Some(false), backoff: Some(false), available: Some(50), ..NodeChange::default() };
+    s.update_node(SVC, "https://a", &clear).await.unwrap();
+    let state = |nodes: Vec<tokenserver_store::sync::NodeRecord>, id: i64| {
+        let n = nodes.into_iter().find(|n| n.state.id == id).unwrap().state;
+        (n.available, n.current_load, n.capacity, n.downed, n.backoff)
+    };
+    assert_eq!(state(s.list_nodes(Some(SVC)).await.unwrap(), a), (50, 0, 100, 0, 0));
+    let set = NodeChange { capacity: Some(500), current_load: Some(7), backoff: Some(true), ..NodeChange::default() };
+    s.update_node(SVC, "https://a", &set).await.unwrap();
+    assert_eq!(state(s.list_nodes(Some(SVC)).await.unwrap(), a), (50, 7, 500, 0, 1));
+    let missing = s.update_node(SVC, "https://none", &clear).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    assert!(matches!(s.update_node("other-1", "https://a", &clear).await, Err(StoreError::NotFound(_))));
+
+    // a is in backoff: users go to b. Drained (available 0, backoff), b keeps its users.
+    for i in 0..3 {
+        assert_eq!(s.allocate_user(&alloc(&format!("u{i}@x"), None, 10)).await.unwrap().node_id, Some(b));
+    }
+    let drain = NodeChange { available: Some(0), backoff: Some(true), ..NodeChange::default() };
+    s.update_node(SVC, "https://b", &drain).await.unwrap();
+    s.update_node(SVC, "https://a", &NodeChange { backoff: Some(false), ..NodeChange::default() }).await.unwrap();
+    let rows = s.user_rows(SVC, "u0@x").await.unwrap();
+    assert_eq!((rows.len(), rows[0].node_id, rows[0].replaced_at), (1, Some(b), None));
+    assert_eq!(s.allocate_user(&alloc("new@x", None, 11)).await.unwrap().node_id, Some(a));
+    assert_eq!(
+        s.node_users().await.unwrap(),
+        vec![NodeUsers { node_id: a, live: 1 }, NodeUsers { node_id: b, live: 3 }]
+    );
+
+    // Unassign b: its users' rows are replaced and they get a node again, keeping their state.
+    assert_eq!(s.unassign_node(SVC, "https://b", 20).await.unwrap(), 3);
+    assert_eq!(s.unassign_node(SVC, "https://b", 21).await.unwrap(), 0);
+    let rows = s.user_rows(SVC, "u1@x").await.unwrap();
+    assert_eq!((rows[0].node_id, rows[0].replaced_at), (Some(b), Some(20)));
+    assert_eq!(s.node_users().await.unwrap(), vec![NodeUsers { node_id: a, live: 1 }]);
+    let again = s.allocate_user(&alloc("u1@x", Some(rows[0].uid), 30)).await.unwrap();
+    assert_eq!((again.node_id, again.generation, again.client_state.as_str()), (Some(a), 10, "aaaa"));
+
+    // Remove a: the node is gone and its users are unassigned in the same step.
+    assert_eq!(s.remove_node(SVC, "https://a", 40).await.unwrap(), 2);
+    let nodes = s.list_nodes(Some(SVC)).await.unwrap();
+    assert_eq!(nodes.iter().map(|n| n.state.id).collect::<Vec<_>>(), vec![b]);
+    let rows = s.user_rows(SVC, "new@x").await.unwrap();
+    assert_eq!((rows.len(), rows[0].node_id, rows[0].replaced_at), (1, None, Some(40)));
+    assert_eq!(resolve(&rows).unwrap().status, Status::NeedsNode);
+    assert!(matches!(s.remove_node(SVC, "https://a", 41).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(s.unassign_node(SVC, "https://a", 41).await, Err(StoreError::NotFound(_))));
+    assert!(s.node_users().await.unwrap().is_empty());
 }
 
 pub async fn unknown_service_is_reported(s: &dyn SyncStore) {

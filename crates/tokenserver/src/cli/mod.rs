@@ -1,4 +1,4 @@
-//! Command line: `serve` (the default), `migrate`, `node add|list`, `token inspect`, `keys`,
+//! Command line: `serve` (the default), `migrate`, `node add|list|update|drain|unassign|remove`, `token inspect`, `keys`,
 //! `access …`.
 
 mod access;
@@ -12,7 +12,7 @@ use tokenserver_core::sync::tokenlib::parse_token;
 
 use crate::app;
 use crate::config::{self, Config};
-use crate::ops::node::{self, NodeSpec};
+use crate::ops::node::{self, NodePatch, NodeSpec, NodeView};
 
 /// Issues, checks, rotates and revokes tokens (Mozilla Tokenserver compatible).
 #[derive(Debug, Parser)]
@@ -56,7 +56,7 @@ pub enum Command {
 pub enum NodeCommand {
     /// Register a storage node.
     Add(NodeAdd),
-    /// List nodes with their load.
+    /// List nodes with their load, flags and live user counts.
     List {
         /// Only this service (e.g. sync-1.5).
         #[arg(long)]
@@ -65,6 +65,46 @@ pub enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change a node's capacity, available slots or load, and set or clear its flags.
+    Update(NodeUpdate),
+    /// Stop giving a node new users (available 0, backoff set); its users keep it.
+    Drain(NodeTarget),
+    /// Unassign every user of a node: each is given a node again on its next request.
+    Unassign(NodeTarget),
+    /// Delete a node and unassign its users.
+    Remove(NodeTarget),
+}
+
+/// The node a command acts on.
+#[derive(Debug, Args)]
+pub struct NodeTarget {
+    /// Node URL, as added.
+    pub url: String,
+    /// Service.
+    #[arg(long, default_value = "sync-1.5")]
+    pub service: String,
+}
+
+/// `node update`.
+#[derive(Debug, Args)]
+pub struct NodeUpdate {
+    #[command(flatten)]
+    pub target: NodeTarget,
+    /// Maximum number of users.
+    #[arg(long)]
+    pub capacity: Option<i64>,
+    /// Slots available now.
+    #[arg(long)]
+    pub available: Option<i64>,
+    /// Assignments counted.
+    #[arg(long)]
+    pub current_load: Option<i64>,
+    /// Set (true) or clear (false) the downed flag.
+    #[arg(long)]
+    pub downed: Option<bool>,
+    /// Set (true) or clear (false) the backoff flag.
+    #[arg(long)]
+    pub backoff: Option<bool>,
 }
 
 /// `node add`.
@@ -272,8 +312,8 @@ async fn node_command(cmd: NodeCommand, config: Config) -> Result<(), String> {
                 return Ok(());
             }
             println!(
-                "{:>5}  {:<10}  {:<40}  {:>8}  {:>9}  {:>8}  FLAGS",
-                "ID", "SERVICE", "NODE", "LOAD", "CAPACITY", "AVAIL"
+                "{:>5}  {:<10}  {:<40}  {:>8}  {:>9}  {:>8}  {:>8}  FLAGS",
+                "ID", "SERVICE", "NODE", "LOAD", "CAPACITY", "AVAIL", "USERS"
             );
             for n in nodes {
                 let flags = [(n.downed, "downed"), (n.backoff, "backoff")]
@@ -283,13 +323,49 @@ async fn node_command(cmd: NodeCommand, config: Config) -> Result<(), String> {
                     .collect::<Vec<_>>()
                     .join(",");
                 println!(
-                    "{:>5}  {:<10}  {:<40}  {:>8}  {:>9}  {:>8}  {}",
-                    n.id, n.service, n.node, n.current_load, n.capacity, n.available, flags
+                    "{:>5}  {:<10}  {:<40}  {:>8}  {:>9}  {:>8}  {:>8}  {}",
+                    n.id, n.service, n.node, n.current_load, n.capacity, n.available, n.live_users, flags
                 );
             }
             Ok(())
         }
+        NodeCommand::Update(u) => {
+            let patch = NodePatch {
+                capacity: u.capacity,
+                available: u.available,
+                current_load: u.current_load,
+                downed: u.downed,
+                backoff: u.backoff,
+            };
+            let view = node::update(store.as_ref(), &u.target.service, &u.target.url, &patch)
+                .await
+                .map_err(|e| e.to_string())?;
+            print_node("updated", &view);
+            Ok(())
+        }
+        NodeCommand::Drain(t) => {
+            let view = node::drain(store.as_ref(), &t.service, &t.url).await.map_err(|e| e.to_string())?;
+            print_node("drained", &view);
+            Ok(())
+        }
+        NodeCommand::Unassign(t) => {
+            let n = node::unassign(store.as_ref(), &t.service, &t.url).await.map_err(|e| e.to_string())?;
+            println!("unassigned {n} users of node {}", t.url);
+            Ok(())
+        }
+        NodeCommand::Remove(t) => {
+            let n = node::remove(store.as_ref(), &t.service, &t.url).await.map_err(|e| e.to_string())?;
+            println!("removed node {} and unassigned its {n} users", t.url);
+            Ok(())
+        }
     }
+}
+
+fn print_node(what: &str, n: &NodeView) {
+    println!(
+        "{what} node {} (id {}, service {}): capacity {}, load {}, available {}, downed {}, backoff {}",
+        n.node, n.id, n.service, n.capacity, n.current_load, n.available, n.downed, n.backoff
+    );
 }
 
 async fn inspect(id: &str, secrets: Vec<String>, config: &Config) -> Result<(), String> {

@@ -349,6 +349,9 @@ impl From<OpsError> for ApiError {
             OpsError::Store(StoreError::UnknownService(s)) => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_service", format!("no service {s:?}"))
             }
+            OpsError::Store(StoreError::NotFound(m)) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_node", format!("no {m}"))
+            }
             OpsError::Store(StoreError::Unavailable(_) | StoreError::Timeout | StoreError::Abandoned) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable")
             }

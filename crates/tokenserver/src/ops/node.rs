@@ -1,7 +1,9 @@
-//! Node operations: add and list.
+//! Node operations: add, list (with live user counts), update, drain, unassign and remove.
+//! One implementation, used by the CLI (`tokenserver node …`) and the internal API (`/v1/nodes`).
 
 use serde::{Deserialize, Serialize};
-use tokenserver_store::sync::{NewNode, NodeRecord};
+use tokenserver_core::clock::now_ms;
+use tokenserver_store::sync::{NewNode, NodeChange, NodeRecord};
 use tokenserver_store::{StoreError, SyncStore};
 
 use crate::config::check_node_url;
@@ -49,6 +51,8 @@ pub struct NodeView {
     pub downed: bool,
     /// Backoff flag.
     pub backoff: bool,
+    /// Users assigned to it now (rows not replaced).
+    pub live_users: i64,
 }
 
 impl From<NodeRecord> for NodeView {
@@ -62,6 +66,7 @@ impl From<NodeRecord> for NodeView {
             capacity: r.state.capacity,
             downed: r.state.downed != 0,
             backoff: r.state.backoff != 0,
+            live_users: 0,
         }
     }
 }
@@ -102,7 +107,89 @@ pub async fn add(store: &dyn SyncStore, spec: &NodeSpec, release_rate: f64) -> R
     Ok(record.into())
 }
 
-/// Lists nodes.
+/// Lists nodes, each with its live user count.
 pub async fn list(store: &dyn SyncStore, service: Option<&str>) -> Result<Vec<NodeView>, OpsError> {
-    Ok(store.list_nodes(service).await?.into_iter().map(NodeView::from).collect())
+    let counts: std::collections::HashMap<i64, i64> =
+        store.node_users().await?.into_iter().map(|c| (c.node_id, c.live)).collect();
+    let views = store.list_nodes(service).await?.into_iter().map(NodeView::from);
+    Ok(views.map(|v| NodeView { live_users: counts.get(&v.id).copied().unwrap_or(0), ..v }).collect())
+}
+
+/// Changes to a node as the CLI and the API take them; absent fields are kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodePatch {
+    /// Maximum users.
+    #[serde(default)]
+    pub capacity: Option<i64>,
+    /// Slots available now.
+    #[serde(default)]
+    pub available: Option<i64>,
+    /// Assignments made.
+    #[serde(default)]
+    pub current_load: Option<i64>,
+    /// Set (`true`) or clear (`false`) the downed flag.
+    #[serde(default)]
+    pub downed: Option<bool>,
+    /// Set or clear the backoff flag.
+    #[serde(default)]
+    pub backoff: Option<bool>,
+}
+
+impl NodePatch {
+    fn change(&self) -> Result<NodeChange, OpsError> {
+        if self.capacity.is_some_and(|c| c < 1) {
+            return Err(OpsError::Invalid("capacity must be at least 1".into()));
+        }
+        if self.available.is_some_and(|n| n < 0) || self.current_load.is_some_and(|n| n < 0) {
+            return Err(OpsError::Invalid("available and current_load must not be negative".into()));
+        }
+        let change = NodeChange {
+            capacity: self.capacity,
+            available: self.available,
+            current_load: self.current_load,
+            downed: self.downed,
+            backoff: self.backoff,
+        };
+        if change == NodeChange::default() {
+            return Err(OpsError::Invalid(
+                "nothing to change: give capacity, available, current_load, downed or backoff".into(),
+            ));
+        }
+        Ok(change)
+    }
+}
+
+/// The node `url` of `service` as it is now.
+async fn view(store: &dyn SyncStore, service: &str, url: &str) -> Result<NodeView, OpsError> {
+    list(store, Some(service))
+        .await?
+        .into_iter()
+        .find(|n| n.node == url)
+        .ok_or_else(|| OpsError::Store(StoreError::NotFound(format!("node {url} of service {service}"))))
+}
+
+/// Applies `patch` to a node; returns it as it is afterwards.
+pub async fn update(store: &dyn SyncStore, service: &str, url: &str, patch: &NodePatch) -> Result<NodeView, OpsError> {
+    store.update_node(service, url, &patch.change()?).await?;
+    view(store, service, url).await
+}
+
+/// Drains a node: no new users (`available = 0`, `backoff` set); its users keep it.
+pub async fn drain(store: &dyn SyncStore, service: &str, url: &str) -> Result<NodeView, OpsError> {
+    update(store, service, url, &NodePatch { available: Some(0), backoff: Some(true), ..NodePatch::default() }).await
+}
+
+/// Unassigns every user of a node (each is given a node again on its next request); how many.
+pub async fn unassign(store: &dyn SyncStore, service: &str, url: &str) -> Result<u64, OpsError> {
+    Ok(store.unassign_node(service, url, now()).await?)
+}
+
+/// Deletes a node and unassigns its users; how many users were unassigned.
+pub async fn remove(store: &dyn SyncStore, service: &str, url: &str) -> Result<u64, OpsError> {
+    Ok(store.remove_node(service, url, now()).await?)
+}
+
+fn now() -> i64 {
+    i64::try_from(now_ms()).unwrap_or(i64::MAX)
 }

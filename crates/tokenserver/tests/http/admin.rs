@@ -233,3 +233,113 @@ async fn without_a_key_a_database_that_cannot_keep_one_turns_the_routes_off() {
     assert_eq!(s.http.get(format!("{}/__lbheartbeat__", s.internal)).send().await.unwrap().status(), 200);
     s.finish().await;
 }
+
+/// `https://a.example.com` as one path segment.
+fn segment(url: &str) -> String {
+    url.replace(':', "%3A").replace('/', "%2F")
+}
+
+/// Drain, update (set and clear flags), unassign and remove over the internal API, with users
+/// on the nodes: drained users keep their node, removed ones are given another on their next
+/// request, and every answer is the node as stored.
+#[tokio::test]
+async fn node_lifecycle_over_the_internal_api() {
+    let s = TestServer::start(&[]).await;
+    let (a, b) = ("https://a.example.com", "https://b.example.com");
+    let a_id = s.add_node(a, 100, 10).await;
+    let node_url =
+        |url: &str, action: &str| format!("{}/v1/services/sync-1.5/nodes/{}{action}", s.internal, segment(url));
+    let endpoint = |r: &Response| r.json()["api_endpoint"].as_str().unwrap().to_string();
+    let first = s.token(&Jwt::new("u1", Some(1)).sign(), "1-qqo").await;
+    assert!(endpoint(&first).starts_with(a), "{}", first.body);
+
+    // Drain a: new users go to b, u1 keeps a.
+    let r = s.admin.post(node_url(a, "/drain")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!((v["id"].as_i64(), v["available"].as_i64(), v["backoff"].as_bool()), (Some(a_id), Some(0), Some(true)));
+    let b_id = s.add_node(b, 100, 10).await;
+    let second = s.token(&Jwt::new("u2", Some(1)).sign(), "1-qqo").await;
+    assert!(endpoint(&second).starts_with(b), "{}", second.body);
+    assert!(endpoint(&s.token(&Jwt::new("u1", Some(1)).sign(), "1-qqo").await).starts_with(a));
+
+    // The list counts live users per node.
+    let v: Value = s.admin.get(format!("{}/v1/nodes", s.internal)).send().await.unwrap().json().await.unwrap();
+    let users: Vec<_> =
+        v["nodes"].as_array().unwrap().iter().map(|n| (n["id"].as_i64(), n["live_users"].as_i64())).collect();
+    assert_eq!(users, vec![(Some(a_id), Some(1)), (Some(b_id), Some(1))]);
+
+    // Clear backoff (which Mozilla's script cannot), set capacity; absent fields are kept.
+    let r = s.admin.patch(node_url(a, "")).json(&json!({"backoff": false, "capacity": 500})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["backoff"].as_bool(), v["capacity"].as_i64(), v["available"].as_i64(), v["live_users"].as_i64()),
+        (Some(false), Some(500), Some(0), Some(1))
+    );
+    let r = s.admin.get(node_url(a, "")).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["capacity"], 500);
+    let r = s.admin.patch(node_url(a, "")).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let r = s.admin.patch(node_url(a, "")).json(&json!({"capacity": 0})).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let r = s.admin.patch(node_url(a, "")).json(&json!({"colour": "red"})).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    for missing in [
+        s.admin.patch(node_url("https://none.example.com", "")).json(&json!({"downed": true})).send().await.unwrap(),
+        s.admin.post(node_url("https://none.example.com", "/unassign")).send().await.unwrap(),
+        s.admin.delete(node_url("https://none.example.com", "")).send().await.unwrap(),
+    ] {
+        assert_eq!(missing.status(), 404);
+        assert_eq!(missing.json::<Value>().await.unwrap()["error"], "unknown_node");
+    }
+
+    // Remove a: u1's row is replaced and its next request lands on b, keeping its state.
+    let r = s.admin.delete(node_url(a, "")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"removed": a, "unassigned": 1}));
+    let rows = s.user_rows("u1").await;
+    assert_eq!((rows.len(), rows[0].nodeid, rows[0].replaced_at.is_some()), (1, a_id, true));
+    let moved = s.token(&Jwt::new("u1", Some(1)).sign(), "1-qqo").await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    assert!(endpoint(&moved).starts_with(b), "{}", moved.body);
+    let rows = s.user_rows("u1").await;
+    assert_eq!((rows.len(), rows[1].nodeid, rows[1].replaced_at, rows[1].generation), (2, b_id, None, 1));
+
+    // Unassign b: both users are given a node again (b is the only one) on their next request.
+    let r = s.admin.post(node_url(b, "/unassign")).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"unassigned": 2}));
+    assert!(endpoint(&s.token(&Jwt::new("u2", Some(1)).sign(), "1-qqo").await).starts_with(b));
+    assert_eq!(s.user_rows("u2").await.len(), 2);
+}
+
+#[test]
+fn cli_node_update_drain_unassign_remove() {
+    let dir = TempDir::new();
+    let run = |args: &[&str]| cli(&dir.0, args, &[]);
+    assert_eq!(run(&["node", "add", "https://a.example.com", "--capacity", "100", "--downed"]).0, 0);
+    let (code, out, err) = run(&["node", "update", "https://a.example.com", "--downed", "false", "--capacity", "200"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("capacity 200") && out.contains("downed false"), "{out}");
+    let (code, out, _) = run(&["node", "drain", "https://a.example.com"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("available 0") && out.contains("backoff true"), "{out}");
+    let (_, out, _) = run(&["node", "list", "--json"]);
+    let nodes: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&nodes[0]["capacity"], &nodes[0]["downed"], &nodes[0]["backoff"], &nodes[0]["live_users"]),
+        (&json!(200), &json!(false), &json!(true), &json!(0))
+    );
+    let (code, out, _) = run(&["node", "unassign", "https://a.example.com"]);
+    assert_eq!((code, out.trim()), (0, "unassigned 0 users of node https://a.example.com"));
+    let (code, _, err) = run(&["node", "update", "https://a.example.com"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing to change"), "{err}");
+    let (code, out, _) = run(&["node", "remove", "https://a.example.com"]);
+    assert_eq!((code, out.trim()), (0, "removed node https://a.example.com and unassigned its 0 users"));
+    let (code, _, err) = run(&["node", "remove", "https://a.example.com"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not found") || err.contains("https://a.example.com"), "{err}");
+    let (_, out, _) = run(&["node", "list", "--json"]);
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), json!([]));
+}
