@@ -61,11 +61,7 @@ async fn add_node(State(state): State<AppState>, body: axum::body::Bytes) -> Res
 type NodePath = Path<(String, String)>;
 
 async fn show_node(State(state): State<AppState>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
-    let found = node::list(state.store.as_ref(), Some(&service)).await?.into_iter().find(|n| n.node == url);
-    let view = found.ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "unknown_node", format!("no node {url} of service {service}"))
-    })?;
-    Ok(Json(view).into_response())
+    Ok(Json(node::view(state.store.as_ref(), &service, &url).await?).into_response())
 }
 
 async fn update_node(

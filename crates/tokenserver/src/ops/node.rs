@@ -161,7 +161,7 @@ impl NodePatch {
 }
 
 /// The node `url` of `service` as it is now.
-async fn view(store: &dyn SyncStore, service: &str, url: &str) -> Result<NodeView, OpsError> {
+pub async fn view(store: &dyn SyncStore, service: &str, url: &str) -> Result<NodeView, OpsError> {
     list(store, Some(service))
         .await?
         .into_iter()
