@@ -73,19 +73,11 @@ impl crate::sql::SyncSql for MySqlSql {
 
     const INSERT_SERVICE: &'static str = "INSERT INTO services (service, pattern) VALUES (?, ?)";
 
-    const NODE_ID: &'static str = "SELECT nodes.id FROM nodes JOIN services ON nodes.service = services.id \
-        WHERE services.service = ? AND nodes.node = ?";
-
-    const UPDATE_NODE: &'static str = "UPDATE nodes SET capacity = COALESCE(?, capacity), \
-        available = COALESCE(?, available), current_load = COALESCE(?, current_load), \
-        downed = COALESCE(?, downed), backoff = COALESCE(?, backoff) WHERE id = ?";
-
-    const UNASSIGN_NODE: &'static str = "UPDATE users SET replaced_at = ? WHERE nodeid = ? AND replaced_at IS NULL";
-
-    const DELETE_NODE: &'static str = "DELETE FROM nodes WHERE id = ?";
-
-    const NODE_USERS: &'static str = "SELECT nodeid, COUNT(*) FROM users \
-        WHERE replaced_at IS NULL AND nodeid IS NOT NULL GROUP BY nodeid ORDER BY nodeid";
+    const NODE_ID: &'static str = crate::sql::qmark::NODE_ID;
+    const UPDATE_NODE: &'static str = crate::sql::qmark::UPDATE_NODE;
+    const UNASSIGN_NODE: &'static str = crate::sql::qmark::UNASSIGN_NODE;
+    const DELETE_NODE: &'static str = crate::sql::qmark::DELETE_NODE;
+    const NODE_USERS: &'static str = crate::sql::qmark::NODE_USERS;
 }
 
 /// Runs an `INSERT` and reads `LAST_INSERT_ID()` from the same connection.

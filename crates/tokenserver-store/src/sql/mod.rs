@@ -92,3 +92,21 @@ pub(crate) fn network_pool<DB: sqlx::Database>(settings: &PoolSettings) -> sqlx:
             })
         })
 }
+
+/// Node-operation statements written alike for the `?`-placeholder dialects (SQLite, MySQL);
+/// PostgreSQL numbers its parameters and casts, so it writes its own.
+pub(crate) mod qmark {
+    pub(crate) const NODE_ID: &str = "SELECT nodes.id FROM nodes JOIN services ON nodes.service = services.id \
+        WHERE services.service = ? AND nodes.node = ?";
+
+    pub(crate) const UPDATE_NODE: &str = "UPDATE nodes SET capacity = COALESCE(?, capacity), \
+        available = COALESCE(?, available), current_load = COALESCE(?, current_load), \
+        downed = COALESCE(?, downed), backoff = COALESCE(?, backoff) WHERE id = ?";
+
+    pub(crate) const UNASSIGN_NODE: &str = "UPDATE users SET replaced_at = ? WHERE nodeid = ? AND replaced_at IS NULL";
+
+    pub(crate) const DELETE_NODE: &str = "DELETE FROM nodes WHERE id = ?";
+
+    pub(crate) const NODE_USERS: &str = "SELECT nodeid, COUNT(*) FROM users \
+        WHERE replaced_at IS NULL AND nodeid IS NOT NULL GROUP BY nodeid ORDER BY nodeid";
+}

@@ -90,21 +90,8 @@ pub struct NodeTarget {
 pub struct NodeUpdate {
     #[command(flatten)]
     pub target: NodeTarget,
-    /// Maximum number of users.
-    #[arg(long)]
-    pub capacity: Option<i64>,
-    /// Slots available now.
-    #[arg(long)]
-    pub available: Option<i64>,
-    /// Assignments counted.
-    #[arg(long)]
-    pub current_load: Option<i64>,
-    /// Set (true) or clear (false) the downed flag.
-    #[arg(long)]
-    pub downed: Option<bool>,
-    /// Set (true) or clear (false) the backoff flag.
-    #[arg(long)]
-    pub backoff: Option<bool>,
+    #[command(flatten)]
+    pub patch: NodePatch,
 }
 
 /// `node add`.
@@ -330,14 +317,7 @@ async fn node_command(cmd: NodeCommand, config: Config) -> Result<(), String> {
             Ok(())
         }
         NodeCommand::Update(u) => {
-            let patch = NodePatch {
-                capacity: u.capacity,
-                available: u.available,
-                current_load: u.current_load,
-                downed: u.downed,
-                backoff: u.backoff,
-            };
-            let view = node::update(store.as_ref(), &u.target.service, &u.target.url, &patch)
+            let view = node::update(store.as_ref(), &u.target.service, &u.target.url, &u.patch)
                 .await
                 .map_err(|e| e.to_string())?;
             print_node("updated", &view);

@@ -115,24 +115,30 @@ pub async fn list(store: &dyn SyncStore, service: Option<&str>) -> Result<Vec<No
     Ok(views.map(|v| NodeView { live_users: counts.get(&v.id).copied().unwrap_or(0), ..v }).collect())
 }
 
-/// Changes to a node as the CLI and the API take them; absent fields are kept.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Changes to a node as the CLI (`node update` flags) and the API (JSON body) take them; absent
+/// fields are kept.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct NodePatch {
-    /// Maximum users.
+    /// Maximum number of users.
     #[serde(default)]
+    #[arg(long)]
     pub capacity: Option<i64>,
     /// Slots available now.
     #[serde(default)]
+    #[arg(long)]
     pub available: Option<i64>,
-    /// Assignments made.
+    /// Assignments counted.
     #[serde(default)]
+    #[arg(long)]
     pub current_load: Option<i64>,
-    /// Set (`true`) or clear (`false`) the downed flag.
+    /// Set (true) or clear (false) the downed flag.
     #[serde(default)]
+    #[arg(long)]
     pub downed: Option<bool>,
-    /// Set or clear the backoff flag.
+    /// Set (true) or clear (false) the backoff flag.
     #[serde(default)]
+    #[arg(long)]
     pub backoff: Option<bool>,
 }
 
