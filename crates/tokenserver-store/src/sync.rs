@@ -188,6 +188,48 @@ pub struct NodeUsers {
     pub live: i64,
 }
 
+/// Which replaced rows [`SyncStore::old_records`] returns: those of `service` replaced before
+/// `replaced_before`, with uid strictly between `uid_above` and `uid_below` (Mozilla's
+/// `--range_start` / `--range_end`), after the cursor `after`, oldest `replaced_at` first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldRecordsQuery<'a> {
+    /// Service name.
+    pub service: &'a str,
+    /// Rows with `replaced_at` strictly before this, ms.
+    pub replaced_before: i64,
+    /// Exclusive lower uid bound.
+    pub uid_above: Option<i64>,
+    /// Exclusive upper uid bound.
+    pub uid_below: Option<i64>,
+    /// `(replaced_at, uid)` of the last row of the previous page: rows after it only.
+    pub after: Option<(i64, i64)>,
+    /// At most this many rows.
+    pub limit: i64,
+}
+
+/// A replaced `users` row, with what purging it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldRecord {
+    /// `users.uid`.
+    pub uid: i64,
+    /// `<fxa_uid>@<domain>`.
+    pub email: String,
+    /// Generation.
+    pub generation: i64,
+    /// keys_changed_at.
+    pub keys_changed_at: Option<i64>,
+    /// Client state (hex).
+    pub client_state: String,
+    /// The node's URL; `None` when the node was removed.
+    pub node: Option<String>,
+    /// The node's downed flag (false when it was removed).
+    pub downed: bool,
+    /// created_at, ms.
+    pub created_at: i64,
+    /// replaced_at, ms.
+    pub replaced_at: i64,
+}
+
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MigrationReport {
@@ -268,6 +310,32 @@ pub trait SyncStore: Send + Sync + 'static {
     /// Live users per node (nodes without any are absent). A scan of the users table: an
     /// operator's call, not the request path's.
     async fn node_users(&self) -> Result<Vec<NodeUsers>>;
+
+    /// The email of the row `uid` of `service`, if there is one.
+    async fn user_email(&self, service: &str, uid: i64) -> Result<Option<String>>;
+
+    /// Atomically puts the user on the node `node` (an operator's choice: capacity and flags are
+    /// not checked, the node's load is bumped): a new current row on it carrying the current
+    /// row's generation, client state and keys_changed_at (a new user starts at generation 0,
+    /// empty client state), every other live row replaced at `now_ms`. Already live on that node:
+    /// nothing changes. Returns the current row; [`StoreError::NotFound`] for an unknown node.
+    async fn assign_user(&self, service: &str, email: &str, node: &str, now_ms: i64) -> Result<UserRow>;
+
+    /// Live rows (`replaced_at IS NULL`) created at or before `created_before` ms, of one service
+    /// or of all (Mozilla's `count_users`).
+    async fn count_users(&self, service: Option<&str>, created_before: i64) -> Result<i64>;
+
+    /// A page of replaced rows for purging (see [`OldRecordsQuery`]). One indexed range read.
+    async fn old_records(&self, query: &OldRecordsQuery<'_>) -> Result<Vec<OldRecord>>;
+
+    /// Deletes the row `uid` of `service`, atomically freeing the user's slot on its node when
+    /// no other row of the user is on that node (`current_load - 1` floored at 0, `available + 1`
+    /// up to what capacity leaves). Returns whether a row was deleted.
+    async fn delete_user_record(&self, service: &str, uid: i64) -> Result<bool>;
+
+    /// Sets `replaced_at = now_ms` on the replaced row `uid` (a purge that failed for it tries
+    /// again after another grace period).
+    async fn bump_replaced_at(&self, service: &str, uid: i64, now_ms: i64) -> Result<()>;
 
     /// Inserts the service row if missing (by name). Returns its id.
     async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64>;

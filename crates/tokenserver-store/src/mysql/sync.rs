@@ -78,6 +78,16 @@ impl crate::sql::SyncSql for MySqlSql {
     const UNASSIGN_NODE: &'static str = crate::sql::qmark::UNASSIGN_NODE;
     const DELETE_NODE: &'static str = crate::sql::qmark::DELETE_NODE;
     const NODE_USERS: &'static str = crate::sql::qmark::NODE_USERS;
+    const USER_EMAIL: &'static str = crate::sql::qmark::USER_EMAIL;
+    const RECORD_OF: &'static str = crate::sql::qmark::RECORD_OF;
+    const DELETE_USER: &'static str = crate::sql::qmark::DELETE_USER;
+    const COUNT_USERS: &'static str = crate::sql::qmark::COUNT_USERS;
+    const OLD_RECORDS: &'static str = crate::sql::qmark::OLD_RECORDS;
+    const BUMP_REPLACED: &'static str = crate::sql::qmark::BUMP_REPLACED;
+    // `available` first: MySQL assigns left to right, so the second sees the first's result.
+    const FREE_SLOT: &'static str = "UPDATE nodes SET available = available + \
+        (CASE WHEN available + GREATEST(current_load - 1, 0) < capacity THEN 1 ELSE 0 END), \
+        current_load = GREATEST(current_load - 1, 0) WHERE id = ?";
 }
 
 /// Runs an `INSERT` and reads `LAST_INSERT_ID()` from the same connection.

@@ -88,6 +88,33 @@ impl crate::sql::SyncSql for PgSql {
 
     const NODE_USERS: &'static str = "SELECT nodeid::BIGINT, COUNT(*)::BIGINT FROM users \
         WHERE replaced_at IS NULL AND nodeid IS NOT NULL GROUP BY nodeid ORDER BY nodeid";
+
+    const USER_EMAIL: &'static str =
+        "SELECT email::TEXT FROM users WHERE service = (SELECT id FROM services WHERE service = $1) AND uid = $2";
+
+    const RECORD_OF: &'static str = "SELECT email::TEXT, nodeid FROM users WHERE service = $1 AND uid = $2";
+
+    const FREE_SLOT: &'static str = "UPDATE nodes SET available = available + \
+        (CASE WHEN available + GREATEST(current_load - 1, 0) < capacity THEN 1 ELSE 0 END), \
+        current_load = GREATEST(current_load - 1, 0) WHERE id = $1";
+
+    const DELETE_USER: &'static str = "DELETE FROM users WHERE service = $1 AND uid = $2";
+
+    const COUNT_USERS: &'static str = "SELECT COUNT(*)::BIGINT FROM users \
+        WHERE replaced_at IS NULL AND created_at <= $1 \
+        AND ($2::TEXT IS NULL OR service = (SELECT id FROM services WHERE service = $3))";
+
+    const OLD_RECORDS: &'static str = "SELECT users.uid, users.email::TEXT, users.generation, \
+        users.keys_changed_at, users.client_state::TEXT, nodes.node::TEXT, COALESCE(nodes.downed, 0)::BIGINT, \
+        users.created_at, users.replaced_at \
+        FROM users LEFT OUTER JOIN nodes ON users.nodeid = nodes.id \
+        WHERE users.service = (SELECT id FROM services WHERE service = $1) \
+        AND users.replaced_at IS NOT NULL AND users.replaced_at < $2 \
+        AND (users.replaced_at > $3 OR (users.replaced_at = $4 AND users.uid > $5)) \
+        AND users.uid > $6 AND users.uid < $7 ORDER BY users.replaced_at, users.uid LIMIT $8";
+
+    const BUMP_REPLACED: &'static str = "UPDATE users SET replaced_at = $1 \
+        WHERE service = (SELECT id FROM services WHERE service = $2) AND uid = $3 AND replaced_at IS NOT NULL";
 }
 
 /// Runs an `INSERT … RETURNING id`.

@@ -69,6 +69,22 @@ pub(crate) trait SyncSql {
     const DELETE_NODE: &'static str;
     /// Live users per node id.
     const NODE_USERS: &'static str;
+    /// The email of a row (service name, uid).
+    const USER_EMAIL: &'static str;
+    /// Email and node id of a row (service id, uid).
+    const RECORD_OF: &'static str;
+    /// Frees one slot on a node (id).
+    const FREE_SLOT: &'static str;
+    /// Deletes a row (service id, uid).
+    const DELETE_USER: &'static str;
+    /// Mozilla's `count_users` (created before, service name or NULL, service name).
+    const COUNT_USERS: &'static str;
+    /// A page of replaced rows, oldest first (service name, replaced before, cursor replaced_at
+    /// twice, cursor uid, uid above, uid below, limit): uid, email, generation, kca, client
+    /// state, node URL or NULL, downed (0 when no node), created_at, replaced_at.
+    const OLD_RECORDS: &'static str;
+    /// Re-stamps a replaced row (now, service name, uid).
+    const BUMP_REPLACED: &'static str;
 }
 
 /// Connections idle longer than this are pinged before use: after an outage they are found dead
@@ -106,6 +122,29 @@ pub(crate) mod qmark {
     pub(crate) const UNASSIGN_NODE: &str = "UPDATE users SET replaced_at = ? WHERE nodeid = ? AND replaced_at IS NULL";
 
     pub(crate) const DELETE_NODE: &str = "DELETE FROM nodes WHERE id = ?";
+
+    pub(crate) const USER_EMAIL: &str =
+        "SELECT email FROM users WHERE service = (SELECT id FROM services WHERE service = ?) AND uid = ?";
+
+    pub(crate) const RECORD_OF: &str = "SELECT email, nodeid FROM users WHERE service = ? AND uid = ?";
+
+    pub(crate) const DELETE_USER: &str = "DELETE FROM users WHERE service = ? AND uid = ?";
+
+    pub(crate) const COUNT_USERS: &str = "SELECT COUNT(*) FROM users WHERE replaced_at IS NULL AND created_at <= ? \
+        AND (? IS NULL OR service = (SELECT id FROM services WHERE service = ?))";
+
+    // Node columns through rowid subqueries, as `USER_ROWS` on SQLite: a lookup per row whatever
+    // the planner's statistics; the range itself is `replaced_at_idx (service, replaced_at)`.
+    pub(crate) const OLD_RECORDS: &str = "SELECT users.uid, users.email, users.generation, users.keys_changed_at, \
+        users.client_state, (SELECT node FROM nodes WHERE id = users.nodeid), \
+        COALESCE((SELECT downed FROM nodes WHERE id = users.nodeid), 0), users.created_at, users.replaced_at \
+        FROM users WHERE users.service = (SELECT id FROM services WHERE service = ?) \
+        AND users.replaced_at IS NOT NULL AND users.replaced_at < ? \
+        AND (users.replaced_at > ? OR (users.replaced_at = ? AND users.uid > ?)) \
+        AND users.uid > ? AND users.uid < ? ORDER BY users.replaced_at, users.uid LIMIT ?";
+
+    pub(crate) const BUMP_REPLACED: &str = "UPDATE users SET replaced_at = ? \
+        WHERE service = (SELECT id FROM services WHERE service = ?) AND uid = ? AND replaced_at IS NOT NULL";
 
     pub(crate) const NODE_USERS: &str = "SELECT nodeid, COUNT(*) FROM users \
         WHERE replaced_at IS NULL AND nodeid IS NOT NULL GROUP BY nodeid ORDER BY nodeid";

@@ -32,8 +32,8 @@ macro_rules! sync_store {
             use crate::sql::tx::{self, NewUser, SyncTx};
             use crate::sql::SyncSql;
             use crate::sync::{
-                Allocate, MigrationReport, NewNode, NodeChange, NodeRecord, NodeUsers, OwnedAllocate, OwnedUserChange,
-                Result, SyncStore, UserChange,
+                Allocate, MigrationReport, NewNode, NodeChange, NodeRecord, NodeUsers, OldRecord, OldRecordsQuery,
+                OwnedAllocate, OwnedUserChange, Result, SyncStore, UserChange,
             };
             use crate::StoreError;
 
@@ -245,6 +245,36 @@ macro_rules! sync_store {
                         .await?;
                     Ok(())
                 }
+
+                async fn record_of(&mut self, service_id: i64, uid: i64) -> Result<Option<(String, Option<i64>)>> {
+                    let row =
+                        sqlx::query(Sql::RECORD_OF).bind(service_id).bind(uid).fetch_optional(self.conn()?).await?;
+                    Ok(row.map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?))).transpose()?)
+                }
+
+                async fn free_slot(&mut self, node_id: i64) -> Result<()> {
+                    sqlx::query(Sql::FREE_SLOT).bind(node_id).execute(self.conn()?).await?;
+                    Ok(())
+                }
+
+                async fn delete_row(&mut self, service_id: i64, uid: i64) -> Result<bool> {
+                    let done = sqlx::query(Sql::DELETE_USER).bind(service_id).bind(uid).execute(self.conn()?).await?;
+                    Ok(done.rows_affected() > 0)
+                }
+            }
+
+            fn old_record(r: &$row) -> std::result::Result<OldRecord, sqlx::Error> {
+                Ok(OldRecord {
+                    uid: r.try_get(0)?,
+                    email: r.try_get(1)?,
+                    generation: r.try_get(2)?,
+                    keys_changed_at: r.try_get(3)?,
+                    client_state: r.try_get(4)?,
+                    node: r.try_get(5)?,
+                    downed: r.try_get::<i64, _>(6)? != 0,
+                    created_at: r.try_get(7)?,
+                    replaced_at: r.try_get(8)?,
+                })
             }
 
             #[async_trait]
@@ -469,6 +499,82 @@ macro_rules! sync_store {
                         .map(|r| Ok(NodeRecord { service: r.try_get(0)?, state: node_state(r, 1)? }))
                         .collect::<std::result::Result<_, sqlx::Error>>()
                         .map_err(StoreError::from)
+                }
+
+                async fn user_email(&self, service: &str, uid: i64) -> Result<Option<String>> {
+                    let mut lease = self.reads.get().await?;
+                    let email = sqlx::query_scalar::<_, String>(Sql::USER_EMAIL)
+                        .bind(service)
+                        .bind(uid)
+                        .fetch_optional(&mut *lease)
+                        .await?;
+                    lease.keep();
+                    Ok(email)
+                }
+
+                async fn assign_user(&self, service: &str, email: &str, node: &str, now_ms: i64) -> Result<UserRow> {
+                    let (service, email, node) = (service.to_string(), email.to_string(), node.to_string());
+                    crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                        Box::pin(
+                            async move { tx::assign(&mut Tx { tx, caller }, &service, &email, &node, now_ms).await },
+                        )
+                    })
+                    .await
+                }
+
+                async fn count_users(&self, service: Option<&str>, created_before: i64) -> Result<i64> {
+                    let mut lease = self.reads.get().await?;
+                    let n = sqlx::query_scalar::<_, i64>(Sql::COUNT_USERS)
+                        .bind(created_before)
+                        .bind(service)
+                        .bind(service)
+                        .fetch_one(&mut *lease)
+                        .await?;
+                    lease.keep();
+                    Ok(n)
+                }
+
+                async fn old_records(&self, q: &OldRecordsQuery<'_>) -> Result<Vec<OldRecord>> {
+                    let (after_at, after_uid) = q.after.unwrap_or((i64::MIN, i64::MIN));
+                    let mut lease = self.reads.get().await?;
+                    let rows = sqlx::query(Sql::OLD_RECORDS)
+                        .bind(q.service)
+                        .bind(q.replaced_before)
+                        .bind(after_at)
+                        .bind(after_at)
+                        .bind(after_uid)
+                        .bind(q.uid_above.unwrap_or(i64::MIN))
+                        .bind(q.uid_below.unwrap_or(i64::MAX))
+                        .bind(q.limit)
+                        .fetch_all(&mut *lease)
+                        .await?;
+                    lease.keep();
+                    Ok(rows.iter().map(old_record).collect::<std::result::Result<_, _>>()?)
+                }
+
+                async fn delete_user_record(&self, service: &str, uid: i64) -> Result<bool> {
+                    let service = service.to_string();
+                    crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                        Box::pin(async move { tx::delete_record(&mut Tx { tx, caller }, &service, uid).await })
+                    })
+                    .await
+                }
+
+                async fn bump_replaced_at(&self, service: &str, uid: i64, now_ms: i64) -> Result<()> {
+                    let service = service.to_string();
+                    crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                        Box::pin(async move {
+                            let mut tx = Tx { tx, caller };
+                            sqlx::query(Sql::BUMP_REPLACED)
+                                .bind(now_ms)
+                                .bind(&service)
+                                .bind(uid)
+                                .execute(tx.conn()?)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .await
                 }
 
                 async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64> {

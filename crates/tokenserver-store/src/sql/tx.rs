@@ -43,6 +43,12 @@ pub(crate) trait SyncTx: Send {
     async fn put_user(&mut self, service_id: i64, email: &str, generation: i64, kca: Option<i64>) -> Result<()>;
     /// Marks every other live row of the user replaced.
     async fn replace_others(&mut self, service_id: i64, email: &str, keep_uid: i64, now_ms: i64) -> Result<()>;
+    /// The email and node id of one row.
+    async fn record_of(&mut self, service_id: i64, uid: i64) -> Result<Option<(String, Option<i64>)>>;
+    /// `current_load - 1` floored at 0, `available + 1` up to what capacity leaves.
+    async fn free_slot(&mut self, node_id: i64) -> Result<()>;
+    /// Deletes one row; whether it existed.
+    async fn delete_row(&mut self, service_id: i64, uid: i64) -> Result<bool>;
 }
 
 async fn service_id(tx: &mut impl SyncTx, service: &str) -> Result<i64> {
@@ -187,4 +193,75 @@ pub(crate) async fn change(
             Ok(uid)
         }
     }
+}
+
+/// `SyncStore::assign_user`, inside the caller's transaction.
+pub(crate) async fn assign(
+    tx: &mut impl SyncTx,
+    service: &str,
+    email: &str,
+    node_url: &str,
+    now_ms: i64,
+) -> Result<UserRow> {
+    let service_id = service_id(tx, service).await?;
+    let node = tx
+        .lock_nodes(service_id)
+        .await?
+        .into_iter()
+        .find(|n| n.node == node_url)
+        .ok_or_else(|| StoreError::NotFound(format!("node {node_url} of service {service}")))?;
+    tx.lock_user(service_id, email).await?;
+    let rows = tx.user_rows(service, email).await?;
+    let current = resolve(&rows).map(|r| r.current);
+    if let Some(c) = &current {
+        if c.node_id == Some(node.id) && c.replaced_at.is_none() {
+            return Ok(c.clone());
+        }
+    }
+    let (generation, client_state, keys_changed_at) =
+        current.map_or((0, String::new(), None), |c| (c.generation, c.client_state, c.keys_changed_at));
+    let uid = tx
+        .insert_user(NewUser {
+            service_id,
+            email,
+            generation,
+            client_state: &client_state,
+            created_at: now_ms,
+            node_id: node.id,
+            keys_changed_at,
+        })
+        .await?;
+    tx.replace_others(service_id, email, uid, now_ms).await?;
+    tx.add_user_to_node(node.id).await?;
+    Ok(UserRow {
+        uid,
+        node_id: Some(node.id),
+        node: Some(node.node),
+        generation,
+        keys_changed_at,
+        client_state,
+        created_at: now_ms,
+        replaced_at: None,
+    })
+}
+
+/// `SyncStore::delete_user_record`, inside the caller's transaction. Locks in the one order
+/// (the service's nodes, then the user's rows), so it cannot deadlock with an allocation.
+pub(crate) async fn delete_record(tx: &mut impl SyncTx, service: &str, uid: i64) -> Result<bool> {
+    let Some(service_id) = tx.service_id(service).await? else {
+        return Ok(false);
+    };
+    tx.lock_nodes(service_id).await?;
+    let Some((email, node_id)) = tx.record_of(service_id, uid).await? else {
+        return Ok(false);
+    };
+    tx.lock_user(service_id, &email).await?;
+    let rows = tx.user_rows(service, &email).await?;
+    // The user took one slot on the node when first put there: it is free once no row of the
+    // user points there any more (Mozilla frees one per deleted row, so load drifts below zero).
+    let still_there = rows.iter().any(|r| r.uid != uid && r.node_id == node_id);
+    if let (Some(node_id), false) = (node_id, still_there) {
+        tx.free_slot(node_id).await?;
+    }
+    tx.delete_row(service_id, uid).await
 }

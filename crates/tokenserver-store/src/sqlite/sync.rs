@@ -18,8 +18,8 @@ use crate::sql::migrate::{Existing, Migration};
 use crate::sql::tx::{self, NewUser, SyncTx};
 use crate::sql::SyncSql;
 use crate::sync::{
-    node_record, Allocate, MigrationReport, NewNode, NodeChange, NodeRecord, NodeUsers, OwnedAllocate, OwnedUserChange,
-    Result, SyncStore, UserChange,
+    node_record, Allocate, MigrationReport, NewNode, NodeChange, NodeRecord, NodeUsers, OldRecord, OldRecordsQuery,
+    OwnedAllocate, OwnedUserChange, Result, SyncStore, UserChange,
 };
 use crate::StoreError;
 
@@ -102,6 +102,16 @@ impl crate::sql::SyncSql for SqliteSql {
     const UNASSIGN_NODE: &'static str = crate::sql::qmark::UNASSIGN_NODE;
     const DELETE_NODE: &'static str = crate::sql::qmark::DELETE_NODE;
     const NODE_USERS: &'static str = crate::sql::qmark::NODE_USERS;
+    const USER_EMAIL: &'static str = crate::sql::qmark::USER_EMAIL;
+    const RECORD_OF: &'static str = crate::sql::qmark::RECORD_OF;
+    const DELETE_USER: &'static str = crate::sql::qmark::DELETE_USER;
+    const COUNT_USERS: &'static str = crate::sql::qmark::COUNT_USERS;
+    const OLD_RECORDS: &'static str = crate::sql::qmark::OLD_RECORDS;
+    const BUMP_REPLACED: &'static str = crate::sql::qmark::BUMP_REPLACED;
+    // Both expressions see the row's old values (as on PostgreSQL; MySQL's order is noted there).
+    const FREE_SLOT: &'static str = "UPDATE nodes SET available = available + \
+        (CASE WHEN available + MAX(current_load - 1, 0) < capacity THEN 1 ELSE 0 END), \
+        current_load = MAX(current_load - 1, 0) WHERE id = ?";
 }
 
 const GET_META: &str = "SELECT value FROM tokenserver_meta WHERE name = ?";
@@ -244,6 +254,36 @@ impl SyncTx for Tx<'_> {
         stmt.execute((now_ms, service_id, email, keep_uid)).map_err(e)?;
         Ok(())
     }
+
+    async fn record_of(&mut self, service_id: i64, uid: i64) -> Result<Option<(String, Option<i64>)>> {
+        let mut stmt = self.conn.prepare_cached(SqliteSql::RECORD_OF).map_err(e)?;
+        stmt.query_row((service_id, uid), |r| Ok((r.get(0)?, r.get(1)?))).optional().map_err(e)
+    }
+
+    async fn free_slot(&mut self, node_id: i64) -> Result<()> {
+        self.conn.prepare_cached(SqliteSql::FREE_SLOT).and_then(|mut s| s.execute([node_id])).map_err(e)?;
+        Ok(())
+    }
+
+    async fn delete_row(&mut self, service_id: i64, uid: i64) -> Result<bool> {
+        let n = self.conn.prepare_cached(SqliteSql::DELETE_USER).and_then(|mut s| s.execute((service_id, uid)));
+        Ok(n.map_err(e)? > 0)
+    }
+}
+
+/// An [`OldRecord`] as `OLD_RECORDS` selects it.
+fn old_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<OldRecord> {
+    Ok(OldRecord {
+        uid: r.get(0)?,
+        email: r.get(1)?,
+        generation: r.get(2)?,
+        keys_changed_at: r.get(3)?,
+        client_state: r.get(4)?,
+        node: r.get(5)?,
+        downed: r.get::<_, i64>(6)? != 0,
+        created_at: r.get(7)?,
+        replaced_at: r.get(8)?,
+    })
 }
 
 /// Which users' rows a write may change, for the user-row cache.
@@ -470,6 +510,59 @@ impl SyncStore for SqliteStore {
             let mut stmt = conn.prepare_cached(SqliteSql::NODE_USERS)?;
             let rows = stmt.query_map([], |r| Ok(NodeUsers { node_id: r.get(0)?, live: r.get(1)? }))?;
             rows.collect()
+        })
+        .await
+    }
+
+    async fn user_email(&self, service: &str, uid: i64) -> Result<Option<String>> {
+        let service = service.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached(SqliteSql::USER_EMAIL)?.query_row((&service, uid), |r| r.get(0)).optional()
+        })
+        .await
+    }
+
+    async fn assign_user(&self, service: &str, email: &str, node: &str, now_ms: i64) -> Result<UserRow> {
+        let (service, email, node) = (service.to_string(), email.to_string(), node.to_string());
+        let touch = Touch::User(service.clone(), email.clone());
+        self.write(touch, move |conn| run_now(tx::assign(&mut Tx { conn }, &service, &email, &node, now_ms))).await
+    }
+
+    async fn count_users(&self, service: Option<&str>, created_before: i64) -> Result<i64> {
+        let service = service.map(str::to_string);
+        self.read(move |conn| {
+            conn.prepare_cached(SqliteSql::COUNT_USERS)?.query_row((created_before, &service, &service), |r| r.get(0))
+        })
+        .await
+    }
+
+    async fn old_records(&self, q: &OldRecordsQuery<'_>) -> Result<Vec<OldRecord>> {
+        let service = q.service.to_string();
+        let (after_at, after_uid) = q.after.unwrap_or((i64::MIN, i64::MIN));
+        let (before, above, below) =
+            (q.replaced_before, q.uid_above.unwrap_or(i64::MIN), q.uid_below.unwrap_or(i64::MAX));
+        let limit = q.limit;
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(SqliteSql::OLD_RECORDS)?;
+            let params = rusqlite::params![service, before, after_at, after_at, after_uid, above, below, limit];
+            let rows = stmt.query_map(params, old_record)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn delete_user_record(&self, service: &str, uid: i64) -> Result<bool> {
+        let service = service.to_string();
+        self.write(Touch::All, move |conn| run_now(tx::delete_record(&mut Tx { conn }, &service, uid))).await
+    }
+
+    async fn bump_replaced_at(&self, service: &str, uid: i64, now_ms: i64) -> Result<()> {
+        let service = service.to_string();
+        self.write(Touch::All, move |conn| {
+            conn.prepare_cached(SqliteSql::BUMP_REPLACED)
+                .and_then(|mut s| s.execute((now_ms, &service, uid)))
+                .map_err(e)?;
+            Ok(())
         })
         .await
     }

@@ -91,6 +91,8 @@ stamp! {
         retire_and_password_change,
         node_operations,
         node_lifecycle_update_drain_unassign_remove,
+        users_are_looked_up_assigned_to_a_node_and_counted,
+        old_records_page_in_order_and_deleting_them_frees_slots,
         unknown_service_is_reported,
         concurrent_first_allocations_create_one_row,
         concurrent_allocations_respect_capacity,

@@ -2,7 +2,7 @@
 
 use futures::future::join_all;
 use tokenserver_core::sync::users::{resolve, Status};
-use tokenserver_store::sync::{Allocate, NewNode, NodeChange, NodeUsers, UserChange};
+use tokenserver_store::sync::{Allocate, NewNode, NodeChange, NodeUsers, OldRecord, OldRecordsQuery, UserChange};
 use tokenserver_store::{StoreError, SyncStore};
 
 const SVC: &str = "sync-1.5";
@@ -421,4 +421,165 @@ pub async fn cancelled_calls_leave_whole_rows(s: &dyn SyncStore) {
     }
     let load = loads(s).await.into_iter().find(|(id, ..)| *id == n).unwrap();
     assert_eq!((load.1, load.2), (1_000_000 - users, users));
+}
+
+pub async fn users_are_looked_up_assigned_to_a_node_and_counted(s: &dyn SyncStore) {
+    let a = node(s, "https://a", 100, 10, 0, false, false).await;
+    let b = node(s, "https://b", 100, 10, 0, true, false).await;
+    let first = s.allocate_user(&alloc("u@x", None, 10)).await.unwrap();
+    assert_eq!(first.node_id, Some(a));
+    assert_eq!(s.user_email(SVC, first.uid).await.unwrap().as_deref(), Some("u@x"));
+    assert_eq!(s.user_email(SVC, first.uid + 1000).await.unwrap(), None);
+    assert_eq!(s.user_email("other-1", first.uid).await.unwrap(), None);
+
+    // An operator's choice goes even to a downed node; the account state moves with the user.
+    let moved = s.assign_user(SVC, "u@x", "https://b", 20).await.unwrap();
+    assert_eq!(
+        (moved.node_id, moved.generation, moved.keys_changed_at, moved.client_state.as_str(), moved.created_at),
+        (Some(b), 10, Some(10), "aaaa", 20)
+    );
+    let rows = s.user_rows(SVC, "u@x").await.unwrap();
+    assert_eq!(
+        rows.iter().map(|r| (r.uid, r.replaced_at)).collect::<Vec<_>>(),
+        vec![(moved.uid, None), (first.uid, Some(20))]
+    );
+    assert_eq!(resolve(&rows).unwrap().current, moved);
+    assert_eq!(loads(s).await, vec![(a, 9, 1), (b, 9, 1)]);
+    // Already there: nothing changes.
+    assert_eq!(s.assign_user(SVC, "u@x", "https://b", 25).await.unwrap(), moved);
+    assert_eq!(s.user_rows(SVC, "u@x").await.unwrap().len(), 2);
+    assert_eq!(loads(s).await, vec![(a, 9, 1), (b, 9, 1)]);
+    // A new user starts at generation 0 with no client state.
+    let fresh = s.assign_user(SVC, "n@x", "https://a", 30).await.unwrap();
+    assert_eq!(
+        (fresh.node_id, fresh.generation, fresh.keys_changed_at, fresh.client_state.as_str()),
+        (Some(a), 0, None, "")
+    );
+    let missing = s.assign_user(SVC, "u@x", "https://none", 40).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    assert!(matches!(s.assign_user("nope-1", "u@x", "https://a", 40).await, Err(StoreError::UnknownService(_))));
+
+    // count_users: live rows created at or before the timestamp, one service or all.
+    s.ensure_service("notes-2", "{node}/2/{uid}").await.unwrap();
+    assert_eq!(s.count_users(Some(SVC), 19).await.unwrap(), 0);
+    assert_eq!(s.count_users(Some(SVC), 20).await.unwrap(), 1);
+    assert_eq!(s.count_users(Some(SVC), 30).await.unwrap(), 2);
+    assert_eq!(s.count_users(None, 30).await.unwrap(), 2);
+    assert_eq!(s.count_users(Some("notes-2"), 30).await.unwrap(), 0);
+}
+
+pub async fn old_records_page_in_order_and_deleting_them_frees_slots(s: &dyn SyncStore) {
+    let a = node(s, "https://a", 10, 10, 0, false, false).await;
+    let b = node(s, "https://b", 10, 10, 0, false, true).await;
+    let r1 = s.allocate_user(&alloc("u@x", None, 10)).await.unwrap();
+    let change =
+        UserChange::NewClientState { generation: 11, keys_changed_at: Some(11), client_state: "bbbb", node_id: a };
+    let uid2 = s.change_user(SVC, "u@x", r1.uid, &change, 20).await.unwrap();
+    let r3 = s.assign_user(SVC, "u@x", "https://b", 30).await.unwrap();
+    let other = s.allocate_user(&alloc("v@x", None, 35)).await.unwrap();
+    assert_eq!(loads(s).await, vec![(a, 8, 2), (b, 9, 1)]);
+
+    let page = |replaced_before, uid_above, uid_below, after, limit| {
+        let q = OldRecordsQuery { service: SVC, replaced_before, uid_above, uid_below, after, limit };
+        async move { s.old_records(&q).await.unwrap().into_iter().map(|r| r.uid).collect::<Vec<_>>() }
+    };
+    let all = s.old_records(&OldRecordsQuery {
+        service: SVC,
+        replaced_before: 100,
+        uid_above: None,
+        uid_below: None,
+        after: None,
+        limit: 10,
+    });
+    assert_eq!(
+        all.await.unwrap(),
+        vec![
+            OldRecord {
+                uid: r1.uid,
+                email: "u@x".into(),
+                generation: 10,
+                keys_changed_at: Some(10),
+                client_state: "aaaa".into(),
+                node: Some("https://a".into()),
+                downed: false,
+                created_at: 10,
+                replaced_at: 20,
+            },
+            OldRecord {
+                uid: uid2,
+                email: "u@x".into(),
+                generation: 11,
+                keys_changed_at: Some(11),
+                client_state: "bbbb".into(),
+                node: Some("https://a".into()),
+                downed: false,
+                created_at: 20,
+                replaced_at: 30,
+            },
+        ]
+    );
+    assert_eq!(page(100, None, None, None, 1).await, vec![r1.uid]);
+    assert_eq!(page(100, None, None, Some((20, r1.uid)), 1).await, vec![uid2]);
+    assert_eq!(page(100, None, None, Some((30, uid2)), 1).await, Vec::<i64>::new());
+    assert_eq!(page(30, None, None, None, 10).await, vec![r1.uid], "strictly before");
+    assert_eq!(page(100, Some(r1.uid), None, None, 10).await, vec![uid2]);
+    assert_eq!(page(100, None, Some(uid2), None, 10).await, vec![r1.uid]);
+    assert!(s
+        .old_records(&OldRecordsQuery {
+            service: "nope-1",
+            ..OldRecordsQuery {
+                service: SVC,
+                replaced_before: 100,
+                uid_above: None,
+                uid_below: None,
+                after: None,
+                limit: 10,
+            }
+        })
+        .await
+        .unwrap()
+        .is_empty());
+
+    // The user still has a row on a: deleting the first frees nothing, the second frees a slot.
+    assert!(s.delete_user_record(SVC, r1.uid).await.unwrap());
+    assert_eq!(loads(s).await, vec![(a, 8, 2), (b, 9, 1)]);
+    assert!(s.delete_user_record(SVC, uid2).await.unwrap());
+    assert_eq!(loads(s).await, vec![(a, 9, 1), (b, 9, 1)]);
+    assert!(!s.delete_user_record(SVC, uid2).await.unwrap());
+    assert_eq!(s.user_rows(SVC, "u@x").await.unwrap().iter().map(|r| r.uid).collect::<Vec<_>>(), vec![r3.uid]);
+
+    // A full node's freed slot is available again, never past capacity.
+    s.update_node(
+        SVC,
+        "https://a",
+        &NodeChange { available: Some(0), current_load: Some(10), ..NodeChange::default() },
+    )
+    .await
+    .unwrap();
+    s.unassign_node(SVC, "https://a", 50).await.unwrap();
+    assert!(s.delete_user_record(SVC, other.uid).await.unwrap());
+    assert_eq!(loads(s).await[0], (a, 1, 9));
+
+    // bump_replaced_at re-stamps replaced rows only.
+    s.remove_node(SVC, "https://b", 60).await.unwrap();
+    let gone = s.old_records(&OldRecordsQuery {
+        service: SVC,
+        replaced_before: 100,
+        uid_above: None,
+        uid_below: None,
+        after: None,
+        limit: 10,
+    });
+    let gone = gone.await.unwrap();
+    assert_eq!(
+        gone.iter().map(|r| (r.uid, r.node.clone(), r.downed, r.replaced_at)).collect::<Vec<_>>(),
+        vec![(r3.uid, None, false, 60)]
+    );
+    s.bump_replaced_at(SVC, r3.uid, 70).await.unwrap();
+    assert_eq!(page(70, None, None, None, 10).await, Vec::<i64>::new());
+    assert_eq!(page(71, None, None, None, 10).await, vec![r3.uid]);
+    // The node is gone: deleting the row frees nothing anywhere.
+    assert!(s.delete_user_record(SVC, r3.uid).await.unwrap());
+    assert_eq!(loads(s).await, vec![(a, 1, 9)]);
+    assert_eq!(s.count_users(None, 1000).await.unwrap(), 0);
 }
