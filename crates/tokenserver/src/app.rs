@@ -174,6 +174,18 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         }
         _ => None,
     };
+    let purger = Arc::new(
+        crate::ops::purge::Purger::new(store.clone(), purge_targets(&config), &secrets)
+            .map_err(|e| StartError::Other(e.to_string()))?,
+    );
+    if let Some(cfg) = &config.purge {
+        crate::jobs::spawn_sync_purge(&purger, cfg);
+        tracing::info!(
+            interval = %humantime::format_duration(cfg.interval),
+            grace_period = %humantime::format_duration(cfg.grace_period),
+            "purge of old Sync records enabled"
+        );
+    }
     Ok(AppState {
         config: Arc::new(config),
         store,
@@ -184,8 +196,20 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         session_access: crate::keys::RouteAccess::of(&sessions_key),
         access,
         access_access: crate::keys::RouteAccess::of(&access_key),
+        purger,
         metrics,
     })
+}
+
+/// Each configured service once, with its endpoint pattern (the first application's).
+pub fn purge_targets(config: &Config) -> Vec<crate::ops::purge::PurgeTarget> {
+    let mut targets: Vec<crate::ops::purge::PurgeTarget> = Vec::new();
+    for app in &config.sync.applications {
+        if !targets.iter().any(|t| t.service == app.service) {
+            targets.push(crate::ops::purge::PurgeTarget { service: app.service.clone(), pattern: app.pattern.clone() });
+        }
+    }
+    targets
 }
 
 /// Serves the public and internal routers until `shutdown` resolves, each listener within its

@@ -31,6 +31,8 @@ pub struct AppState {
     pub access: Option<Arc<crate::access::AccessTokens>>,
     /// How the v1 access-token routes are guarded.
     pub access_access: crate::keys::RouteAccess,
+    /// Purges old Sync records (`POST /v1/purge`, and the background job while this is held).
+    pub purger: Arc<crate::ops::purge::Purger>,
     /// Prometheus exporter, when this process installed one.
     pub metrics: Option<PrometheusHandle>,
 }

@@ -1,7 +1,8 @@
-//! Command line: `serve` (the default), `migrate`, `node add|list|update|drain|unassign|remove`, `token inspect`, `keys`,
-//! `access …`.
+//! Command line: `serve` (the default), `migrate`, `node add|list|update|drain|unassign|remove`,
+//! `user show|assign|count`, `events`, `purge`, `token inspect`, `keys`, `access …`.
 
 mod access;
+mod sync_ops;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,15 @@ pub enum Command {
     /// Storage node operations.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Sync users: look up, assign to a node, count.
+    #[command(subcommand)]
+    User(sync_ops::UserCommand),
+    /// Apply account events (delete, reset, passwordChange) from JSON lines, as the legacy
+    /// process_account_events did from SQS.
+    Events(sync_ops::EventsArgs),
+    /// Purge old Sync records once: delete replaced users' data on their storage nodes, then
+    /// their rows.
+    Purge(sync_ops::PurgeArgs),
     /// Token utilities.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -183,6 +193,9 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
             Ok(())
         }
         Command::Node(cmd) => node_command(cmd, config).await,
+        Command::User(cmd) => sync_ops::user(cmd, &config).await,
+        Command::Events(args) => sync_ops::events(args, &config).await,
+        Command::Purge(args) => sync_ops::purge(args, &config).await,
         Command::Token(TokenCommand::Inspect { id, secrets }) => inspect(&id, secrets, &config).await,
         Command::Keys { json } => keys(&config, json).await,
         Command::Access(cmd) => access::run(cmd, &config).await,

@@ -20,6 +20,7 @@ const TOP_LEVEL: &[&str] = &[
     "sessions",
     "access",
     "limits",
+    "purge",
     "syncstorage",
 ];
 

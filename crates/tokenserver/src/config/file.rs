@@ -65,6 +65,8 @@ pub struct FileConfig {
     pub access: AccessFile,
     /// Connection limits of both listeners (`[limits]`).
     pub limits: LimitsFile,
+    /// The background purge of old Sync records (`[purge]`).
+    pub purge: PurgeFile,
     /// Mozilla's storage settings: accepted and ignored (we are not a storage node).
     #[serde(skip_serializing)]
     pub syncstorage: Option<serde::de::IgnoredAny>,
@@ -83,6 +85,7 @@ impl Default for FileConfig {
             sessions: SessionsFile::default(),
             access: AccessFile::default(),
             limits: LimitsFile::default(),
+            purge: PurgeFile::default(),
             syncstorage: None,
         }
     }
@@ -390,6 +393,39 @@ impl Default for AccessFile {
             api_key: None,
             require_api_key: true,
             services: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[purge]`: `serve` purging old Sync records in the background, as `tokenserver purge` does
+/// once (Mozilla's `purge_old_records` without `--oneshot`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct PurgeFile {
+    /// Run the purge in `serve`.
+    #[serde(deserialize_with = "lenient_bool")]
+    pub enabled: bool,
+    /// Time between runs (each wait drawn within ±30% of it, so web heads drift apart).
+    pub interval: DurationText,
+    /// Rows replaced more recently than this are kept.
+    pub grace_period: DurationText,
+    /// Rows read per batch.
+    pub batch_size: u32,
+    /// Rows deleted per run at most (0: no limit).
+    pub max_records: u64,
+    /// Timeout of one storage-node request.
+    pub request_timeout: DurationText,
+}
+
+impl Default for PurgeFile {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval: DurationText::Text("1h".into()),
+            grace_period: DurationText::Text("1day".into()),
+            batch_size: 100,
+            max_records: 0,
+            request_timeout: DurationText::Text("60s".into()),
         }
     }
 }

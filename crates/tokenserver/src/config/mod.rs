@@ -185,6 +185,8 @@ pub struct Config {
     pub access: Option<AccessConfig>,
     /// Connection limits.
     pub limits: ListenerLimits,
+    /// The background purge of old Sync records; `None` when off.
+    pub purge: Option<PurgeConfig>,
     /// Warnings to log once logging is up (unknown keys, risky defaults).
     pub warnings: Vec<String>,
 }
@@ -629,6 +631,46 @@ fn validate_access(
     }))
 }
 
+/// `[purge]`, when enabled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PurgeConfig {
+    /// Time between runs (±30%).
+    pub interval: Duration,
+    /// Rows replaced more recently are kept.
+    pub grace_period: Duration,
+    /// Rows per batch.
+    pub batch_size: u32,
+    /// Rows deleted per run at most (0: no limit).
+    pub max_records: u64,
+    /// Timeout of one storage request.
+    pub request_timeout: Duration,
+}
+
+fn validate_purge(p: &file::PurgeFile) -> Result<Option<PurgeConfig>, ConfigError> {
+    let interval = duration("purge.interval", &p.interval)?;
+    let grace_period = duration("purge.grace_period", &p.grace_period)?;
+    let request_timeout = duration("purge.request_timeout", &p.request_timeout)?;
+    if !p.enabled {
+        return Ok(None);
+    }
+    if interval < Duration::from_secs(1) {
+        return Err(bad("purge.interval", "must be at least 1s"));
+    }
+    if p.batch_size == 0 {
+        return Err(bad("purge.batch_size", "must be at least 1"));
+    }
+    if request_timeout.is_zero() {
+        return Err(bad("purge.request_timeout", "must be more than 0"));
+    }
+    Ok(Some(PurgeConfig {
+        interval,
+        grace_period,
+        batch_size: p.batch_size,
+        max_records: p.max_records,
+        request_timeout,
+    }))
+}
+
 /// The whole configuration, section by section; the first bad key stops it.
 fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
     let limits = validate_limits(&raw.limits)?;
@@ -639,6 +681,7 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
     let database = validate_database(ts)?;
     let sync = validate_sync(ts, &mut warnings)?;
     let fxa = validate_fxa(ts, &mut warnings)?;
+    let purge = validate_purge(&raw.purge)?;
     Ok(Config {
         public_addr: format!("{}:{}", raw.host, raw.port),
         internal_addr: format!("{}:{}", raw.internal.host, raw.internal.port),
@@ -652,6 +695,7 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         sessions,
         access,
         limits,
+        purge,
         warnings,
     })
 }

@@ -1,4 +1,5 @@
-//! The internal listener: node administration and Prometheus metrics, behind the admin key
+//! The internal listener: Sync operations (nodes, users, account events, purge) and Prometheus
+//! metrics, behind the admin key
 //! (`Authorization: Bearer <key>`, see [`crate::keys`]). Without a key every admin route answers
 //! 403; only `/__lbheartbeat__` is open.
 
@@ -6,12 +7,15 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::http::error::ApiError;
 use crate::ops::node::{self, NodePatch, NodeSpec};
+use crate::ops::purge::PurgeOptions;
+use crate::ops::user::{self, UserRef};
+use crate::ops::{account, OpsError};
 use crate::state::AppState;
 
 /// Routes of the internal listener (state still to be applied).
@@ -23,6 +27,12 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/v1/services/{service}/nodes/{node}", get(show_node).patch(update_node).delete(remove_node))
         .route("/v1/services/{service}/nodes/{node}/drain", post(drain_node))
         .route("/v1/services/{service}/nodes/{node}/unassign", post(unassign_node))
+        // A user is its email (`<fxa_uid>@<domain>`, percent-encoded) or a row's uid.
+        .route("/v1/services/{service}/users/{user}", get(show_user))
+        .route("/v1/services/{service}/users/{user}/node", put(assign_user))
+        .route("/v1/count_users", get(count_users))
+        .route("/v1/account_events", post(account_events))
+        .route("/v1/purge", post(purge))
         .layer(axum::middleware::from_fn_with_state(state, require_admin_key))
         .route("/__lbheartbeat__", get(crate::http::health::lbheartbeat))
 }
@@ -52,8 +62,7 @@ async fn list_nodes(State(state): State<AppState>, Query(q): Query<ListQuery>) -
 }
 
 async fn add_node(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let spec: NodeSpec = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))?;
+    let spec: NodeSpec = json_body(&body)?;
     let view = node::add(state.store.as_ref(), &spec, state.config.sync.release_rate).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
@@ -69,8 +78,7 @@ async fn update_node(
     Path((service, url)): NodePath,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let patch: NodePatch = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))?;
+    let patch: NodePatch = json_body(&body)?;
     Ok(Json(node::update(state.store.as_ref(), &service, &url, &patch).await?).into_response())
 }
 
@@ -86,4 +94,96 @@ async fn unassign_node(State(state): State<AppState>, Path((service, url)): Node
 async fn remove_node(State(state): State<AppState>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
     let unassigned = node::remove(state.store.as_ref(), &service, &url).await?;
     Ok(Json(serde_json::json!({ "removed": url, "unassigned": unassigned })).into_response())
+}
+
+/// A JSON body, or 422 `invalid_body` saying what is wrong with it.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))
+}
+
+type UserPath = Path<(String, String)>;
+
+async fn show_user(State(state): State<AppState>, Path((service, who)): UserPath) -> Result<Response, ApiError> {
+    Ok(Json(user::show(state.store.as_ref(), &service, &UserRef::parse(&who)).await?).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignBody {
+    node: String,
+}
+
+async fn assign_user(
+    State(state): State<AppState>,
+    Path((service, who)): UserPath,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let AssignBody { node } = json_body(&body)?;
+    Ok(Json(user::assign(state.store.as_ref(), &service, &UserRef::parse(&who), &node).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct CountQuery {
+    service: Option<String>,
+    timestamp: Option<i64>,
+}
+
+async fn count_users(State(state): State<AppState>, Query(q): Query<CountQuery>) -> Result<Response, ApiError> {
+    Ok(Json(user::count(state.store.as_ref(), q.service.as_deref(), q.timestamp).await?).into_response())
+}
+
+/// Warnings returned by `POST /v1/account_events` at most (the summary counts them all).
+const MAX_EVENT_WARNINGS: usize = 100;
+
+async fn account_events(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let services: Vec<&str> = state.config.sync.applications.iter().map(|a| a.service.as_str()).collect();
+    let mut warnings = Vec::new();
+    let summary = account::replay(state.store.as_ref(), &services, &body[..], |line, message| {
+        if warnings.len() < MAX_EVENT_WARNINGS {
+            warnings.push(serde_json::json!({ "line": line, "message": message }));
+        }
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "account events stopped");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", e)
+    })?;
+    Ok(Json(serde_json::json!({ "summary": summary, "warnings": warnings })).into_response())
+}
+
+/// `POST /v1/purge`: one pass, as `tokenserver purge` (every field optional).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct PurgeBody {
+    grace_period_s: Option<u64>,
+    batch_size: Option<u32>,
+    max_records: Option<u64>,
+    dry_run: bool,
+    force: bool,
+    range_start: Option<i64>,
+    range_end: Option<i64>,
+    retries: Option<u32>,
+    retry_backoff_ms: Option<u64>,
+}
+
+async fn purge(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let b: PurgeBody = if body.is_empty() { PurgeBody::default() } else { json_body(&body)? };
+    if b.batch_size == Some(0) {
+        return Err(OpsError::Invalid("invalid_body", "batch_size must be at least 1".into()).into());
+    }
+    let defaults = PurgeOptions::default();
+    let opts = PurgeOptions {
+        grace_period: b.grace_period_s.map_or(defaults.grace_period, std::time::Duration::from_secs),
+        batch_size: b.batch_size.map_or(defaults.batch_size, i64::from),
+        max_records: b.max_records.unwrap_or(0),
+        dry_run: b.dry_run,
+        force: b.force,
+        uid_above: b.range_start,
+        uid_below: b.range_end,
+        retries: b.retries.unwrap_or(defaults.retries),
+        retry_backoff: b.retry_backoff_ms.map_or(defaults.retry_backoff, std::time::Duration::from_millis),
+        ..defaults
+    };
+    Ok(Json(state.purger.run(&opts, |_| {}).await?).into_response())
 }

@@ -14,7 +14,7 @@ use tokenserver_core::sync::keyid::KeyIdError;
 use tokenserver_store::StoreError;
 
 use crate::access::AccessError;
-use crate::ops::node::OpsError;
+use crate::ops::OpsError;
 use crate::session::SessionError;
 use crate::sync::IssueError;
 
@@ -342,7 +342,10 @@ impl ApiError {
 impl From<OpsError> for ApiError {
     fn from(e: OpsError) -> Self {
         match e {
-            OpsError::Invalid(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node", m),
+            OpsError::Invalid(code, m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, m),
+            OpsError::UnknownUser(who) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_user", format!("no user {who}"))
+            }
             OpsError::Store(StoreError::AlreadyExists(m)) => {
                 ApiError::new(StatusCode::CONFLICT, "node_already_exists", m)
             }

@@ -11,6 +11,7 @@ use axum::routing::post;
 use axum::Router;
 
 use crate::http::error::SyncError;
+use crate::ops::account;
 use crate::state::AppState;
 use crate::sync::bearer_token;
 
@@ -43,13 +44,14 @@ async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError>
         return Ok(());
     }
     let email = format!("{}@{}", claims.sub, state.config.sync.email_domain);
-    let now_ms = i64::try_from(tokenserver_core::clock::now_ms()).unwrap_or(i64::MAX);
+    let services: Vec<&str> = state.config.sync.applications.iter().map(|a| a.service.as_str()).collect();
+    let store = state.store.as_ref();
     for (event, data) in events {
         match event.as_str() {
             DELETE_USER => {
-                for app in &state.config.sync.applications {
-                    state.store.retire_user(&app.service, &email, now_ms).await.map_err(|e| SyncError::from(&e))?;
-                }
+                account::retire(store, &services, &email, crate::ops::now_ms())
+                    .await
+                    .map_err(|e| SyncError::from(&e))?;
                 metrics::counter!("tokenserver_webhook_events_processed_total", "event_type" => "delete_user")
                     .increment(1);
             }
@@ -57,13 +59,9 @@ async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError>
                 let Some(change_time) = data.get("changeTime").and_then(serde_json::Value::as_i64) else {
                     continue;
                 };
-                for app in &state.config.sync.applications {
-                    state
-                        .store
-                        .update_user_generation(&app.service, &email, Some(change_time.saturating_sub(1)), None)
-                        .await
-                        .map_err(|e| SyncError::from(&e))?;
-                }
+                account::raise_generation(store, &services, &email, change_time.saturating_sub(1))
+                    .await
+                    .map_err(|e| SyncError::from(&e))?;
                 metrics::counter!("tokenserver_webhook_events_processed_total", "event_type" => "password_change")
                     .increment(1);
             }

@@ -2,9 +2,10 @@
 //! One implementation, used by the CLI (`tokenserver node …`) and the internal API (`/v1/nodes`).
 
 use serde::{Deserialize, Serialize};
-use tokenserver_core::clock::now_ms;
 use tokenserver_store::sync::{NewNode, NodeChange, NodeRecord};
 use tokenserver_store::{StoreError, SyncStore};
+
+pub use super::OpsError;
 
 use crate::config::check_node_url;
 
@@ -71,26 +72,15 @@ impl From<NodeRecord> for NodeView {
     }
 }
 
-/// Why an operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum OpsError {
-    /// Bad input from the operator.
-    #[error("{0}")]
-    Invalid(String),
-    /// The store refused.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// Adds a node.
 pub async fn add(store: &dyn SyncStore, spec: &NodeSpec, release_rate: f64) -> Result<NodeView, OpsError> {
-    check_node_url(&spec.node).map_err(OpsError::Invalid)?;
+    check_node_url(&spec.node).map_err(|m| OpsError::Invalid("invalid_node", m))?;
     if spec.capacity < 1 {
-        return Err(OpsError::Invalid("capacity must be at least 1".into()));
+        return Err(OpsError::Invalid("invalid_node", "capacity must be at least 1".into()));
     }
     let available = spec.available.unwrap_or_else(|| ((spec.capacity as f64) * release_rate).ceil() as i64);
     if available < 0 || spec.current_load < 0 {
-        return Err(OpsError::Invalid("available and current_load must not be negative".into()));
+        return Err(OpsError::Invalid("invalid_node", "available and current_load must not be negative".into()));
     }
     let service = spec.service.as_deref().unwrap_or("sync-1.5");
     let record = store
@@ -145,10 +135,10 @@ pub struct NodePatch {
 impl NodePatch {
     fn change(&self) -> Result<NodeChange, OpsError> {
         if self.capacity.is_some_and(|c| c < 1) {
-            return Err(OpsError::Invalid("capacity must be at least 1".into()));
+            return Err(OpsError::Invalid("invalid_node", "capacity must be at least 1".into()));
         }
         if self.available.is_some_and(|n| n < 0) || self.current_load.is_some_and(|n| n < 0) {
-            return Err(OpsError::Invalid("available and current_load must not be negative".into()));
+            return Err(OpsError::Invalid("invalid_node", "available and current_load must not be negative".into()));
         }
         let change = NodeChange {
             capacity: self.capacity,
@@ -159,6 +149,7 @@ impl NodePatch {
         };
         if change == NodeChange::default() {
             return Err(OpsError::Invalid(
+                "invalid_node",
                 "nothing to change: give capacity, available, current_load, downed or backoff".into(),
             ));
         }
@@ -188,14 +179,10 @@ pub async fn drain(store: &dyn SyncStore, service: &str, url: &str) -> Result<No
 
 /// Unassigns every user of a node (each is given a node again on its next request); how many.
 pub async fn unassign(store: &dyn SyncStore, service: &str, url: &str) -> Result<u64, OpsError> {
-    Ok(store.unassign_node(service, url, now()).await?)
+    Ok(store.unassign_node(service, url, super::now_ms()).await?)
 }
 
 /// Deletes a node and unassigns its users; how many users were unassigned.
 pub async fn remove(store: &dyn SyncStore, service: &str, url: &str) -> Result<u64, OpsError> {
-    Ok(store.remove_node(service, url, now()).await?)
-}
-
-fn now() -> i64 {
-    i64::try_from(now_ms()).unwrap_or(i64::MAX)
+    Ok(store.remove_node(service, url, super::now_ms()).await?)
 }

@@ -12,6 +12,7 @@ mod admin;
 mod backends;
 mod hardening;
 mod identity;
+mod operations;
 mod proxy;
 mod python_tokenlib;
 mod sessions;
