@@ -104,6 +104,8 @@ struct AccessClaims {
     generation: Option<i64>,
     #[serde(default)]
     exp: Option<u64>,
+    #[serde(default)]
+    iss: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -274,7 +276,8 @@ impl FxaVerifier {
         if !scopes_grant(split_scope_claim(&claims.scope), SYNC_SCOPE) {
             return Err(AuthError::Invalid("token lacks the sync scope"));
         }
-        let identity = Identity { fxa_uid: claims.sub, generation: claims.generation.filter(|g| *g != 0) };
+        let issuer = claims.iss.unwrap_or_else(|| self.verify_url.origin().ascii_serialization());
+        let identity = Identity { fxa_uid: claims.sub, generation: claims.generation.filter(|g| *g != 0), issuer };
         Ok(Local::Verified(identity, claims.exp))
     }
 
@@ -304,7 +307,11 @@ impl FxaVerifier {
         if !scopes_grant(verified.scope.iter().map(String::as_str), SYNC_SCOPE) {
             return Err(AuthError::Invalid("token lacks the sync scope"));
         }
-        Ok(Identity { fxa_uid: verified.user, generation: verified.generation.filter(|g| *g != 0) })
+        Ok(Identity {
+            fxa_uid: verified.user,
+            generation: verified.generation.filter(|g| *g != 0),
+            issuer: self.verify_url.origin().ascii_serialization(),
+        })
     }
 
     /// Verifies an FxA security event token (webhook). Every configured or fetched key is tried.

@@ -17,6 +17,8 @@ pub struct Identity {
     pub fxa_uid: String,
     /// `fxa-generation` / `generation`, ms; `None` when absent, null or 0.
     pub generation: Option<i64>,
+    /// Who vouched for the identity: the token's `iss`, or the verifying server's origin.
+    pub issuer: String,
 }
 
 /// Why a bearer token was refused.

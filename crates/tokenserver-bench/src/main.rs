@@ -159,6 +159,8 @@ impl Ctx {
             // Session calls carry no key, as HaKr's clients send none (a loopback listener).
             ("TOKENSERVER_SESSIONS__REQUIRE_API_KEY".into(), "false".into()),
             ("TOKENSERVER_INTERNAL__ADMIN_KEY".into(), "bench-admin-key".into()),
+            // The new-users scenario measures allocation itself, not the abuse limit.
+            ("TOKENSERVER_NEW_USER_RATE".into(), "0".into()),
         ];
         if !cache {
             env.push(("TOKENSERVER_FXA_OAUTH_CACHE_SIZE".into(), "0".into()));

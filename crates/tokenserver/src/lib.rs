@@ -3,6 +3,7 @@
 //! `tokenserver-store` backends and `tokenserver-auth` verifiers.
 
 pub mod access;
+pub mod admission;
 pub mod app;
 pub mod cli;
 pub mod config;

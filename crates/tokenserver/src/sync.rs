@@ -75,6 +75,12 @@ pub enum IssueError {
     /// Every attempt lost a race with another request for the same user.
     #[error("gave up after repeated concurrent updates of one user")]
     Contended,
+    /// A new-user allocation limit refused (503 with `Retry-After`).
+    #[error("new-user allocation limit reached")]
+    NewUsersThrottled(crate::admission::Throttled),
+    /// As many token requests are doing database work as allowed: shed at once (503).
+    #[error("too many requests waiting for the database")]
+    Overloaded,
     /// The user's row is retired and has no node (U3-like; Mozilla answers 500).
     #[error("the user is retired")]
     Retired,
@@ -151,6 +157,8 @@ pub struct SyncTokens {
     allow_new_users: bool,
     release_rate: f64,
     db_timeout: Option<Duration>,
+    new_users: crate::admission::NewUserLimiter,
+    in_flight: tokio::sync::Semaphore,
 }
 
 fn now_ms() -> i64 {
@@ -235,6 +243,8 @@ impl SyncTokens {
             allow_new_users: config.sync.allow_new_users,
             release_rate: config.sync.release_rate,
             db_timeout: config.database.request_timeout,
+            new_users: crate::admission::NewUserLimiter::new(&config.sync.new_users),
+            in_flight: tokio::sync::Semaphore::new(config.sync.max_in_flight),
         })
     }
 
@@ -256,7 +266,12 @@ impl SyncTokens {
             client_state: &caller.key_id.client_state,
         };
         let duration = parse_duration(req.query, app.token_duration);
-        let settled = self.settle(app, &caller.email, &claimed, duration.as_ref().map(|_| ()).map_err(|_| ())).await?;
+        let Ok(_in_flight) = self.in_flight.try_acquire() else {
+            metrics::counter!("tokenserver_requests_shed_total").increment(1);
+            return Err(IssueError::Overloaded);
+        };
+        let query = duration.as_ref().map(|_| ()).map_err(|_| ());
+        let settled = self.settle(app, &caller.email, &caller.identity.issuer, &claimed, query).await?;
         self.mint(app, &caller, settled, duration?)
     }
 
@@ -303,11 +318,13 @@ impl SyncTokens {
         &self,
         app: &Application,
         email: &str,
+        issuer: &str,
         claimed: &Claimed<'_>,
         query: Result<(), ()>,
     ) -> Result<Settled, IssueError> {
         for _ in 0..MAX_ATTEMPTS {
-            let Some((user, old_client_states, first_seen_at)) = self.assignment(&app.service, email, claimed).await?
+            let Some((user, old_client_states, first_seen_at)) =
+                self.assignment(&app.service, email, issuer, claimed).await?
             else {
                 continue;
             };
@@ -424,6 +441,7 @@ impl SyncTokens {
         &self,
         service: &str,
         email: &str,
+        issuer: &str,
         claimed: &Claimed<'_>,
     ) -> Result<Option<(UserRow, Vec<String>, i64)>, IssueError> {
         let rows = self.db(self.store.user_rows(service, email)).await?;
@@ -431,6 +449,10 @@ impl SyncTokens {
         let Some(resolved) = resolve(&rows) else {
             if !self.allow_new_users {
                 return Err(IssueError::NewUsersDisabled);
+            }
+            if let Err(throttled) = self.new_users.admit(issuer) {
+                metrics::counter!("tokenserver_new_users_throttled_total", "scope" => throttled.scope()).increment(1);
+                return Err(IssueError::NewUsersThrottled(throttled));
             }
             let req = Allocate {
                 service,

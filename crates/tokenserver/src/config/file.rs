@@ -175,6 +175,17 @@ pub struct SyncFile {
     /// Allow creating first rows for unknown users.
     #[serde(deserialize_with = "lenient_bool")]
     pub allow_new_users: bool,
+    /// New users allocated per second at most, whoever vouches for them (0: no limit).
+    pub new_user_rate: f64,
+    /// New users allocated at once before `new_user_rate` applies.
+    pub new_user_burst: u32,
+    /// New users per second at most per identity issuer (0: only the global limit).
+    pub new_user_rate_per_issuer: f64,
+    /// Burst of the per-issuer limit.
+    pub new_user_burst_per_issuer: u32,
+    /// Token requests doing database work at once at most; more get a 503 at once instead of
+    /// queueing (0: 32 × the pool size, at least 256).
+    pub database_max_in_flight: usize,
     /// Mount `POST /1.0/webhooks/fxa/events`.
     #[serde(deserialize_with = "lenient_bool")]
     pub fxa_webhook_enabled: bool,
@@ -224,6 +235,11 @@ impl Default for SyncFile {
             init_node_url: None,
             init_node_capacity: 100_000,
             allow_new_users: true,
+            new_user_rate: 100.0,
+            new_user_burst: 1000,
+            new_user_rate_per_issuer: 0.0,
+            new_user_burst_per_issuer: 1000,
+            database_max_in_flight: 0,
             fxa_webhook_enabled: false,
             fxa_webhook_metrics_only: false,
             fxa_webhook_set_client_id: None,

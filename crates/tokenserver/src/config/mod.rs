@@ -68,6 +68,10 @@ pub struct SyncConfig {
     pub release_rate: f64,
     /// Allow first rows for unknown users.
     pub allow_new_users: bool,
+    /// The new-user allocation limits.
+    pub new_users: NewUserLimits,
+    /// Token requests doing database work at once at most.
+    pub max_in_flight: usize,
     /// Node added at startup.
     pub init_node: Option<(String, i64)>,
 }
@@ -512,7 +516,27 @@ fn validate_sync(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<Sync
         warnings
             .push("tokenserver.fxa_metrics_hash_secret is the default \"secret\": set your own in production".into());
     }
+    let new_users = NewUserLimits {
+        global: rate_limit(
+            "tokenserver.new_user_rate",
+            ts.new_user_rate,
+            "tokenserver.new_user_burst",
+            ts.new_user_burst,
+        )?,
+        per_issuer: rate_limit(
+            "tokenserver.new_user_rate_per_issuer",
+            ts.new_user_rate_per_issuer,
+            "tokenserver.new_user_burst_per_issuer",
+            ts.new_user_burst_per_issuer,
+        )?,
+    };
+    let max_in_flight = match ts.database_max_in_flight {
+        0 => (32 * ts.database_pool_max_size as usize).max(256),
+        n => n,
+    };
     Ok(SyncConfig {
+        new_users,
+        max_in_flight,
         applications: validate_applications(ts)?,
         email_domain: ts.fxa_email_domain.clone(),
         metrics_hash_secret: Secret::new(ts.fxa_metrics_hash_secret.clone()),
@@ -629,6 +653,31 @@ fn validate_access(
         require_api_key: a.require_api_key,
         services,
     }))
+}
+
+/// Token buckets on allocating brand-new users (the capacity-exhaustion defence).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NewUserLimits {
+    /// Per second, all issuers; `None`: no limit.
+    pub global: Option<(f64, u32)>,
+    /// Per second, each issuer; `None`: no limit.
+    pub per_issuer: Option<(f64, u32)>,
+}
+
+fn rate_limit(key: &str, rate: f64, burst_key: &str, burst: u32) -> Result<Option<(f64, u32)>, ConfigError> {
+    if !(rate.is_finite() && rate >= 0.0) {
+        return Err(bad(key, "must be a number of users per second, 0 for no limit"));
+    }
+    if rate == 0.0 {
+        return Ok(None);
+    }
+    if rate < 0.001 {
+        return Err(bad(key, "must be at least 0.001 (one user per 1000 s), or 0 for no limit"));
+    }
+    if burst == 0 {
+        return Err(bad(burst_key, "must be at least 1"));
+    }
+    Ok(Some((rate, burst)))
 }
 
 /// `[purge]`, when enabled.

@@ -190,6 +190,13 @@ impl From<IssueError> for SyncError {
             IssueError::UnsupportedApplication => SyncError::unsupported_application(),
             IssueError::UnsupportedVersion(v) => SyncError::unsupported_version(&v),
             IssueError::NewUsersDisabled => SyncError::new_users_disabled(),
+            IssueError::NewUsersThrottled(t) => {
+                let mut e = SyncError::unavailable();
+                // Whole seconds, rounded up: a client coming back sooner is refused again.
+                e.retry_after = Some(t.wait().as_secs_f64().ceil().max(1.0) as u64);
+                e
+            }
+            IssueError::Overloaded => SyncError::unavailable(),
             IssueError::InvalidQuery => SyncError::invalid_query(),
             IssueError::Consistency(v) => v.into(),
             IssueError::Store(s) => (&s).into(),

@@ -7,6 +7,7 @@
 // First: its `per_backend!` is used by the modules below.
 #[macro_use]
 mod common;
+mod abuse;
 mod access;
 mod admin;
 mod backends;
