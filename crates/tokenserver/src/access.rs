@@ -243,8 +243,8 @@ impl AccessTokens {
     }
 
     /// Reclaims expired tokens every `access.purge_interval` until the service is dropped.
-    pub fn spawn_purge(self: &Arc<Self>) {
-        crate::jobs::spawn_purge(self, self.config.purge_interval, "access_tokens", |a| async move {
+    pub fn spawn_purge(self: &Arc<Self>, jobs: &crate::jobs::Jobs) {
+        crate::jobs::spawn_purge(jobs, self, self.config.purge_interval, "access_tokens", |a| async move {
             a.store.purge(now_ms()).await
         });
     }

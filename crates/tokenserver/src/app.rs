@@ -151,10 +151,11 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         });
     }
     let sync = SyncTokens::new(&config, &secrets, store.clone(), verifier.clone()).map_err(StartError::Other)?;
+    let jobs = Arc::new(crate::jobs::Jobs::default());
     let sessions = match (&config.sessions, session_store) {
         (Some(cfg), Some(store)) => {
             let sessions = Arc::new(crate::session::Sessions::new(store, cfg));
-            sessions.spawn_purge();
+            sessions.spawn_purge(&jobs);
             tracing::info!(
                 backend = sessions.store().backend(),
                 token_lifetime = %humantime::format_duration(cfg.token_lifetime),
@@ -168,7 +169,7 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
     let access = match (&config.access, access_store) {
         (Some(cfg), Some(store)) => {
             let access = Arc::new(crate::access::AccessTokens::new(store, cfg));
-            access.spawn_purge();
+            access.spawn_purge(&jobs);
             tracing::info!(backend = access.store().backend(), "access tokens enabled");
             Some(access)
         }
@@ -179,7 +180,7 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
             .map_err(|e| StartError::Other(e.to_string()))?,
     );
     if let Some(cfg) = &config.purge {
-        crate::jobs::spawn_sync_purge(&purger, cfg);
+        crate::jobs::spawn_sync_purge(&jobs, &purger, cfg);
         tracing::info!(
             interval = %humantime::format_duration(cfg.interval),
             grace_period = %humantime::format_duration(cfg.grace_period),
@@ -197,6 +198,7 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         access,
         access_access: crate::keys::RouteAccess::of(&access_key),
         purger,
+        jobs,
         metrics,
     })
 }
@@ -222,14 +224,28 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let limits = state.config.limits;
+    let grace = state.config.shutdown_timeout;
+    let jobs = state.jobs.clone();
     let public_srv =
         crate::http::serve::serve(public, crate::http::public_service(state.clone()), limits.public, rx.clone());
     let internal_srv = crate::http::serve::serve(internal, crate::http::internal_service(state), limits.internal, rx);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    tokio::join!(public_srv, internal_srv);
+    let servers = async move {
+        tokio::join!(public_srv, internal_srv);
+    };
+    tokio::pin!(servers);
+    tokio::select! {
+        () = &mut servers => return Ok(()),
+        () = shutdown => {}
+    }
+    tracing::info!(
+        shutdown_timeout = %humantime::format_duration(grace),
+        "shutting down: no new connections, in-flight requests finishing, background jobs stopping"
+    );
+    let _ = tx.send(true);
+    jobs.stop().await;
+    if tokio::time::timeout(grace, servers).await.is_err() {
+        tracing::warn!("shutdown_timeout reached: the connections still open are dropped");
+    }
     Ok(())
 }
 

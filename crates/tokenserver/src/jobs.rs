@@ -5,14 +5,56 @@ use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use tokenserver_store::StoreError;
 
 use crate::config::PurgeConfig;
 use crate::ops::purge::{PurgeOptions, Purger};
 
+/// The background jobs of one server, stopped together at shutdown.
+#[derive(Debug)]
+pub struct Jobs {
+    stop: watch::Sender<bool>,
+    running: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Self { stop: watch::Sender::new(false), running: std::sync::Mutex::new(Vec::new()) }
+    }
+}
+
+impl Jobs {
+    /// Runs `job` until it returns or [`Jobs::stop`] is called. Stopping drops it where it
+    /// waits: every store call it makes is atomic on its own (`tokenserver_store::caller`), so
+    /// a job cut short leaves whole rows.
+    pub fn spawn(&self, job: impl Future<Output = ()> + Send + 'static) {
+        let mut stop = self.stop.subscribe();
+        let handle = tokio::spawn(async move {
+            tokio::select! {
+                () = job => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+        if let Ok(mut running) = self.running.lock() {
+            running.push(handle);
+        }
+    }
+
+    /// Stops every job and waits until each has.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let handles = self.running.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+        for handle in handles {
+            let _ = handle.await;
+        }
+    }
+}
+
 /// Every `every`, runs `purge` on what `owner` still points to, until it is dropped. `what`
 /// names the records in logs and in the metric `tokenserver_<what>_purged_total`.
-pub fn spawn_purge<T, F, Fut>(owner: &Arc<T>, every: Duration, what: &'static str, purge: F)
+pub fn spawn_purge<T, F, Fut>(jobs: &Jobs, owner: &Arc<T>, every: Duration, what: &'static str, purge: F)
 where
     T: Send + Sync + 'static,
     F: Fn(Arc<T>) -> Fut + Send + 'static,
@@ -20,7 +62,7 @@ where
 {
     let owner: Weak<T> = Arc::downgrade(owner);
     let purged = metrics::counter!(format!("tokenserver_{what}_purged_total"));
-    tokio::spawn(async move {
+    jobs.spawn(async move {
         loop {
             tokio::time::sleep(every).await;
             let Some(target) = owner.upgrade() else { return };
@@ -38,7 +80,7 @@ where
 
 /// Runs a Sync purge pass (see [`crate::ops::purge`]) every `cfg.interval` ±30%, until `purger`
 /// is dropped. The jitter keeps several web heads from purging in step.
-pub fn spawn_sync_purge(purger: &Arc<Purger>, cfg: &PurgeConfig) {
+pub fn spawn_sync_purge(jobs: &Jobs, purger: &Arc<Purger>, cfg: &PurgeConfig) {
     let owner: Weak<Purger> = Arc::downgrade(purger);
     let opts = PurgeOptions {
         grace_period: cfg.grace_period,
@@ -48,7 +90,7 @@ pub fn spawn_sync_purge(purger: &Arc<Purger>, cfg: &PurgeConfig) {
         ..PurgeOptions::default()
     };
     let interval = cfg.interval;
-    tokio::spawn(async move {
+    jobs.spawn(async move {
         loop {
             let factor = rand::random_range(0.7..=1.3);
             tokio::time::sleep(interval.mul_f64(factor)).await;

@@ -156,8 +156,8 @@ impl Sessions {
     }
 
     /// Removes expired sessions every `purge_interval` until the service is dropped.
-    pub fn spawn_purge(self: &Arc<Self>) {
-        crate::jobs::spawn_purge(self, self.config.purge_interval, "sessions", |s| async move {
+    pub fn spawn_purge(self: &Arc<Self>, jobs: &crate::jobs::Jobs) {
+        crate::jobs::spawn_purge(jobs, self, self.config.purge_interval, "sessions", |s| async move {
             s.store.purge(now_ms()).await
         });
     }

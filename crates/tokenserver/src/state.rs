@@ -33,6 +33,8 @@ pub struct AppState {
     pub access_access: crate::keys::RouteAccess,
     /// Purges old Sync records (`POST /v1/purge`, and the background job while this is held).
     pub purger: Arc<crate::ops::purge::Purger>,
+    /// Background jobs, stopped at shutdown.
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// Prometheus exporter, when this process installed one.
     pub metrics: Option<PrometheusHandle>,
 }

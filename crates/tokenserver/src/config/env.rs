@@ -15,6 +15,7 @@ const TOP_LEVEL: &[&str] = &[
     "master_secret",
     "master_secret_file",
     "human_logs",
+    "shutdown_timeout",
     "internal",
     "tokenserver",
     "sessions",

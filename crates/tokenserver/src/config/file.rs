@@ -55,6 +55,9 @@ pub struct FileConfig {
     /// Human-readable logs instead of JSON.
     #[serde(deserialize_with = "lenient_bool")]
     pub human_logs: bool,
+    /// On SIGTERM, how long in-flight requests may take to finish before their connections are
+    /// dropped.
+    pub shutdown_timeout: DurationText,
     /// The internal (admin) listener.
     pub internal: InternalFile,
     /// Sync token service settings (Mozilla's `[tokenserver]` table).
@@ -80,6 +83,7 @@ impl Default for FileConfig {
             master_secret: None,
             master_secret_file: None,
             human_logs: false,
+            shutdown_timeout: DurationText::Text("30s".into()),
             internal: InternalFile::default(),
             tokenserver: SyncFile::default(),
             sessions: SessionsFile::default(),

@@ -173,6 +173,8 @@ pub struct Config {
     pub admin_key: Option<Secret<String>>,
     /// Human-readable logs.
     pub human_logs: bool,
+    /// How long in-flight requests get to finish at shutdown.
+    pub shutdown_timeout: Duration,
     /// Master secrets, newest last; empty means "generate and keep one in the database".
     pub master_secrets: Vec<Secret<String>>,
     /// Database.
@@ -736,6 +738,7 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         internal_addr: format!("{}:{}", raw.internal.host, raw.internal.port),
         admin_key: raw.internal.admin_key.filter(|k| !k.is_empty()).map(Secret::new),
         human_logs: raw.human_logs,
+        shutdown_timeout: duration("shutdown_timeout", &raw.shutdown_timeout)?,
         master_secrets,
         database,
         sync,

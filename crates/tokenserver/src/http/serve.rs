@@ -337,6 +337,9 @@ where
             drop(slot);
         });
     }
+    // Closed now: new connections are refused (a load balancer moves on) rather than left in the
+    // backlog while the open ones finish.
+    drop(listener);
     // Every connection holds a slot until it ends: taking them all waits for the last one.
     let _ = slots.acquire_many(u32::try_from(max).unwrap_or(u32::MAX)).await;
 }

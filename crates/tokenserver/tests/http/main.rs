@@ -13,6 +13,7 @@ mod admin;
 mod backends;
 mod hardening;
 mod identity;
+mod lifecycle;
 mod operations;
 mod proxy;
 mod python_tokenlib;
