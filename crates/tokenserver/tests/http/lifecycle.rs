@@ -16,7 +16,7 @@ fn free_port() -> u16 {
 /// port, internal port) once it answers its heartbeat.
 fn spawn_server(dir: &std::path::Path, shutdown_timeout: &str) -> (Child, u16, u16) {
     let (public, internal) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_tokenserver"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenserver"))
         .arg("serve")
         .current_dir(dir)
         .env("TOKENSERVER_HOST", "127.0.0.1")
@@ -45,6 +45,8 @@ fn spawn_server(dir: &std::path::Path, shutdown_timeout: &str) -> (Child, u16, u
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("server did not start: {}", std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default());
 }
 
@@ -76,6 +78,7 @@ fn exit_status(child: &mut Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("the server did not exit after SIGTERM");
 }
 
