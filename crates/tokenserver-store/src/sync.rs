@@ -230,6 +230,17 @@ pub struct OldRecord {
     pub replaced_at: i64,
 }
 
+/// A connection pool as it stands, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    /// Connections open.
+    pub open: u32,
+    /// Of those, idle.
+    pub idle: u32,
+    /// The most it opens.
+    pub max: u32,
+}
+
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MigrationReport {
@@ -336,6 +347,12 @@ pub trait SyncStore: Send + Sync + 'static {
     /// Sets `replaced_at = now_ms` on the replaced row `uid` (a purge that failed for it tries
     /// again after another grace period).
     async fn bump_replaced_at(&self, service: &str, uid: i64, now_ms: i64) -> Result<()>;
+
+    /// The write pool's state, where there is one (PostgreSQL, MySQL; SQLite writes through one
+    /// connection and has none).
+    fn pool_state(&self) -> Option<PoolState> {
+        None
+    }
 
     /// Inserts the service row if missing (by name). Returns its id.
     async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64>;

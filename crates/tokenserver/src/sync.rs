@@ -159,6 +159,7 @@ pub struct SyncTokens {
     db_timeout: Option<Duration>,
     new_users: crate::admission::NewUserLimiter,
     in_flight: tokio::sync::Semaphore,
+    max_in_flight: usize,
 }
 
 fn now_ms() -> i64 {
@@ -245,7 +246,13 @@ impl SyncTokens {
             db_timeout: config.database.request_timeout,
             new_users: crate::admission::NewUserLimiter::new(&config.sync.new_users),
             in_flight: tokio::sync::Semaphore::new(config.sync.max_in_flight),
+            max_in_flight: config.sync.max_in_flight,
         })
+    }
+
+    /// Token requests doing database work now.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight.saturating_sub(self.in_flight.available_permits())
     }
 
     /// Runs a store call under the per-request database timeout (T1).

@@ -577,6 +577,12 @@ macro_rules! sync_store {
                     .await
                 }
 
+                fn pool_state(&self) -> Option<crate::sync::PoolState> {
+                    let open = self.pool.size();
+                    let idle = u32::try_from(self.pool.num_idle()).unwrap_or(open);
+                    Some(crate::sync::PoolState { open, idle, max: self.pool.options().get_max_connections() })
+                }
+
                 async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64> {
                     let (service, pattern) = (service.to_string(), pattern.to_string());
                     let pool = self.pool.clone();

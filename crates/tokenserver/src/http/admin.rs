@@ -45,6 +45,14 @@ async fn require_admin_key(State(state): State<AppState>, req: Request, next: Ne
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    // Gauges of what stands now, read at scrape time.
+    metrics::gauge!("tokenserver_db_requests_in_flight").set(state.sync.in_flight() as f64);
+    if let Some(pool) = state.store.pool_state() {
+        metrics::gauge!("tokenserver_db_pool_connections", "state" => "idle").set(f64::from(pool.idle));
+        metrics::gauge!("tokenserver_db_pool_connections", "state" => "in_use")
+            .set(f64::from(pool.open - pool.idle.min(pool.open)));
+        metrics::gauge!("tokenserver_db_pool_max_connections").set(f64::from(pool.max));
+    }
     match &state.metrics {
         Some(handle) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
         None => ApiError::new(StatusCode::NOT_FOUND, "metrics_disabled", "metrics are not enabled").into_response(),

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod hakr;
 pub mod health;
 pub mod json;
+pub mod observe;
 pub mod serve;
 pub mod sessions;
 pub mod sync;
@@ -104,7 +105,11 @@ pub fn public_router(state: AppState) -> Router {
     if state.config.webhook.enabled {
         router = router.merge(webhook::router());
     }
-    router.fallback(not_found).layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)).with_state(state)
+    router
+        .fallback(not_found)
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(observe::RouteMetrics::new("public"), observe::observe))
+        .with_state(state)
 }
 
 /// The internal listener's routes (without the header check: see [`internal_service`]).
@@ -121,5 +126,7 @@ pub fn internal_router(state: AppState) -> Router {
     if let Some(apisonator) = apisonator::router(&state) {
         router = router.merge(apisonator.layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)));
     }
-    router.with_state(state)
+    router
+        .layer(axum::middleware::from_fn_with_state(observe::RouteMetrics::new("internal"), observe::observe))
+        .with_state(state)
 }

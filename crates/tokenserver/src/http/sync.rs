@@ -41,7 +41,11 @@ async fn get_token(
             metrics::counter!("tokenserver_token_requests_total", "status" => "200").increment(1);
             // One line per token is DEBUG: at INFO it is a large share of the endpoint's cost
             // (bench/results/tuning-notes.md); request counts are in the metrics.
+            // MozLog's names (`syncserver:log` request lines), so existing log pipelines parse it.
             tracing::debug!(
+                uri.method = "GET",
+                uri.path = %format_args!("/1.0/{application}/{version}"),
+                ua = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or_default(),
                 token_type = "OAuth",
                 uid = %issued.metrics_uid_full,
                 metrics_uid = %issued.response.hashed_fxa_uid,

@@ -14,6 +14,8 @@ mod backends;
 mod hardening;
 mod identity;
 mod lifecycle;
+mod log_secrets;
+mod observability;
 mod operations;
 mod proxy;
 mod python_tokenlib;

@@ -1,0 +1,118 @@
+//! Per-request observability, one layer on each listener: a request id (the caller's
+//! `X-Request-Id` when it is a plain token, else a fresh one) returned in `X-Request-Id` and
+//! carried by a span, so every log line of the request names it (`"rid"`); and the Prometheus
+//! series `tokenserver_http_requests_total{listener,route,status}` with the latency histogram
+//! `tokenserver_http_request_duration_seconds{listener,route}`. `route` is the matched route
+//! pattern (`/1.0/{application}/{version}`), never the raw path, so the series stay few.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics::{Counter, Histogram};
+use tracing::Instrument;
+
+/// The histogram's name, for its buckets ([`crate::telemetry::metrics_handle`]).
+pub const DURATION_METRIC: &str = "tokenserver_http_request_duration_seconds";
+
+const REQUEST_ID: &str = "x-request-id";
+const MAX_REQUEST_ID: usize = 64;
+
+/// The metric handles of one listener, registered on first use of each (route, status): the
+/// macros would hash and allocate their labels on every request.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    listener: &'static str,
+    handles: Arc<RwLock<HashMap<String, Handles>>>,
+}
+
+#[derive(Default)]
+struct Handles {
+    duration: Option<Histogram>,
+    by_status: HashMap<u16, Counter>,
+}
+
+impl RouteMetrics {
+    /// Handles for the listener named `listener` (`public`, `internal`).
+    pub fn new(listener: &'static str) -> Self {
+        Self { listener, handles: Arc::default() }
+    }
+
+    fn record(&self, route: &str, status: u16, seconds: f64) {
+        if let Ok(map) = self.handles.read() {
+            if let Some(h) = map.get(route) {
+                if let (Some(duration), Some(counter)) = (&h.duration, h.by_status.get(&status)) {
+                    duration.record(seconds);
+                    counter.increment(1);
+                    return;
+                }
+            }
+        }
+        let Ok(mut map) = self.handles.write() else { return };
+        let h = map.entry(route.to_string()).or_default();
+        let (listener, owned) = (self.listener, route.to_string());
+        let duration = h
+            .duration
+            .get_or_insert_with(|| metrics::histogram!(DURATION_METRIC, "listener" => listener, "route" => owned));
+        duration.record(seconds);
+        h.by_status
+            .entry(status)
+            .or_insert_with(|| {
+                metrics::counter!("tokenserver_http_requests_total",
+                    "listener" => listener, "route" => route.to_string(), "status" => status.to_string())
+            })
+            .increment(1);
+    }
+}
+
+/// A caller's request id worth keeping: 1–64 of `[A-Za-z0-9._-]` (anything else could forge log
+/// fields or carry a secret into the logs).
+fn usable_id(v: &HeaderValue) -> Option<&str> {
+    let s = v.to_str().ok()?;
+    let ok = !s.is_empty()
+        && s.len() <= MAX_REQUEST_ID
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then_some(s)
+}
+
+/// The layer's body (`axum::middleware::from_fn_with_state`).
+pub async fn observe(
+    axum::extract::State(metrics): axum::extract::State<RouteMetrics>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_string();
+    let id = match req.headers().get(REQUEST_ID).and_then(usable_id) {
+        Some(id) => id.to_string(),
+        None => format!("{:016x}", rand::random::<u64>()),
+    };
+    let span = tracing::info_span!("request", rid = %id);
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    metrics.record(&route, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_request_ids_are_kept() {
+        let ok =
+            |s: &str| usable_id(&HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))).is_some();
+        assert!(ok("abc-123_x.y"));
+        assert!(!ok(""));
+        assert!(!ok("has space"));
+        assert!(!ok("quote\"d"));
+        assert!(!ok(&"a".repeat(65)));
+        assert!(ok(&"a".repeat(64)));
+    }
+}
