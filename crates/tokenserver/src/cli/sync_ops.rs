@@ -177,7 +177,7 @@ fn print_user(view: &UserView, json: bool) {
 /// Runs `events`.
 pub async fn events(args: EventsArgs, config: &Config) -> Result<(), String> {
     let store = app::open_store(config).await.map_err(text)?;
-    let services: Vec<&str> = config.sync.applications.iter().map(|a| a.service.as_str()).collect();
+    let services: Vec<&str> = config.sync.services();
     let warn = |line: usize, why: &str| eprintln!("line {line}: {why}");
     let summary = match args.file.filter(|p| p.as_os_str() != "-") {
         Some(path) => {

@@ -76,6 +76,19 @@ pub struct SyncConfig {
     pub init_node: Option<(String, i64)>,
 }
 
+impl SyncConfig {
+    /// The services of the applications, each once (applications may share one), in order.
+    pub fn services(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for app in &self.applications {
+            if !out.contains(&app.service.as_str()) {
+                out.push(&app.service);
+            }
+        }
+        out
+    }
+}
+
 /// Webhook settings.
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {

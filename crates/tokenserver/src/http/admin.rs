@@ -145,7 +145,7 @@ async fn count_users(State(state): State<AppState>, Query(q): Query<CountQuery>)
 const MAX_EVENT_WARNINGS: usize = 100;
 
 async fn account_events(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let services: Vec<&str> = state.config.sync.applications.iter().map(|a| a.service.as_str()).collect();
+    let services: Vec<&str> = state.config.sync.services();
     let mut warnings = Vec::new();
     let summary = account::replay(state.store.as_ref(), &services, &body[..], |line, message| {
         if warnings.len() < MAX_EVENT_WARNINGS {

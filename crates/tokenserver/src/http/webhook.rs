@@ -44,7 +44,7 @@ async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError>
         return Ok(());
     }
     let email = format!("{}@{}", claims.sub, state.config.sync.email_domain);
-    let services: Vec<&str> = state.config.sync.applications.iter().map(|a| a.service.as_str()).collect();
+    let services: Vec<&str> = state.config.sync.services();
     let store = state.store.as_ref();
     for (event, data) in events {
         match event.as_str() {
