@@ -25,6 +25,24 @@ fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("{key}: {why}"))
 }
 
+/// True for the values example files put where a secret goes (`INSERT_SECRET_KEY_HERE`,
+/// `changeme`, `<your secret>`): a server started with one would sign with a public string.
+fn is_placeholder(value: &str) -> bool {
+    let v = value.trim();
+    let upper = v.to_ascii_uppercase();
+    (upper.starts_with("INSERT_") && upper.ends_with("_HERE"))
+        || ["CHANGEME", "CHANGE_ME", "CHANGE-ME", "REPLACEME", "REPLACE_ME", "REPLACE-ME"].contains(&upper.as_str())
+        || (v.starts_with('<') && v.ends_with('>'))
+}
+
+/// Refuses a placeholder where a secret goes.
+fn check_secret(key: &str, value: &str) -> Result<(), ConfigError> {
+    if is_placeholder(value) {
+        return Err(bad(key, format!("{value:?} is a placeholder: set a real secret (e.g. `openssl rand -hex 32`)")));
+    }
+    Ok(())
+}
+
 /// One application served at `/1.0/{name}/{version}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Application {
@@ -397,7 +415,13 @@ fn validate_sessions(
         dump_enabled: s.dump_enabled,
         max_body_bytes: s.max_body_bytes,
         memory: tokenserver_store::memory::MemoryOptions { shards: s.memory_shards, max_sessions: s.max_sessions },
-        api_key: s.api_key.filter(|k| !k.is_empty()).map(Secret::new),
+        api_key: match s.api_key.filter(|k| !k.is_empty()) {
+            Some(k) => {
+                check_secret("sessions.api_key", &k)?;
+                Some(Secret::new(k))
+            }
+            None => None,
+        },
         require_api_key: s.require_api_key,
     }))
 }
@@ -439,6 +463,9 @@ fn validate_master_secrets(
     }
     if secrets.iter().any(String::is_empty) {
         return Err(bad("master_secret", "must not be empty"));
+    }
+    for secret in &secrets {
+        check_secret("master_secret", secret)?;
     }
     Ok(secrets.into_iter().map(Secret::new).collect())
 }
@@ -527,6 +554,7 @@ fn validate_sync(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<Sync
         }
         None => None,
     };
+    check_secret("tokenserver.fxa_metrics_hash_secret", &ts.fxa_metrics_hash_secret)?;
     if ts.fxa_metrics_hash_secret == "secret" {
         warnings
             .push("tokenserver.fxa_metrics_hash_secret is the default \"secret\": set your own in production".into());
@@ -664,7 +692,13 @@ fn validate_access(
         max_ttl_s: max_ttl.as_secs(),
         max_token_bytes: a.max_token_bytes,
         purge_interval,
-        api_key: a.api_key.clone().filter(|k| !k.is_empty()).map(Secret::new),
+        api_key: match a.api_key.clone().filter(|k| !k.is_empty()) {
+            Some(k) => {
+                check_secret("access.api_key", &k)?;
+                Some(Secret::new(k))
+            }
+            None => None,
+        },
         require_api_key: a.require_api_key,
         services,
     }))
@@ -749,7 +783,13 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
     Ok(Config {
         public_addr: format!("{}:{}", raw.host, raw.port),
         internal_addr: format!("{}:{}", raw.internal.host, raw.internal.port),
-        admin_key: raw.internal.admin_key.filter(|k| !k.is_empty()).map(Secret::new),
+        admin_key: match raw.internal.admin_key.filter(|k| !k.is_empty()) {
+            Some(k) => {
+                check_secret("internal.admin_key", &k)?;
+                Some(Secret::new(k))
+            }
+            None => None,
+        },
         human_logs: raw.human_logs,
         shutdown_timeout: duration("shutdown_timeout", &raw.shutdown_timeout)?,
         master_secrets,
@@ -1044,6 +1084,28 @@ service_tokens = "st-3"
         ] {
             let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(named), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn placeholder_secrets_are_refused_naming_the_key() {
+        for (key, value, named) in [
+            ("SYNC_MASTER_SECRET", "INSERT_SECRET_KEY_HERE", "master_secret"),
+            ("SYNC_MASTER_SECRET", "changeme", "master_secret"),
+            ("TOKENSERVER_INTERNAL__ADMIN_KEY", "<your admin key>", "internal.admin_key"),
+            ("TOKENSERVER_SESSIONS__API_KEY", "CHANGE_ME", "sessions.api_key"),
+            ("TOKENSERVER_ACCESS__API_KEY", "replace-me", "access.api_key"),
+            (
+                "SYNC_TOKENSERVER__FXA_METRICS_HASH_SECRET",
+                "INSERT_SECRET_KEY_HERE",
+                "tokenserver.fxa_metrics_hash_secret",
+            ),
+        ] {
+            let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(named) && err.contains("placeholder"), "{key}={value}: {err}");
+        }
+        for fine in ["secret0", "INSERT_SECRET", "a<b>", "changeme2"] {
+            assert!(load(None, &vars(&[("SYNC_MASTER_SECRET", fine)])).is_ok(), "{fine}");
         }
     }
 }
