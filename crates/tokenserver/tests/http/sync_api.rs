@@ -269,6 +269,13 @@ async fn health_routes() {
     for k in ["build", "commit", "source"] {
         assert!(v[k].is_string(), "{k}");
     }
+    // Built from a git checkout (as here): the commit the binary was built from.
+    let head = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().unwrap();
+    if head.status.success() && std::env::var_os("TOKENSERVER_COMMIT").is_none() {
+        let commit = v["commit"].as_str().unwrap();
+        assert!(commit.len() == 40 && commit.bytes().all(|b| b.is_ascii_hexdigit()), "{commit}");
+        assert_eq!(commit, String::from_utf8_lossy(&head.stdout).trim());
+    }
 }
 
 #[tokio::test]
