@@ -30,6 +30,9 @@ pub struct Allocate<'a> {
     pub now_ms: i64,
     /// Capacity release rate.
     pub release_rate: f64,
+    /// Bucketed assignment: the user's bucket. The bucket's node takes the user (unless downed;
+    /// a bucket without a node gets one by the policy, recorded for the next users).
+    pub bucket: Option<i64>,
 }
 
 /// An [`Allocate`] that owns its strings, to cross into a task or thread of its own.
@@ -43,6 +46,7 @@ pub(crate) struct OwnedAllocate {
     expected_current: Option<i64>,
     now_ms: i64,
     release_rate: f64,
+    bucket: Option<i64>,
 }
 
 impl OwnedAllocate {
@@ -56,6 +60,7 @@ impl OwnedAllocate {
             expected_current: r.expected_current,
             now_ms: r.now_ms,
             release_rate: r.release_rate,
+            bucket: r.bucket,
         }
     }
 
@@ -69,6 +74,7 @@ impl OwnedAllocate {
             expected_current: self.expected_current,
             now_ms: self.now_ms,
             release_rate: self.release_rate,
+            bucket: self.bucket,
         }
     }
 
@@ -241,6 +247,16 @@ pub struct PoolState {
     pub max: u32,
 }
 
+/// A bucket and the node it is assigned to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketRecord {
+    /// The bucket.
+    pub bucket: i64,
+    /// Its node's URL; `None` when that node was removed (the bucket gets a new one on its next
+    /// allocation).
+    pub node: Option<String>,
+}
+
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MigrationReport {
@@ -347,6 +363,18 @@ pub trait SyncStore: Send + Sync + 'static {
     /// Sets `replaced_at = now_ms` on the replaced row `uid` (a purge that failed for it tries
     /// again after another grace period).
     async fn bump_replaced_at(&self, service: &str, uid: i64, now_ms: i64) -> Result<()>;
+
+    /// Creates the bucket table if missing (`tokenserver_buckets`, outside Mozilla's schema and
+    /// its migration bookkeeping: only deployments that turn buckets on have it).
+    async fn enable_buckets(&self) -> Result<()>;
+
+    /// The buckets of `service` that have a node, by bucket.
+    async fn buckets(&self, service: &str) -> Result<Vec<BucketRecord>>;
+
+    /// Atomically assigns `bucket` (of `total`) to the node `node` and unassigns the bucket's live
+    /// users on other nodes (replaced at `now_ms`: they are given the bucket's node on their next
+    /// request). Returns how many; [`StoreError::NotFound`] for an unknown node.
+    async fn move_bucket(&self, service: &str, bucket: i64, total: i64, node: &str, now_ms: i64) -> Result<u64>;
 
     /// The write pool's state, where there is one (PostgreSQL, MySQL; SQLite writes through one
     /// connection and has none).

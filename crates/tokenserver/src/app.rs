@@ -124,6 +124,10 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
     for app in &config.sync.applications {
         store.ensure_service(&app.service, &app.pattern).await?;
     }
+    if let Some(buckets) = config.sync.buckets {
+        store.enable_buckets().await?;
+        tracing::info!(buckets, "bucketed assignment: users are placed by bucket");
+    }
     if let Some((url, capacity)) = &config.sync.init_node {
         if store.init_node("sync-1.5", url, *capacity).await? {
             tracing::info!(node = %url, capacity, "Initialized syncstorage node entry");

@@ -160,6 +160,7 @@ pub struct SyncTokens {
     new_users: crate::admission::NewUserLimiter,
     in_flight: tokio::sync::Semaphore,
     max_in_flight: usize,
+    buckets: Option<i64>,
 }
 
 fn now_ms() -> i64 {
@@ -247,7 +248,13 @@ impl SyncTokens {
             new_users: crate::admission::NewUserLimiter::new(&config.sync.new_users),
             in_flight: tokio::sync::Semaphore::new(config.sync.max_in_flight),
             max_in_flight: config.sync.max_in_flight,
+            buckets: config.sync.buckets,
         })
+    }
+
+    /// The user's bucket, in bucketed mode.
+    fn bucket_of(&self, email: &str) -> Option<i64> {
+        self.buckets.map(|n| tokenserver_core::sync::buckets::bucket_of(email, n))
     }
 
     /// Token requests doing database work now.
@@ -470,6 +477,7 @@ impl SyncTokens {
                 expected_current: None,
                 now_ms,
                 release_rate: self.release_rate,
+                bucket: self.bucket_of(email),
             };
             return match self.db(self.store.allocate_user(&req)).await {
                 Ok(row) => {
@@ -502,6 +510,7 @@ impl SyncTokens {
                     expected_current: Some(current.uid),
                     now_ms,
                     release_rate: self.release_rate,
+                    bucket: self.bucket_of(email),
                 };
                 match self.db(self.store.allocate_user(&req)).await {
                     Ok(row) => {

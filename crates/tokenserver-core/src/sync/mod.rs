@@ -7,9 +7,11 @@
 //! * [`consistency`] — validation rules V1–V8 and what to write after them;
 //! * [`users`] — which of a user's assignment rows is current, and what it needs;
 //! * [`allocation`] — node choice and gradual capacity release;
+//! * [`buckets`] — which bucket a user hashes into (bucketed assignment);
 //! * [`scope`] — FxA scope matching.
 
 pub mod allocation;
+pub mod buckets;
 pub mod consistency;
 pub mod crypto;
 pub mod hashes;

@@ -84,6 +84,14 @@ impl crate::sql::SyncSql for MySqlSql {
     const COUNT_USERS: &'static str = crate::sql::qmark::COUNT_USERS;
     const OLD_RECORDS: &'static str = crate::sql::qmark::OLD_RECORDS;
     const BUMP_REPLACED: &'static str = crate::sql::qmark::BUMP_REPLACED;
+    const BUCKET_NODE: &'static str = crate::sql::qmark::BUCKET_NODE;
+    const LIST_BUCKETS: &'static str = crate::sql::qmark::LIST_BUCKETS;
+    const LIVE_ROWS: &'static str = crate::sql::qmark::LIVE_ROWS;
+    const REPLACE_UID: &'static str = crate::sql::qmark::REPLACE_UID;
+    const CREATE_BUCKETS: &'static str = "CREATE TABLE IF NOT EXISTS tokenserver_buckets \
+        (service INT NOT NULL, bucket BIGINT NOT NULL, node BIGINT NOT NULL, PRIMARY KEY (service, bucket))";
+    const SET_BUCKET_NODE: &'static str = "INSERT INTO tokenserver_buckets (service, bucket, node) VALUES (?, ?, ?) \
+        ON DUPLICATE KEY UPDATE node = VALUES(node)";
     // `available` first: MySQL assigns left to right, so the second sees the first's result.
     const FREE_SLOT: &'static str = "UPDATE nodes SET available = available + \
         (CASE WHEN available + GREATEST(current_load - 1, 0) < capacity THEN 1 ELSE 0 END), \

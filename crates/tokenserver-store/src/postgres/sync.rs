@@ -115,6 +115,26 @@ impl crate::sql::SyncSql for PgSql {
 
     const BUMP_REPLACED: &'static str = "UPDATE users SET replaced_at = $1 \
         WHERE service = (SELECT id FROM services WHERE service = $2) AND uid = $3 AND replaced_at IS NOT NULL";
+
+    const CREATE_BUCKETS: &'static str = "CREATE TABLE IF NOT EXISTS tokenserver_buckets \
+        (service BIGINT NOT NULL, bucket BIGINT NOT NULL, node BIGINT NOT NULL, PRIMARY KEY (service, bucket))";
+
+    const BUCKET_NODE: &'static str = "SELECT node FROM tokenserver_buckets WHERE service = $1 AND bucket = $2";
+
+    const SET_BUCKET_NODE: &'static str =
+        "INSERT INTO tokenserver_buckets (service, bucket, node) VALUES ($1, $2, $3) \
+        ON CONFLICT (service, bucket) DO UPDATE SET node = EXCLUDED.node";
+
+    const LIST_BUCKETS: &'static str = "SELECT tokenserver_buckets.bucket, nodes.node::TEXT FROM tokenserver_buckets \
+        JOIN services ON services.id = tokenserver_buckets.service \
+        LEFT OUTER JOIN nodes ON nodes.id = tokenserver_buckets.node \
+        WHERE services.service = $1 ORDER BY tokenserver_buckets.bucket";
+
+    const LIVE_ROWS: &'static str =
+        "SELECT uid, email::TEXT, nodeid FROM users WHERE service = $1 AND replaced_at IS NULL";
+
+    const REPLACE_UID: &'static str =
+        "UPDATE users SET replaced_at = $1 WHERE service = $2 AND uid = $3 AND replaced_at IS NULL";
 }
 
 /// Runs an `INSERT … RETURNING id`.

@@ -200,6 +200,7 @@ mod tests {
             expected_current: None,
             now_ms: 1,
             release_rate: 0.1,
+            bucket: None,
         }
     }
 

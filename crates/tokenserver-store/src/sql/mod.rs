@@ -85,6 +85,18 @@ pub(crate) trait SyncSql {
     const OLD_RECORDS: &'static str;
     /// Re-stamps a replaced row (now, service name, uid).
     const BUMP_REPLACED: &'static str;
+    /// Creates `tokenserver_buckets` if missing.
+    const CREATE_BUCKETS: &'static str;
+    /// A bucket's node (service id, bucket).
+    const BUCKET_NODE: &'static str;
+    /// Inserts or replaces a bucket's node (service id, bucket, node id).
+    const SET_BUCKET_NODE: &'static str;
+    /// (bucket, node URL or NULL) of a service (service name), by bucket.
+    const LIST_BUCKETS: &'static str;
+    /// (uid, email, node id) of a service's live rows (service id).
+    const LIVE_ROWS: &'static str;
+    /// Marks one live row replaced (now, service id, uid).
+    const REPLACE_UID: &'static str;
 }
 
 /// Connections idle longer than this are pinged before use: after an outage they are found dead
@@ -145,6 +157,18 @@ pub(crate) mod qmark {
 
     pub(crate) const BUMP_REPLACED: &str = "UPDATE users SET replaced_at = ? \
         WHERE service = (SELECT id FROM services WHERE service = ?) AND uid = ? AND replaced_at IS NOT NULL";
+
+    pub(crate) const BUCKET_NODE: &str = "SELECT node FROM tokenserver_buckets WHERE service = ? AND bucket = ?";
+
+    pub(crate) const LIST_BUCKETS: &str = "SELECT tokenserver_buckets.bucket, nodes.node FROM tokenserver_buckets \
+        JOIN services ON services.id = tokenserver_buckets.service \
+        LEFT OUTER JOIN nodes ON nodes.id = tokenserver_buckets.node \
+        WHERE services.service = ? ORDER BY tokenserver_buckets.bucket";
+
+    pub(crate) const LIVE_ROWS: &str = "SELECT uid, email, nodeid FROM users WHERE service = ? AND replaced_at IS NULL";
+
+    pub(crate) const REPLACE_UID: &str =
+        "UPDATE users SET replaced_at = ? WHERE service = ? AND uid = ? AND replaced_at IS NULL";
 
     pub(crate) const NODE_USERS: &str = "SELECT nodeid, COUNT(*) FROM users \
         WHERE replaced_at IS NULL AND nodeid IS NOT NULL GROUP BY nodeid ORDER BY nodeid";

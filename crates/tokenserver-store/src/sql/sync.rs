@@ -261,6 +261,31 @@ macro_rules! sync_store {
                     let done = sqlx::query(Sql::DELETE_USER).bind(service_id).bind(uid).execute(self.conn()?).await?;
                     Ok(done.rows_affected() > 0)
                 }
+
+                async fn bucket_node(&mut self, service_id: i64, bucket: i64) -> Result<Option<i64>> {
+                    let q = sqlx::query_scalar::<_, i64>(Sql::BUCKET_NODE).bind(service_id).bind(bucket);
+                    Ok(q.fetch_optional(self.conn()?).await?)
+                }
+
+                async fn set_bucket_node(&mut self, service_id: i64, bucket: i64, node_id: i64) -> Result<()> {
+                    let q = sqlx::query(Sql::SET_BUCKET_NODE).bind(service_id).bind(bucket).bind(node_id);
+                    q.execute(self.conn()?).await?;
+                    Ok(())
+                }
+
+                async fn live_rows(&mut self, service_id: i64) -> Result<Vec<(i64, String, i64)>> {
+                    let rows = sqlx::query(Sql::LIVE_ROWS).bind(service_id).fetch_all(self.conn()?).await?;
+                    Ok(rows
+                        .iter()
+                        .map(|r| Ok::<_, sqlx::Error>((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                        .collect::<std::result::Result<_, _>>()?)
+                }
+
+                async fn replace_uid(&mut self, service_id: i64, uid: i64, now_ms: i64) -> Result<()> {
+                    let q = sqlx::query(Sql::REPLACE_UID).bind(now_ms).bind(service_id).bind(uid);
+                    q.execute(self.conn()?).await?;
+                    Ok(())
+                }
             }
 
             fn old_record(r: &$row) -> std::result::Result<OldRecord, sqlx::Error> {
@@ -572,6 +597,42 @@ macro_rules! sync_store {
                                 .execute(tx.conn()?)
                                 .await?;
                             Ok(())
+                        })
+                    })
+                    .await
+                }
+
+                async fn enable_buckets(&self) -> Result<()> {
+                    let pool = self.pool.clone();
+                    crate::caller::detached(move |_| async move {
+                        sqlx::query(Sql::CREATE_BUCKETS).execute(&pool).await?;
+                        Ok(())
+                    })
+                    .await
+                }
+
+                async fn buckets(&self, service: &str) -> Result<Vec<crate::sync::BucketRecord>> {
+                    let mut lease = self.reads.get().await?;
+                    let rows = sqlx::query(Sql::LIST_BUCKETS).bind(service).fetch_all(&mut *lease).await?;
+                    lease.keep();
+                    rows.iter()
+                        .map(|r| Ok(crate::sync::BucketRecord { bucket: r.try_get(0)?, node: r.try_get(1)? }))
+                        .collect::<std::result::Result<_, sqlx::Error>>()
+                        .map_err(StoreError::from)
+                }
+
+                async fn move_bucket(
+                    &self,
+                    service: &str,
+                    bucket: i64,
+                    total: i64,
+                    node: &str,
+                    now_ms: i64,
+                ) -> Result<u64> {
+                    let (service, node) = (service.to_string(), node.to_string());
+                    crate::caller::transaction(&self.pool, Caller::default(), move |tx, caller| {
+                        Box::pin(async move {
+                            tx::move_bucket(&mut Tx { tx, caller }, &service, bucket, total, &node, now_ms).await
                         })
                     })
                     .await

@@ -49,6 +49,14 @@ pub(crate) trait SyncTx: Send {
     async fn free_slot(&mut self, node_id: i64) -> Result<()>;
     /// Deletes one row; whether it existed.
     async fn delete_row(&mut self, service_id: i64, uid: i64) -> Result<bool>;
+    /// The node a bucket is assigned to.
+    async fn bucket_node(&mut self, service_id: i64, bucket: i64) -> Result<Option<i64>>;
+    /// Assigns a bucket to a node (insert or replace).
+    async fn set_bucket_node(&mut self, service_id: i64, bucket: i64, node_id: i64) -> Result<()>;
+    /// (uid, email, node id) of every live row of the service.
+    async fn live_rows(&mut self, service_id: i64) -> Result<Vec<(i64, String, i64)>>;
+    /// Marks one live row replaced.
+    async fn replace_uid(&mut self, service_id: i64, uid: i64, now_ms: i64) -> Result<()>;
 }
 
 async fn service_id(tx: &mut impl SyncTx, service: &str) -> Result<i64> {
@@ -102,7 +110,21 @@ async fn allocate_locked(
     if !still_expected {
         return Err(StoreError::Conflict);
     }
-    let node = pick_node(tx, nodes, req.release_rate).await?;
+    let node = match req.bucket {
+        None => pick_node(tx, nodes, req.release_rate).await?,
+        Some(bucket) => {
+            let mapped = tx.bucket_node(service_id, bucket).await?;
+            // The bucket's node, whatever its load; a downed or removed one gives way.
+            match mapped.and_then(|id| nodes.iter().find(|n| n.id == id && n.downed == 0)) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = pick_node(tx, nodes, req.release_rate).await?;
+                    tx.set_bucket_node(service_id, bucket, n.id).await?;
+                    n
+                }
+            }
+        }
+    };
     tx.add_user_to_node(node.id).await?;
     // As `add_user_to_node` changed the row.
     if let Some(n) = nodes.iter_mut().find(|n| n.id == node.id) {
@@ -264,4 +286,30 @@ pub(crate) async fn delete_record(tx: &mut impl SyncTx, service: &str, uid: i64)
         tx.free_slot(node_id).await?;
     }
     tx.delete_row(service_id, uid).await
+}
+
+/// `SyncStore::move_bucket`, inside the caller's transaction (nodes locked first, as everywhere).
+pub(crate) async fn move_bucket(
+    tx: &mut impl SyncTx,
+    service: &str,
+    bucket: i64,
+    total: i64,
+    node_url: &str,
+    now_ms: i64,
+) -> Result<u64> {
+    let service_id = service_id(tx, service).await?;
+    let nodes = tx.lock_nodes(service_id).await?;
+    let node = nodes
+        .iter()
+        .find(|n| n.node == node_url)
+        .ok_or_else(|| StoreError::NotFound(format!("node {node_url} of service {service}")))?;
+    tx.set_bucket_node(service_id, bucket, node.id).await?;
+    let mut moved = 0;
+    for (uid, email, node_id) in tx.live_rows(service_id).await? {
+        if node_id != node.id && tokenserver_core::sync::buckets::bucket_of(&email, total) == bucket {
+            tx.replace_uid(service_id, uid, now_ms).await?;
+            moved += 1;
+        }
+    }
+    Ok(moved)
 }

@@ -18,8 +18,8 @@ use crate::sql::migrate::{Existing, Migration};
 use crate::sql::tx::{self, NewUser, SyncTx};
 use crate::sql::SyncSql;
 use crate::sync::{
-    node_record, Allocate, MigrationReport, NewNode, NodeChange, NodeRecord, NodeUsers, OldRecord, OldRecordsQuery,
-    OwnedAllocate, OwnedUserChange, Result, SyncStore, UserChange,
+    node_record, Allocate, BucketRecord, MigrationReport, NewNode, NodeChange, NodeRecord, NodeUsers, OldRecord,
+    OldRecordsQuery, OwnedAllocate, OwnedUserChange, Result, SyncStore, UserChange,
 };
 use crate::StoreError;
 
@@ -108,6 +108,14 @@ impl crate::sql::SyncSql for SqliteSql {
     const COUNT_USERS: &'static str = crate::sql::qmark::COUNT_USERS;
     const OLD_RECORDS: &'static str = crate::sql::qmark::OLD_RECORDS;
     const BUMP_REPLACED: &'static str = crate::sql::qmark::BUMP_REPLACED;
+    const BUCKET_NODE: &'static str = crate::sql::qmark::BUCKET_NODE;
+    const LIST_BUCKETS: &'static str = crate::sql::qmark::LIST_BUCKETS;
+    const LIVE_ROWS: &'static str = crate::sql::qmark::LIVE_ROWS;
+    const REPLACE_UID: &'static str = crate::sql::qmark::REPLACE_UID;
+    const CREATE_BUCKETS: &'static str = "CREATE TABLE IF NOT EXISTS tokenserver_buckets \
+        (service INTEGER NOT NULL, bucket INTEGER NOT NULL, node INTEGER NOT NULL, PRIMARY KEY (service, bucket))";
+    const SET_BUCKET_NODE: &'static str = "INSERT INTO tokenserver_buckets (service, bucket, node) VALUES (?, ?, ?) \
+        ON CONFLICT (service, bucket) DO UPDATE SET node = excluded.node";
     // Both expressions see the row's old values (as on PostgreSQL; MySQL's order is noted there).
     const FREE_SLOT: &'static str = "UPDATE nodes SET available = available + \
         (CASE WHEN available + MAX(current_load - 1, 0) < capacity THEN 1 ELSE 0 END), \
@@ -268,6 +276,29 @@ impl SyncTx for Tx<'_> {
     async fn delete_row(&mut self, service_id: i64, uid: i64) -> Result<bool> {
         let n = self.conn.prepare_cached(SqliteSql::DELETE_USER).and_then(|mut s| s.execute((service_id, uid)));
         Ok(n.map_err(e)? > 0)
+    }
+
+    async fn bucket_node(&mut self, service_id: i64, bucket: i64) -> Result<Option<i64>> {
+        let mut stmt = self.conn.prepare_cached(SqliteSql::BUCKET_NODE).map_err(e)?;
+        stmt.query_row((service_id, bucket), |r| r.get(0)).optional().map_err(e)
+    }
+
+    async fn set_bucket_node(&mut self, service_id: i64, bucket: i64, node_id: i64) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(SqliteSql::SET_BUCKET_NODE).map_err(e)?;
+        stmt.execute((service_id, bucket, node_id)).map_err(e)?;
+        Ok(())
+    }
+
+    async fn live_rows(&mut self, service_id: i64) -> Result<Vec<(i64, String, i64)>> {
+        let mut stmt = self.conn.prepare_cached(SqliteSql::LIVE_ROWS).map_err(e)?;
+        let rows = stmt.query_map([service_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(e)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(e)
+    }
+
+    async fn replace_uid(&mut self, service_id: i64, uid: i64, now_ms: i64) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(SqliteSql::REPLACE_UID).map_err(e)?;
+        stmt.execute((now_ms, service_id, uid)).map_err(e)?;
+        Ok(())
     }
 }
 
@@ -563,6 +594,28 @@ impl SyncStore for SqliteStore {
                 .and_then(|mut s| s.execute((now_ms, &service, uid)))
                 .map_err(e)?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn enable_buckets(&self) -> Result<()> {
+        self.write(Touch::Nothing, |conn| conn.execute_batch(SqliteSql::CREATE_BUCKETS).map_err(e)).await
+    }
+
+    async fn buckets(&self, service: &str) -> Result<Vec<BucketRecord>> {
+        let service = service.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(SqliteSql::LIST_BUCKETS)?;
+            let rows = stmt.query_map([&service], |r| Ok(BucketRecord { bucket: r.get(0)?, node: r.get(1)? }))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn move_bucket(&self, service: &str, bucket: i64, total: i64, node: &str, now_ms: i64) -> Result<u64> {
+        let (service, node) = (service.to_string(), node.to_string());
+        self.write(Touch::All, move |conn| {
+            run_now(tx::move_bucket(&mut Tx { conn }, &service, bucket, total, &node, now_ms))
         })
         .await
     }

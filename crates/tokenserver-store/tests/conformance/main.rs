@@ -93,6 +93,7 @@ stamp! {
         node_lifecycle_update_drain_unassign_remove,
         users_are_looked_up_assigned_to_a_node_and_counted,
         old_records_page_in_order_and_deleting_them_frees_slots,
+        buckets_pin_users_to_their_node_and_move_together,
         unknown_service_is_reported,
         concurrent_first_allocations_create_one_row,
         concurrent_allocations_respect_capacity,

@@ -33,6 +33,7 @@ async fn sqlite_user_rows_see_other_connections_writes_at_once() {
         expected_current: None,
         now_ms: 1000,
         release_rate: 0.1,
+        bucket: None,
     };
     let row = store.allocate_user(&alloc).await.unwrap();
     assert!(store.user_rows(SVC, "b@x").await.unwrap().is_empty());
@@ -104,6 +105,7 @@ async fn sqlite_user_rows_read_their_own_writes_under_concurrency() {
                 expected_current: None,
                 now_ms: 1000,
                 release_rate: 0.1,
+                bucket: None,
             };
             let uid = store.allocate_user(&alloc).await.unwrap().uid;
             for generation in 2..22i64 {

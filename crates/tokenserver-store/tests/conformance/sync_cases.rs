@@ -18,6 +18,7 @@ fn alloc<'a>(email: &'a str, expected: Option<i64>, now: i64) -> Allocate<'a> {
         expected_current: expected,
         now_ms: now,
         release_rate: RATE,
+        bucket: None,
     }
 }
 
@@ -582,4 +583,54 @@ pub async fn old_records_page_in_order_and_deleting_them_frees_slots(s: &dyn Syn
     assert!(s.delete_user_record(SVC, r3.uid).await.unwrap());
     assert_eq!(loads(s).await, vec![(a, 1, 9)]);
     assert_eq!(s.count_users(None, 1000).await.unwrap(), 0);
+}
+
+pub async fn buckets_pin_users_to_their_node_and_move_together(s: &dyn SyncStore) {
+    use tokenserver_core::sync::buckets::bucket_of;
+    use tokenserver_store::sync::BucketRecord;
+    s.enable_buckets().await.unwrap();
+    s.enable_buckets().await.unwrap();
+    let a = node(s, "https://a", 100, 100, 0, false, false).await;
+    let b = node(s, "https://b", 100, 100, 50, false, false).await;
+    // Five users of bucket 0 and two of bucket 1 (of 2).
+    let of = |bucket: i64, n: usize| -> Vec<String> {
+        (0..).map(|i| format!("u{i}@x")).filter(|e| bucket_of(e, 2) == bucket).take(n).collect()
+    };
+    let (zero, one) = (of(0, 4), of(1, 2));
+    fn alloc_in(email: &str, expected: Option<i64>, now: i64) -> Allocate<'_> {
+        Allocate { bucket: Some(bucket_of(email, 2)), ..alloc(email, expected, now) }
+    }
+    let first = s.allocate_user(&alloc_in(&zero[0], None, 10)).await.unwrap();
+    assert_eq!(first.node_id, Some(a), "an unassigned bucket gets a node by the policy");
+    assert_eq!(s.allocate_user(&alloc_in(&one[0], None, 11)).await.unwrap().node_id, Some(a));
+    assert_eq!(
+        s.buckets(SVC).await.unwrap(),
+        vec![
+            BucketRecord { bucket: 0, node: Some("https://a".into()) },
+            BucketRecord { bucket: 1, node: Some("https://a".into()) }
+        ]
+    );
+
+    // Moving bucket 0 unassigns its users elsewhere, and only them.
+    assert_eq!(s.move_bucket(SVC, 0, 2, "https://b", 20).await.unwrap(), 1);
+    let rows = s.user_rows(SVC, &zero[0]).await.unwrap();
+    assert_eq!((rows[0].uid, rows[0].replaced_at), (first.uid, Some(20)));
+    assert_eq!(s.user_rows(SVC, &one[0]).await.unwrap()[0].replaced_at, None);
+    // The bucket's node takes its users, though the policy would pick the emptier a.
+    assert_eq!(s.allocate_user(&alloc_in(&zero[1], None, 21)).await.unwrap().node_id, Some(b));
+    let again = s.allocate_user(&alloc_in(&zero[0], Some(first.uid), 22)).await.unwrap();
+    assert_eq!((again.node_id, again.generation, again.client_state.as_str()), (Some(b), 10, "aaaa"));
+    assert_eq!(s.allocate_user(&alloc_in(&one[1], None, 23)).await.unwrap().node_id, Some(a));
+    assert_eq!(s.move_bucket(SVC, 0, 2, "https://b", 24).await.unwrap(), 0, "nothing left elsewhere");
+    // A downed bucket node gives way: the bucket is given another by the policy.
+    s.update_node(SVC, "https://b", &NodeChange { downed: Some(true), ..NodeChange::default() }).await.unwrap();
+    assert_eq!(s.allocate_user(&alloc_in(&zero[2], None, 30)).await.unwrap().node_id, Some(a));
+    assert_eq!(s.buckets(SVC).await.unwrap()[0], BucketRecord { bucket: 0, node: Some("https://a".into()) });
+    let missing = s.move_bucket(SVC, 0, 2, "https://none", 40).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    // A removed node leaves its buckets without one until their next allocation.
+    s.move_bucket(SVC, 1, 2, "https://b", 50).await.unwrap();
+    s.remove_node(SVC, "https://b", 51).await.unwrap();
+    assert_eq!(s.buckets(SVC).await.unwrap()[1], BucketRecord { bucket: 1, node: None });
+    assert_eq!(s.allocate_user(&alloc_in(&zero[3], None, 52)).await.unwrap().node_id, Some(a));
 }

@@ -1,5 +1,5 @@
 //! Command line: `serve` (the default), `migrate`, `node add|list|update|drain|unassign|remove`,
-//! `user show|assign|count`, `events`, `purge`, `token inspect`, `keys`, `access …`.
+//! `user show|assign|count`, `bucket list|move`, `events`, `purge`, `token inspect`, `keys`, `access …`.
 
 mod access;
 mod sync_ops;
@@ -40,6 +40,9 @@ pub enum Command {
     /// Sync users: look up, assign to a node, count.
     #[command(subcommand)]
     User(sync_ops::UserCommand),
+    /// Bucketed assignment: list buckets, move one to another node.
+    #[command(subcommand)]
+    Bucket(sync_ops::BucketCommand),
     /// Apply account events (delete, reset, passwordChange) from JSON lines, as the legacy
     /// process_account_events did from SQS.
     Events(sync_ops::EventsArgs),
@@ -194,6 +197,7 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
         }
         Command::Node(cmd) => node_command(cmd, config).await,
         Command::User(cmd) => sync_ops::user(cmd, &config).await,
+        Command::Bucket(cmd) => sync_ops::bucket(cmd, &config).await,
         Command::Events(args) => sync_ops::events(args, &config).await,
         Command::Purge(args) => sync_ops::purge(args, &config).await,
         Command::Token(TokenCommand::Inspect { id, secrets }) => inspect(&id, secrets, &config).await,

@@ -54,6 +54,60 @@ pub enum UserCommand {
     },
 }
 
+/// `bucket …`.
+#[derive(Debug, Subcommand)]
+pub enum BucketCommand {
+    /// The buckets that have a node.
+    List {
+        /// Service.
+        #[arg(long, default_value = "sync-1.5")]
+        service: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Assign a bucket to a node; its users elsewhere move there on their next request.
+    Move {
+        /// The bucket (0 ≤ bucket < tokenserver.buckets).
+        bucket: u32,
+        /// Node URL, as added.
+        node: String,
+        /// Service.
+        #[arg(long, default_value = "sync-1.5")]
+        service: String,
+    },
+}
+
+/// Runs `bucket …`.
+pub async fn bucket(cmd: BucketCommand, config: &Config) -> Result<(), String> {
+    let store = app::open_store(config).await.map_err(text)?;
+    let buckets = config.sync.buckets;
+    match cmd {
+        BucketCommand::List { service, json } => {
+            let list = crate::ops::bucket::list(store.as_ref(), buckets, &service).await.map_err(text)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list).map_err(text)?);
+            } else {
+                println!("{:>8}  NODE", "BUCKET");
+                for b in list {
+                    println!(
+                        "{:>8}  {}",
+                        b.bucket,
+                        b.node.as_deref().unwrap_or("(removed: chosen again on next user)")
+                    );
+                }
+            }
+        }
+        BucketCommand::Move { bucket, node, service } => {
+            let n = crate::ops::bucket::move_to(store.as_ref(), buckets, &service, i64::from(bucket), &node)
+                .await
+                .map_err(text)?;
+            println!("bucket {bucket} assigned to {node}; {n} users unassigned from other nodes");
+        }
+    }
+    Ok(())
+}
+
 /// `events`.
 #[derive(Debug, Args)]
 pub struct EventsArgs {

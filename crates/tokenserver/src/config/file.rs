@@ -179,6 +179,8 @@ pub struct SyncFile {
     /// Allow creating first rows for unknown users.
     #[serde(deserialize_with = "lenient_bool")]
     pub allow_new_users: bool,
+    /// Bucketed assignment: users hash into this many buckets, each assigned to one node (0: off).
+    pub buckets: u32,
     /// New users allocated per second at most, whoever vouches for them (0: no limit).
     pub new_user_rate: f64,
     /// New users allocated at once before `new_user_rate` applies.
@@ -239,6 +241,7 @@ impl Default for SyncFile {
             init_node_url: None,
             init_node_capacity: 100_000,
             allow_new_users: true,
+            buckets: 0,
             new_user_rate: 100.0,
             new_user_burst: 1000,
             new_user_rate_per_issuer: 0.0,

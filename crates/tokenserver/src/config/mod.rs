@@ -90,6 +90,8 @@ pub struct SyncConfig {
     pub new_users: NewUserLimits,
     /// Token requests doing database work at once at most.
     pub max_in_flight: usize,
+    /// Bucketed assignment: the number of buckets; `None`: off.
+    pub buckets: Option<i64>,
     /// Node added at startup.
     pub init_node: Option<(String, i64)>,
 }
@@ -577,9 +579,13 @@ fn validate_sync(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<Sync
         0 => (32 * ts.database_pool_max_size as usize).max(256),
         n => n,
     };
+    if ts.buckets > 1_000_000 {
+        return Err(bad("tokenserver.buckets", "must be at most 1000000 (0 turns buckets off)"));
+    }
     Ok(SyncConfig {
         new_users,
         max_in_flight,
+        buckets: (ts.buckets > 0).then_some(i64::from(ts.buckets)),
         applications: validate_applications(ts)?,
         email_domain: ts.fxa_email_domain.clone(),
         metrics_hash_secret: Secret::new(ts.fxa_metrics_hash_secret.clone()),

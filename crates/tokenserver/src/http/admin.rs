@@ -15,7 +15,7 @@ use crate::http::error::ApiError;
 use crate::ops::node::{self, NodePatch, NodeSpec};
 use crate::ops::purge::PurgeOptions;
 use crate::ops::user::{self, UserRef};
-use crate::ops::{account, OpsError};
+use crate::ops::{account, bucket, OpsError};
 use crate::state::AppState;
 
 /// Routes of the internal listener (state still to be applied).
@@ -30,6 +30,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         // A user is its email (`<fxa_uid>@<domain>`, percent-encoded) or a row's uid.
         .route("/v1/services/{service}/users/{user}", get(show_user))
         .route("/v1/services/{service}/users/{user}/node", put(assign_user))
+        .route("/v1/services/{service}/buckets", get(list_buckets))
+        .route("/v1/services/{service}/buckets/{bucket}", put(move_bucket))
         .route("/v1/count_users", get(count_users))
         .route("/v1/account_events", post(account_events))
         .route("/v1/purge", post(purge))
@@ -129,6 +131,22 @@ async fn assign_user(
 ) -> Result<Response, ApiError> {
     let AssignBody { node } = json_body(&body)?;
     Ok(Json(user::assign(state.store.as_ref(), &service, &UserRef::parse(&who), &node).await?).into_response())
+}
+
+async fn list_buckets(State(state): State<AppState>, Path(service): Path<String>) -> Result<Response, ApiError> {
+    let buckets = state.config.sync.buckets;
+    let assigned = bucket::list(state.store.as_ref(), buckets, &service).await?;
+    Ok(Json(serde_json::json!({ "buckets": buckets, "assigned": assigned })).into_response())
+}
+
+async fn move_bucket(
+    State(state): State<AppState>,
+    Path((service, which)): Path<(String, i64)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let AssignBody { node } = json_body(&body)?;
+    let n = bucket::move_to(state.store.as_ref(), state.config.sync.buckets, &service, which, &node).await?;
+    Ok(Json(serde_json::json!({ "bucket": which, "node": node, "unassigned": n })).into_response())
 }
 
 #[derive(Deserialize)]

@@ -2,6 +2,7 @@
 
 pub mod access_import;
 pub mod account;
+pub mod bucket;
 pub mod node;
 pub mod purge;
 pub mod user;

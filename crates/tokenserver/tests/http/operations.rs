@@ -407,3 +407,54 @@ async fn purge_retries_keeps_failed_rows_and_honours_downed_nodes() {
     assert_eq!(r.status(), 422);
     s.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bucketed_assignment_places_users_by_bucket_and_moves_a_bucket_at_once() {
+    use tokenserver_core::sync::buckets::bucket_of;
+    let s = TestServer::start(&[("TOKENSERVER_BUCKETS", "2")]).await;
+    let (a, b) = ("https://a.example.com", "https://b.example.com");
+    let a_id = s.add_node(a, 100, 100).await;
+    let b_id = s.add_node(b, 100, 100).await;
+    let users: Vec<String> = (0..12).map(|i| format!("b{i}")).collect();
+    let bucket = |u: &str| bucket_of(&format!("{u}@{DOMAIN}"), 2);
+    for u in &users {
+        assert_eq!(s.token(&Jwt::new(u, Some(1)).sign(), "1-qqo").await.status, 200);
+    }
+    // Every user of a bucket is on that bucket's node.
+    let node_of = |rows: Vec<UserRowView>| rows.iter().find(|r| r.replaced_at.is_none()).unwrap().nodeid;
+    let mut placed = std::collections::BTreeMap::new();
+    for u in &users {
+        let node = node_of(s.user_rows(u).await);
+        assert_eq!(*placed.entry(bucket(u)).or_insert(node), node, "bucket {} split", bucket(u));
+    }
+    let url = format!("{}/v1/services/sync-1.5/buckets", s.internal);
+    let listed: Value = s.admin.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["buckets"], 2);
+    let assigned = listed["assigned"].as_array().unwrap();
+    assert_eq!(assigned.len(), placed.len());
+
+    // Move bucket 0 to b: its users elsewhere are unassigned and land on b on their next request.
+    let on_a_in_0 = users.iter().filter(|u| bucket(u) == 0 && placed[&0] == a_id).count() as u64;
+    let r = s.admin.put(format!("{url}/0")).json(&json!({"node": b})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"bucket": 0, "node": b, "unassigned": on_a_in_0}));
+    for u in users.iter().filter(|u| bucket(u) == 0) {
+        let r = s.token(&Jwt::new(u, Some(1)).sign(), "1-qqo").await;
+        assert!(r.json()["api_endpoint"].as_str().unwrap().starts_with(b), "{}", r.body);
+        assert_eq!(node_of(s.user_rows(u).await), b_id);
+    }
+    let r = s.admin.put(format!("{url}/2")).json(&json!({"node": b})).send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()["error"].clone()),
+        (422, json!("invalid_bucket"))
+    );
+    let r = s.admin.put(format!("{url}/1")).json(&json!({"node": "https://none.example.com"})).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    s.finish().await;
+
+    // Off by default: the bucket routes say so.
+    let s = TestServer::start(&[]).await;
+    let r = s.admin.get(format!("{}/v1/services/sync-1.5/buckets", s.internal)).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.json::<Value>().await.unwrap()["error"].clone()), (422, json!("buckets_off")));
+    s.finish().await;
+}
