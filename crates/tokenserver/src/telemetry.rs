@@ -13,7 +13,9 @@ use tracing_subscriber::EnvFilter;
 pub fn init_logging(human: bool) -> Option<WorkerGuard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    // Colours only for a terminal: a file, a pipe or journald would get the escape codes verbatim.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     let installed = if human { builder.try_init() } else { builder.json().flatten_event(true).try_init() };
     installed.ok().map(|()| guard)
 }

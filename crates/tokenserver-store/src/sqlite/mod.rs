@@ -128,9 +128,26 @@ pub(crate) fn database_file(url: &str) -> Result<Option<PathBuf>, StoreError> {
     Ok(Some(options.get_filename().to_path_buf()))
 }
 
+/// Creates the database file, readable by its owner only, unless it exists: it holds the
+/// generated secrets, and SQLite gives its `-wal` and `-shm` files the database file's mode.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Config(format!("cannot create the SQLite database {}: {e}", path.display()))),
+    }
+}
+
 /// A read-write connection of a writer thread (or its checkpointer) to `file`, or to a new
 /// in-memory database.
 pub(crate) fn writer_connection(file: Option<&Path>, durability: Durability) -> Result<Connection, StoreError> {
+    if let Some(path) = file {
+        create_private(path)?;
+    }
     let conn = match file {
         None => Connection::open_in_memory().map_err(rusqlite_error)?,
         Some(path) => Connection::open(path)

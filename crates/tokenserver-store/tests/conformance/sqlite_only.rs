@@ -220,3 +220,19 @@ async fn sqlite_session_table_of_the_second_layout_is_migrated() {
     ])
     .await;
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sqlite_files_are_created_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(db) = tokenserver_store::testing::fresh(Backend::Sqlite).await else { return };
+    let (store, db) = crate::open_sync(db).await;
+    store.ensure_service("notes-2", "{node}/2/{uid}").await.unwrap();
+    let file = db.url.trim_start_matches("sqlite://").to_string();
+    for path in [file.clone(), format!("{file}-wal"), format!("{file}-shm")] {
+        let mode = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{path}: {e}")).permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{path}: {mode:o}");
+    }
+    drop(store);
+    db.drop_now().await;
+}

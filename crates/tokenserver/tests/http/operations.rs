@@ -160,7 +160,10 @@ async fn account_events_replayed_from_json_lines_are_idempotent() {
 fn cli_users_events_and_count() {
     let dir = TempDir::new();
     let run = |args: &[&str]| cli(&dir.0, args, &[]);
-    assert_eq!(run(&["node", "add", "https://a.example.com", "--capacity", "10"]).0, 0);
+    let (code, _, err) = run(&["node", "add", "https://a.example.com", "--capacity", "10"]);
+    assert_eq!(code, 0);
+    // Logs to a pipe carry no colour codes.
+    assert!(err.contains("INFO") && !err.contains('\x1b'), "{err:?}");
     let (code, out, err) = run(&["user", "assign", "u@example.com", "https://a.example.com", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
