@@ -212,12 +212,20 @@ impl FxaVerifier {
     }
 
     /// Fetches the JWKS now (at startup) when keys come from FxA.
+    /// Logs the key ids in use (never the keys' material).
     pub async fn prefetch_keys(&self) -> usize {
-        if self.keys.is_remote() {
-            self.keys.refresh().await.len()
+        let (keys, source) = if self.keys.is_remote() {
+            (self.keys.refresh().await, "jwks")
         } else {
-            self.keys.current().len()
+            (self.keys.current(), "configured")
+        };
+        let kids: Vec<&str> = keys.iter().map(|k| k.kid.as_str()).collect();
+        if kids.is_empty() {
+            tracing::warn!(source, "no FxA signing key yet: tokens are verified by FxA's /v1/verify until one is fetched");
+        } else {
+            tracing::info!(source, kids = %kids.join(","), "FxA signing keys in use");
         }
+        keys.len()
     }
 
     /// Keys held now (for the heartbeat).
