@@ -29,7 +29,7 @@ pub enum AccessCommand {
         #[arg(long)]
         user: Option<String>,
         /// Lifetime in seconds; 0: permanent; default: access.default_ttl.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         ttl: Option<u64>,
     },
     /// Show who a live token names.
@@ -56,7 +56,7 @@ pub enum AccessCommand {
         #[arg(long)]
         user: Option<String>,
         /// Tokens per page (1..=1000).
-        #[arg(long, default_value_t = crate::access::DEFAULT_PAGE)]
+        #[arg(long, default_value_t = crate::access::DEFAULT_PAGE, allow_negative_numbers = true)]
         limit: usize,
         /// Continue after this page (`next_cursor` of the previous one).
         #[arg(long)]

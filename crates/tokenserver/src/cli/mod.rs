@@ -113,13 +113,13 @@ pub struct NodeAdd {
     /// Node URL, e.g. https://sync-1.example.com
     pub url: String,
     /// Maximum number of users.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(1..))]
     pub capacity: i64,
     /// Slots available now (default: ceil(capacity × release rate)).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(0..))]
     pub available: Option<i64>,
     /// Initial load.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(0..))]
     pub current_load: i64,
     /// Add it downed.
     #[arg(long)]

@@ -43,7 +43,7 @@ pub enum UserCommand {
     /// Count live users created at or before a time (Mozilla's count_users: one JSON line).
     Count {
         /// Milliseconds since the epoch; default: the previous UTC midnight.
-        #[arg(short = 't', long)]
+        #[arg(short = 't', long, allow_negative_numbers = true)]
         timestamp: Option<u64>,
         /// Only this service; default: all.
         #[arg(long)]
@@ -69,6 +69,7 @@ pub enum BucketCommand {
     /// Assign a bucket to a node; its users elsewhere move there on their next request.
     Move {
         /// The bucket (0 ≤ bucket < tokenserver.buckets).
+        #[arg(allow_negative_numbers = true)]
         bucket: u32,
         /// Node URL, as added.
         node: String,
@@ -126,10 +127,16 @@ pub struct PurgeArgs {
     #[arg(long, default_value = "1day", value_parser = humantime::parse_duration)]
     pub grace_period: Duration,
     /// Rows read per batch (Mozilla's --max-per-loop).
-    #[arg(long, alias = "max-per-loop", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(
+        long,
+        alias = "max-per-loop",
+        default_value_t = 100,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
     pub batch_size: u32,
     /// Stop after deleting this many rows (0: no limit).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub max_records: u64,
     /// Report what would be done; call no node and change no row.
     #[arg(long, alias = "dryrun")]
@@ -138,16 +145,16 @@ pub struct PurgeArgs {
     #[arg(long)]
     pub force: bool,
     /// Only uids strictly above this.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub range_start: Option<u64>,
     /// Only uids strictly below this.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub range_end: Option<u64>,
     /// Timeout of one storage-node request.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
     /// Retries of a storage request failing with 429, 5xx or a network error.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub retries: u32,
     /// Wait before the first retry (doubled for each next one).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]

@@ -112,15 +112,15 @@ pub async fn list(store: &dyn SyncStore, service: Option<&str>) -> Result<Vec<No
 pub struct NodePatch {
     /// Maximum number of users.
     #[serde(default)]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(1..))]
     pub capacity: Option<i64>,
     /// Slots available now.
     #[serde(default)]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(0..))]
     pub available: Option<i64>,
     /// Assignments counted.
     #[serde(default)]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(0..))]
     pub current_load: Option<i64>,
     /// Set (true) or clear (false) the downed flag.
     #[serde(default)]

@@ -332,6 +332,13 @@ fn cli_node_update_drain_unassign_remove() {
     );
     let (code, out, _) = run(&["node", "unassign", "https://a.example.com"]);
     assert_eq!((code, out.trim()), (0, "unassigned 0 users of node https://a.example.com"));
+    // Negative numbers are values, refused with the option's name (not "unexpected argument").
+    let (code, _, err) = run(&["node", "update", "https://a.example.com", "--available", "-3"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid value '-3' for '--available") && !err.contains("unexpected argument"), "{err}");
+    let (code, _, err) = run(&["node", "add", "https://b.example.com", "--capacity", "-5"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid value '-5' for '--capacity"), "{err}");
     let (code, _, err) = run(&["node", "update", "https://a.example.com"]);
     assert_eq!(code, 1);
     assert!(err.contains("nothing to change"), "{err}");
