@@ -315,6 +315,16 @@ pub fn check_node_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A warning for a node URL only this machine can reach (`localhost`, `127.0.0.1`, `[::1]`):
+/// right for a single-machine trial, wrong as soon as Firefox runs elsewhere, since clients are
+/// sent to the URL as it is.
+pub fn loopback_node_warning(url: &str) -> Option<String> {
+    let host = url::Url::parse(url).ok()?.host_str()?.to_string();
+    is_loopback(&host).then(|| {
+        format!("node URL {url} is a loopback address: only clients on this machine can reach it")
+    })
+}
+
 fn duration(key: &str, v: &file::DurationText) -> Result<Duration, ConfigError> {
     match v {
         file::DurationText::Seconds(s) => seconds(key, *s),
@@ -549,6 +559,9 @@ fn validate_sync(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<Sync
     let init_node = match &ts.init_node_url {
         Some(url) => {
             check_node_url(url).map_err(|e| bad("tokenserver.init_node_url", e))?;
+            if let Some(w) = loopback_node_warning(url) {
+                warnings.push(format!("tokenserver.init_node_url: {w}"));
+            }
             if ts.init_node_capacity < 1 {
                 return Err(bad("tokenserver.init_node_capacity", "must be at least 1"));
             }

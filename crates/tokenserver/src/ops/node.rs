@@ -75,6 +75,9 @@ impl From<NodeRecord> for NodeView {
 /// Adds a node.
 pub async fn add(store: &dyn SyncStore, spec: &NodeSpec, release_rate: f64) -> Result<NodeView, OpsError> {
     check_node_url(&spec.node).map_err(|m| OpsError::Invalid("invalid_node", m))?;
+    if let Some(warning) = crate::config::loopback_node_warning(&spec.node) {
+        tracing::warn!("{warning}");
+    }
     if spec.capacity < 1 {
         return Err(OpsError::Invalid("invalid_node", "capacity must be at least 1".into()));
     }

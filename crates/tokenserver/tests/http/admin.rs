@@ -332,6 +332,11 @@ fn cli_node_update_drain_unassign_remove() {
     );
     let (code, out, _) = run(&["node", "unassign", "https://a.example.com"]);
     assert_eq!((code, out.trim()), (0, "unassigned 0 users of node https://a.example.com"));
+    // A loopback URL is accepted, with a warning.
+    let (code, _, err) = run(&["node", "add", "http://127.0.0.1:8080", "--capacity", "10"]);
+    assert_eq!(code, 0);
+    assert!(err.contains("loopback address"), "{err}");
+    assert_eq!(run(&["node", "remove", "http://127.0.0.1:8080"]).0, 0);
     // Negative numbers are values, refused with the option's name (not "unexpected argument").
     let (code, _, err) = run(&["node", "update", "https://a.example.com", "--available", "-3"]);
     assert_eq!(code, 2);
