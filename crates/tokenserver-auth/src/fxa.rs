@@ -221,7 +221,10 @@ impl FxaVerifier {
         };
         let kids: Vec<&str> = keys.iter().map(|k| k.kid.as_str()).collect();
         if kids.is_empty() {
-            tracing::warn!(source, "no FxA signing key yet: tokens are verified by FxA's /v1/verify until one is fetched");
+            tracing::warn!(
+                source,
+                "no FxA signing key yet: tokens are verified by FxA's /v1/verify until one is fetched"
+            );
         } else {
             tracing::info!(source, kids = %kids.join(","), "FxA signing keys in use");
         }

@@ -320,9 +320,8 @@ pub fn check_node_url(url: &str) -> Result<(), String> {
 /// sent to the URL as it is.
 pub fn loopback_node_warning(url: &str) -> Option<String> {
     let host = url::Url::parse(url).ok()?.host_str()?.to_string();
-    is_loopback(&host).then(|| {
-        format!("node URL {url} is a loopback address: only clients on this machine can reach it")
-    })
+    is_loopback(&host)
+        .then(|| format!("node URL {url} is a loopback address: only clients on this machine can reach it"))
 }
 
 fn duration(key: &str, v: &file::DurationText) -> Result<Duration, ConfigError> {

@@ -141,10 +141,7 @@ async fn no_secret_or_bearer_token_is_ever_logged() {
     assert!(log.lines().count() > 20 && log.contains("\"level\":\"TRACE\""), "trace logging was on");
     assert!(log.contains("\"rid\""), "request ids are logged");
     // The FxA key in use is named at startup by its kid.
-    assert!(
-        log.lines().any(|l| l.contains("FxA signing keys in use") && l.contains("\"kids\":\"test-rsa\"")),
-        "{log}"
-    );
+    assert!(log.lines().any(|l| l.contains("FxA signing keys in use") && l.contains("\"kids\":\"test-rsa\"")), "{log}");
     for secret in &secrets {
         // Also their distinctive middle part, in case a line holds a fragment.
         let core = &secret[secret.len() / 4..secret.len() * 3 / 4];
