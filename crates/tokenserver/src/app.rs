@@ -79,6 +79,25 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn SyncStore>, StartErro
     Ok(store)
 }
 
+/// [`open_store`] for commands that only read: an SQLite database that does not exist yet is
+/// reported rather than created (an empty one would answer "nothing", silently, from the wrong
+/// directory).
+pub async fn open_existing_store(config: &Config) -> Result<Arc<dyn SyncStore>, StartError> {
+    let url = config.database.url.expose();
+    if matches!(tokenserver_store::Backend::from_url(url), Ok(tokenserver_store::Backend::Sqlite)) {
+        if let Some(path) = tokenserver_store::sqlite::database_file(url)? {
+            if !path.exists() {
+                return Err(StartError::Other(format!(
+                    "no database at {}: nothing to read yet (the server, `tokenserver migrate` or `node add` creates it; \
+                     is tokenserver.database_url right?)",
+                    path.display()
+                )));
+            }
+        }
+    }
+    open_store(config).await
+}
+
 async fn migrate_if_configured(config: &Config, store: &dyn SyncStore) -> Result<(), StartError> {
     if config.database.run_migrations {
         let report = store.migrate().await?;

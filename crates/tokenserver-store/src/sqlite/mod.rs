@@ -119,7 +119,7 @@ pub(crate) fn rusqlite_error(e: rusqlite::Error) -> StoreError {
 
 /// The database file a `sqlite:` URL names (any spelling sqlx accepts: `sqlite://path`,
 /// `sqlite:path`, with query options); `None` for an in-memory database.
-pub(crate) fn database_file(url: &str) -> Result<Option<PathBuf>, StoreError> {
+pub fn database_file(url: &str) -> Result<Option<PathBuf>, StoreError> {
     if url.contains(":memory:") || url.contains("mode=memory") {
         return Ok(None);
     }

@@ -290,7 +290,11 @@ async fn shutdown_signal() {
 }
 
 async fn node_command(cmd: NodeCommand, config: Config) -> Result<(), String> {
-    let store = app::open_store(&config).await.map_err(|e| e.to_string())?;
+    let store = match &cmd {
+        NodeCommand::List { .. } => app::open_existing_store(&config).await,
+        _ => app::open_store(&config).await,
+    }
+    .map_err(|e| e.to_string())?;
     match cmd {
         NodeCommand::Add(a) => {
             let spec = NodeSpec {
@@ -368,8 +372,11 @@ fn print_node(what: &str, n: &NodeView) {
 async fn inspect(id: &str, secrets: Vec<String>, config: &Config) -> Result<(), String> {
     let secrets: Vec<String> = if !secrets.is_empty() {
         secrets
+    } else if !config.master_secrets.is_empty() {
+        // Configured: no database needed.
+        config.master_secrets.iter().map(|s| s.expose().clone()).collect()
     } else {
-        let store = app::open_store(config).await.map_err(|e| e.to_string())?;
+        let store = app::open_existing_store(config).await.map_err(|e| e.to_string())?;
         app::master_secrets(config, store.as_ref())
             .await
             .map_err(|e| e.to_string())?

@@ -81,7 +81,11 @@ pub enum BucketCommand {
 
 /// Runs `bucket …`.
 pub async fn bucket(cmd: BucketCommand, config: &Config) -> Result<(), String> {
-    let store = app::open_store(config).await.map_err(text)?;
+    let store = match &cmd {
+        BucketCommand::List { .. } => app::open_existing_store(config).await,
+        BucketCommand::Move { .. } => app::open_store(config).await,
+    }
+    .map_err(text)?;
     let buckets = config.sync.buckets;
     match cmd {
         BucketCommand::List { service, json } => {
@@ -173,7 +177,11 @@ fn text(e: impl std::fmt::Display) -> String {
 
 /// Runs `user …`.
 pub async fn user(cmd: UserCommand, config: &Config) -> Result<(), String> {
-    let store = app::open_store(config).await.map_err(text)?;
+    let store = match &cmd {
+        UserCommand::Assign { .. } => app::open_store(config).await,
+        UserCommand::Show { .. } | UserCommand::Count { .. } => app::open_existing_store(config).await,
+    }
+    .map_err(text)?;
     match cmd {
         UserCommand::Show { user: who, service, json } => {
             let view = user::show(store.as_ref(), &service, &UserRef::parse(&who)).await.map_err(text)?;

@@ -317,6 +317,13 @@ async fn node_lifecycle_over_the_internal_api() {
 fn cli_node_update_drain_unassign_remove() {
     let dir = TempDir::new();
     let run = |args: &[&str]| cli(&dir.0, args, &[]);
+    // Read-only commands never create a database.
+    for args in [&["node", "list"][..], &["user", "show", "u@x"], &["token", "inspect", "abc"]] {
+        let (code, _, err) = run(args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains("no database at"), "{args:?}: {err}");
+    }
+    assert!(!dir.0.join("tokenserver.db").exists(), "a read-only command created the database");
     assert_eq!(run(&["node", "add", "https://a.example.com", "--capacity", "100", "--downed"]).0, 0);
     let (code, out, err) = run(&["node", "update", "https://a.example.com", "--downed", "false", "--capacity", "200"]);
     assert_eq!(code, 0, "{err}");
