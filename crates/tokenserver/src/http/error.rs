@@ -366,7 +366,7 @@ impl From<OpsError> for ApiError {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "the database is unavailable")
             }
             OpsError::Store(other) => {
-                tracing::error!(error = %other, "node operation failed");
+                tracing::error!(error = %other, "operator API call failed");
                 ApiError::internal()
             }
         }

@@ -86,7 +86,8 @@ pub async fn observe(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_string();
+    // A clone of the matched path is a reference count, not a copy of the pattern.
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let id = match req.headers().get(REQUEST_ID).and_then(usable_id) {
         Some(id) => id.to_string(),
         None => format!("{:016x}", rand::random::<u64>()),
@@ -96,7 +97,8 @@ pub async fn observe(
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
-    metrics.record(&route, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    metrics.record(route, resp.status().as_u16(), started.elapsed().as_secs_f64());
     resp
 }
 
