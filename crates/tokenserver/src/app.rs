@@ -10,7 +10,7 @@ use tokenserver_store::{AccessStore, Family, SessionStore, StoreSettings, SyncSt
 use tokio::net::TcpListener;
 
 use crate::config::Config;
-pub use crate::state::AppState;
+pub use crate::state::{AppState, SyncFamily};
 use crate::sync::SyncTokens;
 
 /// Why the server could not start.
@@ -34,8 +34,8 @@ pub fn store_settings(config: &Config) -> StoreSettings {
 
 /// The stores the configuration names.
 pub struct OpenStores {
-    /// Sync node assignment.
-    pub sync: Arc<dyn SyncStore>,
+    /// Sync node assignment, when enabled.
+    pub sync: Option<Arc<dyn SyncStore>>,
     /// Session tokens, when enabled.
     pub sessions: Option<Arc<dyn SessionStore>>,
     /// Access tokens, when enabled.
@@ -46,7 +46,10 @@ pub struct OpenStores {
 /// families in one file share its writer). The Sync schema is migrated when configured to.
 pub async fn open_stores(config: &Config) -> Result<OpenStores, StartError> {
     let settings = store_settings(config);
-    let mut asked: Vec<(&str, Family)> = vec![(config.database.url.expose(), Family::Sync)];
+    let mut asked: Vec<(&str, Family)> = Vec::new();
+    if config.sync.enabled {
+        asked.push((config.database.url.expose(), Family::Sync));
+    }
     if let Some(s) = &config.sessions {
         asked.push((s.url.expose(), Family::Sessions));
     }
@@ -67,8 +70,9 @@ pub async fn open_stores(config: &Config) -> Result<OpenStores, StartError> {
         sessions = sessions.or(opened.sessions);
         access = access.or(opened.access);
     }
-    let sync = sync.ok_or_else(|| StartError::Other("no Sync store".into()))?;
-    migrate_if_configured(config, sync.as_ref()).await?;
+    if let Some(sync) = &sync {
+        migrate_if_configured(config, sync.as_ref()).await?;
+    }
     Ok(OpenStores { sync, sessions, access })
 }
 
@@ -138,43 +142,27 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    let OpenStores { sync: store, sessions: session_store, access: access_store } = open_stores(&config).await?;
-    let secrets = master_secrets(&config, store.as_ref()).await?;
-    for app in &config.sync.applications {
-        store.ensure_service(&app.service, &app.pattern).await?;
-    }
-    if let Some(buckets) = config.sync.buckets {
-        store.enable_buckets().await?;
-        tracing::info!(buckets, "bucketed assignment: users are placed by bucket");
-    }
-    if let Some((url, capacity)) = &config.sync.init_node {
-        if store.init_node("sync-1.5", url, *capacity).await? {
-            tracing::info!(node = %url, capacity, "Initialized syncstorage node entry");
+    let OpenStores { sync: sync_store, sessions: session_store, access: access_store } = open_stores(&config).await?;
+    let config = Arc::new(config);
+    let jobs = Arc::new(crate::jobs::Jobs::default());
+    let sync = match sync_store {
+        Some(store) => Some(sync_family(&config, store, &jobs).await?),
+        None => {
+            tracing::info!("Sync tokens off (sync.enabled = false): no public listener");
+            None
         }
-    }
-    let nodes = store.list_nodes(None).await?;
-    if !nodes.iter().any(|n| n.state.downed == 0 && n.state.capacity > n.state.current_load) {
-        tracing::warn!("no storage node can take users yet: add one with `tokenserver node add <url> --capacity <n>`");
-    }
-    let admin = crate::keys::admin_key(&config, store.as_ref()).await?;
+    };
+    let store = sync.as_ref().map(|s| s.store.as_ref());
+    let admin = crate::keys::admin_key(&config, store).await?;
     crate::keys::log_origin(&admin, "admin routes (node API, metrics, session dumps)");
-    let sessions_key = crate::keys::sessions_api_key(&config, store.as_ref()).await?;
+    let sessions_key = crate::keys::sessions_api_key(&config, store).await?;
     if config.sessions.is_some() {
         crate::keys::log_origin(&sessions_key, "session routes");
     }
-    let access_key = crate::keys::access_api_key(&config, store.as_ref()).await?;
+    let access_key = crate::keys::access_api_key(&config, store).await?;
     if config.access.is_some() {
         crate::keys::log_origin(&access_key, "access-token v1 routes");
     }
-    let verifier = Arc::new(FxaVerifier::new(&config.fxa).map_err(StartError::Other)?);
-    {
-        let verifier = verifier.clone();
-        tokio::spawn(async move {
-            verifier.prefetch_keys().await;
-        });
-    }
-    let sync = SyncTokens::new(&config, &secrets, store.clone(), verifier.clone()).map_err(StartError::Other)?;
-    let jobs = Arc::new(crate::jobs::Jobs::default());
     let sessions = match (&config.sessions, session_store) {
         (Some(cfg), Some(store)) => {
             let sessions = Arc::new(crate::session::Sessions::new(store, cfg));
@@ -198,32 +186,67 @@ pub async fn build(config: Config) -> Result<AppState, StartError> {
         }
         _ => None,
     };
+    Ok(AppState {
+        config,
+        sync,
+        sessions,
+        admin_key: admin.bearer(),
+        session_access: crate::keys::RouteAccess::of(&sessions_key),
+        access,
+        access_access: crate::keys::RouteAccess::of(&access_key),
+        jobs,
+        metrics,
+    })
+}
+
+/// The Sync family on its store: secrets, services, bootstrap rows, the FxA verifier, the purge.
+async fn sync_family(
+    config: &Arc<Config>,
+    store: Arc<dyn SyncStore>,
+    jobs: &Arc<crate::jobs::Jobs>,
+) -> Result<SyncFamily, StartError> {
+    let secrets = master_secrets(config, store.as_ref()).await?;
+    for app in &config.sync.applications {
+        store.ensure_service(&app.service, &app.pattern).await?;
+    }
+    if let Some(buckets) = config.sync.buckets {
+        store.enable_buckets().await?;
+        tracing::info!(buckets, "bucketed assignment: users are placed by bucket");
+    }
+    if let Some((url, capacity)) = &config.sync.init_node {
+        // One node row per configured service: a server with several applications routes each
+        // one's users to the node (Mozilla's init_node_url knows only sync-1.5).
+        for service in config.sync.services() {
+            if store.init_node(service, url, *capacity).await? {
+                tracing::info!(node = %url, capacity, service, "Initialized syncstorage node entry");
+            }
+        }
+    }
+    let nodes = store.list_nodes(None).await?;
+    if !nodes.iter().any(|n| n.state.downed == 0 && n.state.capacity > n.state.current_load) {
+        tracing::warn!("no storage node can take users yet: add one with `tokenserver node add <url> --capacity <n>`");
+    }
+    let verifier = Arc::new(FxaVerifier::new(&config.fxa).map_err(StartError::Other)?);
+    {
+        let verifier = verifier.clone();
+        tokio::spawn(async move {
+            verifier.prefetch_keys().await;
+        });
+    }
+    let tokens = SyncTokens::new(config, &secrets, store.clone(), verifier.clone()).map_err(StartError::Other)?;
     let purger = Arc::new(
-        crate::ops::purge::Purger::new(store.clone(), purge_targets(&config), &secrets)
+        crate::ops::purge::Purger::new(store.clone(), purge_targets(config), &secrets)
             .map_err(|e| StartError::Other(e.to_string()))?,
     );
     if let Some(cfg) = &config.purge {
-        crate::jobs::spawn_sync_purge(&jobs, &purger, cfg);
+        crate::jobs::spawn_sync_purge(jobs, &purger, cfg);
         tracing::info!(
             interval = %humantime::format_duration(cfg.interval),
             grace_period = %humantime::format_duration(cfg.grace_period),
             "purge of old Sync records enabled"
         );
     }
-    Ok(AppState {
-        config: Arc::new(config),
-        store,
-        verifier,
-        sync: Arc::new(sync),
-        sessions,
-        admin_key: admin.bearer(),
-        session_access: crate::keys::RouteAccess::of(&sessions_key),
-        access,
-        access_access: crate::keys::RouteAccess::of(&access_key),
-        purger,
-        jobs,
-        metrics,
-    })
+    Ok(SyncFamily { config: config.clone(), store, verifier, tokens: Arc::new(tokens), purger })
 }
 
 /// Each configured service once, with its endpoint pattern (the first application's).
@@ -237,11 +260,11 @@ pub fn purge_targets(config: &Config) -> Vec<crate::ops::purge::PurgeTarget> {
     targets
 }
 
-/// Serves the public and internal routers until `shutdown` resolves, each listener within its
-/// connection limits.
+/// Serves the public (when the Sync family is on) and internal routers until `shutdown`
+/// resolves, each listener within its connection limits.
 pub async fn serve(
     state: AppState,
-    public: TcpListener,
+    public: Option<TcpListener>,
     internal: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -249,8 +272,14 @@ pub async fn serve(
     let limits = state.config.limits;
     let grace = state.config.shutdown_timeout;
     let jobs = state.jobs.clone();
-    let public_srv =
-        crate::http::serve::serve(public, crate::http::public_service(state.clone()), limits.public, rx.clone());
+    let public_srv = {
+        let (sync, rx) = (state.sync.clone(), rx.clone());
+        async move {
+            if let (Some(public), Some(sync)) = (public, sync) {
+                crate::http::serve::serve(public, crate::http::public_service(sync), limits.public, rx).await;
+            }
+        }
+    };
     let internal_srv = crate::http::serve::serve(internal, crate::http::internal_service(state), limits.internal, rx);
     let servers = async move {
         tokio::join!(public_srv, internal_srv);
@@ -274,8 +303,8 @@ pub async fn serve(
 
 /// A server started by [`start`].
 pub struct Running {
-    /// Bound public address.
-    pub public_addr: SocketAddr,
+    /// Bound public address (`None`: the Sync family is off, no public listener).
+    pub public_addr: Option<SocketAddr>,
     /// Bound internal address.
     pub internal_addr: SocketAddr,
     /// The state it serves (tests use its store).
@@ -323,13 +352,19 @@ fn fit_to_descriptors(limits: &mut crate::config::ListenerLimits) {
 /// Builds the state, binds both listeners (port 0 allowed) and serves in the background.
 pub async fn start(mut config: Config) -> Result<Running, StartError> {
     fit_to_descriptors(&mut config.limits);
-    let public = TcpListener::bind(&config.public_addr)
-        .await
-        .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", config.public_addr)))?;
+    let public = match config.sync.enabled {
+        true => Some(
+            TcpListener::bind(&config.public_addr)
+                .await
+                .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", config.public_addr)))?,
+        ),
+        false => None,
+    };
     let internal = TcpListener::bind(&config.internal_addr)
         .await
         .map_err(|e| StartError::Other(format!("cannot listen on {}: {e}", config.internal_addr)))?;
-    let public_addr = public.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    let public_addr =
+        public.as_ref().map(TcpListener::local_addr).transpose().map_err(|e| StartError::Other(e.to_string()))?;
     let internal_addr = internal.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
     let state = build(config).await?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -116,11 +116,15 @@ async fn key_in_force(
     setting: &'static str,
     configured: Option<&Secret<String>>,
     generated_name: &str,
-    store: &dyn SyncStore,
+    store: Option<&dyn SyncStore>,
 ) -> Result<KeyInForce, StoreError> {
     if let Some(key) = configured {
         return Ok(KeyInForce { setting, value: Some(key.clone()), origin: Origin::Configured });
     }
+    // Generated keys live in the Sync database: with the Sync family off there is none.
+    let Some(store) = store else {
+        return Ok(KeyInForce { setting, value: None, origin: Origin::Missing });
+    };
     Ok(match store.generated_secret(generated_name, &generate_secret).await? {
         Some((value, created)) => {
             KeyInForce { setting, value: Some(Secret::new(value)), origin: Origin::Generated { created } }
@@ -130,12 +134,12 @@ async fn key_in_force(
 }
 
 /// The admin key in force.
-pub async fn admin_key(config: &Config, store: &dyn SyncStore) -> Result<KeyInForce, StoreError> {
+pub async fn admin_key(config: &Config, store: Option<&dyn SyncStore>) -> Result<KeyInForce, StoreError> {
     key_in_force("internal.admin_key", config.admin_key.as_ref(), GENERATED_ADMIN_KEY, store).await
 }
 
 /// The session API key in force.
-pub async fn sessions_api_key(config: &Config, store: &dyn SyncStore) -> Result<KeyInForce, StoreError> {
+pub async fn sessions_api_key(config: &Config, store: Option<&dyn SyncStore>) -> Result<KeyInForce, StoreError> {
     let setting = "sessions.api_key";
     match &config.sessions {
         // A configured key is always enforced; without one, the operator may open the routes.
@@ -147,7 +151,7 @@ pub async fn sessions_api_key(config: &Config, store: &dyn SyncStore) -> Result<
 }
 
 /// The access-token API key in force.
-pub async fn access_api_key(config: &Config, store: &dyn SyncStore) -> Result<KeyInForce, StoreError> {
+pub async fn access_api_key(config: &Config, store: Option<&dyn SyncStore>) -> Result<KeyInForce, StoreError> {
     let setting = "access.api_key";
     match &config.access {
         Some(a) if a.api_key.is_some() || a.require_api_key => {
@@ -168,7 +172,7 @@ pub fn log_origin(key: &KeyInForce, routes: &str) {
         ),
         Origin::Missing => tracing::warn!(
             setting = key.setting,
-            "{routes} are off (403) until {} is set: this database cannot keep a generated key",
+            "{routes} are off (403) until {} is set: no database here can keep a generated key",
             key.setting
         ),
     }

@@ -10,9 +10,9 @@ use tokenserver_store::SyncStore;
 use crate::config::Config;
 use crate::sync::SyncTokens;
 
-/// Shared state of every handler.
+/// What the Sync family's handlers share (public listener, Sync operator routes).
 #[derive(Clone)]
-pub struct AppState {
+pub struct SyncFamily {
     /// Validated configuration.
     pub config: Arc<Config>,
     /// Sync node-assignment store.
@@ -20,7 +20,18 @@ pub struct AppState {
     /// FxA verifier (OAuth tokens and SETs).
     pub verifier: Arc<FxaVerifier>,
     /// The Sync token flow.
-    pub sync: Arc<SyncTokens>,
+    pub tokens: Arc<SyncTokens>,
+    /// Purges old Sync records (`POST /v1/purge`, and the background job while this is held).
+    pub purger: Arc<crate::ops::purge::Purger>,
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// The Sync family, when enabled (`sync.enabled`).
+    pub sync: Option<SyncFamily>,
     /// Session tokens, when enabled.
     pub sessions: Option<Arc<crate::session::Sessions>>,
     /// The admin routes' key; `None`: they answer 403.
@@ -31,8 +42,6 @@ pub struct AppState {
     pub access: Option<Arc<crate::access::AccessTokens>>,
     /// How the v1 access-token routes are guarded.
     pub access_access: crate::keys::RouteAccess,
-    /// Purges old Sync records (`POST /v1/purge`, and the background job while this is held).
-    pub purger: Arc<crate::ops::purge::Purger>,
     /// Background jobs, stopped at shutdown.
     pub jobs: Arc<crate::jobs::Jobs>,
     /// Prometheus exporter, when this process installed one.

@@ -22,6 +22,9 @@ pub struct Cli {
     /// TOML configuration file (Mozilla's syncserver files work as they are).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Unknown configuration keys are warnings, not errors (as `config.unknown_keys = "warn"`).
+    #[arg(long, global = true)]
+    pub lenient: bool,
     /// What to do; `serve` when omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -55,6 +58,9 @@ pub enum Command {
     /// Access tokens: create, get, delete, list, revoke; import from apisonator's Redis.
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// The configuration itself.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Show the keys and secrets in force and where each comes from; generated ones (kept in
     /// the database) are printed so that they can be given to storage nodes and API clients.
     Keys {
@@ -62,6 +68,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration, each value with its source (default, file or
+    /// environment variable), secrets masked; then validate it (exit 2 when invalid).
+    Check,
 }
 
 /// `node …`.
@@ -152,7 +166,10 @@ fn env_vars() -> Vec<(String, String)> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match config::load(cli.config.as_deref(), &env_vars()) {
+    if let Some(Command::Config(ConfigCommand::Check)) = cli.command {
+        return config_check(cli.config.as_deref(), &env_vars(), cli.lenient);
+    }
+    let config = match config::load_with(cli.config.as_deref(), &env_vars(), cli.lenient) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tokenserver: {e}");
@@ -202,7 +219,35 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
         Command::Purge(args) => sync_ops::purge(args, &config).await,
         Command::Token(TokenCommand::Inspect { id, secrets }) => inspect(&id, secrets, &config).await,
         Command::Keys { json } => keys(&config, json).await,
+        Command::Config(ConfigCommand::Check) => Ok(()),
         Command::Access(cmd) => access::run(cmd, &config).await,
+    }
+}
+
+/// `tokenserver config check`.
+fn config_check(path: Option<&std::path::Path>, vars: &[(String, String)], lenient: bool) -> ExitCode {
+    match config::check::effective(path, vars) {
+        Ok(entries) => {
+            let width = entries.iter().map(|e| e.key.len() + e.value.len() + 3).max().unwrap_or(0).min(72);
+            for e in &entries {
+                let line = format!("{} = {}", e.key, e.value);
+                println!("{line:<width$}  # {}", e.source);
+            }
+        }
+        Err(e) => eprintln!("tokenserver: cannot read the configuration: {e}"),
+    }
+    match config::load_with(path, vars, lenient) {
+        Ok(c) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
+            eprintln!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tokenserver: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -221,9 +266,9 @@ async fn keys(config: &Config, json: bool) -> Result<(), String> {
     } else {
         KeyInForce { setting: "master_secret", value: None, origin: Origin::Configured }
     };
-    let admin = crate::keys::admin_key(config, store.as_ref()).await.map_err(|e| e.to_string())?;
-    let sessions = crate::keys::sessions_api_key(config, store.as_ref()).await.map_err(|e| e.to_string())?;
-    let access = crate::keys::access_api_key(config, store.as_ref()).await.map_err(|e| e.to_string())?;
+    let admin = crate::keys::admin_key(config, Some(store.as_ref())).await.map_err(|e| e.to_string())?;
+    let sessions = crate::keys::sessions_api_key(config, Some(store.as_ref())).await.map_err(|e| e.to_string())?;
+    let access = crate::keys::access_api_key(config, Some(store.as_ref())).await.map_err(|e| e.to_string())?;
     let rows: Vec<(&str, &str, Option<&str>)> = [&master, &admin, &sessions, &access]
         .iter()
         .map(|k| {
@@ -261,7 +306,10 @@ async fn keys(config: &Config, json: bool) -> Result<(), String> {
 
 async fn serve(config: Config) -> Result<(), String> {
     let running = app::start(config).await.map_err(|e| e.to_string())?;
-    tracing::info!(internal = %running.internal_addr, "Server running on http://{}", running.public_addr);
+    match running.public_addr {
+        Some(public) => tracing::info!(internal = %running.internal_addr, "Server running on http://{public}"),
+        None => tracing::info!("Server running on http://{} (internal listener only)", running.internal_addr),
+    }
     shutdown_signal().await;
     tracing::info!("Server closing");
     running.stop().await;

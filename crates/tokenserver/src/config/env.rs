@@ -22,7 +22,19 @@ const TOP_LEVEL: &[&str] = &[
     "access",
     "limits",
     "purge",
+    "sync",
+    "config",
     "syncstorage",
+    "statsd_host",
+    "statsd_port",
+    "include_hostname_tag",
+    "environment",
+    "cors_allowed_origin",
+    "cors_allowed_methods",
+    "cors_allowed_headers",
+    "cors_max_age",
+    "worker_max_blocking_threads",
+    "actix_keep_alive",
 ];
 
 /// Settings whose values are always text.
@@ -51,13 +63,15 @@ const STRING_KEYS: &[&str] = &[
     "sqlite_synchronous",
     "provider_key",
     "service_tokens",
+    "unknown_keys",
 ];
 
 /// Environment prefixes in increasing precedence.
 pub const PREFIXES: &[&str] = &["SYNC_", "TOKENSERVER_"];
 
-/// Prefixes of variables that are never configuration (test harness settings).
-const NOT_CONFIG: &[&str] = &["TOKENSERVER_TEST_", "TOKENSERVER_BENCH_"];
+/// Prefixes of variables that are never configuration: test harness settings, and the build
+/// script's stamps (Cargo passes them to the tests it runs).
+const NOT_CONFIG: &[&str] = &["TOKENSERVER_TEST_", "TOKENSERVER_BENCH_", "TOKENSERVER_COMMIT", "TOKENSERVER_BUILD"];
 
 /// The key path (segments) an environment variable sets, if it is one of ours. Segments may
 /// contain dots (`sync-1.5`), so they are kept apart rather than joined.

@@ -30,6 +30,11 @@ pub fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     }
 }
 
+/// An optional boolean written as [`lenient_bool`] accepts.
+pub fn lenient_opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    lenient_bool(d).map(Some)
+}
+
 /// One master secret or a list of them (newest last, like mozsvc secrets files).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
@@ -70,6 +75,10 @@ pub struct FileConfig {
     pub limits: LimitsFile,
     /// The background purge of old Sync records (`[purge]`).
     pub purge: PurgeFile,
+    /// The Sync token family's switch (`[sync]`).
+    pub sync: SyncSwitchFile,
+    /// How the configuration itself is read (`[config]`).
+    pub config: ConfigFile,
     /// Mozilla's storage settings: accepted and ignored (we are not a storage node).
     #[serde(skip_serializing)]
     pub syncstorage: Option<serde::de::IgnoredAny>,
@@ -90,6 +99,8 @@ impl Default for FileConfig {
             access: AccessFile::default(),
             limits: LimitsFile::default(),
             purge: PurgeFile::default(),
+            sync: SyncSwitchFile::default(),
+            config: ConfigFile::default(),
             syncstorage: None,
         }
     }
@@ -204,13 +215,9 @@ pub struct SyncFile {
     pub fxa_webhook_set_issuer: Option<String>,
     /// Applications by `name-version`; default `sync-1.5`.
     pub applications: BTreeMap<String, ApplicationFile>,
-    /// Mozilla-only knobs accepted for drop-in compatibility and ignored.
-    #[serde(skip_serializing)]
-    pub enabled: Option<serde::de::IgnoredAny>,
-    #[serde(skip_serializing)]
-    pub additional_blocking_threads_for_fxa_requests: Option<serde::de::IgnoredAny>,
-    #[serde(skip_serializing)]
-    pub statsd_label: Option<serde::de::IgnoredAny>,
+    /// Mozilla's switch of the Sync token service (`sync.enabled` wins when both are set).
+    #[serde(skip_serializing, deserialize_with = "lenient_opt_bool")]
+    pub enabled: Option<bool>,
     /// Spanner migration mode: not supported; rejected at validation when set.
     pub spanner_node_id: Option<i64>,
 }
@@ -253,8 +260,6 @@ impl Default for SyncFile {
             fxa_webhook_set_issuer: None,
             applications: BTreeMap::new(),
             enabled: None,
-            additional_blocking_threads_for_fxa_requests: None,
-            statsd_label: None,
             spanner_node_id: None,
         }
     }
@@ -450,5 +455,28 @@ impl Default for PurgeFile {
             max_records: 0,
             request_timeout: DurationText::Text("60s".into()),
         }
+    }
+}
+
+/// `[sync]`: the Sync token family on or off.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct SyncSwitchFile {
+    /// Serve Sync tokens (the public listener); default on, or Mozilla's `tokenserver.enabled`.
+    #[serde(deserialize_with = "lenient_opt_bool", skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+/// `[config]`: how strictly the configuration is read.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ConfigFile {
+    /// `error` (the default): an unknown key stops startup; `warn`: it is logged and ignored.
+    pub unknown_keys: String,
+}
+
+impl Default for ConfigFile {
+    fn default() -> Self {
+        Self { unknown_keys: "error".into() }
     }
 }

@@ -1,9 +1,12 @@
 //! Configuration: defaults → TOML file → `SYNC_*` → `TOKENSERVER_*`, then validated into a
 //! [`Config`] whose fields cannot be invalid. A bad value stops startup with one line naming the
-//! key; an unknown key is warned about and ignored (deployments carry removed upstream keys).
+//! key as the user wrote it; so does an unknown key ([`strict`]), unless the operator asks for a
+//! warning instead.
 
+pub mod check;
 mod env;
 mod file;
+pub mod strict;
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,11 +21,38 @@ pub use file::FileConfig;
 
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {0}")]
-pub struct ConfigError(pub String);
+pub struct ConfigError {
+    /// The key, as the configuration model names it (dotted), or as the user wrote it once
+    /// [`ConfigError::named`] has run.
+    pub key: Option<String>,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "invalid configuration: {key}: {}", self.message),
+            None => write!(f, "invalid configuration: {}", self.message),
+        }
+    }
+}
+
+impl ConfigError {
+    /// A problem that is no single key's.
+    pub fn plain(message: impl Into<String>) -> Self {
+        Self { key: None, message: message.into() }
+    }
+
+    /// The key renamed to what the user wrote: the environment variable that set it, if one did.
+    fn named(mut self, sources: strict::Sources<'_>) -> Self {
+        self.key = self.key.map(|k| sources.name_dotted(&k));
+        self
+    }
+}
 
 fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
-    ConfigError(format!("{key}: {why}"))
+    ConfigError { key: Some(key.to_string()), message: why.to_string() }
 }
 
 /// True for the values example files put where a secret goes (`INSERT_SECRET_KEY_HERE`,
@@ -76,6 +106,9 @@ pub struct DatabaseConfig {
 /// Sync protocol settings.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
+    /// The family is served (`sync.enabled`, or Mozilla's `tokenserver.enabled`): the public
+    /// listener, the Sync tables, the FxA keys. Off: none of them.
+    pub enabled: bool,
     /// Applications, `sync-1.5` by default.
     pub applications: Vec<Application>,
     /// `@domain` of emails.
@@ -247,37 +280,67 @@ fn figment(path: Option<&Path>, vars: &[(String, String)]) -> Figment {
     fig
 }
 
-/// Loads and validates the configuration from `path` (optional) and `vars` (the environment).
+/// Loads and validates the configuration from `path` (optional) and `vars` (the environment);
+/// unknown keys are errors unless the configuration says `config.unknown_keys = "warn"`.
 pub fn load(path: Option<&Path>, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+    load_with(path, vars, false)
+}
+
+/// [`load`], with `lenient` (`--lenient`) turning unknown keys into warnings whatever the
+/// configuration says.
+pub fn load_with(path: Option<&Path>, vars: &[(String, String)], lenient: bool) -> Result<Config, ConfigError> {
+    let (raw, warnings) = read(path, vars, lenient)?;
+    validate(raw, warnings).map_err(|e| e.named(strict::Sources { file: path, vars }))
+}
+
+/// The configuration as written, with the unknown keys judged: the model, and the warnings.
+fn read(
+    path: Option<&Path>,
+    vars: &[(String, String)],
+    lenient: bool,
+) -> Result<(FileConfig, Vec<String>), ConfigError> {
     if let Some(p) = path {
         if !p.exists() {
-            return Err(ConfigError(format!("--config: file {} does not exist", p.display())));
+            return Err(ConfigError::plain(format!("--config: file {} does not exist", p.display())));
         }
     }
+    let sources = strict::Sources { file: path, vars };
     let fig = figment(path, vars);
-    let raw: FileConfig = fig.extract().map_err(|e| ConfigError(one_line(&e)))?;
-    let mut warnings = Vec::new();
+    let raw: FileConfig = fig.extract().map_err(|e| figment_error(&e, sources))?;
+    let mode = if lenient {
+        strict::UnknownKeys::Warn
+    } else {
+        strict::UnknownKeys::parse(&raw.config.unknown_keys)
+            .ok_or_else(|| bad("config.unknown_keys", "must be error or warn").named(sources))?
+    };
+    let mut unknown = Vec::new();
     if let Ok(value) = fig.extract::<figment::value::Value>() {
         let _ = serde_ignored::deserialize(&value, |p| {
-            let key = p.to_string();
-            // `?` paths are the insides of keys we accept and ignore on purpose (`syncstorage`).
-            if !key.ends_with('?') {
-                warnings.push(format!("unknown configuration key {key} ignored"));
+            // `?` paths are the insides of keys accepted and ignored on purpose (`syncstorage`).
+            if !p.to_string().ends_with('?') {
+                unknown.push(strict::segments(&p));
             }
         })
         .map(|_: FileConfig| ());
     }
-    validate(raw, warnings)
+    let verdict = strict::judge(&unknown, sources, mode);
+    if !verdict.errors.is_empty() {
+        return Err(ConfigError::plain(verdict.errors.join("; ")));
+    }
+    Ok((raw, verdict.warnings))
 }
 
-fn one_line(e: &figment::Error) -> String {
-    let mut parts = Vec::new();
-    for err in e.clone() {
-        let key = if err.path.is_empty() { String::new() } else { format!("{}: ", err.path.join(".")) };
-        let source = err.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
-        parts.push(format!("{key}{}{source}", err.kind));
+/// The first of figment's errors, naming the key as written and the expectation in prose.
+fn figment_error(e: &figment::Error, sources: strict::Sources<'_>) -> ConfigError {
+    let Some(err) = e.clone().into_iter().next() else {
+        return ConfigError::plain(e.to_string());
+    };
+    let message = strict::describe(&err.kind);
+    if err.path.is_empty() {
+        let source = err.metadata.as_ref().map(|m| format!("{}: ", m.name)).unwrap_or_default();
+        return ConfigError::plain(format!("{source}{message}"));
     }
-    parts.join("; ")
+    ConfigError { key: Some(sources.name(&err.path)), message }
 }
 
 fn seconds(key: &str, v: f64) -> Result<Duration, ConfigError> {
@@ -543,7 +606,10 @@ fn validate_applications(ts: &file::SyncFile) -> Result<Vec<Application>, Config
     Ok(applications)
 }
 
-fn validate_sync(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<SyncConfig, ConfigError> {
+fn validate_sync(ts: &file::SyncFile, enabled: bool, warnings: &mut Vec<String>) -> Result<SyncConfig, ConfigError> {
+    // A family that is off says nothing about its settings.
+    let mut quiet = Vec::new();
+    let warnings = if enabled { warnings } else { &mut quiet };
     if ts.fxa_email_domain.is_empty() || ts.fxa_email_domain.contains('@') {
         return Err(bad("tokenserver.fxa_email_domain", "must be a domain such as api.accounts.firefox.com"));
     }
@@ -595,6 +661,7 @@ fn validate_sync(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<Sync
         return Err(bad("tokenserver.buckets", "must be at most 1000000 (0 turns buckets off)"));
     }
     Ok(SyncConfig {
+        enabled,
         new_users,
         max_in_flight,
         buckets: (ts.buckets > 0).then_some(i64::from(ts.buckets)),
@@ -607,7 +674,9 @@ fn validate_sync(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<Sync
     })
 }
 
-fn validate_fxa(ts: &file::SyncFile, warnings: &mut Vec<String>) -> Result<FxaSettings, ConfigError> {
+fn validate_fxa(ts: &file::SyncFile, enabled: bool, warnings: &mut Vec<String>) -> Result<FxaSettings, ConfigError> {
+    let mut quiet = Vec::new();
+    let warnings = if enabled { warnings } else { &mut quiet };
     oauth_base(&ts.fxa_oauth_server_url).map_err(|e| bad("tokenserver.fxa_oauth_server_url", e))?;
     let jwks: Vec<_> =
         [ts.fxa_oauth_primary_jwk.clone(), ts.fxa_oauth_secondary_jwk.clone()].into_iter().flatten().collect();
@@ -795,8 +864,12 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
     let access = validate_access(&raw.access, &ts.database_url, &raw.internal.host)?;
     let master_secrets = validate_master_secrets(raw.master_secret, raw.master_secret_file.as_deref())?;
     let database = validate_database(ts)?;
-    let sync = validate_sync(ts, &mut warnings)?;
-    let fxa = validate_fxa(ts, &mut warnings)?;
+    let sync_enabled = raw.sync.enabled.or(ts.enabled).unwrap_or(true);
+    let sync = validate_sync(ts, sync_enabled, &mut warnings)?;
+    let fxa = validate_fxa(ts, sync_enabled, &mut warnings)?;
+    if !sync_enabled && sessions.is_none() && access.is_none() {
+        return Err(bad("sync.enabled", "false with sessions and access tokens off too: nothing would be served"));
+    }
     let purge = validate_purge(&raw.purge)?;
     Ok(Config {
         public_addr: format!("{}:{}", raw.host, raw.port),
@@ -833,9 +906,9 @@ mod tests {
 
     fn with_file(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("ts-config-{}-{}", std::process::id(), rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).map_err(|e| ConfigError(e.to_string()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::plain(e.to_string()))?;
         let path = dir.join("local.toml");
-        std::fs::write(&path, toml).map_err(|e| ConfigError(e.to_string()))?;
+        std::fs::write(&path, toml).map_err(|e| ConfigError::plain(e.to_string()))?;
         let out = load(Some(&path), &vars(env));
         let _ = std::fs::remove_dir_all(&dir);
         out
@@ -932,7 +1005,9 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
         ];
         for (env, key) in cases {
             let err = load(None, &vars(env)).map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(key), "{env:?}: {err}");
+            // Named as the user wrote it: the environment variable.
+            let typed = err.contains(&format!("{}: ", env[0].0)) || err.contains("__*: ");
+            assert!(typed, "{env:?} ({key}): {err}");
             assert!(!err.contains('\n'), "{err}");
         }
         assert!(load(Some(Path::new("/nonexistent/x.toml")), &[]).is_err());
@@ -956,7 +1031,7 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
             ("TOKENSERVER_SQLITE_SYNCHRONOUS", "sometimes", "tokenserver.sqlite_synchronous"),
         ] {
             let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(named), "{key}={value}: {err}");
+            assert!(err.contains(&format!("{key}: ")), "{key}={value} ({named}): {err}");
         }
     }
 
@@ -1025,7 +1100,7 @@ service_tokens = "st-3"
             ("TOKENSERVER_ACCESS__PURGE_INTERVAL", "1ms", "access.purge_interval"),
         ] {
             let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(named), "{key}={value}: {err}");
+            assert!(err.contains(&format!("{key}: ")), "{key}={value} ({named}): {err}");
         }
         let err = load(
             None,
@@ -1034,7 +1109,7 @@ service_tokens = "st-3"
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-        assert!(err.contains("access.require_api_key"), "{err}");
+        assert!(err.contains("TOKENSERVER_ACCESS__REQUIRE_API_KEY: "), "{err}");
     }
 
     #[test]
@@ -1090,7 +1165,7 @@ service_tokens = "st-3"
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-        assert!(err.contains("sessions.require_api_key") && err.contains("0.0.0.0"), "{err}");
+        assert!(err.contains("TOKENSERVER_SESSIONS__REQUIRE_API_KEY: ") && err.contains("0.0.0.0"), "{err}");
 
         for (key, value, named) in [
             ("TOKENSERVER_SESSIONS__MAX_SESSIONS", "0", "sessions.max_sessions"),
@@ -1101,7 +1176,7 @@ service_tokens = "st-3"
             ("TOKENSERVER_SESSIONS__MAX_META_KEYS", "0", "sessions.max_meta_keys"),
         ] {
             let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(named), "{key}={value}: {err}");
+            assert!(err.contains(&format!("{key}: ")), "{key}={value} ({named}): {err}");
         }
     }
 
@@ -1120,10 +1195,93 @@ service_tokens = "st-3"
             ),
         ] {
             let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(named) && err.contains("placeholder"), "{key}={value}: {err}");
+            assert!(err.contains(&format!("{key}: ")) && err.contains("placeholder"), "{key}={value} ({named}): {err}");
         }
         for fine in ["secret0", "INSERT_SECRET", "a<b>", "changeme2"] {
             assert!(load(None, &vars(&[("SYNC_MASTER_SECRET", fine)])).is_ok(), "{fine}");
         }
+    }
+
+    fn error_of(result: Result<Config, ConfigError>) -> String {
+        result.err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn unknown_keys_stop_startup_with_advice() {
+        // A known key in the wrong table: the issue's `[tokenserver] master_secret`.
+        let err = error_of(with_file("[tokenserver]\nmaster_secret = \"s\"\n", &[]));
+        assert!(err.contains("tokenserver.master_secret: unknown configuration key"), "{err}");
+        assert!(err.contains("did you mean master_secret?") && err.contains("top level"), "{err}");
+        // A near miss, named as typed, in the environment's spelling.
+        let err = error_of(load(None, &vars(&[("TOKENSERVER_DATABSE_URL", "sqlite://x.db")])));
+        assert!(err.contains("TOKENSERVER_DATABSE_URL: unknown configuration key"), "{err}");
+        assert!(err.contains("did you mean TOKENSERVER_DATABASE_URL?"), "{err}");
+        let err = error_of(load(None, &vars(&[("SYNC_TOKENSERVER__DATABSE_URL", "sqlite://x.db")])));
+        assert!(err.contains("did you mean SYNC_TOKENSERVER__DATABASE_URL?"), "{err}");
+        let err = error_of(with_file("[sessions]\ntoken_lifetme = \"1h\"\n", &[]));
+        assert!(err.contains("did you mean sessions.token_lifetime?"), "{err}");
+        assert!(err.contains("--lenient"), "the way out is named: {err}");
+        assert!(!err.contains('\n'), "{err}");
+        // Kept as warnings when asked.
+        let c = with_file("[config]\nunknown_keys = \"warn\"\n[tokenserver]\nmaster_secret = \"s\"\n", &[])
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.warnings.iter().any(|w| w.contains("tokenserver.master_secret") && w.contains("ignored")));
+        let c =
+            load_with(None, &vars(&[("TOKENSERVER_DATABSE_URL", "x")]), true).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.warnings.iter().any(|w| w.contains("TOKENSERVER_DATABSE_URL")));
+        let err = error_of(load(None, &vars(&[("TOKENSERVER_CONFIG__UNKNOWN_KEYS", "sometimes")])));
+        assert!(err.contains("TOKENSERVER_CONFIG__UNKNOWN_KEYS: must be error or warn"), "{err}");
+        // Mozilla's settings with no effect here start, with a note.
+        let c =
+            with_file("statsd_host = \"localhost\"\n[syncstorage]\nenabled = false\n", &[("SYNC_CORS_MAX_AGE", "10")])
+                .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.warnings.iter().any(|w| w.contains("statsd_host") && w.contains("no effect")), "{:?}", c.warnings);
+        assert!(c.warnings.iter().any(|w| w.contains("SYNC_CORS_MAX_AGE")), "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn type_errors_read_as_prose_naming_the_key() {
+        for (key, value, says) in [
+            ("SYNC_PORT", "http", "expected a whole number from 0 to 65535, found string \"http\""),
+            ("TOKENSERVER_SESSIONS__ENABLED", "maybe", "expected a boolean"),
+            ("TOKENSERVER_LIMITS__PUBLIC_MAX_CONNECTIONS", "many", "expected a whole number, 0 or more"),
+        ] {
+            let err = error_of(load(None, &vars(&[(key, value)])));
+            assert!(err.contains(&format!("{key}: ")) && err.contains(says), "{key}={value}: {err}");
+            for rust in ["u16", "usize", "u32", "bool", "struct", "enum", "Raw"] {
+                assert!(!err.split(|c: char| !c.is_alphanumeric()).any(|w| w == rust), "{rust} in {err}");
+            }
+        }
+        let err = error_of(with_file("port = \"x\"\n", &[]));
+        assert!(err.contains("port: expected a whole number"), "{err}");
+        let err = error_of(with_file("[sessions]\ntoken_lifetime = [1]\n", &[]));
+        assert!(err.contains("sessions.token_lifetime: expected a duration"), "{err}");
+    }
+
+    #[test]
+    fn the_sync_family_switches_off() {
+        let c = load(None, &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.sync.enabled);
+        let c = with_file("[tokenserver]\nenabled = false\n", &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(!c.sync.enabled, "Mozilla's tokenserver.enabled is honoured");
+        let c = with_file("[tokenserver]\nenabled = false\n[sync]\nenabled = true\n", &[])
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.sync.enabled, "sync.enabled wins");
+        let c = load(None, &vars(&[("TOKENSERVER_SYNC__ENABLED", "false")])).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(!c.sync.enabled && c.sessions.is_some());
+        assert!(
+            !c.warnings.iter().any(|w| w.contains("fxa_metrics_hash_secret")),
+            "no Sync warnings: {:?}",
+            c.warnings
+        );
+        let err = error_of(load(
+            None,
+            &vars(&[
+                ("TOKENSERVER_SYNC__ENABLED", "0"),
+                ("TOKENSERVER_SESSIONS__ENABLED", "0"),
+                ("TOKENSERVER_ACCESS__ENABLED", "0"),
+            ]),
+        ));
+        assert!(err.contains("TOKENSERVER_SYNC__ENABLED: ") && err.contains("nothing would be served"), "{err}");
     }
 }

@@ -16,12 +16,24 @@ use crate::ops::node::{self, NodePatch, NodeSpec};
 use crate::ops::purge::PurgeOptions;
 use crate::ops::user::{self, UserRef};
 use crate::ops::{account, bucket, OpsError};
-use crate::state::AppState;
+use crate::state::{AppState, SyncFamily};
 
-/// Routes of the internal listener (state still to be applied).
+/// Routes of the internal listener (state still to be applied): metrics and, when the Sync
+/// family is on, its operations, behind the admin key; the health routes open.
 pub fn router(state: AppState) -> Router<AppState> {
+    let mut router = Router::new().route("/metrics", get(metrics));
+    if let Some(sync) = state.sync.clone() {
+        router = router.merge(sync_router().with_state(sync));
+    }
+    router
+        .layer(axum::middleware::from_fn_with_state(state, require_admin_key))
+        .route("/__lbheartbeat__", get(crate::http::health::lbheartbeat))
+        .merge(crate::http::health::internal_router())
+}
+
+/// The Sync operations.
+fn sync_router() -> Router<SyncFamily> {
     Router::new()
-        .route("/metrics", get(metrics))
         .route("/v1/nodes", get(list_nodes).post(add_node))
         // The node's URL is the last segment, percent-encoded (`https%3A%2F%2Fsync-1.example.com`).
         .route("/v1/services/{service}/nodes/{node}", get(show_node).patch(update_node).delete(remove_node))
@@ -35,8 +47,6 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/v1/count_users", get(count_users))
         .route("/v1/account_events", post(account_events))
         .route("/v1/purge", post(purge))
-        .layer(axum::middleware::from_fn_with_state(state, require_admin_key))
-        .route("/__lbheartbeat__", get(crate::http::health::lbheartbeat))
 }
 
 async fn require_admin_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -48,8 +58,10 @@ async fn require_admin_key(State(state): State<AppState>, req: Request, next: Ne
 
 async fn metrics(State(state): State<AppState>) -> Response {
     // Gauges of what stands now, read at scrape time.
-    metrics::gauge!("tokenserver_db_requests_in_flight").set(state.sync.in_flight() as f64);
-    if let Some(pool) = state.store.pool_state() {
+    if let Some(sync) = &state.sync {
+        metrics::gauge!("tokenserver_db_requests_in_flight").set(sync.tokens.in_flight() as f64);
+    }
+    if let Some(pool) = state.sync.as_ref().and_then(|s| s.store.pool_state()) {
         metrics::gauge!("tokenserver_db_pool_connections", "state" => "idle").set(f64::from(pool.idle));
         metrics::gauge!("tokenserver_db_pool_connections", "state" => "in_use")
             .set(f64::from(pool.open - pool.idle.min(pool.open)));
@@ -66,12 +78,12 @@ struct ListQuery {
     service: Option<String>,
 }
 
-async fn list_nodes(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+async fn list_nodes(State(state): State<SyncFamily>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
     let nodes = node::list(state.store.as_ref(), q.service.as_deref()).await?;
     Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
 }
 
-async fn add_node(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn add_node(State(state): State<SyncFamily>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let spec: NodeSpec = json_body(&body)?;
     let view = node::add(state.store.as_ref(), &spec, state.config.sync.release_rate).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
@@ -79,12 +91,12 @@ async fn add_node(State(state): State<AppState>, body: axum::body::Bytes) -> Res
 
 type NodePath = Path<(String, String)>;
 
-async fn show_node(State(state): State<AppState>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
+async fn show_node(State(state): State<SyncFamily>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
     Ok(Json(node::view(state.store.as_ref(), &service, &url).await?).into_response())
 }
 
 async fn update_node(
-    State(state): State<AppState>,
+    State(state): State<SyncFamily>,
     Path((service, url)): NodePath,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -92,16 +104,16 @@ async fn update_node(
     Ok(Json(node::update(state.store.as_ref(), &service, &url, &patch).await?).into_response())
 }
 
-async fn drain_node(State(state): State<AppState>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
+async fn drain_node(State(state): State<SyncFamily>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
     Ok(Json(node::drain(state.store.as_ref(), &service, &url).await?).into_response())
 }
 
-async fn unassign_node(State(state): State<AppState>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
+async fn unassign_node(State(state): State<SyncFamily>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
     let unassigned = node::unassign(state.store.as_ref(), &service, &url).await?;
     Ok(Json(serde_json::json!({ "unassigned": unassigned })).into_response())
 }
 
-async fn remove_node(State(state): State<AppState>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
+async fn remove_node(State(state): State<SyncFamily>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
     let unassigned = node::remove(state.store.as_ref(), &service, &url).await?;
     Ok(Json(serde_json::json!({ "removed": url, "unassigned": unassigned })).into_response())
 }
@@ -114,7 +126,7 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 
 type UserPath = Path<(String, String)>;
 
-async fn show_user(State(state): State<AppState>, Path((service, who)): UserPath) -> Result<Response, ApiError> {
+async fn show_user(State(state): State<SyncFamily>, Path((service, who)): UserPath) -> Result<Response, ApiError> {
     Ok(Json(user::show(state.store.as_ref(), &service, &UserRef::parse(&who)).await?).into_response())
 }
 
@@ -125,7 +137,7 @@ struct AssignBody {
 }
 
 async fn assign_user(
-    State(state): State<AppState>,
+    State(state): State<SyncFamily>,
     Path((service, who)): UserPath,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -133,14 +145,14 @@ async fn assign_user(
     Ok(Json(user::assign(state.store.as_ref(), &service, &UserRef::parse(&who), &node).await?).into_response())
 }
 
-async fn list_buckets(State(state): State<AppState>, Path(service): Path<String>) -> Result<Response, ApiError> {
+async fn list_buckets(State(state): State<SyncFamily>, Path(service): Path<String>) -> Result<Response, ApiError> {
     let buckets = state.config.sync.buckets;
     let assigned = bucket::list(state.store.as_ref(), buckets, &service).await?;
     Ok(Json(serde_json::json!({ "buckets": buckets, "assigned": assigned })).into_response())
 }
 
 async fn move_bucket(
-    State(state): State<AppState>,
+    State(state): State<SyncFamily>,
     Path((service, which)): Path<(String, i64)>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -155,14 +167,14 @@ struct CountQuery {
     timestamp: Option<i64>,
 }
 
-async fn count_users(State(state): State<AppState>, Query(q): Query<CountQuery>) -> Result<Response, ApiError> {
+async fn count_users(State(state): State<SyncFamily>, Query(q): Query<CountQuery>) -> Result<Response, ApiError> {
     Ok(Json(user::count(state.store.as_ref(), q.service.as_deref(), q.timestamp).await?).into_response())
 }
 
 /// Warnings returned by `POST /v1/account_events` at most (the summary counts them all).
 const MAX_EVENT_WARNINGS: usize = 100;
 
-async fn account_events(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn account_events(State(state): State<SyncFamily>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let services: Vec<&str> = state.config.sync.services();
     let mut warnings = Vec::new();
     let summary = account::replay(state.store.as_ref(), &services, &body[..], |line, message| {
@@ -193,7 +205,7 @@ struct PurgeBody {
     retry_backoff_ms: Option<u64>,
 }
 
-async fn purge(State(state): State<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn purge(State(state): State<SyncFamily>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let b: PurgeBody = if body.is_empty() { PurgeBody::default() } else { json_body(&body)? };
     if b.batch_size == Some(0) {
         return Err(OpsError::Invalid("invalid_body", "batch_size must be at least 1".into()).into());

@@ -1,5 +1,6 @@
 //! Dockerflow health routes: `/__heartbeat__` (checks the database), `/__lbheartbeat__`,
-//! `/__version__`.
+//! `/__version__`. The public listener's heartbeat checks the Sync database (what it serves);
+//! the internal listener's checks the store of every family that is on.
 //!
 //! The heartbeat asks the database for a read and for a write connection, each within a short
 //! bound (`database_request_timeout`, 2 s when unset): a database that answers reads while writes
@@ -16,17 +17,22 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::state::AppState;
+use crate::state::{AppState, SyncFamily};
 
 /// Crate version, reported by the heartbeat and `/__version__`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Routes of this module.
-pub fn router() -> Router<AppState> {
+/// The public listener's health routes.
+pub fn router() -> Router<SyncFamily> {
     Router::new()
         .route("/__heartbeat__", get(heartbeat))
         .route("/__lbheartbeat__", get(lbheartbeat))
         .route("/__version__", get(version))
+}
+
+/// The internal listener's (its `/__lbheartbeat__` is the admin router's).
+pub fn internal_router() -> Router<AppState> {
+    Router::new().route("/__heartbeat__", get(internal_heartbeat)).route("/__version__", get(version))
 }
 
 /// How long each heartbeat check may take when `database_request_timeout` is unset.
@@ -47,25 +53,74 @@ fn outcome(
     }
 }
 
-async fn heartbeat(State(state): State<AppState>) -> Response {
-    let limit = state.config.database.request_timeout.unwrap_or(CHECK_BOUND);
+/// The Sync database's read and write checks: `Err((failed, database, message))`.
+async fn sync_checks(sync: &SyncFamily, limit: Duration) -> Result<(), (&'static str, &'static str, String)> {
     let (read, write) = tokio::join!(
-        tokio::time::timeout(limit, state.store.check()),
-        tokio::time::timeout(limit, state.store.check_write()),
+        tokio::time::timeout(limit, sync.store.check()),
+        tokio::time::timeout(limit, sync.store.check_write()),
     );
-    let failure = match (outcome(read, limit), outcome(write, limit)) {
-        (Ok(()), Ok(())) => {
-            return (StatusCode::OK, Json(json!({"version": VERSION, "database": "Ok", "status": "Ok"})))
-                .into_response()
-        }
-        (Err(msg), _) => ("database_read", "Unknown", format!("read: {msg}")),
-        (Ok(()), Err(msg)) => ("database_write", "Err", format!("write: {msg}")),
-    };
-    let (failed, database, msg) = failure;
-    let body =
-        json!({"version": VERSION, "status": "Err", "database": database, "failed": failed, "database_msg": msg});
+    match (outcome(read, limit), outcome(write, limit)) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(msg), _) => Err(("database_read", "Unknown", format!("read: {msg}"))),
+        (Ok(()), Err(msg)) => Err(("database_write", "Err", format!("write: {msg}"))),
+    }
+}
+
+fn unavailable(body: serde_json::Value) -> Response {
     let retry = crate::http::error::RETRY_AFTER_S.to_string();
     (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", retry.as_str())], Json(body)).into_response()
+}
+
+async fn heartbeat(State(state): State<SyncFamily>) -> Response {
+    let limit = state.config.database.request_timeout.unwrap_or(CHECK_BOUND);
+    match sync_checks(&state, limit).await {
+        Ok(()) => (StatusCode::OK, Json(json!({"version": VERSION, "database": "Ok", "status": "Ok"}))).into_response(),
+        Err((failed, database, msg)) => unavailable(
+            json!({"version": VERSION, "status": "Err", "database": database, "failed": failed, "database_msg": msg}),
+        ),
+    }
+}
+
+/// Every enabled family's store: `database` (Sync), `sessions`, `access`, each `Ok` or `Err`;
+/// `failed` names the first that failed.
+async fn internal_heartbeat(State(state): State<AppState>) -> Response {
+    let limit = state.config.database.request_timeout.unwrap_or(CHECK_BOUND);
+    let mut body = json!({"version": VERSION, "status": "Ok"});
+    let mut failed: Option<&str> = None;
+    if let Some(sync) = &state.sync {
+        match sync_checks(sync, limit).await {
+            Ok(()) => body["database"] = json!("Ok"),
+            Err((which, database, msg)) => {
+                body["database"] = json!(database);
+                body["database_msg"] = json!(msg);
+                failed = failed.or(Some(which));
+            }
+        }
+    }
+    if let Some(sessions) = &state.sessions {
+        let result = outcome(tokio::time::timeout(limit, sessions.store().check()).await, limit);
+        body["sessions"] = json!(if result.is_ok() { "Ok" } else { "Err" });
+        if let Err(msg) = result {
+            body["sessions_msg"] = json!(msg);
+            failed = failed.or(Some("sessions"));
+        }
+    }
+    if let Some(access) = &state.access {
+        let result = outcome(tokio::time::timeout(limit, access.store().check()).await, limit);
+        body["access"] = json!(if result.is_ok() { "Ok" } else { "Err" });
+        if let Err(msg) = result {
+            body["access_msg"] = json!(msg);
+            failed = failed.or(Some("access"));
+        }
+    }
+    match failed {
+        None => (StatusCode::OK, Json(body)).into_response(),
+        Some(which) => {
+            body["status"] = json!("Err");
+            body["failed"] = json!(which);
+            unavailable(body)
+        }
+    }
 }
 
 /// Liveness: answers without touching the database.

@@ -29,7 +29,7 @@ use futures_util::future::Either;
 use tower::Service;
 use tower_http::limit::RequestBodyLimitLayer;
 
-use crate::state::AppState;
+use crate::state::{AppState, SyncFamily};
 
 /// Total size of request headers accepted (names + values).
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
@@ -89,8 +89,8 @@ async fn root() -> Response {
         .into_response()
 }
 
-/// The public listener's service.
-pub fn public_service(state: AppState) -> HeaderLimit<Router> {
+/// The public listener's service (the Sync family's).
+pub fn public_service(state: SyncFamily) -> HeaderLimit<Router> {
     HeaderLimit::new(public_router(state))
 }
 
@@ -100,7 +100,7 @@ pub fn internal_service(state: AppState) -> HeaderLimit<Router> {
 }
 
 /// The public listener's routes (without the header check: see [`public_service`]).
-pub fn public_router(state: AppState) -> Router {
+pub fn public_router(state: SyncFamily) -> Router {
     let mut router = Router::new().route("/", get(root)).merge(sync::router()).merge(health::router());
     if state.config.webhook.enabled {
         router = router.merge(webhook::router());

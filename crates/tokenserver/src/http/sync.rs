@@ -7,11 +7,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::state::AppState;
+use crate::state::SyncFamily;
 use crate::sync::TokenRequest;
 
 /// Routes of this module.
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<SyncFamily> {
     // Only GET is registered upstream: HEAD is a 405 there too (axum would route it to GET).
     Router::new().route(
         "/1.0/{application}/{version}",
@@ -20,7 +20,7 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn get_token(
-    State(state): State<AppState>,
+    State(state): State<SyncFamily>,
     path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -36,7 +36,7 @@ async fn get_token(
         version: &version,
         query: query.as_deref(),
     };
-    match state.sync.issue(req).await {
+    match state.tokens.issue(req).await {
         Ok(issued) => {
             metrics::counter!("tokenserver_token_requests_total", "status" => "200").increment(1);
             // One line per token is DEBUG: at INFO it is a large share of the endpoint's cost

@@ -12,25 +12,25 @@ use axum::Router;
 
 use crate::http::error::SyncError;
 use crate::ops::account;
-use crate::state::AppState;
+use crate::state::SyncFamily;
 use crate::sync::bearer_token;
 
 const DELETE_USER: &str = "https://schemas.accounts.firefox.com/event/delete-user";
 const PASSWORD_CHANGE: &str = "https://schemas.accounts.firefox.com/event/password-change";
 
 /// Routes of this module.
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<SyncFamily> {
     Router::new().route("/1.0/webhooks/fxa/events", post(handle_fxa_events))
 }
 
-async fn handle_fxa_events(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn handle_fxa_events(State(state): State<SyncFamily>, headers: HeaderMap) -> Response {
     match process(&state, &headers).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-async fn process(state: &AppState, headers: &HeaderMap) -> Result<(), SyncError> {
+async fn process(state: &SyncFamily, headers: &HeaderMap) -> Result<(), SyncError> {
     let token = bearer_token(headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes)).map_err(SyncError::from)?;
     let claims = state.verifier.verify_set(token).await.map_err(|e| {
         tracing::info!(reason = %e, "webhook SET refused");

@@ -288,7 +288,7 @@ impl TestServer {
             other => panic!("{other:?} holds no Sync database"),
         };
         Self {
-            base: format!("http://{}", running.public_addr),
+            base: running.public_addr.map(|a| format!("http://{a}")).unwrap_or_default(),
             internal: format!("http://{}", running.internal_addr),
             running: Some(running),
             db,
@@ -342,7 +342,7 @@ impl TestServer {
     }
 
     pub async fn add_node(&self, node: &str, capacity: i64, available: i64) -> i64 {
-        let store = &self.running.as_ref().unwrap().state.store;
+        let store = &self.running.as_ref().unwrap().state.sync.as_ref().expect("Sync is on").store;
         let rec = store
             .add_node(&NewNode {
                 service: "sync-1.5",

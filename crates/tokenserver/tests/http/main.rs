@@ -11,6 +11,7 @@ mod abuse;
 mod access;
 mod admin;
 mod backends;
+mod families;
 mod hardening;
 mod identity;
 mod lifecycle;
