@@ -394,6 +394,14 @@ pub trait SyncStore: Send + Sync + 'static {
         name: &str,
         generate: &(dyn Fn() -> String + Send + Sync),
     ) -> Result<Option<(String, bool)>>;
+
+    /// Appends `fresh` to the generated secrets kept under `name` (one per line, newest last;
+    /// the first when there are none) and returns the list. `None` when the backend keeps no
+    /// generated secrets.
+    async fn add_generated_secret(&self, name: &str, fresh: &str) -> Result<Option<Vec<String>>> {
+        let _ = (name, fresh);
+        Ok(None)
+    }
 }
 
 /// The record of a node just inserted with `id`.

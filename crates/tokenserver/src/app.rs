@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokenserver_auth::fxa::FxaVerifier;
 use tokenserver_core::Secret;
@@ -65,7 +66,7 @@ pub async fn open_stores(config: &Config) -> Result<OpenStores, StartError> {
     }
     let (mut sync, mut sessions, mut access) = (None, None, None);
     for (url, families) in &wanted {
-        let opened = tokenserver_store::open(url, &settings, families).await?;
+        let opened = open_reachable(url, &settings, families).await?;
         sync = sync.or(opened.sync);
         sessions = sessions.or(opened.sessions);
         access = access.or(opened.access);
@@ -76,9 +77,99 @@ pub async fn open_stores(config: &Config) -> Result<OpenStores, StartError> {
     Ok(OpenStores { sync, sessions, access })
 }
 
+/// How long startup waits for a network store to answer before naming it and giving up.
+pub const STARTUP_BOUND: Duration = Duration::from_secs(5);
+
+/// What a store URL holds, for messages: "Sync database", "session store" …
+fn store_label(families: &[Family]) -> String {
+    let names: Vec<&str> = families
+        .iter()
+        .map(|f| match f {
+            Family::Sync => "Sync database",
+            Family::Sessions => "session store",
+            Family::Access => "access-token store",
+        })
+        .collect();
+    match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// The `host:port`s a network store URL names (credentials left out), with the backend's
+/// default port; empty for SQLite and memory.
+fn endpoints(url: &str) -> Vec<String> {
+    use tokenserver_store::Backend;
+    let port = match Backend::from_url(url) {
+        Ok(Backend::Postgres) => 5432,
+        Ok(Backend::MySql) => 3306,
+        Ok(Backend::Redis | Backend::RedisCluster) => 6379,
+        _ => return Vec::new(),
+    };
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            let has_port = h.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !h.ends_with(']');
+            if has_port {
+                h.to_string()
+            } else {
+                format!("{h}:{port}")
+            }
+        })
+        .collect()
+}
+
+/// Opens `url` for `families` at startup: a network store that refuses or does not answer within
+/// [`STARTUP_BOUND`] stops startup with one line naming the store, its host and the cause
+/// (rather than the pool's 30 s wait and a generic message).
+async fn open_reachable(
+    url: &str,
+    settings: &StoreSettings,
+    families: &[Family],
+) -> Result<tokenserver_store::Stores, StartError> {
+    let hosts = endpoints(url);
+    if hosts.is_empty() {
+        return Ok(tokenserver_store::open(url, settings, families).await?);
+    }
+    let label = store_label(families);
+    let at = hosts.join(",");
+    let mut causes = Vec::new();
+    for host in &hosts {
+        // One host: the host is in the message already.
+        let who = if hosts.len() > 1 { format!("{host}: ") } else { String::new() };
+        match tokio::time::timeout(STARTUP_BOUND, tokio::net::TcpStream::connect(host.as_str())).await {
+            Ok(Ok(_)) => {
+                causes.clear();
+                break;
+            }
+            Ok(Err(e)) => causes.push(format!("{who}{e}")),
+            Err(_) => causes.push(format!("{who}no answer within {}s", STARTUP_BOUND.as_secs())),
+        }
+    }
+    if !causes.is_empty() {
+        return Err(StartError::Other(format!("cannot reach the {label} at {at}: {}", causes.join("; "))));
+    }
+    match tokio::time::timeout(STARTUP_BOUND, tokenserver_store::open(url, settings, families)).await {
+        Ok(Ok(stores)) => Ok(stores),
+        Ok(Err(e)) => Err(StartError::Other(format!("cannot open the {label} at {at}: {e}"))),
+        Err(_) => Err(StartError::Other(format!(
+            "the {label} at {at} accepts connections but did not answer within {}s",
+            STARTUP_BOUND.as_secs()
+        ))),
+    }
+}
+
 /// The Sync store alone (the CLI's node and key commands), migrated when configured to.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn SyncStore>, StartError> {
-    let store = tokenserver_store::open_sync(config.database.url.expose(), &store_settings(config)).await?;
+    let store = open_reachable(config.database.url.expose(), &store_settings(config), &[Family::Sync])
+        .await?
+        .sync
+        .ok_or_else(|| StartError::Other("no Sync store".into()))?;
     migrate_if_configured(config, store.as_ref()).await?;
     Ok(store)
 }
@@ -124,6 +215,9 @@ pub async fn master_secrets(config: &Config, store: &dyn SyncStore) -> Result<Ve
                 .into(),
         ));
     };
+    // Kept one per line, newest last (`tokenserver secret rotate` appends).
+    let secrets: Vec<Secret<String>> =
+        secret.lines().filter(|l| !l.is_empty()).map(|l| Secret::new(l.to_string())).collect();
     if created {
         tracing::warn!(
             "no master_secret configured: generated one and stored it in the database; \
@@ -132,7 +226,7 @@ pub async fn master_secrets(config: &Config, store: &dyn SyncStore) -> Result<Ve
     } else {
         tracing::warn!("no master_secret configured: using the one generated on first run (kept in the database)");
     }
-    Ok(vec![Secret::new(secret)])
+    Ok(secrets)
 }
 
 /// Builds the application state: store, secrets, bootstrap rows, verifier.
@@ -372,4 +466,21 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         let _ = rx.await;
     }));
     Ok(Running { public_addr, internal_addr, state, stop: Some(tx), task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_leave_credentials_out_and_default_the_port() {
+        assert_eq!(endpoints("postgres://u:p@db.example/ts"), ["db.example:5432"]);
+        assert_eq!(endpoints("mysql://root@127.0.0.1:3307/ts?ssl-mode=disabled"), ["127.0.0.1:3307"]);
+        assert_eq!(endpoints("redis://:pw@cache:6380/0"), ["cache:6380"]);
+        assert_eq!(endpoints("redis+cluster://a:7101,b:7102,c/?prefix=x"), ["a:7101", "b:7102", "c:6379"]);
+        assert_eq!(endpoints("postgres://[::1]/ts"), ["[::1]:5432"]);
+        assert!(endpoints("sqlite://tokenserver.db").is_empty() && endpoints("memory:").is_empty());
+        assert_eq!(store_label(&[Family::Sync]), "Sync database");
+        assert_eq!(store_label(&[Family::Sync, Family::Access]), "Sync database and access-token store");
+    }
 }

@@ -224,6 +224,61 @@ pub struct SqliteStore {
     rows: Option<Arc<row_cache::RowCache>>,
 }
 
+/// What [`backup`] copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupReport {
+    /// Database pages copied.
+    pub pages: i32,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Copies the database `url` names into a new file `dest` with SQLite's online backup API: a
+/// consistent snapshot while servers keep writing (the copy restarts on a write, in steps of
+/// `PAGES_PER_STEP` with a pause between, so writers are never held up for long). `dest` is
+/// created readable by its owner only and must not exist.
+pub fn backup(url: &str, dest: &Path, progress: &mut dyn FnMut(i32, i32)) -> Result<BackupReport, StoreError> {
+    const PAGES_PER_STEP: i32 = 1024;
+    let Some(source) = database_file(url)? else {
+        return Err(StoreError::Config("an in-memory database has nothing to back up".into()));
+    };
+    if !source.exists() {
+        return Err(StoreError::Config(format!("no database at {}", source.display())));
+    }
+    if dest.exists() {
+        return Err(StoreError::Config(format!("{} exists: give a new file", dest.display())));
+    }
+    let from =
+        Connection::open_with_flags(&source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(rusqlite_error)?;
+    from.busy_timeout(WRITE_BUSY_TIMEOUT).map_err(rusqlite_error)?;
+    create_private(dest)?;
+    let mut to = Connection::open(dest).map_err(rusqlite_error)?;
+    let copy = rusqlite::backup::Backup::new(&from, &mut to).map_err(rusqlite_error)?;
+    loop {
+        use rusqlite::backup::StepResult;
+        let step = copy.step(PAGES_PER_STEP).map_err(rusqlite_error)?;
+        let p = copy.progress();
+        progress(p.pagecount - p.remaining, p.pagecount);
+        match step {
+            StepResult::Done => break,
+            StepResult::More => std::thread::sleep(Duration::from_millis(5)),
+            // A writer holds the lock: wait for it rather than fail.
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    let pages = copy.progress().pagecount;
+    drop(copy);
+    // The copy is a rollback-journal file until opened by a server (which switches it to WAL):
+    // check it reads back whole.
+    let ok: String = to.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(rusqlite_error)?;
+    if ok != "ok" {
+        return Err(StoreError::Backend(format!("the copy failed its integrity check: {ok}")));
+    }
+    drop(to);
+    let bytes = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+    Ok(BackupReport { pages, bytes })
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database at `url` (`sqlite://path`, `sqlite:path` or
     /// `sqlite::memory:`) and starts its writer (`writer`: its name in metrics and thread names);

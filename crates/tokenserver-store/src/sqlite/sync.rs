@@ -125,6 +125,8 @@ impl crate::sql::SyncSql for SqliteSql {
 const GET_META: &str = "SELECT value FROM tokenserver_meta WHERE name = ?";
 
 const PUT_META: &str = "INSERT INTO tokenserver_meta (name, value) VALUES (?, ?)";
+const SET_META: &str =
+    "INSERT INTO tokenserver_meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value";
 
 /// A `users` row as `USER_ROWS` selects it.
 fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
@@ -654,5 +656,24 @@ impl SyncStore for SqliteStore {
             })
             .await?;
         Ok(Some(found))
+    }
+
+    async fn add_generated_secret(&self, name: &str, fresh: &str) -> Result<Option<Vec<String>>> {
+        let (name, fresh) = (name.to_string(), fresh.to_string());
+        let list = self
+            .write(Touch::Nothing, move |conn| {
+                let existing: Option<String> = conn
+                    .prepare_cached(GET_META)
+                    .and_then(|mut s| s.query_row([&name], |r| r.get(0)).optional())
+                    .map_err(e)?;
+                let value = match existing {
+                    Some(list) => format!("{list}\n{fresh}"),
+                    None => fresh,
+                };
+                conn.prepare_cached(SET_META).and_then(|mut s| s.execute((&name, &value))).map_err(e)?;
+                Ok(value)
+            })
+            .await?;
+        Ok(Some(list.lines().map(String::from).collect()))
     }
 }

@@ -1,7 +1,9 @@
 //! Command line: `serve` (the default), `migrate`, `node add|list|update|drain|unassign|remove`,
-//! `user show|assign|count`, `bucket list|move`, `events`, `purge`, `token inspect`, `keys`, `access …`.
+//! `user show|assign|count`, `bucket list|move`, `events`, `purge`, `token inspect`, `keys`,
+//! `secret show|rotate`, `backup`, `config check`, `access …`.
 
 mod access;
+mod secrets;
 mod sync_ops;
 
 use std::path::PathBuf;
@@ -58,6 +60,12 @@ pub enum Command {
     /// Access tokens: create, get, delete, list, revoke; import from apisonator's Redis.
     #[command(subcommand)]
     Access(access::AccessCommand),
+    /// The master secret shared with the storage nodes: show it, rotate a generated one.
+    #[command(subcommand)]
+    Secret(secrets::SecretCommand),
+    /// Copy the SQLite database (node assignments, generated secrets, sessions, access tokens)
+    /// to FILE while servers keep running.
+    Backup(secrets::BackupArgs),
     /// The configuration itself.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -220,6 +228,8 @@ async fn run(command: Command, config: Config) -> Result<(), String> {
         Command::Token(TokenCommand::Inspect { id, secrets }) => inspect(&id, secrets, &config).await,
         Command::Keys { json } => keys(&config, json).await,
         Command::Config(ConfigCommand::Check) => Ok(()),
+        Command::Secret(cmd) => secrets::secret(cmd, &config).await,
+        Command::Backup(args) => secrets::backup(args, &config).await,
         Command::Access(cmd) => access::run(cmd, &config).await,
     }
 }

@@ -56,6 +56,7 @@ fn spawn(dir: &std::path::Path, env: &[(&str, &str)]) -> (Child, u16, u16) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("server did not start: {}", std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default());
 }
 
@@ -211,4 +212,93 @@ fn config_check_shows_values_sources_and_masks_secrets() {
     let (code, _, err) = cli(&dir.0, &["--config", "bad.toml", "--lenient", "config", "check"], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("warning: sessions.token_lifetme: unknown configuration key"), "{err}");
+}
+
+#[test]
+fn an_unreachable_store_stops_startup_naming_the_store_host_and_cause() {
+    let dir = TempDir::new();
+    let closed = free_port();
+    let url = format!("postgres://ts:pg-password@127.0.0.1:{closed}/ts");
+    let (code, _, err) = cli(&dir.0, &["serve"], &[("TOKENSERVER_DATABASE_URL", &url), ("SYNC_MASTER_SECRET", SECRET)]);
+    assert_eq!(code, 1, "{err}");
+    let last = err.trim().lines().last().unwrap_or_default().to_string();
+    assert!(
+        last.starts_with(&format!(
+            "tokenserver: cannot reach the Sync database, session store and access-token store at 127.0.0.1:{closed}: "
+        )),
+        "{err}"
+    );
+    assert!(last.contains("refused"), "{err}");
+    assert!(!err.contains("pg-password"), "{err}");
+
+    // A host that takes the connection and never speaks.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = mute.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        mute.accept().map(|(_held, _)| std::thread::sleep(Duration::from_secs(8))).ok().map(|_| ())
+    });
+    let redis = format!("redis://127.0.0.1:{port}/");
+    let env = [
+        ("TOKENSERVER_SESSIONS__URL", redis.as_str()),
+        ("TOKENSERVER_ACCESS__ENABLED", "false"),
+        ("SYNC_MASTER_SECRET", SECRET),
+    ];
+    let (code, _, err) = cli(&dir.0, &["serve"], &env);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "the session store at 127.0.0.1:{port} accepts connections but did not answer within 5s"
+        )),
+        "{err}"
+    );
+    let _ = held.join();
+}
+
+#[test]
+fn secret_show_rotate_and_an_online_backup() {
+    let dir = TempDir::new();
+    let (code, _, err) = cli(&dir.0, &["secret", "show"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no database at"), "a read-only command creates nothing: {err}");
+    assert_eq!(cli(&dir.0, &["node", "add", "https://sync-1.example.com", "--capacity", "10"], &[]).0, 0);
+    let (code, first, _) = cli(&dir.0, &["secret", "show"], &[]);
+    let first = first.trim().to_string();
+    assert_eq!((code, first.len()), (0, 64), "{first}");
+    assert!(first.bytes().all(|b| b.is_ascii_hexdigit()));
+
+    let (code, _, err) = cli(&dir.0, &["secret", "rotate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("2 in force"), "{err}");
+    let (_, newest, _) = cli(&dir.0, &["secret", "show"], &[]);
+    let (_, all, _) = cli(&dir.0, &["secret", "show", "--all"], &[]);
+    let all: Vec<&str> = all.lines().collect();
+    assert_eq!(all, [first.as_str(), newest.trim()], "newest last");
+    assert_ne!(newest.trim(), first);
+    let (code, _, err) = cli(&dir.0, &["secret", "rotate"], &[("SYNC_MASTER_SECRET", "configured-one")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("master_secret is configured"), "{err}");
+    let (_, shown, _) = cli(&dir.0, &["secret", "show"], &[("SYNC_MASTER_SECRET", "configured-one")]);
+    assert_eq!(shown.trim(), "configured-one");
+
+    // The copy holds everything: the node, the secrets.
+    let (code, out, err) = cli(&dir.0, &["backup", "copy.db"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("backed up "), "{out}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.0.join("copy.db")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let copy = [("TOKENSERVER_DATABASE_URL", "sqlite://copy.db")];
+    let (_, nodes, _) = cli(&dir.0, &["node", "list", "--json"], &copy);
+    assert!(nodes.contains("https://sync-1.example.com"), "{nodes}");
+    let (_, copied, _) = cli(&dir.0, &["secret", "show", "--all"], &copy);
+    assert_eq!(copied.lines().collect::<Vec<_>>(), all);
+    let (code, _, err) = cli(&dir.0, &["backup", "copy.db"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("copy.db exists"), "{err}");
+    let (code, _, err) = cli(&dir.0, &["backup", "x.db"], &[("TOKENSERVER_DATABASE_URL", "postgres://127.0.0.1/x")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("pg_dump"), "{err}");
 }
