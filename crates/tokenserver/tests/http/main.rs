@@ -20,6 +20,7 @@ mod observability;
 mod operations;
 mod proxy;
 mod python_tokenlib;
+mod readme;
 mod sessions;
 mod sync_api;
 mod validation;
