@@ -80,8 +80,11 @@ pub fn effective(path: Option<&Path>, vars: &[(String, String)]) -> Result<Vec<E
     let sources = Sources { file: path, vars };
     let mut all = Vec::new();
     leaves(&merged, &mut Vec::new(), &mut all);
+    let known_keys = strict::known_keys();
+    // A table is not a setting: only what is set inside it is shown.
+    all.retain(|(k, _)| !known_keys.iter().any(|known| known.len() > k.len() && known.starts_with(k)));
     // Keys with no value by default (a JWK, an admin key) are shown too, as unset.
-    for known in strict::known_keys() {
+    for known in known_keys {
         if known.iter().any(|s| s == "*") {
             continue;
         }

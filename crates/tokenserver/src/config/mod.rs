@@ -1284,4 +1284,53 @@ service_tokens = "st-3"
         ));
         assert!(err.contains("TOKENSERVER_SYNC__ENABLED: ") && err.contains("nothing would be served"), "{err}");
     }
+
+    const EXAMPLE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tokenserver.example.toml"));
+
+    /// The keys the example file writes, commented out or not, as dotted paths.
+    fn example_keys() -> Vec<String> {
+        let mut table = String::new();
+        let mut keys = Vec::new();
+        for line in EXAMPLE.lines() {
+            let line = line.trim_start_matches('#').trim();
+            if let Some(t) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                table = t.replace('"', "");
+                continue;
+            }
+            if let Some((key, _)) = line.split_once(" = ") {
+                if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+                    keys.push(if table.is_empty() { key.to_string() } else { format!("{table}.{key}") });
+                }
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn the_example_file_holds_every_key_at_its_default() {
+        let dir = std::env::temp_dir().join(format!("ts-example-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| unreachable!("{e}"));
+        let path = dir.join("tokenserver.toml");
+        std::fs::write(&path, EXAMPLE).unwrap_or_else(|e| unreachable!("{e}"));
+        // Strict reading: no unknown key, no warning beyond the default metrics secret.
+        let c = load(Some(&path), &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(c.warnings.iter().all(|w| w.contains("fxa_metrics_hash_secret")), "{:?}", c.warnings);
+        // Every value as the defaults have it.
+        let from_file = check::effective(Some(&path), &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        let defaults = check::effective(None, &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        let values = |e: &[check::Entry]| e.iter().map(|e| (e.key.clone(), e.value.clone())).collect::<Vec<_>>();
+        assert_eq!(values(&from_file), values(&defaults));
+        // Every key the configuration reads is written down (the operator-named tables by example).
+        let written = example_keys();
+        for key in strict::known_keys() {
+            let key = key
+                .join(".")
+                .replace("applications.*", "applications.sync-1.5")
+                .replace("services.*", "services.2555417777820")
+                // The secondary key has the primary's fields, written once.
+                .replace("fxa_oauth_secondary_jwk.", "fxa_oauth_primary_jwk.");
+            assert!(written.contains(&key), "{key} missing from tokenserver.example.toml");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

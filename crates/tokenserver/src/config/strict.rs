@@ -80,6 +80,9 @@ pub fn known_keys() -> Vec<Vec<String>> {
     out.extend(PATTERNED.iter().map(|p| p.iter().map(|s| s.to_string()).collect()));
     out.push(vec!["tokenserver".into(), "enabled".into()]);
     out.push(vec!["sync".into(), "enabled".into()]);
+    // Tables (empty in the defaults) are not keys: what goes in them is.
+    let all = out.clone();
+    out.retain(|p| !all.iter().any(|o| o.len() > p.len() && o.starts_with(p)));
     out
 }
 
