@@ -355,6 +355,11 @@ async fn node_command(cmd: NodeCommand, config: Config) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     match cmd {
         NodeCommand::Add(a) => {
+            // A configured application's service may not have its row yet (the server adds it at
+            // start): add it, so nodes can be registered before the first start.
+            if let Some(app) = config.sync.applications.iter().find(|app| app.service == a.service) {
+                store.ensure_service(&app.service, &app.pattern).await.map_err(|e| e.to_string())?;
+            }
             let spec = NodeSpec {
                 node: a.url,
                 capacity: a.capacity,

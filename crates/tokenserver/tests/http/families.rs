@@ -302,3 +302,40 @@ fn secret_show_rotate_and_an_online_backup() {
     assert_eq!(code, 1);
     assert!(err.contains("pg_dump"), "{err}");
 }
+
+#[tokio::test]
+async fn init_node_url_and_node_add_work_for_every_configured_application() {
+    let apps = [
+        ("TOKENSERVER_APPLICATIONS__SYNC-1.5__TOKEN_DURATION", "3600"),
+        ("TOKENSERVER_APPLICATIONS__NOTES-2__TOKEN_DURATION", "60"),
+    ];
+    let mut env = apps.to_vec();
+    env.push(("SYNC_TOKENSERVER__INIT_NODE_URL", "https://init.example.com"));
+    let s = TestServer::start(&env).await;
+    let nodes: Value = s.admin.get(format!("{}/v1/nodes", s.internal)).send().await.unwrap().json().await.unwrap();
+    let mut found: Vec<(String, String)> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["service"].as_str().unwrap().to_string(), n["node"].as_str().unwrap().to_string()))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            ("notes-2".to_string(), "https://init.example.com".to_string()),
+            ("sync-1.5".to_string(), "https://init.example.com".to_string())
+        ]
+    );
+    s.finish().await;
+
+    // Before any server ran: the CLI adds the configured application's service itself.
+    let dir = TempDir::new();
+    let (code, out, err) =
+        cli(&dir.0, &["node", "add", "https://notes.example.com", "--capacity", "5", "--service", "notes-2"], &apps);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("service notes-2"), "{out}");
+    let (code, _, err) =
+        cli(&dir.0, &["node", "add", "https://x.example.com", "--capacity", "5", "--service", "unknown-9"], &apps);
+    assert_eq!(code, 1, "an unconfigured service is still refused: {err}");
+}
