@@ -61,8 +61,12 @@ fn run(script: &str) -> (i32, String, String) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Whatever happened, nothing the script started outlives it.
-    let _ = Command::new("kill").args(["-KILL", &format!("-{}", child.id())]).status();
+    // A script that did not finish is stopped with what it started: its process group (only
+    // while the script still runs, so the group's id cannot have been reused).
+    if code.is_none() {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
+    }
+    let _ = child.kill();
     let _ = child.wait();
     let _ = out.read_to_string(&mut stdout);
     (code.unwrap_or(-1), stdout, reader.join().unwrap_or_default())
