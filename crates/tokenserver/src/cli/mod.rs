@@ -432,21 +432,19 @@ fn print_node(what: &str, n: &NodeView) {
     );
 }
 
+/// The master secrets in force, newest last: the configured ones (no database needed), else the
+/// generated ones of an existing database.
+pub(crate) async fn secrets_in_force(config: &Config) -> Result<Vec<String>, String> {
+    if !config.master_secrets.is_empty() {
+        return Ok(config.master_secrets.iter().map(|s| s.expose().clone()).collect());
+    }
+    let store = app::open_existing_store(config).await.map_err(|e| e.to_string())?;
+    let secrets = app::master_secrets(config, store.as_ref()).await.map_err(|e| e.to_string())?;
+    Ok(secrets.into_iter().map(|s| s.expose().clone()).collect())
+}
+
 async fn inspect(id: &str, secrets: Vec<String>, config: &Config) -> Result<(), String> {
-    let secrets: Vec<String> = if !secrets.is_empty() {
-        secrets
-    } else if !config.master_secrets.is_empty() {
-        // Configured: no database needed.
-        config.master_secrets.iter().map(|s| s.expose().clone()).collect()
-    } else {
-        let store = app::open_existing_store(config).await.map_err(|e| e.to_string())?;
-        app::master_secrets(config, store.as_ref())
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|s| s.expose().clone())
-            .collect()
-    };
+    let secrets: Vec<String> = if !secrets.is_empty() { secrets } else { secrets_in_force(config).await? };
     let bytes: Vec<&[u8]> = secrets.iter().map(|s| s.as_bytes()).collect();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
     let parsed = parse_token(id.trim(), &bytes, now, true).map_err(|e| format!("invalid token: {e}"))?;

@@ -34,17 +34,7 @@ pub struct BackupArgs {
 pub async fn secret(cmd: SecretCommand, config: &Config) -> Result<(), String> {
     match cmd {
         SecretCommand::Show { all } => {
-            let secrets: Vec<String> = if config.master_secrets.is_empty() {
-                let store = app::open_existing_store(config).await.map_err(|e| e.to_string())?;
-                app::master_secrets(config, store.as_ref())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .map(|s| s.expose().clone())
-                    .collect()
-            } else {
-                config.master_secrets.iter().map(|s| s.expose().clone()).collect()
-            };
+            let secrets = super::secrets_in_force(config).await?;
             let shown: &[String] = if all { &secrets } else { secrets.last().map(std::slice::from_ref).unwrap_or(&[]) };
             for s in shown {
                 println!("{s}");

@@ -81,12 +81,29 @@ async fn heartbeat(State(state): State<SyncFamily>) -> Response {
     }
 }
 
+/// One family's store check into the internal heartbeat's body: `name` is `Ok` or `Err`, with
+/// `<name>_msg` and `failed` (the first failure) on error.
+async fn family_check(
+    body: &mut serde_json::Value,
+    failed: &mut Option<&'static str>,
+    name: &'static str,
+    check: impl std::future::Future<Output = Result<(), tokenserver_store::StoreError>>,
+    limit: Duration,
+) {
+    let result = outcome(tokio::time::timeout(limit, check).await, limit);
+    body[name] = json!(if result.is_ok() { "Ok" } else { "Err" });
+    if let Err(msg) = result {
+        body[format!("{name}_msg")] = json!(msg);
+        *failed = failed.or(Some(name));
+    }
+}
+
 /// Every enabled family's store: `database` (Sync), `sessions`, `access`, each `Ok` or `Err`;
 /// `failed` names the first that failed.
 async fn internal_heartbeat(State(state): State<AppState>) -> Response {
     let limit = state.config.database.request_timeout.unwrap_or(CHECK_BOUND);
     let mut body = json!({"version": VERSION, "status": "Ok"});
-    let mut failed: Option<&str> = None;
+    let mut failed: Option<&'static str> = None;
     if let Some(sync) = &state.sync {
         match sync_checks(sync, limit).await {
             Ok(()) => body["database"] = json!("Ok"),
@@ -98,20 +115,10 @@ async fn internal_heartbeat(State(state): State<AppState>) -> Response {
         }
     }
     if let Some(sessions) = &state.sessions {
-        let result = outcome(tokio::time::timeout(limit, sessions.store().check()).await, limit);
-        body["sessions"] = json!(if result.is_ok() { "Ok" } else { "Err" });
-        if let Err(msg) = result {
-            body["sessions_msg"] = json!(msg);
-            failed = failed.or(Some("sessions"));
-        }
+        family_check(&mut body, &mut failed, "sessions", sessions.store().check(), limit).await;
     }
     if let Some(access) = &state.access {
-        let result = outcome(tokio::time::timeout(limit, access.store().check()).await, limit);
-        body["access"] = json!(if result.is_ok() { "Ok" } else { "Err" });
-        if let Err(msg) = result {
-            body["access_msg"] = json!(msg);
-            failed = failed.or(Some("access"));
-        }
+        family_check(&mut body, &mut failed, "access", access.store().check(), limit).await;
     }
     match failed {
         None => (StatusCode::OK, Json(body)).into_response(),
