@@ -12,7 +12,7 @@ use hyper::Method;
 use rand::{Rng, SeedableRng};
 
 use crate::load::{self, Expect, Req, ReqGen};
-use crate::{hello_now, measure_at, procs, Ctx, Row};
+use crate::{hello_now, measure_at, Ctx, Row};
 
 const SERVICE: &str = "bench-svc";
 /// The v1 API's key in the runs.
@@ -136,14 +136,14 @@ pub fn run_backend(ctx: &Ctx, name: &str, url: &str, big: u64, rows: &mut Vec<Ro
     env.push(("TOKENSERVER_ACCESS__URL".into(), url.into()));
     env.push(("TOKENSERVER_ACCESS__API_KEY".into(), API_KEY.into()));
     let log = ctx.work.join(format!("tokenserver-access-{name}.log"));
-    let server = procs::tokenserver(&ctx.tokenserver(), &env, &log)?;
-    let internal = server.internal.ok_or("no internal listener")?;
-    let pid = server.child.id();
+    let heads = ctx.servers(&env, &log)?;
+    let internals = heads.internals()?;
+    let pids = heads.pids();
     let conns = ctx.common.connections;
 
     let started = std::time::Instant::now();
     let gens = fill_gens(conns, AUTH_TOKENS + big, Arc::new(AtomicU64::new(0)));
-    let o = load::run(internal, gens, Duration::ZERO, Duration::from_secs(7200))?;
+    let o = load::run_split(&internals, gens, Duration::ZERO, Duration::from_secs(7200))?;
     if o.unexpected + o.errors > 0 {
         return Err(format!("{name}: {} failed creates while filling", o.unexpected + o.errors));
     }
@@ -162,10 +162,10 @@ pub fn run_backend(ctx: &Ctx, name: &str, url: &str, big: u64, rows: &mut Vec<Ro
         (format!("list: first page of a {big_label}-token app"), first_page_gens(conns)),
         (format!("list: walking a {big_label}-token app's pages"), walk_gens(conns)),
     ] {
-        let (o, sample) = measure_at(pid, internal, gens, ctx)?;
+        let (o, sample) = measure_at(&pids, &internals, gens, ctx)?;
         let sample = crate::Sample { hello_rps: Some(hello), ..sample };
         eprintln!("{name}: {scenario}: {:.0} req/s", o.rps);
-        rows.push(Row { backend: name.into(), scenario, outcome: o, sample });
+        rows.push(Row { backend: ctx.label(name), scenario, outcome: o, sample });
     }
     Ok(())
 }

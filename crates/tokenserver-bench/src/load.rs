@@ -157,14 +157,24 @@ async fn connection(
     Ok(())
 }
 
-/// Runs `gens.len()` connections against `addr`: `warmup`, then `duration` measured. The load
-/// runs on a thread of its own with a single-threaded runtime.
-pub fn run(addr: SocketAddr, gens: Vec<ReqGen>, warmup: Duration, duration: Duration) -> Result<Outcome, String> {
-    std::thread::scope(|s| s.spawn(move || run_here(addr, gens, warmup, duration)).join())
+/// Runs `gens.len()` connections, dealt out over `addrs` in turn (several servers behind one
+/// imaginary load balancer): `warmup`, then `duration` measured, one outcome for them all. The
+/// load runs on a thread of its own with a single-threaded runtime.
+pub fn run_split(
+    addrs: &[SocketAddr],
+    gens: Vec<ReqGen>,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Outcome, String> {
+    if addrs.is_empty() {
+        return Err("no server to load".into());
+    }
+    let addrs = addrs.to_vec();
+    std::thread::scope(|s| s.spawn(move || run_here(&addrs, gens, warmup, duration)).join())
         .map_err(|_| "load generator panicked".to_string())?
 }
 
-fn run_here(addr: SocketAddr, gens: Vec<ReqGen>, warmup: Duration, duration: Duration) -> Result<Outcome, String> {
+fn run_here(addrs: &[SocketAddr], gens: Vec<ReqGen>, warmup: Duration, duration: Duration) -> Result<Outcome, String> {
     let shared = Arc::new(Shared {
         hist: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?),
         requests: AtomicU64::new(0),
@@ -179,7 +189,8 @@ fn run_here(addr: SocketAddr, gens: Vec<ReqGen>, warmup: Duration, duration: Dur
     let last_end = rt.block_on(async {
         let tasks: Vec<_> = gens
             .into_iter()
-            .map(|g| tokio::spawn(connection(addr, g, measure_from, deadline, shared.clone())))
+            .enumerate()
+            .map(|(i, g)| tokio::spawn(connection(addrs[i % addrs.len()], g, measure_from, deadline, shared.clone())))
             .collect();
         for t in tasks {
             match t.await {
@@ -246,7 +257,7 @@ mod tests {
                 }) as ReqGen
             })
             .collect();
-        let o = run(addr, gens, Duration::from_millis(100), Duration::from_millis(400)).unwrap();
+        let o = run_split(&[addr], gens, Duration::from_millis(100), Duration::from_millis(400)).unwrap();
         assert!(o.requests > 100, "{o:?}");
         assert!(o.non_2xx > 0 && o.non_2xx < o.requests, "{o:?}");
         // Connection 1 expects success and gets 401: every one of its requests is unexpected.

@@ -58,6 +58,10 @@ struct Common {
     /// Only these scenarios (1-5); all by default.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<u8>,
+    /// tokenserver processes on the one database (web heads), the connections dealt out over
+    /// them; figures are their sum (CPU) and largest (RSS).
+    #[arg(long, default_value_t = 1)]
+    heads: usize,
 }
 
 #[derive(Subcommand)]
@@ -169,6 +173,19 @@ impl Ctx {
         env
     }
 
+    /// The `--heads` tokenserver processes with `env`.
+    fn servers(&self, env: &[(String, String)], log: &std::path::Path) -> Result<procs::Heads, String> {
+        procs::tokenservers(&self.tokenserver(), env, log, self.common.heads)
+    }
+
+    /// A backend's name in the report, with the number of web heads when there are several.
+    fn label(&self, backend: &str) -> String {
+        match self.common.heads {
+            0 | 1 => backend.to_string(),
+            n => format!("{backend} ×{n} heads"),
+        }
+    }
+
     fn wants(&self, scenario: u8) -> bool {
         self.common.scenarios.is_empty() || self.common.scenarios.contains(&scenario)
     }
@@ -201,15 +218,15 @@ fn random_key_id(kca: i64) -> String {
 /// Runs the load and returns its figures with the server's peak RSS (KiB) and its CPU time per
 /// request (µs, warm-up included in both numerator and denominator).
 fn measure(server: &procs::Server, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
-    measure_at(server.child.id(), server.addr, gens, ctx)
+    measure_at(&[server.child.id()], &[server.addr], gens, ctx)
 }
 
 /// [`measure`], with the hello server measured just before (its req/s goes into the sample):
 /// the machine's speed drifts within a run, so the ratio is taken against the hello run beside
 /// the scenario rather than one a minute away.
-fn measure_beside_hello(server: &procs::Server, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
+fn measure_beside_hello(heads: &procs::Heads, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
     let hello = hello_now(ctx)?;
-    let (outcome, sample) = measure(server, gens, ctx)?;
+    let (outcome, sample) = measure_at(&heads.pids(), &heads.addrs(), gens, ctx)?;
     Ok((outcome, Sample { hello_rps: Some(hello), ..sample }))
 }
 
@@ -220,15 +237,22 @@ fn hello_now(ctx: &Ctx) -> Result<f64, String> {
     Ok(outcome.rps)
 }
 
-/// [`measure`] on a given listener of process `pid`.
-fn measure_at(pid: u32, addr: std::net::SocketAddr, gens: Vec<ReqGen>, ctx: &Ctx) -> Result<(Outcome, Sample), String> {
-    let sampler = procs::RssSampler::start(pid);
+/// [`measure`] on given listeners (one per process, the connections dealt out over them) of the
+/// processes `pids`.
+fn measure_at(
+    pids: &[u32],
+    addrs: &[std::net::SocketAddr],
+    gens: Vec<ReqGen>,
+    ctx: &Ctx,
+) -> Result<(Outcome, Sample), String> {
+    let sampler = procs::RssSampler::start(pids);
     let (warmup, duration) = ctx.duration();
-    let outcome = load::run(addr, gens, warmup, duration)?;
-    let (rss_kib, cpu) = sampler.stop();
+    let outcome = load::run_split(addrs, gens, warmup, duration)?;
+    let (rss_kib, cpu, database) = sampler.stop();
     let total_requests = outcome.rps * (warmup + duration).as_secs_f64();
     let cpu_us_per_req = cpu.as_secs_f64() * 1e6 / total_requests.max(1.0);
-    Ok((outcome, Sample { rss_kib, cpu_us_per_req, hello_rps: None }))
+    let db_cpu_us_per_req = database.as_secs_f64() * 1e6 / total_requests.max(1.0);
+    Ok((outcome, Sample { rss_kib, cpu_us_per_req, db_cpu_us_per_req, hello_rps: None }))
 }
 
 /// What was sampled from the server process during a run.
@@ -236,6 +260,8 @@ fn measure_at(pid: u32, addr: std::net::SocketAddr, gens: Vec<ReqGen>, ctx: &Ctx
 struct Sample {
     rss_kib: u64,
     cpu_us_per_req: f64,
+    /// The database servers' CPU (PostgreSQL, MariaDB, Redis processes on this machine).
+    db_cpu_us_per_req: f64,
     /// The hello server's req/s measured just before, when it was ([`measure_beside_hello`]).
     hello_rps: Option<f64>,
 }
@@ -424,24 +450,24 @@ async fn run_backend(ctx: &Ctx, backend: Backend, p: &Pools, users: usize, rows:
             outcome.p99_ms,
             outcome.unexpected
         );
-        rows.push(Row { backend: backend.name().into(), scenario: scenario.into(), outcome, sample });
+        rows.push(Row { backend: ctx.label(backend.name()), scenario: scenario.into(), outcome, sample });
     };
 
     if ctx.wants(2) {
-        let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
+        let server = ctx.servers(&ctx.env(&url, true), &log)?;
         push(
             "2 existing users, cached JWT",
             measure_beside_hello(&server, cached_users(&p.users, 0..users, conns), ctx)?,
         );
     }
     if ctx.wants(1) {
-        let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, false), &log)?;
+        let server = ctx.servers(&ctx.env(&url, false), &log)?;
         push(
             "1 existing users, RS256 verify per request",
             measure_beside_hello(&server, cached_users(&p.users, 0..users, conns), ctx)?,
         );
     }
-    let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
+    let server = ctx.servers(&ctx.env(&url, true), &log)?;
     if ctx.wants(3) {
         let next = Arc::new(AtomicUsize::new(0));
         let gens: Vec<ReqGen> = (0..conns)
@@ -485,15 +511,15 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "| Backend | Scenario | req/s | × hello | hello req/s | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | peak RSS MiB |"
+        "| Backend | Scenario | req/s | × hello | hello req/s | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | database CPU µs/req | peak RSS MiB |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let o = &r.outcome;
         let hello = r.sample.hello_rps.unwrap_or(hello_rps);
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.1} |",
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.0} | {:.1} |",
             r.backend,
             r.scenario,
             o.rps,
@@ -505,6 +531,7 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
             o.non_2xx,
             o.unexpected + o.errors,
             r.sample.cpu_us_per_req,
+            r.sample.db_cpu_us_per_req,
             r.sample.rss_kib as f64 / 1024.0
         );
     }
@@ -614,7 +641,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             let hello = run_hello(&ctx, &mut rows, HELLO_FIRST)?;
             let url = prepare(&ctx, Backend::Sqlite, small as u64).await?;
             let log = ctx.work.join("tokenserver-scale.log");
-            let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
+            let server = procs::Heads(vec![procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?]);
             let (o, sample) = measure_beside_hello(&server, cached_users(&p.users, 0..small, conns), &ctx)?;
             rows.push(Row {
                 backend: "SQLite".into(),
@@ -635,7 +662,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 scope: SYNC_SCOPE,
                 other_key: false,
             }));
-            let server = procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?;
+            let server = procs::Heads(vec![procs::tokenserver(&ctx.tokenserver(), &ctx.env(&url, true), &log)?]);
             let (o, sample) = measure_beside_hello(&server, cached_users(&spread, 0..small, conns), &ctx)?;
             rows.push(Row {
                 backend: "SQLite".into(),

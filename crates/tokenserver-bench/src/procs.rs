@@ -90,6 +90,37 @@ pub fn hakr(bin: &Path, log: &Path) -> Result<Server, String> {
     })
 }
 
+/// Several tokenserver processes on one database, measured as one service.
+pub struct Heads(pub Vec<Server>);
+
+impl Heads {
+    /// The processes' ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(|s| s.child.id()).collect()
+    }
+
+    /// Their public listeners.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.0.iter().map(|s| s.addr).collect()
+    }
+
+    /// Their internal listeners.
+    pub fn internals(&self) -> Result<Vec<SocketAddr>, String> {
+        self.0.iter().map(|s| s.internal.ok_or_else(|| "no internal listener".to_string())).collect()
+    }
+}
+
+/// Starts `n` tokenservers with `env`, one after the other (so that the first runs any
+/// migration alone); the second and later log to `log` with `.2`, `.3`, … appended.
+pub fn tokenservers(bin: &Path, env: &[(String, String)], log: &Path, n: usize) -> Result<Heads, String> {
+    let mut heads = Vec::with_capacity(n.max(1));
+    for i in 1..=n.max(1) {
+        let path = if i == 1 { log.to_path_buf() } else { log.with_extension(format!("log.{i}")) };
+        heads.push(tokenserver(bin, env, &path)?);
+    }
+    Ok(Heads(heads))
+}
+
 /// Starts tokenserver with `env` (on top of a clean environment), logs to `log`.
 pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<Server, String> {
     let port = free_port()?;
@@ -112,14 +143,19 @@ pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<S
     wait_ready(server, "tokenserver", ready)
 }
 
-/// Samples a process's resident memory every 50 ms; [`RssSampler::stop`] returns the peak (KiB)
-/// and the CPU time the process used meanwhile.
+/// Samples a process's resident memory every 50 ms; [`RssSampler::stop`] returns the peak (KiB),
+/// the CPU time the process used meanwhile and the CPU time the database servers used.
 pub struct RssSampler {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
-    pid: u32,
+    pids: Vec<u32>,
     cpu_start: Duration,
+    database_start: Duration,
+}
+
+fn cpu_of(pids: &[u32]) -> Duration {
+    pids.iter().map(|&pid| cpu_time(pid)).sum()
 }
 
 /// User + system CPU time of a process (`/proc/<pid>/stat`, clock ticks of 10 ms).
@@ -132,6 +168,24 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
+/// Database servers whose CPU a run is charged with (every process of theirs on this machine).
+const DATABASE_PROCESSES: &[&str] = &["postgres", "mariadbd", "mysqld", "redis-server"];
+
+/// User + system CPU time of every database server process now (`/proc/*/stat`). A backend
+/// process that exits within a run takes its time with it; the pools keep theirs open.
+pub fn database_cpu_time() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Duration::ZERO };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            DATABASE_PROCESSES.contains(&comm.trim_end())
+        })
+        .map(cpu_time)
+        .sum()
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -139,28 +193,33 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 impl RssSampler {
-    pub fn start(pid: u32) -> Self {
+    /// Samples the processes `pids`: the peak is the largest of theirs, the CPU time their sum.
+    pub fn start(pids: &[u32]) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(rss_kib(pid).unwrap_or(0)));
-        let (s, p) = (stop.clone(), peak.clone());
+        let largest = |pids: &[u32]| pids.iter().filter_map(|&pid| rss_kib(pid)).max();
+        let peak = Arc::new(AtomicU64::new(largest(pids).unwrap_or(0)));
+        let (s, p, sampled) = (stop.clone(), peak.clone(), pids.to_vec());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                if let Some(kib) = rss_kib(pid) {
+                if let Some(kib) = largest(&sampled) {
                     p.fetch_max(kib, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        Self { stop, peak, thread: Some(thread), pid, cpu_start: cpu_time(pid) }
+        let pids = pids.to_vec();
+        let cpu_start = cpu_of(&pids);
+        Self { stop, peak, thread: Some(thread), pids, cpu_start, database_start: database_cpu_time() }
     }
 
-    /// Peak RSS (KiB) and CPU time used since `start`.
-    pub fn stop(mut self) -> (u64, Duration) {
+    /// Peak RSS (KiB), the process's CPU time since `start`, and the database servers'.
+    pub fn stop(mut self) -> (u64, Duration, Duration) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        (self.peak.load(Ordering::Relaxed), cpu_time(self.pid).saturating_sub(self.cpu_start))
+        let database = database_cpu_time().saturating_sub(self.database_start);
+        (self.peak.load(Ordering::Relaxed), cpu_of(&self.pids).saturating_sub(self.cpu_start), database)
     }
 }
 

@@ -122,27 +122,27 @@ pub fn run_backend(
     // The benchmark's sessions must outlive the run.
     env.push(("TOKENSERVER_SESSIONS__TOKEN_LIFETIME".into(), "2h".into()));
     let log = ctx.work.join(format!("tokenserver-sessions-{name}.log"));
-    let server = procs::tokenserver(&ctx.tokenserver(), &env, &log)?;
-    let internal = server.internal.ok_or("no internal listener")?;
+    let heads = ctx.servers(&env, &log)?;
+    let internals = heads.internals()?;
     let label = match api {
-        Api::V1 => name.to_string(),
-        Api::Hakr => format!("{name} (HaKr API)"),
+        Api::V1 => ctx.label(name),
+        Api::Hakr => format!("{} (HaKr API)", ctx.label(name)),
     };
-    run_sizes(ctx, &label, server.child.id(), internal, api, sizes, rows)
+    run_sizes(ctx, &label, &heads.pids(), &internals, api, sizes, rows)
 }
 
 /// Runs the three scenarios on HaKr's `token_server` binary, for comparison in the same run.
 pub fn run_hakr(ctx: &Ctx, bin: &std::path::Path, sizes: &[u64], rows: &mut Vec<Row>) -> Result<(), String> {
     let server = procs::hakr(bin, &ctx.work.join("hakr.log"))?;
-    run_sizes(ctx, "HaKr token_server", server.child.id(), server.addr, Api::Hakr, sizes, rows)
+    run_sizes(ctx, "HaKr token_server", &[server.child.id()], &[server.addr], Api::Hakr, sizes, rows)
 }
 
 /// Fills the store to each size in turn and measures the three scenarios there.
 fn run_sizes(
     ctx: &Ctx,
     name: &str,
-    pid: u32,
-    addr: std::net::SocketAddr,
+    pids: &[u32],
+    addrs: &[std::net::SocketAddr],
     api: Api,
     sizes: &[u64],
     rows: &mut Vec<Row>,
@@ -154,7 +154,7 @@ fn run_sizes(
             let started = std::time::Instant::now();
             let made = Arc::new(AtomicU64::new(0));
             let gens = fill_gens(api, conns, size - live, made);
-            let o = load::run(addr, gens, Duration::ZERO, Duration::from_secs(7200))?;
+            let o = load::run_split(addrs, gens, Duration::ZERO, Duration::from_secs(7200))?;
             if o.unexpected + o.errors > 0 {
                 return Err(format!("{name}: {} failed creates while filling", o.unexpected + o.errors));
             }
@@ -176,7 +176,7 @@ fn run_sizes(
             ("rotation + metadata merge", chain_gens(api, conns, true)),
             ("create", create_gens(api, conns)),
         ] {
-            let (o, sample) = measure_at(pid, addr, gens, ctx)?;
+            let (o, sample) = measure_at(pids, addrs, gens, ctx)?;
             let sample = crate::Sample { hello_rps: Some(hello), ..sample };
             eprintln!("{name} @ {}: {scenario}: {:.0} req/s", label(size), o.rps);
             if scenario == "create" {

@@ -1,7 +1,7 @@
 //! `StoreError`: what a storage call can fail with, independent of the backend.
 
 /// A storage failure. The HTTP layer maps each to a status; driver text never reaches a client.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or the pool is exhausted: retry later (503).
     #[error("database unavailable: {0}")]

@@ -16,6 +16,7 @@
 //! parsed once ([`Backend::from_url`]) and opened once ([`open`]), for every family asked of it.
 
 pub mod access;
+mod batch;
 mod caller;
 pub mod error;
 pub mod memory;

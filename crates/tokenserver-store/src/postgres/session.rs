@@ -1,17 +1,29 @@
-//! PostgreSQL session store: one transaction per call, the presented token's row locked with
-//! `SELECT … FOR UPDATE`, so two rotations of one token run one after the other and the second
-//! sees the first one's result. Each transaction runs on a task of its own
-//! ([`crate::caller::transaction`]): a caller that goes away never cuts a statement short.
+//! PostgreSQL session store. A rotation reads the presented token's record and applies the
+//! decision by compare-and-set (one statement marks the row rotated only if it still is not, and
+//! inserts the successor only then), as the Redis store does: two rotations of one token produce
+//! one successor, the loser re-reads and sees the rotated record. Reads and rotations go through
+//! [`Batcher`]s, so concurrent rotations share a `SELECT … = ANY` and one `UPDATE … FROM
+//! unnest(…)` statement (one commit) instead of a transaction of five round trips each;
+//! creations share an `INSERT … SELECT FROM unnest(…)` (bench/results/network-backends.md).
+//! The batch statements run on tasks of their own ([`crate::batch`]); ending a session, and the
+//! rare revocation or removal inside a rotation, run in a transaction each, also on a task of
+//! their own ([`crate::caller::transaction`]): a caller that goes away never cuts a statement
+//! short.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
+use sqlx::{PgConnection, Postgres, Row, Transaction};
 use tokenserver_core::session::{
     ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
+use crate::batch::Batcher;
 use crate::caller::{transaction, Caller};
 use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
+use crate::sql::read_pool::ReadPool;
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &[&str] = &[
@@ -31,29 +43,63 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
 ];
 
-const LOAD: &str = "SELECT meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
-                    FROM tokenserver_sessions WHERE token_hash = $1";
-const LOAD_FOR_UPDATE: &str = "SELECT meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
+const LOAD_MANY: &str = "SELECT token_hash, meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
+                         FROM tokenserver_sessions WHERE token_hash = ANY($1)";
+const LOAD_FOR_UPDATE: &str = "SELECT token_hash, meta, expires_at, deadline, ttl_ms, rotated_at, successor, sealed \
                                FROM tokenserver_sessions WHERE token_hash = $1 FOR UPDATE";
 
-fn record(row: &PgRow) -> Result<SessionRecord> {
-    let rotated_at: Option<i64> = row.try_get(4)?;
-    let successor: Option<Vec<u8>> = row.try_get(5)?;
-    let sealed: Option<Vec<u8>> = row.try_get(6)?;
+/// Every rotation of a batch in one statement: each presented row still unrotated is marked
+/// rotated and its successor inserted; the presented hashes that were returned. A row rotated
+/// by someone else since it was read fails `rotated_at IS NULL` (READ COMMITTED re-checks the
+/// condition on the row's newest version), so its successor is not inserted: compare-and-set.
+const ROTATE_MANY: &str = "WITH input AS ( \
+        SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bytea[], $5::bytea[], $6::bytea[], \
+                             $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) \
+            AS i(presented, rotated_at, successor, sealed, next_hash, chain, meta, expires_at, deadline, ttl_ms) \
+    ), marked AS ( \
+        UPDATE tokenserver_sessions s \
+        SET meta = '', rotated_at = i.rotated_at, successor = i.successor, sealed = i.sealed \
+        FROM input i WHERE s.token_hash = i.presented AND s.rotated_at IS NULL \
+        RETURNING s.token_hash \
+    ), added AS ( \
+        INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
+        SELECT i.next_hash, i.chain, i.meta, i.expires_at, i.deadline, i.ttl_ms \
+        FROM input i JOIN marked m ON m.token_hash = i.presented \
+    ) \
+    SELECT token_hash FROM marked";
+
+/// Many new sessions in one statement; a token already stored is left as it is and reported.
+const CREATE_MANY: &str = "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
+    SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+    ON CONFLICT (token_hash) DO NOTHING RETURNING token_hash";
+
+/// Calls one statement carries at most.
+const MAX_BATCH: usize = 256;
+/// Statements of one kind running at once (the others' calls queue for the next one).
+const IN_FLIGHT: usize = 4;
+
+fn record(row: &PgRow, at: usize) -> Result<SessionRecord> {
+    let rotated_at: Option<i64> = row.try_get(at + 4)?;
+    let successor: Option<Vec<u8>> = row.try_get(at + 5)?;
+    let sealed: Option<Vec<u8>> = row.try_get(at + 6)?;
     let rotated = Rotated::from_columns(rotated_at, successor.as_deref(), sealed.as_deref());
     Ok(SessionRecord {
-        meta: row.try_get(0)?,
-        expires_at: row.try_get::<i64, _>(1)? as u64,
-        deadline: row.try_get::<i64, _>(2)? as u64,
-        ttl_ms: row.try_get::<i64, _>(3)? as u64,
+        meta: row.try_get(at)?,
+        expires_at: row.try_get::<i64, _>(at + 1)? as u64,
+        deadline: row.try_get::<i64, _>(at + 2)? as u64,
+        ttl_ms: row.try_get::<i64, _>(at + 3)? as u64,
         rotated,
     })
 }
 
-async fn load(tx: &mut Transaction<'_, Postgres>, hash: &TokenHash, lock: bool) -> Result<Option<SessionRecord>> {
-    let row =
-        sqlx::query(if lock { LOAD_FOR_UPDATE } else { LOAD }).bind(&hash.0[..]).fetch_optional(&mut **tx).await?;
-    row.as_ref().map(record).transpose()
+/// The row's `token_hash` and record, as [`LOAD_MANY`] and [`LOAD_FOR_UPDATE`] select them.
+fn keyed_record(row: &PgRow) -> Result<(Vec<u8>, SessionRecord)> {
+    Ok((row.try_get(0)?, record(row, 1)?))
+}
+
+async fn load_locked(tx: &mut Transaction<'_, Postgres>, hash: &TokenHash) -> Result<Option<SessionRecord>> {
+    let row = sqlx::query(LOAD_FOR_UPDATE).bind(&hash.0[..]).fetch_optional(&mut **tx).await?;
+    Ok(row.as_ref().map(keyed_record).transpose()?.map(|(_, r)| r))
 }
 
 async fn remove(tx: &mut Transaction<'_, Postgres>, hash: &TokenHash) -> Result<()> {
@@ -66,37 +112,119 @@ async fn revoke(tx: &mut Transaction<'_, Postgres>, chain: &ChainId) -> Result<(
     Ok(())
 }
 
-async fn insert(
-    tx: &mut Transaction<'_, Postgres>,
-    hash: &TokenHash,
-    chain: &ChainId,
-    r: &SessionRecord,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&hash.0[..])
-    .bind(&chain.0[..])
-    .bind(&r.meta)
-    .bind(r.expires_at as i64)
-    .bind(r.deadline as i64)
-    .bind(r.ttl_ms as i64)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+/// One rotation's write, as [`ROTATE_MANY`] takes it.
+struct RotateJob {
+    presented: TokenHash,
+    rotated: Rotated,
+    successor_hash: TokenHash,
+    chain: ChainId,
+    successor: SessionRecord,
 }
 
-/// A rotation's steps in one transaction, looking at the caller before each statement.
-struct Steps<'t> {
-    tx: &'t mut Transaction<'static, Postgres>,
-    caller: &'t Caller,
+/// A new session, as [`CREATE_MANY`] takes it.
+struct CreateJob {
+    hash: TokenHash,
+    chain: ChainId,
+    record: SessionRecord,
+}
+
+/// Many creations in one statement; a token that was already stored is `AlreadyExists`.
+async fn create_many(reads: ReadPool<PgConnection>, jobs: Vec<CreateJob>) -> Result<Vec<Result<()>>> {
+    let hashes: Vec<&[u8]> = jobs.iter().map(|j| &j.hash.0[..]).collect();
+    let chains: Vec<&[u8]> = jobs.iter().map(|j| &j.chain.0[..]).collect();
+    let metas: Vec<&str> = jobs.iter().map(|j| j.record.meta.as_str()).collect();
+    let expires_at: Vec<i64> = jobs.iter().map(|j| j.record.expires_at as i64).collect();
+    let deadlines: Vec<i64> = jobs.iter().map(|j| j.record.deadline as i64).collect();
+    let ttls: Vec<i64> = jobs.iter().map(|j| j.record.ttl_ms as i64).collect();
+    let mut lease = reads.get().await?;
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar(CREATE_MANY)
+        .bind(&hashes)
+        .bind(&chains)
+        .bind(&metas)
+        .bind(&expires_at)
+        .bind(&deadlines)
+        .bind(&ttls)
+        .fetch_all(&mut *lease)
+        .await?;
+    lease.keep();
+    let mut stored: HashSet<Vec<u8>> = stored.into_iter().collect();
+    // Of two creations of one token in a batch, the first is the one stored.
+    Ok(jobs
+        .iter()
+        .map(
+            |j| {
+                if stored.remove(&j.hash.0[..]) {
+                    Ok(())
+                } else {
+                    Err(StoreError::AlreadyExists("session token".into()))
+                }
+            },
+        )
+        .collect())
+}
+
+/// The records of many tokens in one `SELECT … = ANY`, in the order asked.
+async fn load_many(
+    reads: ReadPool<PgConnection>,
+    hashes: Vec<TokenHash>,
+) -> Result<Vec<Result<Option<SessionRecord>>>> {
+    let keys: Vec<&[u8]> = hashes.iter().map(|h| &h.0[..]).collect();
+    let mut lease = reads.get().await?;
+    let rows = sqlx::query(LOAD_MANY).bind(&keys).fetch_all(&mut *lease).await?;
+    lease.keep();
+    let mut found: HashMap<Vec<u8>, SessionRecord> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let (hash, record) = keyed_record(row)?;
+        found.insert(hash, record);
+    }
+    Ok(hashes.iter().map(|h| Ok(found.get(&h.0[..]).cloned())).collect())
+}
+
+/// Many rotations in one statement; for each, whether it was applied. Of two rotations of one
+/// token in a batch only the first is sent (the other could only lose to it).
+async fn rotate_many(reads: ReadPool<PgConnection>, jobs: Vec<RotateJob>) -> Result<Vec<Result<bool>>> {
+    let mut sent = HashSet::with_capacity(jobs.len());
+    let first: Vec<bool> = jobs.iter().map(|j| sent.insert(j.presented.0)).collect();
+    let picked = || jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(j, _)| j);
+    let presented: Vec<&[u8]> = picked().map(|j| &j.presented.0[..]).collect();
+    let rotated_at: Vec<i64> = picked().map(|j| j.rotated.at as i64).collect();
+    let successor: Vec<&[u8]> = picked().map(|j| &j.rotated.successor.0[..]).collect();
+    let sealed: Vec<&[u8]> = picked().map(|j| j.rotated.sealed.as_bytes()).collect();
+    let next_hash: Vec<&[u8]> = picked().map(|j| &j.successor_hash.0[..]).collect();
+    let chain: Vec<&[u8]> = picked().map(|j| &j.chain.0[..]).collect();
+    let meta: Vec<&str> = picked().map(|j| j.successor.meta.as_str()).collect();
+    let expires_at: Vec<i64> = picked().map(|j| j.successor.expires_at as i64).collect();
+    let deadline: Vec<i64> = picked().map(|j| j.successor.deadline as i64).collect();
+    let ttl_ms: Vec<i64> = picked().map(|j| j.successor.ttl_ms as i64).collect();
+    let mut lease = reads.get().await?;
+    let applied: Vec<Vec<u8>> = sqlx::query_scalar(ROTATE_MANY)
+        .bind(&presented)
+        .bind(&rotated_at)
+        .bind(&successor)
+        .bind(&sealed)
+        .bind(&next_hash)
+        .bind(&chain)
+        .bind(&meta)
+        .bind(&expires_at)
+        .bind(&deadline)
+        .bind(&ttl_ms)
+        .fetch_all(&mut *lease)
+        .await?;
+    lease.keep();
+    let applied: HashSet<&[u8]> = applied.iter().map(Vec::as_slice).collect();
+    Ok(jobs.iter().zip(first).map(|(j, first)| Ok(first && applied.contains(&j.presented.0[..]))).collect())
+}
+
+/// A rotation's steps: reads and compare-and-set writes through the store's batchers, so that
+/// concurrent rotations share their statements; the rare revocations and removals as
+/// statements of their own.
+struct Steps<'a> {
+    store: &'a PgSessions,
 }
 
 impl RotationSteps for Steps<'_> {
-    async fn load(&mut self, hash: &TokenHash, lock: bool) -> Result<Option<SessionRecord>> {
-        self.caller.check()?;
-        load(self.tx, hash, lock).await
+    async fn load(&mut self, hash: &TokenHash, _lock: bool) -> Result<Option<SessionRecord>> {
+        self.store.loads.call(*hash).await
     }
 
     async fn rotate(
@@ -107,31 +235,26 @@ impl RotationSteps for Steps<'_> {
         chain: &ChainId,
         successor: &SessionRecord,
     ) -> Result<bool> {
-        self.caller.check()?;
-        sqlx::query(
-            "UPDATE tokenserver_sessions SET meta = '', rotated_at = $2, successor = $3, sealed = $4 \
-             WHERE token_hash = $1",
-        )
-        .bind(&presented.0[..])
-        .bind(rotated.at as i64)
-        .bind(&rotated.successor.0[..])
-        .bind(rotated.sealed.as_bytes())
-        .execute(&mut **self.tx)
-        .await?;
-        self.caller.check()?;
-        insert(self.tx, successor_hash, chain, successor).await?;
-        // The presented row was locked when loaded: nobody changed it meanwhile.
-        Ok(true)
+        let job = RotateJob {
+            presented: *presented,
+            rotated: *rotated,
+            successor_hash: *successor_hash,
+            chain: *chain,
+            successor: successor.clone(),
+        };
+        self.store.rotations.call(job).await
     }
 
     async fn revoke(&mut self, chain: &ChainId, _from: &TokenHash) -> Result<()> {
-        self.caller.check()?;
-        revoke(self.tx, chain).await
+        let chain = *chain;
+        transaction(&self.store.pool, Caller::default(), move |tx, _| Box::pin(async move { revoke(tx, &chain).await }))
+            .await
     }
 
     async fn remove(&mut self, hash: &TokenHash) -> Result<()> {
-        self.caller.check()?;
-        remove(self.tx, hash).await
+        let hash = *hash;
+        transaction(&self.store.pool, Caller::default(), move |tx, _| Box::pin(async move { remove(tx, &hash).await }))
+            .await
     }
 }
 
@@ -139,6 +262,9 @@ impl RotationSteps for Steps<'_> {
 #[derive(Debug, Clone)]
 pub struct PgSessions {
     pool: PgPool,
+    loads: Batcher<TokenHash, Option<SessionRecord>>,
+    rotations: Batcher<RotateJob, bool>,
+    creations: Batcher<CreateJob, ()>,
 }
 
 impl PgSessions {
@@ -150,7 +276,27 @@ impl PgSessions {
             sqlx::query(stmt).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(Self { pool })
+        // Connections for the batch statements, which are key lookups whatever their arrays
+        // hold. PostgreSQL plans a prepared statement afresh for each execution while it deems
+        // custom plans cheaper, and planning the rotation statement cost ten times the CPU of
+        // running it: generic plans only. A generic plan made while the table is small scans
+        // it, and is kept as the table grows (seen: 1.1 ms of the database's CPU per rotation,
+        // in `token_hash = ANY` over every row): no sequential scans either, so the primary key
+        // is used from the first statement on. bench/results/network-backends.md.
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?
+            .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
+        let reads = ReadPool::new(options, settings)?;
+        let (for_loads, for_rotations, for_creations) = (reads.clone(), reads.clone(), reads);
+        let loads =
+            Batcher::start("session_load", MAX_BATCH, IN_FLIGHT, move |hashes| load_many(for_loads.clone(), hashes));
+        let rotations = Batcher::start("session_rotate", MAX_BATCH, IN_FLIGHT, move |jobs| {
+            rotate_many(for_rotations.clone(), jobs)
+        });
+        let creations = Batcher::start("session_create", MAX_BATCH, IN_FLIGHT, move |jobs| {
+            create_many(for_creations.clone(), jobs)
+        });
+        Ok(Self { pool, loads, rotations, creations })
     }
 }
 
@@ -161,19 +307,11 @@ impl SessionStore for PgSessions {
     }
 
     async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
-        let (token, record) = (token.clone(), record.clone());
-        transaction(&self.pool, Caller::default(), move |tx, _| {
-            Box::pin(async move { insert(tx, &token.hash(), &token.chain(), &record).await })
-        })
-        .await
+        self.creations.call(CreateJob { hash: token.hash(), chain: token.chain(), record: record.clone() }).await
     }
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
-        let (req, policy) = (req.clone(), *policy);
-        transaction(&self.pool, Caller::default(), move |tx, caller| {
-            Box::pin(async move { rotate(&mut Steps { tx, caller }, &req, &policy).await })
-        })
-        .await
+        rotate(&mut Steps { store: self }, req, policy).await
     }
 
     async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
@@ -181,7 +319,7 @@ impl SessionStore for PgSessions {
         transaction(&self.pool, Caller::default(), move |tx, caller| {
             Box::pin(async move {
                 let hash = token.hash();
-                let found = load(tx, &hash, true).await?;
+                let found = load_locked(tx, &hash).await?;
                 caller.check()?;
                 Ok(match found {
                     None => false,

@@ -296,10 +296,10 @@ impl AccessStore for RedisAccess {
     }
 
     async fn get(&self, service: &str, token: &str, now: u64) -> Result<Option<AccessToken>> {
-        let key = format!("{}t:{token}", self.service_prefix(service));
-        let mut conn = self.redis.conn();
-        let fields: HashMap<String, String> =
-            redis::cmd("HGETALL").arg(&key).query_async(&mut conn).await.map_err(e)?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(format!("{}t:{token}", self.service_prefix(service)));
+        let fields: HashMap<String, String> = redis::from_redis_value(self.redis.send(cmd, None).await?)
+            .map_err(|err| StoreError::Backend(format!("access token record: {err}")))?;
         let Some(app_id) = fields.get("a").cloned() else { return Ok(None) };
         let found = AccessToken {
             token: token.to_string(),

@@ -9,7 +9,8 @@
 //! A rotation reads the record, decides in Rust (merging metadata there, so JSON is never
 //! handled in Lua), then runs a script that applies the decision only if the token is still
 //! live and unrotated — the compare-and-set that makes two concurrent rotations of one token
-//! produce one successor; the loser re-reads and sees the rotated record.
+//! produce one successor; the loser re-reads and sees the rotated record. Both go through
+//! [`Redis::send`]: on a single server, concurrent rotations share pipelines.
 
 use std::collections::HashMap;
 
@@ -20,7 +21,7 @@ use tokenserver_core::session::{
     TokenHash,
 };
 
-use super::{e, Redis};
+use super::{e, evalsha, Redis};
 use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
 use crate::StoreError;
 /// Longest chain walked by a revocation.
@@ -130,9 +131,10 @@ impl RedisSessions {
     }
 
     async fn load(&self, key: &str) -> Result<Option<SessionRecord>> {
-        let mut conn = self.redis.conn();
-        let fields: HashMap<String, Vec<u8>> =
-            redis::cmd("HGETALL").arg(key).query_async(&mut conn).await.map_err(e)?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(key);
+        let fields: HashMap<String, Vec<u8>> = redis::from_redis_value(self.redis.send(cmd, None).await?)
+            .map_err(|err| StoreError::Backend(format!("session record: {err}")))?;
         Ok(parse(&fields))
     }
 
@@ -171,22 +173,18 @@ impl RotationSteps for Steps<'_> {
         chain: &ChainId,
         successor: &SessionRecord,
     ) -> Result<bool> {
-        let mut conn = self.store.redis.conn();
-        let applied: i64 = self
-            .store
-            .rotate
-            .key(self.store.key(&self.chain, presented))
-            .key(self.store.key(chain, successor_hash))
+        let mut cmd = evalsha(&self.store.rotate, 2);
+        cmd.arg(self.store.key(&self.chain, presented))
+            .arg(self.store.key(chain, successor_hash))
             .arg(rotated.at)
             .arg(rotated.successor.to_hex())
             .arg(rotated.sealed.as_bytes())
             .arg(&successor.meta)
             .arg(successor.expires_at)
             .arg(successor.deadline)
-            .arg(successor.ttl_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(e)?;
+            .arg(successor.ttl_ms);
+        let applied: i64 = redis::from_redis_value(self.store.redis.send(cmd, Some(ROTATE)).await?)
+            .map_err(|err| StoreError::Backend(format!("rotation script: {err}")))?;
         Ok(applied == 1)
     }
 
@@ -232,18 +230,9 @@ impl SessionStore for RedisSessions {
     }
 
     async fn create(&self, token: &SessionToken, r: &SessionRecord) -> Result<()> {
-        let mut conn = self.redis.conn();
-        let _: i64 = self
-            .create
-            .key(self.key(&token.chain(), &token.hash()))
-            .arg(&r.meta)
-            .arg(r.expires_at)
-            .arg(r.deadline)
-            .arg(r.ttl_ms)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(e)?;
-        Ok(())
+        let mut cmd = evalsha(&self.create, 1);
+        cmd.arg(self.key(&token.chain(), &token.hash())).arg(&r.meta).arg(r.expires_at).arg(r.deadline).arg(r.ttl_ms);
+        self.redis.send(cmd, Some(CREATE)).await.map(|_| ())
     }
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {

@@ -219,6 +219,43 @@ pub struct TestServer {
     /// A client that sends [`ADMIN_KEY`].
     pub admin: reqwest::Client,
     fresh: FreshDb,
+    /// The settings it was started with (for [`TestServer::second_head`]).
+    vars: Vec<(String, String)>,
+}
+
+/// A second tokenserver *process* (the real binary) on the same database and settings as a
+/// [`TestServer`]: another web head behind the same load balancer. Stopped when dropped.
+pub struct Head {
+    child: std::process::Child,
+    pub base: String,
+    pub internal: String,
+    log: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl Drop for Head {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        for _ in 0..200 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Head {
+    /// What the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub struct TempDir(pub std::path::PathBuf);
@@ -280,6 +317,7 @@ impl TestServer {
         ];
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let cfg = config::load(None, &vars).unwrap_or_else(|e| panic!("{e}"));
+        let started_with = vars.clone();
         let running = app::start(cfg).await.unwrap_or_else(|e| panic!("{e}"));
         let db = match fresh_db.backend {
             Backend::Sqlite => TestDb::Sqlite(sqlx::SqlitePool::connect(&fresh_db.url).await.unwrap()),
@@ -303,7 +341,43 @@ impl TestServer {
                 .build()
                 .unwrap(),
             fresh: fresh_db,
+            vars: started_with,
         }
+    }
+
+    /// Starts the real binary with this server's settings (its database, secrets, mock FxA) on
+    /// ports of its own, and waits until it answers.
+    pub async fn second_head(&self) -> Head {
+        let dir = TempDir::new();
+        let log = dir.0.join("head.log");
+        let (public, internal) = (free_port(), free_port());
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tokenserver"));
+        cmd.arg("serve")
+            .current_dir(&dir.0)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("TOKENSERVER_PORT", public.to_string())
+            .env("TOKENSERVER_INTERNAL__PORT", internal.to_string())
+            .env("TOKENSERVER_HUMAN_LOGS", "true")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let head = Head {
+            child: cmd.spawn().unwrap(),
+            base: format!("http://127.0.0.1:{public}"),
+            internal: format!("http://127.0.0.1:{internal}"),
+            log,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if let Ok(r) = self.http.get(format!("{}/__lbheartbeat__", head.internal)).send().await {
+                if r.status() == 200 {
+                    return head;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the second head did not start: {}", head.log());
     }
 
     /// The database URL the server runs on.

@@ -24,4 +24,5 @@ mod readme;
 mod sessions;
 mod sync_api;
 mod validation;
+mod web_heads;
 mod webhook;
