@@ -1,5 +1,7 @@
 //! SQLite access-token store: one table keyed by (service, SHA-256 of the token), writes on the
-//! database's group-commit writer (shared with Sync and sessions in one file), reads inline.
+//! database's group-commit writer (shared with Sync and sessions in one file), reads inline. A
+//! token read by its text is answered from the database's token cache while no other connection
+//! has committed ([`super::wal_cache`]); the writer keeps the cache current with its own commits.
 //! Creation is one `INSERT … ON CONFLICT DO NOTHING` and, when the token exists but has expired,
 //! an `UPDATE` guarded by that expiry: both run in the writer's transaction, so two creates of
 //! one token cannot both succeed.
@@ -18,6 +20,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokenserver_core::access::Grant;
 
+use super::wal_cache::TokenCache;
 use super::{group::GroupWriter, rusqlite_error as e, ReadConns, SqliteStore};
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
 use crate::StoreError;
@@ -50,7 +53,7 @@ const INSERT: &str = "INSERT INTO tokenserver_access_tokens \
 const REPLACE_EXPIRED: &str = "UPDATE tokenserver_access_tokens \
     SET token = ?3, app_id = ?4, user_id = ?5, expires_at = ?6, created_at = ?7 \
     WHERE service = ?1 AND token_hash = ?2 AND expires_at IS NOT NULL AND expires_at <= ?7";
-const GET: &str = "SELECT token, app_id, user_id, expires_at, created_at FROM tokenserver_access_tokens \
+const GET: &str = "SELECT app_id, user_id, expires_at, created_at FROM tokenserver_access_tokens \
     WHERE service = ?1 AND token_hash = ?2";
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = ?1 AND token_hash = ?2 AND (expires_at IS NULL OR expires_at > ?3)";
@@ -77,7 +80,7 @@ fn ms(v: Option<u64>) -> Option<i64> {
     v.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-/// A row of `GET` / the listings (first five columns).
+/// A row of the listings (first five columns).
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessToken> {
     Ok(AccessToken {
         token: r.get(0)?,
@@ -90,10 +93,18 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessToken> {
     })
 }
 
-fn get(conn: &Connection, service: &str, token: &str, now: u64) -> rusqlite::Result<Option<AccessToken>> {
+/// What the token whose hash is `hash` grants, and when it was created, live or not.
+fn stored_grant(conn: &Connection, service: &str, hash: &[u8; 32]) -> rusqlite::Result<Option<(Grant, u64)>> {
     let mut stmt = conn.prepare_cached(GET)?;
-    let found = stmt.query_row(params![service, &token_hash(token)[..]], token_row).optional()?;
-    Ok(found.filter(|t| t.grant.live(now)))
+    let row = |r: &rusqlite::Row<'_>| {
+        let grant = Grant {
+            app_id: r.get(0)?,
+            user_id: r.get(1)?,
+            expires_at: r.get::<_, Option<i64>>(2)?.map(|v| v.max(0) as u64),
+        };
+        Ok((grant, r.get::<_, i64>(3)?.max(0) as u64))
+    };
+    stmt.query_row(params![service, &hash[..]], row).optional()
 }
 
 fn list(conn: &Connection, l: &ListingOwned) -> rusqlite::Result<TokenPage> {
@@ -144,18 +155,29 @@ fn prepare_schema(conn: &Connection) -> Result<()> {
     conn.execute_batch(SCHEMA).map_err(e)
 }
 
+/// What a write leaves of the tokens it changed, for the token cache.
+enum Touch {
+    /// This token of this service, as it now is (`None`: gone).
+    Token(String, [u8; 32], Option<Arc<(Grant, u64)>>),
+    /// Any token.
+    All,
+}
+
 /// The SQLite access-token store.
 #[derive(Debug, Clone)]
 pub struct SqliteAccess {
     writer: GroupWriter,
     reads: Option<Arc<ReadConns>>,
+    /// Tokens as last read or written, exact across processes (a file database; see
+    /// [`super::wal_cache`]).
+    cache: Option<Arc<TokenCache>>,
 }
 
 impl SqliteAccess {
     /// The access-token store of the database `db` opened, on its writer and readers. Creates the
     /// table when missing.
     pub async fn on(db: &SqliteStore) -> Result<Self> {
-        let store = Self { writer: db.writer().clone(), reads: db.readers() };
+        let store = Self { writer: db.writer().clone(), reads: db.readers(), cache: db.token_cache() };
         store.writer.call(|conn| prepare_schema(conn)).await?;
         Ok(store)
     }
@@ -169,6 +191,34 @@ impl SqliteAccess {
             None => self.writer.call(move |conn| f(conn).map_err(e)).await,
         }
     }
+
+    /// Runs `step` on the writer, in the next batch's transaction, and tells the token cache
+    /// what `touched` says a successful step changed.
+    async fn write<T: Send + 'static>(
+        &self,
+        step: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+        touched: impl FnOnce(&T) -> Option<Touch> + Send + 'static,
+    ) -> Result<T> {
+        let cache = self.cache.clone();
+        self.writer
+            .call(move |conn| {
+                let out = step(conn);
+                if let (Some(cache), Ok(done)) = (&cache, &out) {
+                    match touched(done) {
+                        Some(Touch::Token(service, hash, now)) => cache.touch(&service, hash, now),
+                        Some(Touch::All) => cache.touch_all(),
+                        None => {}
+                    }
+                }
+                out
+            })
+            .await
+    }
+}
+
+/// Touches every token when a bulk delete removed any.
+fn all_if_any(n: &u64) -> Option<Touch> {
+    (*n > 0).then_some(Touch::All)
 }
 
 #[async_trait]
@@ -180,8 +230,10 @@ impl AccessStore for SqliteAccess {
     async fn create(&self, t: &NewToken<'_>) -> Result<()> {
         let stored = t.stored();
         let (service, hash) = (t.service.to_string(), token_hash(t.token));
-        self.writer
-            .call(move |conn| {
+        let cached = Arc::new((stored.grant.clone(), stored.created_at));
+        let touch = Touch::Token(service.clone(), hash, Some(cached));
+        self.write(
+            move |conn| {
                 let g = &stored.grant;
                 let values = params![
                     service,
@@ -201,29 +253,53 @@ impl AccessStore for SqliteAccess {
                     return Ok(());
                 }
                 Err(StoreError::AlreadyExists(format!("token {:?}", stored.token)))
-            })
-            .await
+            },
+            |()| Some(touch),
+        )
+        .await
     }
 
     async fn get(&self, service: &str, token: &str, now: u64) -> Result<Option<AccessToken>> {
-        if let Some(reads) = &self.reads {
-            return reads.with(|conn| get(conn, service, token, now));
+        let hash = token_hash(token);
+        let live = |found: Option<(Grant, u64)>| {
+            found.filter(|(grant, _)| grant.live(now)).map(|(grant, created_at)| AccessToken {
+                token: token.to_string(),
+                grant,
+                created_at,
+            })
+        };
+        let Some(reads) = &self.reads else {
+            let service = service.to_string();
+            return Ok(live(self.read(move |conn| stored_grant(conn, &service, &hash)).await?));
+        };
+        let cache = self.cache.as_deref();
+        let header = cache.and_then(|c| c.header());
+        if let (Some(cache), Some(header)) = (cache, &header) {
+            if let Some(found) = cache.get(header, service, &hash) {
+                return Ok(live(Some((*found).clone())));
+            }
         }
-        let (service, token) = (service.to_string(), token.to_string());
-        self.read(move |conn| get(conn, &service, &token, now)).await
+        let found = live(reads.with(|conn| stored_grant(conn, service, &hash))?);
+        if let (Some(cache), Some(header), Some(t)) = (cache, &header, &found) {
+            cache.put(header, service, hash, Arc::new((t.grant.clone(), t.created_at)));
+        }
+        Ok(found)
     }
 
     async fn delete(&self, service: &str, token: &str, now: u64) -> Result<bool> {
         let (service, hash) = (service.to_string(), token_hash(token));
-        self.writer
-            .call(move |conn| {
+        let touch = Touch::Token(service.clone(), hash, None);
+        self.write(
+            move |conn| {
                 let n = conn
                     .prepare_cached(DELETE_LIVE)
                     .and_then(|mut s| s.execute(params![service, &hash[..], now as i64]))
                     .map_err(e)?;
                 Ok(n == 1)
-            })
-            .await
+            },
+            |gone| gone.then_some(touch),
+        )
+        .await
     }
 
     async fn list(&self, l: &Listing<'_>) -> Result<TokenPage> {
@@ -240,40 +316,47 @@ impl AccessStore for SqliteAccess {
 
     async fn revoke_app_batch(&self, service: &str, app_id: &str, now: u64, max: u64) -> Result<u64> {
         let (service, app_id) = (service.to_string(), app_id.to_string());
-        self.writer
-            .call(move |conn| {
+        self.write(
+            move |conn| {
                 let n = conn
                     .prepare_cached(REVOKE_APP)
                     .and_then(|mut s| s.execute(params![service, app_id, now as i64, max as i64]))
                     .map_err(e)?;
                 Ok(n as u64)
-            })
-            .await
+            },
+            all_if_any,
+        )
+        .await
     }
 
     async fn revoke_service_batch(&self, service: &str, now: u64, max: u64) -> Result<u64> {
         let service = service.to_string();
-        self.writer
-            .call(move |conn| {
+        self.write(
+            move |conn| {
                 let n = conn
                     .prepare_cached(REVOKE_SERVICE)
                     .and_then(|mut s| s.execute(params![service, now as i64, max as i64]))
                     .map_err(e)?;
                 Ok(n as u64)
-            })
-            .await
+            },
+            all_if_any,
+        )
+        .await
     }
 
     async fn purge_batch(&self, now: u64, max: u64) -> Result<u64> {
-        self.writer
-            .call(move |conn| {
+        // Only expired tokens go, which no read answers with: the cache stays as it is.
+        self.write(
+            move |conn| {
                 let n = conn
                     .prepare_cached(PURGE)
                     .and_then(|mut s| s.execute(params![now as i64, max as i64]))
                     .map_err(e)?;
                 Ok(n as u64)
-            })
-            .await
+            },
+            |_| None,
+        )
+        .await
     }
 
     async fn check(&self) -> Result<()> {

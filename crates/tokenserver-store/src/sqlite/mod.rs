@@ -15,9 +15,9 @@
 
 pub mod access;
 pub(crate) mod group;
-mod row_cache;
 pub mod session;
 mod sync;
+mod wal_cache;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -220,8 +220,10 @@ pub struct SqliteStore {
     writer: group::GroupWriter,
     /// Inline readers of a file database.
     reads: Option<Arc<ReadConns>>,
-    /// Users' rows as last read, for a file database (see [`row_cache`]).
-    rows: Option<Arc<row_cache::RowCache>>,
+    /// Users' rows as last read, for a file database (see [`wal_cache`]).
+    rows: Option<Arc<wal_cache::RowCache>>,
+    /// Access tokens as last read, for a file database.
+    tokens: Option<Arc<wal_cache::TokenCache>>,
 }
 
 /// What [`backup`] copied.
@@ -301,16 +303,23 @@ impl SqliteStore {
         let Some(path) = file else {
             let conn = writer_connection(None, durability)?;
             let writer = group::GroupWriter::start(name, conn, None, None)?;
-            return Ok(Self { writer, reads: None, rows: None });
+            return Ok(Self { writer, reads: None, rows: None, tokens: None });
         };
         let conn = writer_connection(Some(&path), durability)?;
         let checkpoints = writer_connection(Some(&path), durability)?;
         // Opened after a WAL-mode connection, which creates the `-shm` file it watches.
-        let rows = row_cache::RowCache::open(&path).map(Arc::new);
-        let watch =
-            rows.clone().map(|rows| Box::new(row_cache::CommitWatch::new(rows)) as Box<dyn group::BatchObserver>);
+        let index = wal_cache::WalIndex::open(&path).map(Arc::new);
+        let rows = index.clone().map(|index| Arc::new(wal_cache::RowCache::new(index)));
+        let tokens = index.clone().map(|index| Arc::new(wal_cache::TokenCache::new(index)));
+        let watch = match (&index, &rows, &tokens) {
+            (Some(index), Some(rows), Some(tokens)) => {
+                let caches: Vec<Arc<dyn wal_cache::Watched>> = vec![rows.clone(), tokens.clone()];
+                Some(Box::new(wal_cache::CommitWatch::new(index.clone(), caches)) as Box<dyn group::BatchObserver>)
+            }
+            _ => None,
+        };
         let writer = group::GroupWriter::start(name, conn, Some(checkpoints), watch)?;
-        Ok(Self { writer, reads: Some(Arc::new(ReadConns::new(path, max_readers))), rows })
+        Ok(Self { writer, reads: Some(Arc::new(ReadConns::new(path, max_readers))), rows, tokens })
     }
 
     /// The database's writer.
@@ -321,5 +330,10 @@ impl SqliteStore {
     /// The inline readers of a file database (`None` in memory: reads go to the writer).
     pub(crate) fn readers(&self) -> Option<Arc<ReadConns>> {
         self.reads.clone()
+    }
+
+    /// The access-token cache of a file database (`None` in memory).
+    pub(crate) fn token_cache(&self) -> Option<Arc<wal_cache::TokenCache>> {
+        self.tokens.clone()
     }
 }

@@ -352,7 +352,7 @@ impl SqliteStore {
                                 Ok(_) => rows_of(conn, service, email).ok().map(Arc::from),
                                 Err(_) => None,
                             };
-                            cache.touch((service, email), rows);
+                            cache.touch(service, email.clone(), rows);
                         }
                     }
                 }
@@ -395,13 +395,13 @@ impl SyncStore for SqliteStore {
         let cache = self.rows.as_deref();
         let header = cache.and_then(|c| c.header());
         if let (Some(cache), Some(header)) = (cache, &header) {
-            if let Some(rows) = cache.get(header, (service, email)) {
+            if let Some(rows) = cache.get(header, service, email) {
                 return Ok(rows.to_vec());
             }
         }
         let rows = reads.with(|conn| rows_of(conn, service, email))?;
         if let (Some(cache), Some(header)) = (cache, &header) {
-            cache.put(header, (service, email), rows.as_slice().into());
+            cache.put(header, service, email.to_string(), rows.as_slice().into());
         }
         Ok(rows)
     }

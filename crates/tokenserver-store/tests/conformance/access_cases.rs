@@ -195,6 +195,9 @@ pub async fn revocations_count_the_live_tokens_they_remove(s: &dyn AccessStore) 
         s.create(&new("svc", &format!("b-{i}"), "app-b", None, Some(now + MIN), now)).await.unwrap();
         s.create(&new("other", &format!("o-{i}"), "app-a", None, None, now)).await.unwrap();
     }
+    // Read before they go (a store that caches reads must not answer from its cache after).
+    assert!(s.get("svc", "a-1", now + 2).await.unwrap().is_some());
+    assert!(s.get("svc", "b-1", now + 2).await.unwrap().is_some());
     // 2,500 tokens, 25 of them expired: removed in several bounded batches.
     assert_eq!(s.revoke_app("svc", "app-a", now + 2).await.unwrap(), 2_475);
     assert!(all_pages(s, "svc", "app-a", None, 100, now + 2).await.is_empty());
@@ -202,7 +205,9 @@ pub async fn revocations_count_the_live_tokens_they_remove(s: &dyn AccessStore) 
     assert!(s.get("svc", "a-1", now + 2).await.unwrap().is_none());
     assert_eq!(all_pages(s, "svc", "app-b", None, 100, now + 2).await.len(), 10);
     assert_eq!(s.revoke_app("svc", "app-a", now + 2).await.unwrap(), 0, "nothing left");
+    assert!(s.get("svc", "b-1", now + 2).await.unwrap().is_some());
     assert_eq!(s.revoke_service("svc", now + 2).await.unwrap(), 10);
+    assert!(s.get("svc", "b-1", now + 2).await.unwrap().is_none());
     assert!(all_pages(s, "svc", "app-b", None, 100, now + 2).await.is_empty());
     assert_eq!(all_pages(s, "other", "app-a", None, 100, now + 2).await.len(), 10, "other services untouched");
 }

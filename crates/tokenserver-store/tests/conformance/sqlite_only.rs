@@ -1,6 +1,7 @@
-//! SQLite only. Users' rows are served from a cache on the request path: a write by any other
-//! connection (another process, the CLI) must be visible to the very next read. And a session
-//! table of an earlier layout is rewritten on open.
+//! SQLite only. Users' rows and access tokens are served from caches on the request path: a
+//! write by any other connection (another process, the CLI) must be visible to the very next
+//! read, and so must the store's own writes, from any task. And a session table of an earlier
+//! layout is rewritten on open.
 
 use sqlx::Connection;
 use tokenserver_store::sync::{Allocate, NewNode};
@@ -69,6 +70,108 @@ async fn sqlite_user_rows_see_other_connections_writes_at_once() {
     // And a retired user disappears from the live set at once.
     sqlx::query("UPDATE users SET replaced_at = 7 WHERE email = 'a@x'").execute(&mut other).await.unwrap();
     assert_eq!(store.user_rows(SVC, "a@x").await.unwrap()[0].replaced_at, Some(7));
+    db.drop_now().await;
+}
+
+/// Access tokens read through the cache: each change made elsewhere (an update, a delete, a
+/// token added, a log restarted by a checkpoint) shows in the very next read.
+#[tokio::test]
+async fn sqlite_access_tokens_see_other_connections_writes_at_once() {
+    use tokenserver_core::clock::now_ms;
+    use tokenserver_store::access::NewToken;
+    let Some(db) = tokenserver_store::testing::fresh(Backend::Sqlite).await else { return };
+    let (store, db) = crate::open_access(db).await;
+    let now = now_ms();
+    let new =
+        |token: &'static str| NewToken { service: "svc", token, app_id: "app-0", user_id: None, expires_at: None, now };
+    store.create(&new("tok")).await.unwrap();
+    let mut other = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    for i in 0..40 {
+        for _ in 0..2 {
+            let t = store.get("svc", "tok", now).await.unwrap().unwrap();
+            assert_eq!(t.grant.app_id, format!("app-{i}"), "iteration {i}");
+        }
+        if i % 10 == 9 {
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut other).await.unwrap();
+        }
+        sqlx::query("UPDATE tokenserver_access_tokens SET app_id = ? WHERE token = 'tok'")
+            .bind(format!("app-{}", i + 1))
+            .execute(&mut other)
+            .await
+            .unwrap();
+    }
+    // Expired elsewhere: gone at once.
+    sqlx::query("UPDATE tokenserver_access_tokens SET expires_at = ? WHERE token = 'tok'")
+        .bind(now as i64)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    assert!(store.get("svc", "tok", now).await.unwrap().is_none());
+    // Deleted elsewhere, after being read again.
+    store.create(&new("tok2")).await.unwrap();
+    assert!(store.get("svc", "tok2", now).await.unwrap().is_some());
+    sqlx::query("DELETE FROM tokenserver_access_tokens WHERE token = 'tok2'").execute(&mut other).await.unwrap();
+    assert!(store.get("svc", "tok2", now).await.unwrap().is_none());
+    // Added elsewhere (a copy of a row under another service) where the cache had none.
+    store.create(&new("tok3")).await.unwrap();
+    assert!(store.get("other", "tok3", now).await.unwrap().is_none());
+    sqlx::query(
+        "INSERT INTO tokenserver_access_tokens (service, token_hash, token, app_id, user_id, expires_at, created_at) \
+         SELECT 'other', token_hash, token, 'app-x', user_id, expires_at, created_at \
+         FROM tokenserver_access_tokens WHERE token = 'tok3'",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    assert_eq!(store.get("other", "tok3", now).await.unwrap().unwrap().grant.app_id, "app-x");
+    db.drop_now().await;
+}
+
+/// The store's own writes keep the tokens it did not touch cached, so many tasks create, read,
+/// delete and read again at once: each must see its own change at once, and at the end the
+/// reads must agree with the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_access_tokens_read_their_own_writes_under_concurrency() {
+    use tokenserver_core::clock::now_ms;
+    use tokenserver_store::access::NewToken;
+    let Some(db) = tokenserver_store::testing::fresh(Backend::Sqlite).await else { return };
+    let (store, db) = crate::open_access(db).await;
+    let now = now_ms();
+    let tasks = (0..32).map(|t| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for round in 0..20 {
+                let token = format!("t{t}-{round}");
+                let app = format!("app-{t}-{round}");
+                assert!(store.get("svc", &token, now).await.unwrap().is_none());
+                let new =
+                    NewToken { service: "svc", token: &token, app_id: &app, user_id: None, expires_at: None, now };
+                store.create(&new).await.unwrap();
+                assert_eq!(store.get("svc", &token, now).await.unwrap().unwrap().grant.app_id, app);
+                if round % 2 == 0 {
+                    assert!(store.delete("svc", &token, now).await.unwrap());
+                    assert!(store.get("svc", &token, now).await.unwrap().is_none(), "{token} after delete");
+                }
+            }
+            // Revoking an application's tokens takes the cached ones with it.
+            assert_eq!(store.revoke_app("svc", &format!("app-{t}-1"), now).await.unwrap(), 1);
+            assert!(store.get("svc", &format!("t{t}-1"), now).await.unwrap().is_none());
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task.unwrap();
+    }
+    let mut other = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    let stored: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM tokenserver_access_tokens").fetch_one(&mut other).await.unwrap();
+    assert_eq!(stored, 32 * 9);
+    for t in 0..32 {
+        for round in 0..20 {
+            let live = round % 2 == 1 && round != 1;
+            let found = store.get("svc", &format!("t{t}-{round}"), now).await.unwrap();
+            assert_eq!(found.is_some(), live, "t{t}-{round}");
+        }
+    }
     db.drop_now().await;
 }
 
