@@ -7,12 +7,11 @@
 //! compares its expiry with `now`) and its storage is reclaimed by [`AccessStore::purge`] (the SQL
 //! backends, and the Redis indexes) or natively (the Redis token keys).
 //!
-//! Listing walks an application's tokens in a fixed order (the SQL backends: the token's SHA-256;
+//! Listing walks an application's tokens in a fixed order (the SQL backends: the token's key;
 //! Redis: the token's bytes) from an opaque cursor, so a token that lives through a whole listing
 //! is returned exactly once, and each page costs the same however many tokens the application has.
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 use tokenserver_core::access::Grant;
 
 use crate::StoreError;
@@ -133,7 +132,8 @@ pub trait AccessStore: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// A token's key in the SQL backends: its SHA-256 (tokens may be longer than an index allows).
+/// A token's key in the SQL backends (tokens may be longer than an index allows): its SHA-256,
+/// led by its issue time for a token tokenserver generated ([`tokenserver_core::access::token_key`]).
 pub(crate) fn token_hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+    tokenserver_core::access::token_key(token)
 }

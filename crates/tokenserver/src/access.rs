@@ -133,7 +133,7 @@ impl AccessTokens {
         let token = match req.token {
             Some(t) => t,
             None => {
-                generated = generate_token();
+                generated = generate_token(now);
                 &generated
             }
         };

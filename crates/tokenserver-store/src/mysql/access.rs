@@ -1,8 +1,9 @@
-//! MySQL / MariaDB access-token store: one table keyed by (service, SHA-256 of the token), ids as
-//! `VARBINARY` so that comparisons are byte for byte (a case-insensitive collation would make
-//! `App` and `app` one application). Creation is an `INSERT` whose duplicate-key error is followed,
-//! when the token has expired, by an `UPDATE` guarded by that expiry; the primary key makes two
-//! concurrent creates of one token end with one winner. Every write runs on a task of its own.
+//! MySQL / MariaDB access-token store: one table keyed by (service, the token's key: its SHA-256,
+//! led by its issue time for a token tokenserver generated), ids as `VARBINARY` so that comparisons
+//! are byte for byte (a case-insensitive collation would make `App` and `app` one application).
+//! Creation is an `INSERT` whose duplicate-key error is followed, when the token has expired, by an
+//! `UPDATE` guarded by that expiry; the primary key makes two concurrent creates of one token end
+//! with one winner. Every write runs on a task of its own.
 
 use async_trait::async_trait;
 use sqlx::mysql::{MySqlArguments, MySqlPool, MySqlRow};

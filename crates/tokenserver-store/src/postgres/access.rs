@@ -1,7 +1,8 @@
-//! PostgreSQL access-token store: one table keyed by (service, SHA-256 of the token). Creation is
-//! `INSERT … ON CONFLICT DO NOTHING`, then, when the token exists but has expired, an `UPDATE`
-//! guarded by that expiry: the primary key makes two concurrent creates of one token end with one
-//! winner. Every write runs on a task of its own ([`crate::caller`]).
+//! PostgreSQL access-token store: one table keyed by (service, the token's key: its SHA-256, led by
+//! its issue time for a token tokenserver generated). Creation is `INSERT … ON CONFLICT DO
+//! NOTHING`, then, when the token exists but has expired, an `UPDATE` guarded by that expiry: the
+//! primary key makes two concurrent creates of one token end with one winner. Every write runs on a
+//! task of its own ([`crate::caller`]).
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgRow};

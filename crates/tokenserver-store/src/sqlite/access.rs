@@ -1,18 +1,21 @@
-//! SQLite access-token store: one table keyed by (service, SHA-256 of the token), writes on the
-//! database's group-commit writer (shared with Sync and sessions in one file), reads inline. A
-//! token read by its text is answered from the database's token cache while no other connection
-//! has committed ([`super::wal_cache`]); the writer keeps the cache current with its own commits.
-//! Creation is one `INSERT … ON CONFLICT DO NOTHING` and, when the token exists but has expired,
-//! an `UPDATE` guarded by that expiry: both run in the writer's transaction, so two creates of
-//! one token cannot both succeed.
+//! SQLite access-token store: one table keyed by (service, the token's key: its SHA-256, led by its
+//! issue time for a token tokenserver generated), writes on the database's group-commit writer
+//! (shared with Sync and sessions in one file), reads inline. A token read by its text is answered
+//! from the database's token cache while no other connection has committed ([`super::wal_cache`]);
+//! the writer keeps the cache current with its own commits. Creation is one `INSERT … ON CONFLICT
+//! DO NOTHING` and, when the token exists but has expired, an `UPDATE` guarded by that expiry: both
+//! run in the writer's transaction, so two creates of one token cannot both succeed.
 //!
-//! The listing indexes order an application's (and a user's) tokens by creation time, then hash:
-//! a create then writes at the right edge of its application's range, and the one page it
-//! dirties at random is the table's own (the hash is what makes tokens unique). Ordered by hash,
-//! as the table is, every create dirtied a second random page: a commit of a batch of creates
-//! wrote about twice the WAL pages (bench/results/tuning-notes.md). The cursor is the last
-//! token's (created_at, hash). They also hold every column a page shows, so a page is one range
-//! of one index: looking each token up in the table cost ~1.3 µs a token, most of a page's time.
+//! The listing indexes order an application's (and a user's) tokens by creation time, then key:
+//! a create writes at the right edge of its application's range. The table itself is ordered by
+//! key, which for a token tokenserver generated leads with its issue time, so a batch of such
+//! creates appends to one page of the table; a token given by the caller is keyed by its hash and
+//! dirties one random page. Ordered by hash, as the table is, a listing index made every create
+//! dirty a second random page: a commit of a batch of creates wrote about twice the WAL pages
+//! (bench/results/tuning-notes.md). The cursor is the last token's (created_at, key). They also
+//! hold every column a page shows, so a page is one range of one index: looking each token up in
+//! the table cost ~1.3 µs a token, most of a page's time. What a create still costs in WAL pages,
+//! and why: bench/results/access-sqlite.md.
 
 use std::sync::Arc;
 

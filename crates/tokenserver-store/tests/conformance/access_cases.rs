@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use futures::future::join_all;
+use tokenserver_core::access::generate_token;
 use tokenserver_core::clock::now_ms;
 use tokenserver_store::access::{AccessStore, Listing, NewToken};
 use tokenserver_store::StoreError;
@@ -87,10 +88,22 @@ pub async fn create_get_delete(s: &dyn AccessStore) {
 pub async fn tokens_of_any_shape_round_trip(s: &dyn AccessStore) {
     let now = now_ms();
     let long = format!("{}β", "A".repeat(3582));
-    for (i, token) in
-        ["foo bar", "_*-/9090", "?---$$$$", "6666", "hello.xml.xml", "va/lid/tok/en", "ü:{x}", long.as_str()]
-            .into_iter()
-            .enumerate()
+    // Generated tokens are keyed by their issue time, then hash: an early one and a late one.
+    let (early, late) = (generate_token(1), generate_token(now));
+    for (i, token) in [
+        "foo bar",
+        "_*-/9090",
+        "?---$$$$",
+        "6666",
+        "hello.xml.xml",
+        "va/lid/tok/en",
+        "ü:{x}",
+        long.as_str(),
+        early.as_str(),
+        late.as_str(),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let app = format!("app/{i}:{{x}}");
         s.create(&new("svc:{a}", token, &app, Some("u:1/ü"), None, now)).await.unwrap();
