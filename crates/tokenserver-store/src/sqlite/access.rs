@@ -60,11 +60,11 @@ const GET: &str = "SELECT app_id, user_id, expires_at, created_at FROM tokenserv
     WHERE service = ?1 AND token_hash = ?2";
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = ?1 AND token_hash = ?2 AND (expires_at IS NULL OR expires_at > ?3)";
-const LIST_APP: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
+const LIST_APP: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
     FROM tokenserver_access_tokens INDEXED BY tokenserver_access_app_page_idx \
     WHERE service = ?1 AND app_id = ?2 AND (created_at, token_hash) > (?3, ?4) \
     AND (expires_at IS NULL OR expires_at > ?5) ORDER BY created_at, token_hash LIMIT ?6";
-const LIST_USER: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
+const LIST_USER: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
     FROM tokenserver_access_tokens INDEXED BY tokenserver_access_user_page_idx \
     WHERE service = ?1 AND app_id = ?2 AND user_id = ?7 AND user_id IS NOT NULL \
     AND (created_at, token_hash) > (?3, ?4) \
@@ -83,19 +83,6 @@ fn ms(v: Option<u64>) -> Option<i64> {
     v.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-/// A row of the listings (first five columns).
-fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccessToken> {
-    Ok(AccessToken {
-        token: r.get(0)?,
-        grant: Grant {
-            app_id: r.get(1)?,
-            user_id: r.get(2)?,
-            expires_at: r.get::<_, Option<i64>>(3)?.map(|v| v.max(0) as u64),
-        },
-        created_at: r.get::<_, i64>(4)?.max(0) as u64,
-    })
-}
-
 /// What the token whose hash is `hash` grants, and when it was created, live or not.
 fn stored_grant(conn: &Connection, service: &str, hash: &[u8; 32]) -> rusqlite::Result<Option<(Grant, u64)>> {
     let mut stmt = conn.prepare_cached(GET)?;
@@ -112,8 +99,9 @@ fn stored_grant(conn: &Connection, service: &str, hash: &[u8; 32]) -> rusqlite::
 
 fn list(conn: &Connection, l: &ListingOwned) -> rusqlite::Result<TokenPage> {
     let now = l.now as i64;
-    let mut tokens = Vec::new();
-    let mut last: Option<(i64, Vec<u8>)> = None;
+    let mut tokens = Vec::with_capacity(l.limit.min(1000));
+    // The last row's (created_at, key), copied from each row without an allocation.
+    let mut last: Option<(i64, [u8; 32])> = None;
     let (created, hash) = (l.from.0, &l.from.1[..]);
     let mut stmt = conn.prepare_cached(if l.user_id.is_some() { LIST_USER } else { LIST_APP })?;
     let mut rows = match &l.user_id {
@@ -121,8 +109,24 @@ fn list(conn: &Connection, l: &ListingOwned) -> rusqlite::Result<TokenPage> {
         Some(user) => stmt.query(params![l.service, l.app_id, created, hash, now, l.limit as i64, user])?,
     };
     while let Some(row) = rows.next()? {
-        tokens.push(token_row(row)?);
-        last = Some((row.get(4)?, row.get(5)?));
+        let created_at: i64 = row.get(3)?;
+        let mut key = [0u8; 32];
+        if let rusqlite::types::ValueRef::Blob(stored) = row.get_ref(4)? {
+            if stored.len() == key.len() {
+                key.copy_from_slice(stored);
+            }
+        }
+        last = Some((created_at, key));
+        tokens.push(AccessToken {
+            token: row.get(0)?,
+            // Every row of the range has the listing's application id (compared byte for byte).
+            grant: Grant {
+                app_id: l.app_id.clone(),
+                user_id: row.get(1)?,
+                expires_at: row.get::<_, Option<i64>>(2)?.map(|v| v.max(0) as u64),
+            },
+            created_at: created_at.max(0) as u64,
+        });
     }
     let next = last.filter(|_| tokens.len() >= l.limit).map(|(created, hash)| encode_cursor(created, &hash));
     Ok(TokenPage { tokens, next })

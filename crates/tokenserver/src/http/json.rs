@@ -41,6 +41,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FastJson<T> {
     }
 }
 
+/// `axum::Json(value)` as a response, serialized into a buffer of `capacity` bytes to start with:
+/// a page of tokens (~15 KB) would otherwise grow axum's 128-byte buffer by doubling, copying it
+/// each time.
+pub fn json_response<T: serde::Serialize>(value: &T, capacity: usize) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut body = Vec::with_capacity(capacity);
+    match serde_json::to_writer(&mut body, value) {
+        Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        // As axum::Json answers a value that fails to serialize.
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
 /// The last second RFC 3339's four-digit years can write (9999-12-31T23:59:59Z).
 const MAX_RFC3339_S: u64 = 253_402_300_799;
 
@@ -95,7 +108,25 @@ pub struct Rfc3339(pub u64);
 
 impl serde::Serialize for Rfc3339 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let bytes = rfc3339_bytes(self.0);
+        // A page shows each token's creation and expiry, mostly within the same two seconds:
+        // the text of the last two seconds written on this thread is kept and reused.
+        type Memo = [(u64, [u8; 20]); 2];
+        thread_local! {
+            static LAST: std::cell::Cell<Memo> = const { std::cell::Cell::new([(u64::MAX, [0; 20]); 2]) };
+        }
+        let secs = self.0 / 1000;
+        let bytes = LAST.with(|last| {
+            let mut memo = last.get();
+            match memo.iter().find(|(at, _)| *at == secs) {
+                Some((_, bytes)) => *bytes,
+                None => {
+                    let bytes = rfc3339_bytes(self.0);
+                    memo = [(secs, bytes), memo[0]];
+                    last.set(memo);
+                    bytes
+                }
+            }
+        });
         s.serialize_str(std::str::from_utf8(&bytes).unwrap_or_default())
     }
 }
@@ -151,6 +182,11 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_999), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59Z");
         assert_eq!(serde_json::to_string(&Rfc3339(1_000)).ok().as_deref(), Some("\"1970-01-01T00:00:01Z\""));
+        // The text kept for the last second is reused within it, and only within it.
+        let times = [1_999, 1_000, 2_000, 0, 951_782_400_999, 951_782_401_000];
+        let each: Vec<String> = times.iter().map(|ms| serde_json::to_string(&Rfc3339(*ms)).unwrap()).collect();
+        let want: Vec<String> = times.iter().map(|ms| format!("\"{}\"", humantime(*ms))).collect();
+        assert_eq!(each, want);
     }
 
     use axum::body::Body;
