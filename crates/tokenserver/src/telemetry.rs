@@ -5,7 +5,11 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::{Event, Subscriber};
 use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber (once; later calls are ignored). Keep the guard alive until
@@ -16,8 +20,50 @@ pub fn init_logging(human: bool) -> Option<WorkerGuard> {
     // Colours only for a terminal: a file, a pipe or journald would get the escape codes verbatim.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
-    let installed = if human { builder.try_init() } else { builder.json().flatten_event(true).try_init() };
+    let installed = if human {
+        builder.event_format(WithRequestId(format::Format::default())).try_init()
+    } else {
+        builder.json().event_format(WithRequestId(format::Format::default().json().flatten_event(true))).try_init()
+    };
     installed.ok().map(|()| guard)
+}
+
+/// An event format that names the request being served ([`crate::http::observe`]): a JSON line
+/// gets `"rid"` as its first member, a human line starts with `rid=…`.
+struct WithRequestId<F>(F);
+
+impl<S, N> FormatEvent<S, N> for WithRequestId<format::Format<format::Json>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    format::Format<format::Json>: FormatEvent<S, N>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        let Some(rid) = crate::http::observe::current_request_id() else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        // The id is plain ([A-Za-z0-9._-], checked where it is taken): no escaping needed.
+        let mut line = String::with_capacity(256);
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(writer, "{{\"rid\":\"{rid}\",{rest}"),
+            None => writer.write_str(&line),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for WithRequestId<format::Format<format::Full>>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    format::Format<format::Full>: FormatEvent<S, N>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        if let Some(rid) = crate::http::observe::current_request_id() {
+            write!(writer, "rid={rid} ")?;
+        }
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -38,14 +84,14 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
 
 /// A family's `{metric}{op, outcome}` counters, registered once: building a labelled key per call
 /// allocated on every request, and registering up front shows every series, at 0, from the start.
-pub struct OpCounters(std::collections::HashMap<(&'static str, &'static str), metrics::Counter>);
+pub struct OpCounters(foldhash::HashMap<(&'static str, &'static str), metrics::Counter>);
 
 impl OpCounters {
     /// Registers `metric` for every `(op, outcomes)` pair.
     pub fn register(metric: &'static str, outcomes: &[(&'static str, &[&'static str])]) -> Self {
         // The recorder must be in place before handles are taken (a handle taken earlier counts nothing).
         let _ = metrics_handle();
-        let mut map = std::collections::HashMap::new();
+        let mut map = foldhash::HashMap::default();
         for (op, outcomes) in outcomes {
             for outcome in *outcomes {
                 map.insert((*op, *outcome), metrics::counter!(metric, "op" => *op, "outcome" => *outcome));

@@ -26,8 +26,8 @@
 //! cache must still hold the first header. Otherwise the cache is left to the next reader, which
 //! sees a header it does not hold and empties it.
 
+use foldhash::{HashMap, HashMapExt};
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::fs::File;
 use std::hash::Hash;
 use std::os::unix::fs::FileExt;

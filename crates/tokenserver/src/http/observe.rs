@@ -1,11 +1,12 @@
 //! Per-request observability, one layer on each listener: a request id (the caller's
 //! `X-Request-Id` when it is a plain token, else a fresh one) returned in `X-Request-Id` and
-//! carried by a span, so every log line of the request names it (`"rid"`); and the Prometheus
+//! kept in a task-local while the request is served, so that every log line written on its task
+//! names it (`"rid"`, [`crate::telemetry`]); and the Prometheus
 //! series `tokenserver_http_requests_total{listener,route,status}` with the latency histogram
 //! `tokenserver_http_request_duration_seconds{listener,route}`. `route` is the matched route
 //! pattern (`/1.0/{application}/{version}`), never the raw path, so the series stay few.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -14,12 +15,23 @@ use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{Counter, Histogram};
-use tracing::Instrument;
 
 /// The histogram's name, for its buckets ([`crate::telemetry::metrics_handle`]).
 pub const DURATION_METRIC: &str = "tokenserver_http_request_duration_seconds";
 
-const REQUEST_ID: &str = "x-request-id";
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+tokio::task_local! {
+    /// The id of the request the current task serves. A task-local rather than a tracing span:
+    /// a span is registered and its fields formatted for every request, whether or not a line is
+    /// ever written inside it (~9% of an access-token `authorize`'s instructions, callgrind).
+    static REQUEST_ID: String;
+}
+
+/// The id of the request the current task serves, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(String::clone).ok()
+}
 const MAX_REQUEST_ID: usize = 64;
 
 /// The metric handles of one listener, registered on first use of each (route, status): the
@@ -88,14 +100,14 @@ pub async fn observe(
     let started = Instant::now();
     // A clone of the matched path is a reference count, not a copy of the pattern.
     let route = req.extensions().get::<MatchedPath>().cloned();
-    let id = match req.headers().get(REQUEST_ID).and_then(usable_id) {
+    let id = match req.headers().get(REQUEST_ID_HEADER).and_then(usable_id) {
         Some(id) => id.to_string(),
-        None => format!("{:016x}", rand::random::<u64>()),
+        None => hex::encode(rand::random::<[u8; 8]>()),
     };
-    let span = tracing::info_span!("request", rid = %id);
-    let mut resp = next.run(req).instrument(span).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
+    let header = HeaderValue::from_str(&id).ok();
+    let mut resp = REQUEST_ID.scope(id, next.run(req)).await;
+    if let Some(v) = header {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     metrics.record(route, resp.status().as_u16(), started.elapsed().as_secs_f64());

@@ -88,6 +88,7 @@ async fn no_secret_or_bearer_token_is_ever_logged() {
     for (generation, cs) in [(1, "aaaa"), (2, "bbbb")] {
         let jwt = Jwt::new("u1", Some(generation)).sign();
         let r = http.get(format!("{base}/1.0/sync/1.5")).bearer_auth(&jwt).header("x-keyid", key_id(generation, cs));
+        let r = r.header("x-request-id", format!("log-test.rid_{generation}"));
         let v: Value = r.send().await.unwrap().json().await.unwrap();
         secrets.extend([jwt, v["id"].as_str().unwrap().to_string(), v["key"].as_str().unwrap().to_string()]);
     }
@@ -140,6 +141,12 @@ async fn no_secret_or_bearer_token_is_ever_logged() {
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.lines().count() > 20 && log.contains("\"level\":\"TRACE\""), "trace logging was on");
     assert!(log.contains("\"rid\""), "request ids are logged");
+    // The lines written while a request was served name it, as the line's first member (the
+    // token line of each Sync request above, at least).
+    let named: Vec<&str> = log.lines().filter(|l| l.contains("log-test.rid_1")).collect();
+    assert!(named.iter().any(|l| l.contains("token issued")), "{named:?}");
+    assert!(named.iter().all(|l| l.starts_with(r#"{"rid":"log-test.rid_1","#)), "{named:?}");
+    assert!(named.iter().all(|l| serde_json::from_str::<Value>(l).is_ok()), "{named:?}");
     // The FxA key in use is named at startup by its kid.
     assert!(log.lines().any(|l| l.contains("FxA signing keys in use") && l.contains("\"kids\":\"test-rsa\"")), "{log}");
     for secret in &secrets {
