@@ -200,7 +200,9 @@ impl SqliteAccess {
     }
 
     /// Runs `step` on the writer, in the next batch's transaction, and tells the token cache
-    /// what `touched` says a successful step changed.
+    /// what `touched` says a successful step changed. Every step here is one statement (a
+    /// create's `UPDATE` runs only when its `INSERT` changed nothing), atomic by itself: no
+    /// savepoint ([`GroupWriter::call_atomic`]).
     async fn write<T: Send + 'static>(
         &self,
         step: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -208,7 +210,7 @@ impl SqliteAccess {
     ) -> Result<T> {
         let cache = self.cache.clone();
         self.writer
-            .call(move |conn| {
+            .call_atomic(move |conn| {
                 let out = step(conn);
                 if let (Some(cache), Ok(done)) = (&cache, &out) {
                     match touched(done) {
