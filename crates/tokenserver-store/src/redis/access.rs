@@ -156,19 +156,25 @@ return #due
 "
 );
 
-/// A listing entry read back: (token, user, expiry, created).
+/// A listing entry read back: (token, user, expiry, created). Split as bytes, and only the
+/// token and user checked as UTF-8: a page reads a hundred of these.
 fn parse_entry(entry: &[u8]) -> Option<(String, Option<String>, Option<u64>, u64)> {
-    let text = std::str::from_utf8(entry).ok()?;
-    let mut fields = text.split('\0');
+    let number = |field: &[u8]| std::str::from_utf8(field).ok()?.parse::<u64>().ok();
+    let text = |field: &[u8]| std::str::from_utf8(field).ok().map(str::to_string);
+    let mut fields = entry.split(|b| *b == 0);
     let (token, user, expires, created) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
     if fields.next().is_some() || token.is_empty() {
         return None;
     }
     let expires = match expires {
-        "" => None,
-        e => Some(e.parse().ok()?),
+        [] => None,
+        e => Some(number(e)?),
     };
-    Some((token.to_string(), (!user.is_empty()).then(|| user.to_string()), expires, created.parse().unwrap_or(0)))
+    let user = match user {
+        [] => None,
+        u => Some(text(u)?),
+    };
+    Some((text(token)?, user, expires, number(created).unwrap_or(0)))
 }
 
 /// The token of an index member (a listing entry, or a bare token from `all`).
@@ -458,7 +464,7 @@ mod tests {
             Some(("tok en".into(), Some("alice".into()), Some(1_764_000_000_000), 1_763_990_000_000))
         );
         assert_eq!(parse_entry(b"t\0\0\x005"), Some(("t".into(), None, None, 5)));
-        for bad in [&b"t"[..], b"t\0\0", b"\0\0\0", b"t\0u\0x\x001", b"t\0\0\0\0"] {
+        for bad in [&b"t"[..], b"t\0\0", b"\0\0\0", b"t\0u\0x\x001", b"t\0\0\0\0", b"\xff\0\0\0", b"t\0\xfe\0\0"] {
             assert_eq!(parse_entry(bad), None, "{bad:?}");
         }
         assert_eq!(member_token("abc\0u\0\x001"), "abc");
