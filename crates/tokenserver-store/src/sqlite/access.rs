@@ -162,10 +162,11 @@ fn prepare_schema(conn: &Connection) -> Result<()> {
     conn.execute_batch(SCHEMA).map_err(e)
 }
 
-/// What a write leaves of the tokens it changed, for the token cache.
+/// Which tokens a write changed, for the token cache (which drops them; the next read files
+/// them again).
 enum Touch {
-    /// This token of this service, as it now is (`None`: gone).
-    Token(String, [u8; 32], Option<Arc<(Grant, u64)>>),
+    /// This token of this service.
+    Token(String, [u8; 32]),
     /// Any token.
     All,
 }
@@ -214,7 +215,7 @@ impl SqliteAccess {
                 let out = step(conn);
                 if let (Some(cache), Ok(done)) = (&cache, &out) {
                     match touched(done) {
-                        Some(Touch::Token(service, hash, now)) => cache.touch(&service, hash, now),
+                        Some(Touch::Token(service, hash)) => cache.touch(&service, hash, None),
                         Some(Touch::All) => cache.touch_all(),
                         None => {}
                     }
@@ -239,8 +240,9 @@ impl AccessStore for SqliteAccess {
     async fn create(&self, t: &NewToken<'_>) -> Result<()> {
         let stored = t.stored();
         let (service, hash) = (t.service.to_string(), token_hash(t.token));
-        let cached = Arc::new((stored.grant.clone(), stored.created_at));
-        let touch = Touch::Token(service.clone(), hash, Some(cached));
+        // Dropped from the cache rather than filed: a burst of creates would otherwise fill it
+        // with tokens nobody has read yet and push out the ones being authorized.
+        let touch = Touch::Token(service.clone(), hash);
         self.write(
             move |conn| {
                 let g = &stored.grant;
@@ -297,7 +299,7 @@ impl AccessStore for SqliteAccess {
 
     async fn delete(&self, service: &str, token: &str, now: u64) -> Result<bool> {
         let (service, hash) = (service.to_string(), token_hash(token));
-        let touch = Touch::Token(service.clone(), hash, None);
+        let touch = Touch::Token(service.clone(), hash);
         self.write(
             move |conn| {
                 let n = conn
