@@ -15,8 +15,8 @@ use std::future::Future;
 
 use async_trait::async_trait;
 use tokenserver_core::session::{
-    decide, replay_answer, ChainId, Decision, Invalid, RotateOutcome, RotateRequest, Rotated, RotationPolicy,
-    SessionRecord, SessionToken, TokenHash,
+    decide, live_rotation, replay_answer, ChainId, Decision, Invalid, RotateOutcome, RotateRequest, Rotated,
+    RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
 use crate::StoreError;
@@ -101,6 +101,27 @@ pub(crate) trait RotationSteps: Send {
     fn revoke(&mut self, chain: &ChainId, from: &TokenHash) -> impl Future<Output = Result<()>> + Send;
     /// Deletes the presented record, found expired.
     fn remove(&mut self, hash: &TokenHash) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether [`Self::rotate_live`] can rotate in one step (network stores, where it saves a
+    /// round trip).
+    fn rotates_live(&self) -> bool {
+        false
+    }
+
+    /// In one atomic step, without reading it first: if the record of `presented` is live, marks
+    /// it rotated with `rotated` and stores its successor under `rotated.successor` with the
+    /// record [`tokenserver_core::session::successor_record`] gives for its metadata at `now`;
+    /// returns that record. `None` when the record is missing, expired or rotated (nothing
+    /// changed; the rotation is then read and decided).
+    fn rotate_live(
+        &mut self,
+        presented: &TokenHash,
+        rotated: &Rotated,
+        now: u64,
+    ) -> impl Future<Output = Result<Option<SessionRecord>>> + Send {
+        let _ = (presented, rotated, now);
+        std::future::ready(Ok(None))
+    }
 }
 
 /// A rotation: what [`decide`] says, done through `steps`.
@@ -110,6 +131,12 @@ pub(crate) async fn rotate(
     policy: &RotationPolicy,
 ) -> Result<RotateOutcome> {
     let hash = req.presented.hash();
+    // The common case, a live token and no metadata change, in one step where the backend can.
+    if req.update.is_none() && steps.rotates_live() {
+        if let Some(record) = steps.rotate_live(&hash, &live_rotation(req), req.now).await? {
+            return Ok(RotateOutcome::Rotated { token: req.successor.clone(), record });
+        }
+    }
     for _ in 0..MAX_ATTEMPTS {
         let record = steps.load(&hash, true).await?;
         match decide(record.as_ref(), req, policy) {
@@ -208,4 +235,68 @@ pub(crate) fn end_with(ops: &mut impl SessionOps, token: &SessionToken, now: u64
     }
     ops.revoke(&token.chain(), &hash)?;
     Ok(true)
+}
+
+/// What every store that rotates live tokens in one step must do ([`RotationSteps::rotate_live`]):
+/// rotate a live token exactly as [`decide`] would, and change nothing for one it cannot decide
+/// alone (rotated, idle-expired, past its deadline, unknown). `steps_for` makes a rotation's
+/// steps for a session.
+#[cfg(test)]
+pub(crate) async fn live_rotation_case<S: RotationSteps>(
+    store: &dyn SessionStore,
+    mut steps_for: impl FnMut(ChainId) -> S,
+) {
+    use tokenserver_core::session::successor_record;
+    const MIN: u64 = 60_000;
+    let now = tokenserver_core::clock::now_ms();
+    let at = |token: &SessionToken, when: u64| RotateRequest {
+        presented: token.clone(),
+        successor: token.successor(),
+        update: None,
+        now: when,
+    };
+    async fn live<S: RotationSteps>(steps: &mut S, req: &RotateRequest) -> Option<SessionRecord> {
+        let (hash, rotated) = (req.presented.hash(), live_rotation(req));
+        steps.rotate_live(&hash, &rotated, req.now).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+    let token = SessionToken::new_session();
+    let record = SessionRecord::new(r#"{"u":1}"#.into(), now, 10 * MIN, 25 * MIN);
+    store.create(&token, &record).await.unwrap_or_else(|e| panic!("create: {e}"));
+    let mut steps = steps_for(token.chain());
+    assert!(steps.rotates_live());
+
+    // A live token: what `decide` gives, the idle expiry renewed from `now`.
+    let req = at(&token, now + MIN);
+    let want = successor_record(&record, record.meta.clone(), req.now);
+    assert_eq!(want.expires_at, now + 11 * MIN);
+    assert_eq!(live(&mut steps, &req).await, Some(want));
+    // Rotated now: a second try changes nothing, and the general path sees the rotation.
+    assert_eq!(live(&mut steps, &req).await, None);
+    let policy = RotationPolicy { grace_ms: 2_000, reuse_detection: false, limits: Default::default() };
+    let retry = store.rotate(&req, &policy).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(&retry, RotateOutcome::Replayed { token: t, .. } if *t == req.successor), "{retry:?}");
+    // The successors rotate in turn, until the deadline caps the renewed expiry.
+    let next = at(&req.successor, now + 10 * MIN);
+    let got = live(&mut steps, &next).await.map(|r| (r.meta, r.expires_at, r.deadline));
+    assert_eq!(got, Some((record.meta.clone(), now + 20 * MIN, now + 25 * MIN)));
+    let last = at(&next.successor, now + 19 * MIN);
+    let got = live(&mut steps, &last).await.map(|r| (r.expires_at, r.deadline));
+    assert_eq!(got, Some((now + 25 * MIN, now + 25 * MIN)));
+
+    // Idle-expired at its expiry to the millisecond, past its deadline, unknown: unchanged.
+    let idle = SessionToken::new_session();
+    store.create(&idle, &SessionRecord::new("{}".into(), now, MIN, 25 * MIN)).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut steps = steps_for(idle.chain());
+    assert_eq!(live(&mut steps, &at(&idle, now + MIN)).await, None);
+    assert!(live(&mut steps, &at(&idle, now + MIN - 1)).await.is_some(), "live a millisecond before");
+    let old = SessionToken::new_session();
+    store
+        .create(&old, &SessionRecord::new("{}".into(), now, 30 * MIN, 5 * MIN))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut steps = steps_for(old.chain());
+    assert_eq!(live(&mut steps, &at(&old, now + 5 * MIN)).await, None);
+    let gone = SessionToken::new_session();
+    let mut steps = steps_for(gone.chain());
+    assert_eq!(live(&mut steps, &at(&gone, now)).await, None);
 }

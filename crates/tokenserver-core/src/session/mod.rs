@@ -7,6 +7,7 @@ pub mod token;
 
 pub use meta::{MetaError, MetaLimits, MetaUpdate};
 pub use rotation::{
-    decide, replay_answer, Decision, Invalid, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord,
+    decide, live_rotation, replay_answer, successor_record, Decision, Invalid, RotateOutcome, RotateRequest, Rotated,
+    RotationPolicy, SessionRecord,
 };
 pub use token::{ChainId, SealedSuccessor, SessionToken, TokenHash};

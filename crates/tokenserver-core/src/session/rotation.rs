@@ -192,18 +192,32 @@ pub fn decide(record: Option<&SessionRecord>, req: &RotateRequest, policy: &Rota
             Err(e) => return Decision::Reject(e),
         },
     };
-    let successor_hash = req.successor.hash();
-    let successor = SessionRecord {
+    Decision::Rotate {
+        rotated: live_rotation(req),
+        successor_hash: req.successor.hash(),
+        successor: successor_record(record, meta, now),
+    }
+}
+
+/// The presented record's `rotated` field when `req` rotates it.
+pub fn live_rotation(req: &RotateRequest) -> Rotated {
+    Rotated { at: req.now, successor: req.successor.hash(), sealed: req.presented.seal(&req.successor) }
+}
+
+/// The successor's record when `record` is rotated at `now`: `meta`, the idle lifetime renewed
+/// from `now` but never past the deadline, the deadline and the idle lifetime kept.
+///
+/// A store may rotate in one step, without reading the record first, a request that carries no
+/// metadata update, when its presented record is live ([`SessionRecord::is_live`]): that is
+/// the [`Decision::Rotate`] [`decide`] gives, with `rotated` from [`live_rotation`] and this
+/// record with the presented metadata. Otherwise it falls back to reading and deciding.
+pub fn successor_record(record: &SessionRecord, meta: String, now: u64) -> SessionRecord {
+    SessionRecord {
         meta,
         expires_at: now.saturating_add(record.ttl_ms).min(record.deadline),
         deadline: record.deadline,
         ttl_ms: record.ttl_ms,
         rotated: None,
-    };
-    Decision::Rotate {
-        rotated: Rotated { at: now, successor: successor_hash, sealed: req.presented.seal(&req.successor) },
-        successor_hash,
-        successor,
     }
 }
 

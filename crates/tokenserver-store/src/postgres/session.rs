@@ -68,6 +68,29 @@ const ROTATE_MANY: &str = "WITH input AS ( \
     ) \
     SELECT token_hash FROM marked";
 
+/// Many live rotations in one statement (`RotationSteps::rotate_live`): each presented row that
+/// is unrotated and, at its `now`, neither idle-expired nor past its deadline is marked rotated,
+/// and its successor inserted with the presented metadata and the expiry `successor_record`
+/// gives; the rows rotated come back with the successor's record. The metadata is read from the
+/// row as the statement found it (`old`, a self-join): a row rotated meanwhile fails the
+/// re-checked `rotated_at IS NULL` and is left alone.
+const ROTATE_LIVE_MANY: &str = "WITH input AS ( \
+        SELECT * FROM unnest($1::bytea[], $2::bigint[], $3::bytea[], $4::bytea[]) \
+            AS i(presented, now, successor, sealed) \
+    ), marked AS ( \
+        UPDATE tokenserver_sessions s \
+        SET meta = '', rotated_at = i.now, successor = i.successor, sealed = i.sealed \
+        FROM input i JOIN tokenserver_sessions old ON old.token_hash = i.presented \
+        WHERE s.token_hash = i.presented AND s.rotated_at IS NULL \
+            AND s.expires_at > i.now AND s.deadline > i.now \
+        RETURNING s.token_hash AS presented, i.successor AS next_hash, s.chain, old.meta, \
+            LEAST(i.now + s.ttl_ms, s.deadline) AS expires_at, s.deadline, s.ttl_ms \
+    ), added AS ( \
+        INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
+        SELECT next_hash, chain, meta, expires_at, deadline, ttl_ms FROM marked \
+    ) \
+    SELECT presented, meta, expires_at, deadline, ttl_ms FROM marked";
+
 /// Many new sessions in one statement; a token already stored is left as it is and reported.
 const CREATE_MANY: &str = "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) \
@@ -119,6 +142,12 @@ struct RotateJob {
     successor_hash: TokenHash,
     chain: ChainId,
     successor: SessionRecord,
+}
+
+/// A live rotation, as [`ROTATE_LIVE_MANY`] takes it.
+struct LiveJob {
+    presented: TokenHash,
+    rotated: Rotated,
 }
 
 /// A new session, as [`CREATE_MANY`] takes it.
@@ -215,6 +244,47 @@ async fn rotate_many(reads: ReadPool<PgConnection>, jobs: Vec<RotateJob>) -> Res
     Ok(jobs.iter().zip(first).map(|(j, first)| Ok(first && applied.contains(&j.presented.0[..]))).collect())
 }
 
+/// Many live rotations in one statement; for each, the successor's record when it was applied.
+/// Of two rotations of one token in a batch only the first is sent (the other falls back to
+/// reading the record, and finds it rotated).
+async fn rotate_live_many(
+    reads: ReadPool<PgConnection>,
+    jobs: Vec<LiveJob>,
+) -> Result<Vec<Result<Option<SessionRecord>>>> {
+    let mut sent = HashSet::with_capacity(jobs.len());
+    let first: Vec<bool> = jobs.iter().map(|j| sent.insert(j.presented.0)).collect();
+    let picked = || jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(j, _)| j);
+    let presented: Vec<&[u8]> = picked().map(|j| &j.presented.0[..]).collect();
+    let now: Vec<i64> = picked().map(|j| j.rotated.at as i64).collect();
+    let successor: Vec<&[u8]> = picked().map(|j| &j.rotated.successor.0[..]).collect();
+    let sealed: Vec<&[u8]> = picked().map(|j| j.rotated.sealed.as_bytes()).collect();
+    let mut lease = reads.get().await?;
+    let rows = sqlx::query(ROTATE_LIVE_MANY)
+        .bind(&presented)
+        .bind(&now)
+        .bind(&successor)
+        .bind(&sealed)
+        .fetch_all(&mut *lease)
+        .await?;
+    lease.keep();
+    let mut applied: HashMap<Vec<u8>, SessionRecord> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let record = SessionRecord {
+            meta: row.try_get(1)?,
+            expires_at: row.try_get::<i64, _>(2)? as u64,
+            deadline: row.try_get::<i64, _>(3)? as u64,
+            ttl_ms: row.try_get::<i64, _>(4)? as u64,
+            rotated: None,
+        };
+        applied.insert(row.try_get(0)?, record);
+    }
+    Ok(jobs
+        .iter()
+        .zip(first)
+        .map(|(j, first)| Ok(first.then(|| applied.remove(&j.presented.0[..])).flatten()))
+        .collect())
+}
+
 /// A rotation's steps: reads and compare-and-set writes through the store's batchers, so that
 /// concurrent rotations share their statements; the rare revocations and removals as
 /// statements of their own.
@@ -245,6 +315,19 @@ impl RotationSteps for Steps<'_> {
         self.store.rotations.call(job).await
     }
 
+    fn rotates_live(&self) -> bool {
+        true
+    }
+
+    async fn rotate_live(
+        &mut self,
+        presented: &TokenHash,
+        rotated: &Rotated,
+        _now: u64,
+    ) -> Result<Option<SessionRecord>> {
+        self.store.live_rotations.call(LiveJob { presented: *presented, rotated: *rotated }).await
+    }
+
     async fn revoke(&mut self, chain: &ChainId, _from: &TokenHash) -> Result<()> {
         let chain = *chain;
         transaction(&self.store.pool, Caller::default(), move |tx, _| Box::pin(async move { revoke(tx, &chain).await }))
@@ -264,6 +347,7 @@ pub struct PgSessions {
     pool: PgPool,
     loads: Batcher<TokenHash, Option<SessionRecord>>,
     rotations: Batcher<RotateJob, bool>,
+    live_rotations: Batcher<LiveJob, Option<SessionRecord>>,
     creations: Batcher<CreateJob, ()>,
 }
 
@@ -287,16 +371,19 @@ impl PgSessions {
             .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?
             .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
         let reads = ReadPool::new(options, settings)?;
-        let (for_loads, for_rotations, for_creations) = (reads.clone(), reads.clone(), reads);
+        let (for_loads, for_rotations, for_live, for_creations) = (reads.clone(), reads.clone(), reads.clone(), reads);
         let loads =
             Batcher::start("session_load", MAX_BATCH, IN_FLIGHT, move |hashes| load_many(for_loads.clone(), hashes));
         let rotations = Batcher::start("session_rotate", MAX_BATCH, IN_FLIGHT, move |jobs| {
             rotate_many(for_rotations.clone(), jobs)
         });
+        let live_rotations = Batcher::start("session_rotate_live", MAX_BATCH, IN_FLIGHT, move |jobs| {
+            rotate_live_many(for_live.clone(), jobs)
+        });
         let creations = Batcher::start("session_create", MAX_BATCH, IN_FLIGHT, move |jobs| {
             create_many(for_creations.clone(), jobs)
         });
-        Ok(Self { pool, loads, rotations, creations })
+        Ok(Self { pool, loads, rotations, live_rotations, creations })
     }
 }
 
@@ -388,5 +475,19 @@ impl SessionStore for PgSessions {
 
     async fn check(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(StoreError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_rotations_take_one_statement() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let store = PgSessions::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        crate::session::live_rotation_case(&store, |_| Steps { store: &store }).await;
+        drop(store);
+        db.drop_now().await;
     }
 }

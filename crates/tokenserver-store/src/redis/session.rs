@@ -44,6 +44,29 @@ redis.call('PEXPIREAT', KEYS[2], ARGV[5])
 return 1
 ";
 
+/// A live rotation in one step (`RotationSteps::rotate_live`): if KEYS[1] exists, is unrotated
+/// and, at ARGV[1] (now), neither idle-expired (`e`) nor past its deadline (`d`), it is marked
+/// rotated (ARGV[2] successor hash, ARGV[3] sealed successor) and its metadata moves to KEYS[2]
+/// with `e` renewed from now by `t` but not past `d`, as `successor_record` says. Returns
+/// {metadata, e, d, t} of the successor, or false when nothing changed.
+const ROTATE_LIVE: &str = r"
+local r = redis.call('HMGET', KEYS[1], 'm', 'e', 'd', 't', 'r')
+if not r[2] or not r[3] or not r[4] or r[5] then
+  return false
+end
+local now, e, d, t = tonumber(ARGV[1]), tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
+if now >= e or now >= d then
+  return false
+end
+local m = r[1] or ''
+local ne = math.min(now + t, d)
+redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', ARGV[2], 'x', ARGV[3])
+redis.call('HDEL', KEYS[1], 'm')
+redis.call('HSET', KEYS[2], 'm', m, 'e', ne, 'd', d, 't', t)
+redis.call('PEXPIREAT', KEYS[2], ne)
+return {m, ne, d, t}
+";
+
 /// Deletes KEYS[1] and its successors (ARGV[1]: the chain's key prefix, ARGV[2]: walk bound).
 /// With ARGV[3] (now) set, only an unexpired KEYS[1] starts a walk. Returns 1 when it did.
 const REVOKE: &str = r"
@@ -101,6 +124,7 @@ pub struct RedisSessions {
     redis: Redis,
     create: Script,
     rotate: Script,
+    rotate_live: Script,
     revoke: Script,
 }
 
@@ -118,6 +142,7 @@ impl RedisSessions {
             redis: Redis::connect(url).await?,
             create: Script::new(CREATE),
             rotate: Script::new(ROTATE),
+            rotate_live: Script::new(ROTATE_LIVE),
             revoke: Script::new(REVOKE),
         })
     }
@@ -186,6 +211,32 @@ impl RotationSteps for Steps<'_> {
         let applied: i64 = redis::from_redis_value(self.store.redis.send(cmd, Some(ROTATE)).await?)
             .map_err(|err| StoreError::Backend(format!("rotation script: {err}")))?;
         Ok(applied == 1)
+    }
+
+    fn rotates_live(&self) -> bool {
+        true
+    }
+
+    async fn rotate_live(
+        &mut self,
+        presented: &TokenHash,
+        rotated: &Rotated,
+        now: u64,
+    ) -> Result<Option<SessionRecord>> {
+        let mut cmd = evalsha(&self.store.rotate_live, 2);
+        cmd.arg(self.store.key(&self.chain, presented))
+            .arg(self.store.key(&self.chain, &rotated.successor))
+            .arg(now)
+            .arg(rotated.successor.to_hex())
+            .arg(rotated.sealed.as_bytes());
+        let answer = self.store.redis.send(cmd, Some(ROTATE_LIVE)).await?;
+        let bad = |err| StoreError::Backend(format!("live rotation script: {err}"));
+        let Some((meta, expires_at, deadline, ttl_ms)) =
+            redis::from_redis_value::<Option<(String, u64, u64, u64)>>(answer).map_err(bad)?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(SessionRecord { meta, expires_at, deadline, ttl_ms, rotated: None }))
     }
 
     async fn revoke(&mut self, chain: &ChainId, from: &TokenHash) -> Result<()> {
@@ -304,6 +355,16 @@ impl SessionStore for RedisSessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_rotations_take_one_script_call() {
+        for backend in [crate::Backend::Redis, crate::Backend::RedisCluster] {
+            let Some(db) = crate::testing::fresh(backend).await else { continue };
+            let store = RedisSessions::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+            crate::session::live_rotation_case(&store, |chain| Steps { store: &store, chain }).await;
+            db.drop_now().await;
+        }
+    }
 
     #[test]
     fn dump_cursors_round_trip() {
