@@ -248,11 +248,19 @@ fn measure_at(
     let sampler = procs::RssSampler::start(pids);
     let (warmup, duration) = ctx.duration();
     let outcome = load::run_split(addrs, gens, warmup, duration)?;
-    let (rss_kib, cpu, database) = sampler.stop();
+    let usage = sampler.stop();
     let total_requests = outcome.rps * (warmup + duration).as_secs_f64();
-    let cpu_us_per_req = cpu.as_secs_f64() * 1e6 / total_requests.max(1.0);
-    let db_cpu_us_per_req = database.as_secs_f64() * 1e6 / total_requests.max(1.0);
-    Ok((outcome, Sample { rss_kib, cpu_us_per_req, db_cpu_us_per_req, hello_rps: None }))
+    let per_req = |d: Duration| d.as_secs_f64() * 1e6 / total_requests.max(1.0);
+    Ok((
+        outcome,
+        Sample {
+            rss_kib: usage.peak_kib,
+            cpu_us_per_req: per_req(usage.cpu),
+            db_cpu_us_per_req: per_req(usage.database),
+            load_cpu_us_per_req: per_req(usage.load),
+            hello_rps: None,
+        },
+    ))
 }
 
 /// What was sampled from the server process during a run.
@@ -262,6 +270,8 @@ struct Sample {
     cpu_us_per_req: f64,
     /// The database servers' CPU (PostgreSQL, MariaDB, Redis processes on this machine).
     db_cpu_us_per_req: f64,
+    /// The load generator's CPU (this process).
+    load_cpu_us_per_req: f64,
     /// The hello server's req/s measured just before, when it was ([`measure_beside_hello`]).
     hello_rps: Option<f64>,
 }
@@ -511,15 +521,15 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "| Backend | Scenario | req/s | × hello | hello req/s | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | database CPU µs/req | peak RSS MiB |"
+        "| Backend | Scenario | req/s | × hello | hello req/s | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | database CPU µs/req | load generator CPU µs/req | peak RSS MiB |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let o = &r.outcome;
         let hello = r.sample.hello_rps.unwrap_or(hello_rps);
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} |",
             r.backend,
             r.scenario,
             o.rps,
@@ -532,6 +542,7 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
             o.unexpected + o.errors,
             r.sample.cpu_us_per_req,
             r.sample.db_cpu_us_per_req,
+            r.sample.load_cpu_us_per_req,
             r.sample.rss_kib as f64 / 1024.0
         );
     }

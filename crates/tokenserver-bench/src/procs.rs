@@ -143,8 +143,8 @@ pub fn tokenserver(bin: &Path, env: &[(String, String)], log: &Path) -> Result<S
     wait_ready(server, "tokenserver", ready)
 }
 
-/// Samples a process's resident memory every 50 ms; [`RssSampler::stop`] returns the peak (KiB),
-/// the CPU time the process used meanwhile and the CPU time the database servers used.
+/// Samples a process's resident memory every 50 ms; [`RssSampler::stop`] returns the peak and
+/// the CPU time each party used meanwhile.
 pub struct RssSampler {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
@@ -152,6 +152,20 @@ pub struct RssSampler {
     pids: Vec<u32>,
     cpu_start: Duration,
     database_start: Duration,
+    load_start: Duration,
+}
+
+/// What a run used.
+pub struct Usage {
+    /// Peak RSS of the measured processes (the largest), KiB.
+    pub peak_kib: u64,
+    /// Their CPU time (the sum).
+    pub cpu: Duration,
+    /// The database servers' CPU time.
+    pub database: Duration,
+    /// The load generator's (this process's) CPU time: on a shared machine it is part of what
+    /// bounds the rate.
+    pub load: Duration,
 }
 
 fn cpu_of(pids: &[u32]) -> Duration {
@@ -209,17 +223,22 @@ impl RssSampler {
         });
         let pids = pids.to_vec();
         let cpu_start = cpu_of(&pids);
-        Self { stop, peak, thread: Some(thread), pids, cpu_start, database_start: database_cpu_time() }
+        let load_start = cpu_time(std::process::id());
+        Self { stop, peak, thread: Some(thread), pids, cpu_start, database_start: database_cpu_time(), load_start }
     }
 
-    /// Peak RSS (KiB), the process's CPU time since `start`, and the database servers'.
-    pub fn stop(mut self) -> (u64, Duration, Duration) {
+    /// What was used since `start`.
+    pub fn stop(mut self) -> Usage {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let database = database_cpu_time().saturating_sub(self.database_start);
-        (self.peak.load(Ordering::Relaxed), cpu_of(&self.pids).saturating_sub(self.cpu_start), database)
+        Usage {
+            peak_kib: self.peak.load(Ordering::Relaxed),
+            cpu: cpu_of(&self.pids).saturating_sub(self.cpu_start),
+            database: database_cpu_time().saturating_sub(self.database_start),
+            load: cpu_time(std::process::id()).saturating_sub(self.load_start),
+        }
     }
 }
 
