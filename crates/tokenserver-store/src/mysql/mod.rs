@@ -14,9 +14,13 @@ use std::str::FromStr;
 use sqlx::mysql::MySqlConnectOptions;
 use sqlx::{Executor, MySqlPool};
 
+use tokenserver_core::sync::users::UserRow;
+
+use crate::batch::Batcher;
 use crate::sql::alloc_queue::AllocationQueue;
 use crate::sql::migrate::Migration;
 use crate::sql::read_pool::ReadPool;
+use crate::sql::UserKey;
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -112,6 +116,9 @@ pub struct MySqlStore {
     /// The request path's reads ([`crate::sql::read_pool`]): single autocommit `SELECT`s, for which
     /// the write pool's READ COMMITTED makes no difference.
     reads: ReadPool<sqlx::MySqlConnection>,
+    /// Users' rows reads, one statement for those waiting at that moment
+    /// ([`sync::rows_many`]).
+    user_reads: Batcher<UserKey, Vec<UserRow>>,
     /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
     /// that task's own copy of the store.
     allocations: Option<AllocationQueue>,
@@ -131,8 +138,13 @@ impl MySqlStore {
                 })
             })
             .connect_lazy_with(options);
-        let queue = AllocationQueue::start(Self { pool: pool.clone(), reads: reads.clone(), allocations: None });
-        Ok(Self { pool, reads, allocations: Some(queue) })
+        let for_rows = reads.clone();
+        let user_reads = Batcher::start("user_rows", sync::ROWS_BATCH, sync::ROWS_IN_FLIGHT, move |keys| {
+            sync::rows_many(for_rows.clone(), keys)
+        });
+        let store = Self { pool, reads, user_reads, allocations: None };
+        let queue = AllocationQueue::start(store.clone());
+        Ok(Self { allocations: Some(queue), ..store })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {
@@ -161,5 +173,21 @@ mod tests {
         assert!(MySqlConnectOptions::from_str(&a).is_ok());
         let b = normalise_url("mysql://u@localhost/db?socket=%2Fvar%2Flib%2Fmysql%2Fmysql.sock");
         assert!(MySqlConnectOptions::from_str(&b).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use crate::SyncStore;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_allocations_is_what_its_calls_one_by_one_would_be() {
+        let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
+        let store = MySqlStore::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        crate::sql::alloc_queue::batch_case(&store).await;
+        drop(store);
+        db.drop_now().await;
     }
 }

@@ -1,8 +1,11 @@
 //! `SyncStore` for MySQL and MariaDB: its SQL; the implementation is [`crate::sql::sync`]'s.
 
 use sqlx::mysql::MySqlArguments;
-use sqlx::MySql;
+use sqlx::{MySql, Row};
+use tokenserver_core::sync::users::UserRow;
 
+use crate::sql::read_pool::ReadPool;
+use crate::sql::UserKey;
 use crate::StoreError;
 
 /// MySQL's and MariaDB's statements for the shared Sync store.
@@ -32,8 +35,8 @@ impl crate::sql::SyncSql for MySqlSql {
 
     const RELEASE: &'static str = "UPDATE nodes SET available = ? WHERE id = ?";
 
-    const ADD_USER_TO_NODE: &'static str =
-        "UPDATE nodes SET current_load = current_load + 1, available = GREATEST(available - 1, 0) WHERE id = ?";
+    const ADD_USERS_TO_NODE: &'static str =
+        "UPDATE nodes SET current_load = current_load + ?, available = GREATEST(available - ?, 0) WHERE id = ?";
 
     const POST_USER: &'static str = "INSERT INTO users \
         (service, email, generation, client_state, created_at, nodeid, keys_changed_at, replaced_at) \
@@ -107,7 +110,122 @@ pub(crate) async fn insert_id<'q>(
     i64::try_from(done.last_insert_id()).map_err(|_| StoreError::Backend("insert id out of range".into()))
 }
 
+/// Users' rows reads one statement carries at most. MariaDB plans each `UNION ALL` branch on
+/// every execution, so a long statement holds the next calls back: smaller batches, more of them
+/// out at once than on PostgreSQL.
+pub(crate) const ROWS_BATCH: usize = 16;
+/// Rows-read statements out at once.
+pub(crate) const ROWS_IN_FLIGHT: usize = 8;
+/// Batch sizes a rows read is padded to: each is one statement text, prepared once per
+/// connection (a size per number of calls would prepare up to [`ROWS_BATCH`]).
+const ROWS_SIZES: [usize; 5] = [1, 2, 4, 8, ROWS_BATCH];
+
+/// `n` users' rows in one statement: [`MySqlSql::USER_ROWS`] once per user with its position
+/// first, joined by `UNION ALL`. Each branch is that query exactly, so emails compare as they
+/// do there (the column's collation), and each user gets at most its 20 newest rows.
+fn user_rows_many(n: usize) -> String {
+    let branch = |i: usize| {
+        format!(
+            "(SELECT {i}, users.uid, nodes.id, nodes.node, users.generation, users.keys_changed_at, \
+             users.client_state, users.created_at, users.replaced_at \
+             FROM users LEFT OUTER JOIN nodes ON users.nodeid = nodes.id \
+             WHERE users.email = ? AND users.service = (SELECT id FROM services WHERE service = ?) \
+             ORDER BY users.created_at DESC, users.uid DESC LIMIT 20)"
+        )
+    };
+    (0..n).map(branch).collect::<Vec<_>>().join(" UNION ALL ")
+}
+
+/// The rows of each of `keys` ((service, email)), in order, in one statement; the statement is
+/// padded to the next of [`ROWS_SIZES`] with the last key, whose extra answers are dropped.
+async fn users_rows_on(
+    conn: &mut sqlx::MySqlConnection,
+    keys: &[(&str, &str)],
+) -> Result<Vec<Vec<UserRow>>, StoreError> {
+    let Some(last) = keys.last() else { return Ok(Vec::new()) };
+    let size = ROWS_SIZES.iter().copied().find(|s| *s >= keys.len()).unwrap_or(keys.len());
+    let sql = user_rows_many(size);
+    let mut query = sqlx::query(&sql);
+    for (service, email) in keys.iter().chain(std::iter::repeat(last)).take(size) {
+        query = query.bind(*email).bind(*service);
+    }
+    let found = query.fetch_all(conn).await?;
+    let rows = found
+        .iter()
+        .map(|r| Ok((r.try_get::<i64, _>(0)?, stamped::user_row_at(r, 1)?)))
+        .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+    Ok(crate::sql::deal_rows(keys.len(), rows))
+}
+
+/// The rows of each of `keys`, in one statement ([`crate::batch::Batcher`]'s run).
+pub(crate) async fn rows_many(
+    reads: ReadPool<sqlx::MySqlConnection>,
+    keys: Vec<UserKey>,
+) -> Result<Vec<Result<Vec<UserRow>, StoreError>>, StoreError> {
+    let asked: Vec<(&str, &str)> = keys.iter().map(|(s, e)| (s.as_str(), e.as_str())).collect();
+    let mut lease = reads.get().await?;
+    let rows = users_rows_on(&mut lease, &asked).await?;
+    lease.keep();
+    Ok(rows.into_iter().map(Ok).collect())
+}
+
+/// A batch's users' rows inside its transaction (the set-based allocation step), in statements
+/// of at most [`ROWS_BATCH`] users.
+pub(crate) async fn users_rows(
+    conn: &mut sqlx::MySqlConnection,
+    keys: &[(&str, &str)],
+) -> crate::sync::Result<Vec<Vec<UserRow>>> {
+    let mut all = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(ROWS_BATCH) {
+        all.extend(users_rows_on(&mut *conn, chunk).await?);
+    }
+    Ok(all)
+}
+
+/// Locks the rows of every one of `emails` (and, MySQL's way, the gaps where they would go) in
+/// one statement.
+pub(crate) async fn lock_users(
+    conn: &mut sqlx::MySqlConnection,
+    service_id: i64,
+    emails: &[&str],
+) -> crate::sync::Result<()> {
+    if emails.is_empty() {
+        return Ok(());
+    }
+    let marks = vec!["?"; emails.len()].join(", ");
+    let sql = format!("SELECT uid FROM users WHERE email IN ({marks}) AND service = ? FOR UPDATE");
+    let mut query = sqlx::query(&sql);
+    for email in emails {
+        query = query.bind(*email);
+    }
+    query.bind(service_id).fetch_all(conn).await?;
+    Ok(())
+}
+
+/// Inserts rows one statement each (`LAST_INSERT_ID()` names one row); their uids in order.
+pub(crate) async fn insert_users(
+    conn: &mut sqlx::MySqlConnection,
+    users: &[crate::sql::tx::NewUser<'_>],
+) -> crate::sync::Result<Vec<i64>> {
+    use crate::sql::SyncSql;
+    let mut uids = Vec::with_capacity(users.len());
+    for u in users {
+        let q = sqlx::query(MySqlSql::POST_USER)
+            .bind(u.service_id)
+            .bind(u.email)
+            .bind(u.generation)
+            .bind(u.client_state)
+            .bind(u.created_at)
+            .bind(u.node_id)
+            .bind(u.keys_changed_at);
+        uids.push(insert_id(q, &mut *conn).await?);
+    }
+    Ok(uids)
+}
+
 crate::sql::sync::sync_store!(
     store: crate::mysql::MySqlStore, sql: crate::mysql::sync::MySqlSql, insert_id: crate::mysql::sync::insert_id,
+    lock_users: crate::mysql::sync::lock_users, users_rows: crate::mysql::sync::users_rows,
+    insert_users: crate::mysql::sync::insert_users,
     db: sqlx::MySql, row: sqlx::mysql::MySqlRow, conn: sqlx::MySqlConnection,
 );

@@ -14,9 +14,13 @@ use std::str::FromStr;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
+use tokenserver_core::sync::users::UserRow;
+
+use crate::batch::Batcher;
 use crate::sql::alloc_queue::AllocationQueue;
 use crate::sql::migrate::Migration;
 use crate::sql::read_pool::ReadPool;
+use crate::sql::{UserKey, ROWS_BATCH, ROWS_IN_FLIGHT};
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -67,6 +71,9 @@ pub struct PgStore {
     pool: PgPool,
     /// The request path's reads ([`crate::sql::read_pool`]).
     reads: ReadPool<sqlx::PgConnection>,
+    /// Users' rows reads, one statement for those waiting at that moment
+    /// ([`sync::rows_many`]).
+    user_reads: Batcher<UserKey, Vec<UserRow>>,
     /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
     /// that task's own copy of the store.
     allocations: Option<AllocationQueue>,
@@ -79,8 +86,13 @@ impl PgStore {
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         let reads = ReadPool::new(options.clone(), pool)?;
         let pool = crate::sql::network_pool(pool).connect_lazy_with(options);
-        let queue = AllocationQueue::start(Self { pool: pool.clone(), reads: reads.clone(), allocations: None });
-        Ok(Self { pool, reads, allocations: Some(queue) })
+        let for_rows = reads.clone();
+        let user_reads = Batcher::start("user_rows", ROWS_BATCH, ROWS_IN_FLIGHT, move |keys| {
+            sync::rows_many(for_rows.clone(), keys)
+        });
+        let store = Self { pool, reads, user_reads, allocations: None };
+        let queue = AllocationQueue::start(store.clone());
+        Ok(Self { allocations: Some(queue), ..store })
     }
 
     async fn run_migrations(&self) -> Result<MigrationReport, StoreError> {
@@ -90,5 +102,21 @@ impl PgStore {
         let report = sync::stamped::apply_migrations(&mut tx, MIGRATIONS).await?;
         tx.commit().await?;
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+    use crate::SyncStore;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_allocations_is_what_its_calls_one_by_one_would_be() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let store = PgStore::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        crate::sql::alloc_queue::batch_case(&store).await;
+        drop(store);
+        db.drop_now().await;
     }
 }

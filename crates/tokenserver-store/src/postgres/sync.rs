@@ -3,6 +3,11 @@
 
 use sqlx::postgres::PgArguments;
 use sqlx::{Postgres, Row};
+use tokenserver_core::sync::users::UserRow;
+
+use crate::sql::read_pool::ReadPool;
+use crate::sql::UserKey;
+use crate::StoreError;
 
 /// PostgreSQL's statements for the shared Sync store.
 pub(crate) struct PgSql;
@@ -33,8 +38,8 @@ impl crate::sql::SyncSql for PgSql {
 
     const RELEASE: &'static str = "UPDATE nodes SET available = $1 WHERE id = $2";
 
-    const ADD_USER_TO_NODE: &'static str =
-        "UPDATE nodes SET current_load = current_load + 1, available = GREATEST(available - 1, 0) WHERE id = $1";
+    const ADD_USERS_TO_NODE: &'static str =
+        "UPDATE nodes SET current_load = current_load + $1, available = GREATEST(available - $2, 0) WHERE id = $3";
 
     const POST_USER: &'static str = "INSERT INTO users \
         (service, email, generation, client_state, created_at, nodeid, keys_changed_at, replaced_at) \
@@ -145,7 +150,105 @@ pub(crate) async fn insert_id<'q>(
     Ok(q.fetch_one(conn).await?.try_get(0)?)
 }
 
+/// Many users' rows in one statement: each asked (service, email) in `unnest` order, with its
+/// position first, then the columns of [`PgSql::USER_ROWS`] (the same rows, the same order, the
+/// same limit of 20 per user, by an index lookup per user).
+const USER_ROWS_MANY: &str = "SELECT q.i, users.uid, nodes.id, nodes.node::TEXT, users.generation, \
+    users.keys_changed_at, users.client_state::TEXT, users.created_at, users.replaced_at \
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(service, email, i) \
+    CROSS JOIN LATERAL ( \
+        SELECT u.uid, u.nodeid, u.generation, u.keys_changed_at, u.client_state, u.created_at, u.replaced_at \
+        FROM users u \
+        WHERE u.email = q.email AND u.service = (SELECT id FROM services WHERE service = q.service) \
+        ORDER BY u.created_at DESC, u.uid DESC LIMIT 20 \
+    ) users \
+    LEFT OUTER JOIN nodes ON users.nodeid = nodes.id \
+    ORDER BY q.i, users.created_at DESC, users.uid DESC";
+
+/// The rows of each of `keys` ((service, email)), in order, in one statement.
+async fn users_rows_on(conn: &mut sqlx::PgConnection, keys: &[(&str, &str)]) -> Result<Vec<Vec<UserRow>>, StoreError> {
+    let services: Vec<&str> = keys.iter().map(|(s, _)| *s).collect();
+    let emails: Vec<&str> = keys.iter().map(|(_, e)| *e).collect();
+    let found = sqlx::query(USER_ROWS_MANY).bind(&services).bind(&emails).fetch_all(conn).await?;
+    // WITH ORDINALITY counts from 1.
+    let rows = found
+        .iter()
+        .map(|r| Ok((r.try_get::<i64, _>(0)? - 1, stamped::user_row_at(r, 1)?)))
+        .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+    Ok(crate::sql::deal_rows(keys.len(), rows))
+}
+
+/// The rows of each of `keys`, in one statement ([`crate::batch::Batcher`]'s run).
+pub(crate) async fn rows_many(
+    reads: ReadPool<sqlx::PgConnection>,
+    keys: Vec<UserKey>,
+) -> Result<Vec<Result<Vec<UserRow>, StoreError>>, StoreError> {
+    let asked: Vec<(&str, &str)> = keys.iter().map(|(s, e)| (s.as_str(), e.as_str())).collect();
+    let mut lease = reads.get().await?;
+    let rows = users_rows_on(&mut lease, &asked).await?;
+    lease.keep();
+    Ok(rows.into_iter().map(Ok).collect())
+}
+
+/// A batch's users' rows inside its transaction (the set-based allocation step).
+pub(crate) async fn users_rows(
+    conn: &mut sqlx::PgConnection,
+    keys: &[(&str, &str)],
+) -> crate::sync::Result<Vec<Vec<UserRow>>> {
+    users_rows_on(conn, keys).await
+}
+
+/// Locks the rows of every one of `emails` in one statement.
+pub(crate) async fn lock_users(
+    conn: &mut sqlx::PgConnection,
+    service_id: i64,
+    emails: &[&str],
+) -> crate::sync::Result<()> {
+    sqlx::query("SELECT uid FROM users WHERE service = $1 AND email = ANY($2) FOR UPDATE")
+        .bind(service_id)
+        .bind(emails)
+        .fetch_all(conn)
+        .await?;
+    Ok(())
+}
+
+/// Inserts rows in one statement; their uids in order (matched by email, which the rows of one
+/// batch never share: a second allocation of a user in a batch is a conflict).
+pub(crate) async fn insert_users(
+    conn: &mut sqlx::PgConnection,
+    users: &[crate::sql::tx::NewUser<'_>],
+) -> crate::sync::Result<Vec<i64>> {
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "INSERT INTO users (service, email, generation, client_state, created_at, nodeid, keys_changed_at) \
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], \
+                              $7::bigint[]) \
+         RETURNING uid, email",
+    )
+    .bind(users.iter().map(|u| u.service_id).collect::<Vec<_>>())
+    .bind(users.iter().map(|u| u.email).collect::<Vec<_>>())
+    .bind(users.iter().map(|u| u.generation).collect::<Vec<_>>())
+    .bind(users.iter().map(|u| u.client_state).collect::<Vec<_>>())
+    .bind(users.iter().map(|u| u.created_at).collect::<Vec<_>>())
+    .bind(users.iter().map(|u| u.node_id).collect::<Vec<_>>())
+    .bind(users.iter().map(|u| u.keys_changed_at).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    let mut uids: std::collections::HashMap<String, i64> = std::collections::HashMap::with_capacity(rows.len());
+    for r in &rows {
+        uids.insert(r.try_get(1)?, r.try_get(0)?);
+    }
+    users
+        .iter()
+        .map(|u| uids.get(u.email).copied().ok_or_else(|| StoreError::Backend(format!("no uid for {}", u.email))))
+        .collect()
+}
+
 crate::sql::sync::sync_store!(
     store: crate::postgres::PgStore, sql: crate::postgres::sync::PgSql, insert_id: crate::postgres::sync::insert_id,
+    lock_users: crate::postgres::sync::lock_users, users_rows: crate::postgres::sync::users_rows,
+    insert_users: crate::postgres::sync::insert_users,
     db: sqlx::Postgres, row: sqlx::postgres::PgRow, conn: sqlx::PgConnection,
 );

@@ -4,7 +4,10 @@
 //! a time however many connections there are, each paying a durable commit while it holds that
 //! lock. This queue hands them to one task that runs every allocation waiting at that moment in a
 //! single transaction: the node lock is taken once per batch and the batch commits once, and
-//! only then does any caller get its answer.
+//! only then does any caller get its answer. Inside it the batch is set-based
+//! ([`crate::sql::tx::allocate_batch`]): its users are locked and read in one statement each,
+//! decided in memory, inserted together and counted on their nodes with one update per node, so
+//! the node lock is held for a few statements rather than four per user.
 //!
 //! A call that conflicts ([`crate::StoreError::Conflict`]) has written nothing and is answered as such.
 //! Any other failure may have left writes behind (a capacity release before `NoNodeAvailable`, a
@@ -20,6 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::caller::{Caller, Waiting};
 use crate::sync::{Allocate, OwnedAllocate, Result};
+#[cfg(test)]
+use crate::StoreError;
 
 /// Most allocations in one transaction (keeps the node lock's hold time bounded).
 const MAX_BATCH: usize = 64;
@@ -130,6 +135,73 @@ async fn run(allocator: impl BatchAllocator, mut rx: mpsc::Receiver<Job>) {
             }
         }
     }
+}
+
+/// One batch as a network store runs it ([`crate::sql::tx::allocate_batch`]): every answer is
+/// the one the calls would get one after another, and the rows and node counters are what those
+/// calls would leave. `store` is migrated and empty.
+#[cfg(test)]
+pub(crate) async fn batch_case<S: BatchAllocator + crate::SyncStore>(store: &S) {
+    use crate::sync::{Allocate, NewNode, NodeChange};
+    const SVC: &str = "sync-1.5";
+    let node = |url: &'static str| NewNode {
+        service: SVC,
+        node: url,
+        capacity: 100,
+        available: 10,
+        current_load: 0,
+        downed: false,
+        backoff: false,
+    };
+    store.add_node(&node("https://n1")).await.unwrap_or_else(|e| panic!("{e}"));
+    let new = |email: &'static str, expected: Option<i64>| Allocate {
+        service: SVC,
+        email,
+        generation: 3,
+        client_state: "aaaa",
+        keys_changed_at: Some(3),
+        expected_current: expected,
+        now_ms: 1_000,
+        release_rate: 0.1,
+        bucket: None,
+    };
+    let old = store.allocate_user(&new("old@x", None)).await.unwrap_or_else(|e| panic!("{e}"));
+    // A user whose node was taken down and unassigned needs a new one: its allocation names its
+    // current row.
+    store.add_node(&node("https://n2")).await.unwrap_or_else(|e| panic!("{e}"));
+    let down = NodeChange { downed: Some(true), ..Default::default() };
+    store.update_node(SVC, "https://n1", &down).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(store.unassign_node(SVC, "https://n1", 500).await.ok(), Some(1));
+    let batch = [
+        new("a@x", None),
+        new("a@x", None),
+        new("old@x", None),
+        new("old@x", Some(old.uid + 1000)),
+        new("old@x", Some(old.uid)),
+        new("b@x", None),
+    ];
+    let reqs: Vec<OwnedAllocate> = batch.iter().map(OwnedAllocate::new).collect();
+    let answers = store.allocate_batch(reqs, Caller::default()).await.unwrap_or_else(|e| panic!("{e}"));
+    let kinds: Vec<&str> = answers
+        .iter()
+        .map(|a| match a {
+            Ok(_) => "ok",
+            Err(StoreError::Conflict) => "conflict",
+            Err(_) => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["ok", "conflict", "conflict", "conflict", "ok", "ok"], "{answers:?}");
+    let made: Vec<&UserRow> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
+    for (row, email) in made.iter().zip(["a@x", "old@x", "b@x"]) {
+        let stored = store.user_rows(SVC, email).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&stored[0], *row, "{email}: the answer is the stored row");
+        assert_eq!(row.node.as_deref(), Some("https://n2"), "{email}: on the node that is up");
+    }
+    let uids: std::collections::HashSet<i64> = made.iter().map(|r| r.uid).chain([old.uid]).collect();
+    assert_eq!(uids.len(), 4, "distinct uids");
+    let nodes = store.list_nodes(Some(SVC)).await.unwrap_or_else(|e| panic!("{e}"));
+    let n2 = nodes.iter().find(|n| n.state.node == "https://n2").map(|n| &n.state);
+    assert_eq!(n2.map(|n| (n.current_load, n.available)), Some((3, 7)), "three users, one update");
 }
 
 #[cfg(test)]

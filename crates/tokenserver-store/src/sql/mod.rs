@@ -12,7 +12,29 @@ pub(crate) mod tx;
 
 use std::time::Duration;
 
+use tokenserver_core::sync::users::UserRow;
+
 use crate::PoolSettings;
+
+/// A user whose rows a request reads: (service name, email).
+pub(crate) type UserKey = (String, String);
+
+/// Users' rows reads one statement carries at most.
+pub(crate) const ROWS_BATCH: usize = 64;
+/// Rows-read statements out at once (the calls arriving meanwhile queue for the next one).
+pub(crate) const ROWS_IN_FLIGHT: usize = 4;
+
+/// The rows of a batch read, `(position in the batch, row)` in position order, dealt back to
+/// the batch's `asked` calls (a position past them, padding, is dropped).
+pub(crate) fn deal_rows(asked: usize, rows: Vec<(i64, UserRow)>) -> Vec<Vec<UserRow>> {
+    let mut out: Vec<Vec<UserRow>> = (0..asked).map(|_| Vec::new()).collect();
+    for (at, row) in rows {
+        if let Some(rows) = usize::try_from(at).ok().and_then(|at| out.get_mut(at)) {
+            rows.push(row);
+        }
+    }
+    out
+}
 
 /// The statements of the Sync store, one per step, with the same bind order on every backend
 /// (PostgreSQL repeats a value as `$5` rather than reusing `$1`). A backend implements this on a
@@ -34,8 +56,8 @@ pub(crate) trait SyncSql {
     const LOCK_NODES: &'static str;
     /// Sets a node's `available` (available, id).
     const RELEASE: &'static str;
-    /// `current_load + 1`, `available - 1` floored at 0 (id).
-    const ADD_USER_TO_NODE: &'static str;
+    /// `current_load + n`, `available - n` floored at 0 (n, n, id).
+    const ADD_USERS_TO_NODE: &'static str;
     /// Inserts a user row (service id, email, generation, client state, created at, node id,
     /// keys changed at).
     const POST_USER: &'static str;

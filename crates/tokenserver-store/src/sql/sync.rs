@@ -5,10 +5,14 @@
 //! * `sql:` its statements, a type implementing [`crate::sql::SyncSql`];
 //! * `insert_id:` a function running an `INSERT` and returning the new row's id (`RETURNING`, or
 //!   `LAST_INSERT_ID()`);
+//! * `lock_users:`, `users_rows:`, `insert_users:` the set-based steps of a batch of allocations
+//!   ([`crate::sql::tx::SyncTx`]): one statement for many users where the backend can;
 //! * `store:` the store type, with fields `pool` (writes), `reads`
-//!   ([`crate::sql::read_pool::ReadPool`]: the request path's reads and the health check) and
-//!   `allocations` (its [`crate::sql::alloc_queue`]), and a `run_migrations()` method that takes
-//!   the backend's migration lock and calls the stamped `apply_migrations`;
+//!   ([`crate::sql::read_pool::ReadPool`]: the request path's reads and the health check),
+//!   `user_reads` (a [`crate::batch::Batcher`] of users' rows reads, one statement for the reads
+//!   waiting at that moment: the backend's `rows_many`) and `allocations` (its
+//!   [`crate::sql::alloc_queue`]), and a `run_migrations()` method that takes the backend's
+//!   migration lock and calls the stamped `apply_migrations`;
 //! * `db:`, `row:`, `conn:` sqlx's database, row and connection types.
 //!
 //! Every write runs as a [`crate::caller::transaction`]: on a task of its own, looking at its
@@ -19,6 +23,7 @@
 macro_rules! sync_store {
     (
         store: $store:ty, sql: $sql:ty, insert_id: $insert_id:path,
+        lock_users: $lock_users:path, users_rows: $users_rows:path, insert_users: $insert_users:path,
         db: $db:ty, row: $row:ty, conn: $conn:ty $(,)?
     ) => {
         /// The shared Sync implementation, stamped for this backend (see [`crate::sql::sync`]).
@@ -40,15 +45,21 @@ macro_rules! sync_store {
             type Sql = $sql;
 
             fn user_row(r: &$row) -> std::result::Result<UserRow, sqlx::Error> {
+                user_row_at(r, 0)
+            }
+
+            /// A user row whose columns start at `at` ([`SyncSql::USER_ROWS`]'s, after the
+            /// position a batch read puts first).
+            pub(crate) fn user_row_at(r: &$row, at: usize) -> std::result::Result<UserRow, sqlx::Error> {
                 Ok(UserRow {
-                    uid: r.try_get(0)?,
-                    node_id: r.try_get(1)?,
-                    node: r.try_get(2)?,
-                    generation: r.try_get(3)?,
-                    keys_changed_at: r.try_get(4)?,
-                    client_state: r.try_get(5)?,
-                    created_at: r.try_get(6)?,
-                    replaced_at: r.try_get(7)?,
+                    uid: r.try_get(at)?,
+                    node_id: r.try_get(at + 1)?,
+                    node: r.try_get(at + 2)?,
+                    generation: r.try_get(at + 3)?,
+                    keys_changed_at: r.try_get(at + 4)?,
+                    client_state: r.try_get(at + 5)?,
+                    created_at: r.try_get(at + 6)?,
+                    replaced_at: r.try_get(at + 7)?,
                 })
             }
 
@@ -193,9 +204,22 @@ macro_rules! sync_store {
                     Ok(())
                 }
 
-                async fn add_user_to_node(&mut self, node_id: i64) -> Result<()> {
-                    sqlx::query(Sql::ADD_USER_TO_NODE).bind(node_id).execute(self.conn()?).await?;
+                async fn add_users_to_node(&mut self, node_id: i64, n: i64) -> Result<()> {
+                    sqlx::query(Sql::ADD_USERS_TO_NODE).bind(n).bind(n).bind(node_id).execute(self.conn()?).await?;
                     Ok(())
+                }
+
+                async fn lock_users(&mut self, service_id: i64, emails: &[&str]) -> Result<()> {
+                    $lock_users(self.conn()?, service_id, emails).await
+                }
+
+                async fn users_rows(&mut self, service: &str, emails: &[&str]) -> Result<Vec<Vec<UserRow>>> {
+                    let keys: Vec<(&str, &str)> = emails.iter().map(|e| (service, *e)).collect();
+                    $users_rows(self.conn()?, &keys).await
+                }
+
+                async fn insert_users(&mut self, users: &[NewUser<'_>]) -> Result<Vec<i64>> {
+                    $insert_users(self.conn()?, users).await
                 }
 
                 async fn insert_user(&mut self, u: NewUser<'_>) -> Result<i64> {
@@ -323,10 +347,8 @@ macro_rules! sync_store {
                 }
 
                 async fn user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
-                    let mut lease = self.reads.get().await?;
-                    let rows = rows_of(&mut lease, service, email).await?;
-                    lease.keep();
-                    Ok(rows)
+                    // Concurrent requests' reads share one statement (the backend's `rows_many`).
+                    self.user_reads.call((service.to_string(), email.to_string())).await
                 }
 
                 async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow> {

@@ -35,10 +35,34 @@ pub(crate) trait SyncTx: Send {
     async fn lock_nodes(&mut self, service_id: i64) -> Result<Vec<NodeState>>;
     /// `UPDATE nodes SET available = ? WHERE id = ?`.
     async fn set_available(&mut self, node_id: i64, available: i64) -> Result<()>;
-    /// `current_load + 1`, `available - 1` (floor 0).
-    async fn add_user_to_node(&mut self, node_id: i64) -> Result<()>;
+    /// `current_load + n`, `available - n` (floor 0).
+    async fn add_users_to_node(&mut self, node_id: i64, n: i64) -> Result<()>;
     /// Inserts a row; returns its uid.
     async fn insert_user(&mut self, user: NewUser<'_>) -> Result<i64>;
+    /// Locks the rows of each of `emails` ([`Self::lock_user`] of each, unless overridden by one
+    /// statement).
+    async fn lock_users(&mut self, service_id: i64, emails: &[&str]) -> Result<()> {
+        for email in emails {
+            self.lock_user(service_id, email).await?;
+        }
+        Ok(())
+    }
+    /// The rows of each of `emails`, in order ([`Self::user_rows`] of each, unless overridden).
+    async fn users_rows(&mut self, service: &str, emails: &[&str]) -> Result<Vec<Vec<UserRow>>> {
+        let mut all = Vec::with_capacity(emails.len());
+        for email in emails {
+            all.push(self.user_rows(service, email).await?);
+        }
+        Ok(all)
+    }
+    /// Inserts rows; their uids, in order ([`Self::insert_user`] of each, unless overridden).
+    async fn insert_users(&mut self, users: &[NewUser<'_>]) -> Result<Vec<i64>> {
+        let mut uids = Vec::with_capacity(users.len());
+        for user in users {
+            uids.push(self.insert_user(*user).await?);
+        }
+        Ok(uids)
+    }
     /// Mozilla's guarded `put_user`.
     async fn put_user(&mut self, service_id: i64, email: &str, generation: i64, kca: Option<i64>) -> Result<()>;
     /// Marks every other live row of the user replaced.
@@ -125,8 +149,8 @@ async fn allocate_locked(
             }
         }
     };
-    tx.add_user_to_node(node.id).await?;
-    // As `add_user_to_node` changed the row.
+    tx.add_users_to_node(node.id, 1).await?;
+    // As `add_users_to_node` changed the row.
     if let Some(n) = nodes.iter_mut().find(|n| n.id == node.id) {
         n.current_load += 1;
         n.available = (n.available - 1).max(0);
@@ -154,11 +178,99 @@ async fn allocate_locked(
     })
 }
 
-/// Allocations of one batch in the caller's transaction, in order (each sees the rows of the ones
-/// before). A service's nodes are locked and read once for its run of calls (callers sort by
-/// service) and then followed in memory. A conflict writes nothing, so it is that call's answer;
-/// any other error ends the batch, and the caller rolls the transaction back.
+/// Allocations of one batch in the caller's transaction, in order, each seeing the rows of the
+/// ones before, as if run one after another. Per run of one service (callers sort by service):
+/// its nodes are locked and read once, the batch's users are locked and read in one step each,
+/// every call is decided in memory against those rows and the nodes, and the new rows go in with
+/// one insert, the nodes' counters with one update per node. A conflict writes nothing, so it
+/// is that call's answer; any other error ends the batch, and the caller rolls the transaction
+/// back. Batches with bucketed calls take the one-by-one path ([`allocate_batch_each`]).
 pub(crate) async fn allocate_batch(tx: &mut impl SyncTx, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
+    if reqs.iter().any(|r| r.bucket.is_some()) {
+        return allocate_batch_each(tx, reqs).await;
+    }
+    let mut out: Vec<Result<UserRow>> = Vec::with_capacity(reqs.len());
+    for run in reqs.chunk_by(|a, b| a.service == b.service) {
+        let service = run[0].service;
+        let service_id = service_id(tx, service).await?;
+        let mut nodes = tx.lock_nodes(service_id).await?;
+        let mut emails: Vec<&str> = run.iter().map(|r| r.email).collect();
+        emails.sort_unstable();
+        emails.dedup();
+        tx.lock_users(service_id, &emails).await?;
+        let read = tx.users_rows(service, &emails).await?;
+        let mut rows: std::collections::HashMap<&str, Vec<UserRow>> = emails.iter().copied().zip(read).collect();
+        // (index in `out`, the row) of every allocation made, and the users each node gained.
+        let mut made: Vec<(usize, NewUser<'_>)> = Vec::new();
+        let mut gained: Vec<(i64, i64)> = Vec::new();
+        for req in run {
+            let user_rows = rows.entry(req.email).or_default();
+            let still_expected = match (req.expected_current, resolve(user_rows)) {
+                (None, None) => true,
+                (Some(uid), Some(r)) => r.current.uid == uid && r.status == Status::NeedsNode,
+                _ => false,
+            };
+            if !still_expected {
+                out.push(Err(StoreError::Conflict));
+                continue;
+            }
+            let node = pick_node(tx, &mut nodes, req.release_rate).await?;
+            // As `add_users_to_node` will change the row.
+            if let Some(n) = nodes.iter_mut().find(|n| n.id == node.id) {
+                n.current_load += 1;
+                n.available = (n.available - 1).max(0);
+            }
+            match gained.iter_mut().find(|(id, _)| *id == node.id) {
+                Some((_, n)) => *n += 1,
+                None => gained.push((node.id, 1)),
+            }
+            let row = UserRow {
+                uid: 0,
+                node_id: Some(node.id),
+                node: Some(node.node),
+                generation: req.generation,
+                keys_changed_at: req.keys_changed_at,
+                client_state: req.client_state.to_string(),
+                created_at: req.now_ms,
+                replaced_at: None,
+            };
+            // A later call for the same user sees this row (its uid is not known yet, and need
+            // not be: no expectation names a row this batch makes).
+            user_rows.insert(0, row.clone());
+            made.push((
+                out.len(),
+                NewUser {
+                    service_id,
+                    email: req.email,
+                    generation: req.generation,
+                    client_state: req.client_state,
+                    created_at: req.now_ms,
+                    node_id: node.id,
+                    keys_changed_at: req.keys_changed_at,
+                },
+            ));
+            out.push(Ok(row));
+        }
+        let news: Vec<NewUser<'_>> = made.iter().map(|(_, u)| *u).collect();
+        let uids = tx.insert_users(&news).await?;
+        if uids.len() != made.len() {
+            return Err(StoreError::Backend(format!("{} users inserted, {} asked", uids.len(), made.len())));
+        }
+        for ((at, _), uid) in made.iter().zip(uids) {
+            if let Some(Ok(row)) = out.get_mut(*at) {
+                row.uid = uid;
+            }
+        }
+        for (node_id, n) in gained {
+            tx.add_users_to_node(node_id, n).await?;
+        }
+    }
+    Ok(out)
+}
+
+/// [`allocate_batch`] one call after another, each with its own statements (bucketed calls read
+/// and assign their bucket's node as they go).
+async fn allocate_batch_each(tx: &mut impl SyncTx, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
     let mut out = Vec::with_capacity(reqs.len());
     let mut locked: Option<(&str, i64, Vec<NodeState>)> = None;
     for req in reqs {
@@ -254,7 +366,7 @@ pub(crate) async fn assign(
         })
         .await?;
     tx.replace_others(service_id, email, uid, now_ms).await?;
-    tx.add_user_to_node(node.id).await?;
+    tx.add_users_to_node(node.id, 1).await?;
     Ok(UserRow {
         uid,
         node_id: Some(node.id),

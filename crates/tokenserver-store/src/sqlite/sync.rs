@@ -54,8 +54,8 @@ impl crate::sql::SyncSql for SqliteSql {
 
     const RELEASE: &'static str = "UPDATE nodes SET available = ? WHERE id = ?";
 
-    const ADD_USER_TO_NODE: &'static str =
-        "UPDATE nodes SET current_load = current_load + 1, available = MAX(available - 1, 0) WHERE id = ?";
+    const ADD_USERS_TO_NODE: &'static str =
+        "UPDATE nodes SET current_load = current_load + ?1, available = MAX(available - ?2, 0) WHERE id = ?3";
 
     const POST_USER: &'static str = "INSERT INTO users \
         (service, email, generation, client_state, created_at, nodeid, keys_changed_at, replaced_at) \
@@ -242,8 +242,11 @@ impl SyncTx for Tx<'_> {
         Ok(())
     }
 
-    async fn add_user_to_node(&mut self, node_id: i64) -> Result<()> {
-        self.conn.prepare_cached(SqliteSql::ADD_USER_TO_NODE).and_then(|mut s| s.execute([node_id])).map_err(e)?;
+    async fn add_users_to_node(&mut self, node_id: i64, n: i64) -> Result<()> {
+        self.conn
+            .prepare_cached(SqliteSql::ADD_USERS_TO_NODE)
+            .and_then(|mut s| s.execute([n, n, node_id]))
+            .map_err(e)?;
         Ok(())
     }
 

@@ -98,6 +98,7 @@ stamp! {
         concurrent_first_allocations_create_one_row,
         concurrent_allocations_respect_capacity,
         concurrent_changes_leave_one_live_row,
+        concurrent_reads_each_get_their_own_rows,
         cancelled_calls_leave_whole_rows,
     ],
 }

@@ -363,6 +363,53 @@ pub async fn concurrent_changes_leave_one_live_row(s: &dyn SyncStore) {
     assert_eq!(rows.iter().filter(|r| r.replaced_at.is_none()).count(), 1);
 }
 
+/// Reads of many users at once (the network stores share one statement among them) each get
+/// exactly what reading that user alone gives: the user's rows, newest first, none of another
+/// user's; nothing for an unknown user or service. Emails are asked as the database compares
+/// them (MySQL's collation ignores case), so each is also asked in capitals.
+pub async fn concurrent_reads_each_get_their_own_rows(s: &dyn SyncStore) {
+    let n = node(s, "https://n", 1000, 1000, 0, false, false).await;
+    for u in 0..30i64 {
+        let email = format!("u{u}@x");
+        let row = s.allocate_user(&alloc(&email, None, 100 + u)).await.unwrap();
+        // Users with one, two and three rows.
+        for k in 0..u % 3 {
+            let cs = format!("{:032x}", u * 10 + k);
+            let ch = UserChange::NewClientState {
+                generation: 20 + k,
+                keys_changed_at: Some(20 + k),
+                client_state: &cs,
+                node_id: n,
+            };
+            let current = s.user_rows(SVC, &email).await.unwrap()[0].uid;
+            assert!(current >= row.uid);
+            s.change_user(SVC, &email, current, &ch, 200 + u * 10 + k).await.unwrap();
+        }
+    }
+    let mut asked: Vec<(String, String)> = Vec::new();
+    for u in 0..30 {
+        asked.push((SVC.into(), format!("u{u}@x")));
+        asked.push((SVC.into(), format!("U{u}@X")));
+    }
+    asked.push((SVC.into(), "nobody@x".into()));
+    asked.push(("no-such-service".into(), "u1@x".into()));
+    let mut alone = Vec::new();
+    for (service, email) in &asked {
+        alone.push(s.user_rows(service, email).await.unwrap());
+    }
+    assert_eq!(alone[0].len(), 1);
+    assert_eq!(alone[2 * 2].len(), 3, "u2 has three rows");
+    assert!(alone[alone.len() - 2].is_empty() && alone[alone.len() - 1].is_empty());
+    // Every read at once, five times over, in shuffled orders.
+    for round in 0..5 {
+        let order: Vec<usize> = (0..asked.len()).map(|i| (i * 7 + round * 13) % asked.len()).collect();
+        let together = join_all(order.iter().map(|&i| s.user_rows(&asked[i].0, &asked[i].1))).await;
+        for (i, rows) in order.iter().zip(together) {
+            assert_eq!(rows.unwrap(), alone[*i], "{:?}", asked[*i]);
+        }
+    }
+}
+
 async fn futures_join(
     s: &dyn SyncStore,
     n: usize,
