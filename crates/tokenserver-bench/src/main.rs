@@ -613,7 +613,9 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                     "redis-cluster" => format!("{redis_cluster_url}?prefix={prefix}"),
                     other => return Err(format!("unknown session backend {other:?}")),
                 };
-                sessions::run_backend(&ctx, b, &url, api, &sizes, &mut rows)?;
+                let ran = sessions::run_backend(&ctx, b, &url, api, &sizes, &mut rows);
+                clear_redis_prefix(&url).await?;
+                ran?;
             }
             let hello = hello_mean(&ctx, &mut rows, hello)?;
             let md = report(&rows, hello, &ctx, "Session tokens");
@@ -635,7 +637,9 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                     "redis-cluster" => format!("{redis_cluster_url}?prefix={prefix}"),
                     other => return Err(format!("unknown access-token backend {other:?}")),
                 };
-                access::run_backend(&ctx, b, &url, big, &mut rows)?;
+                let ran = access::run_backend(&ctx, b, &url, big, &mut rows);
+                clear_redis_prefix(&url).await?;
+                ran?;
             }
             let hello = hello_mean(&ctx, &mut rows, hello)?;
             let md = report(&rows, hello, &ctx, "Access tokens");
@@ -689,6 +693,50 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Deletes the keys a run left under its `?prefix=` on a Redis server or on every node of a
+/// Redis Cluster (`redis+cluster://h:p,h:p/`), so that a shared Redis is as it was (the access
+/// tokens would otherwise stay for their two-hour TTL). Other URLs are left alone.
+async fn clear_redis_prefix(url: &str) -> Result<(), String> {
+    let Some((base, prefix)) = url.split_once("?prefix=") else { return Ok(()) };
+    let nodes: Vec<String> = match base.split_once("://") {
+        Some(("redis", _)) => vec![base.to_string()],
+        Some(("redis+cluster", hosts)) => {
+            hosts.trim_end_matches('/').split(',').map(|h| format!("redis://{h}/")).collect()
+        }
+        _ => return Ok(()),
+    };
+    let mut removed = 0usize;
+    for node in nodes {
+        let client = redis::Client::open(node.as_str()).map_err(|e| e.to_string())?;
+        let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            // One key a command: a cluster node refuses a command whose keys span slots.
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("UNLINK").arg(key).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(|e| e.to_string())?;
+            removed += keys.len();
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    eprintln!("removed the run's {removed} Redis keys (prefix {prefix})");
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
