@@ -1,16 +1,22 @@
 //! PostgreSQL access-token store: one table keyed by (service, the token's key: its SHA-256, led by
-//! its issue time for a token tokenserver generated). Creation is `INSERT … ON CONFLICT DO
-//! NOTHING`, then, when the token exists but has expired, an `UPDATE` guarded by that expiry: the
-//! primary key makes two concurrent creates of one token end with one winner. Every write runs on a
-//! task of its own ([`crate::caller`]).
+//! its issue time for a token tokenserver generated). Creation is one `INSERT … ON CONFLICT DO
+//! UPDATE … WHERE` the stored token has expired: the primary key makes two concurrent creates of
+//! one token end with one winner, and an expired token is replaced in the same statement. The
+//! request path's calls (authorize's read, create) share statements: those waiting at that moment
+//! leave in one ([`crate::batch`]). Every write runs on a task of its own ([`crate::caller`]).
+
+use std::collections::HashSet;
+use std::str::FromStr;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgRow};
 use sqlx::{Postgres, Row};
 use tokenserver_core::access::Grant;
 
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
-use crate::caller::{detached, transaction, Caller};
+use crate::batch::Batcher;
+use crate::caller::detached;
+use crate::sql::read_pool::ReadPool;
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &[&str] = &[
@@ -32,14 +38,23 @@ const SCHEMA: &[&str] = &[
      WHERE expires_at IS NOT NULL",
 ];
 
-const INSERT: &str = "INSERT INTO tokenserver_access_tokens \
-    (service, token_hash, token, app_id, user_id, expires_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-    ON CONFLICT (service, token_hash) DO NOTHING";
-const REPLACE_EXPIRED: &str = "UPDATE tokenserver_access_tokens \
-    SET token = $3, app_id = $4, user_id = $5, expires_at = $6, created_at = $7 \
-    WHERE service = $1 AND token_hash = $2 AND expires_at IS NOT NULL AND expires_at <= $7";
-const GET: &str = "SELECT token, app_id, user_id, expires_at, created_at FROM tokenserver_access_tokens \
-    WHERE service = $1 AND token_hash = $2";
+/// Many creations; a token stored and live at that moment is left as it is (not returned), an
+/// expired one is replaced. The tokens of one statement must be distinct.
+const CREATE_MANY: &str = "INSERT INTO tokenserver_access_tokens AS t \
+    (service, token_hash, token, app_id, user_id, expires_at, created_at) \
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[]) \
+    ON CONFLICT (service, token_hash) DO UPDATE SET token = EXCLUDED.token, app_id = EXCLUDED.app_id, \
+        user_id = EXCLUDED.user_id, expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at \
+    WHERE t.expires_at IS NOT NULL AND t.expires_at <= EXCLUDED.created_at \
+    RETURNING t.service, t.token_hash";
+/// Many tokens by key; each row carries its position in the arrays (from 1).
+const GET_MANY: &str = "SELECT q.i, t.token, t.app_id, t.user_id, t.expires_at, t.created_at \
+    FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS q(service, token_hash, i) \
+    JOIN tokenserver_access_tokens t ON t.service = q.service AND t.token_hash = q.token_hash";
+/// Calls one statement carries at most.
+const MAX_BATCH: usize = 256;
+/// Statements of one kind running at once (the others' calls queue for the next one).
+const IN_FLIGHT: usize = 4;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = $1 AND token_hash = $2 AND (expires_at IS NULL OR expires_at > $3)";
 const LIST_APP: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
@@ -64,22 +79,94 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn token_row(r: &PgRow) -> std::result::Result<AccessToken, sqlx::Error> {
+/// The token whose columns start at `at`: token, app_id, user_id, expires_at, created_at.
+fn token_row(r: &PgRow, at: usize) -> std::result::Result<AccessToken, sqlx::Error> {
     Ok(AccessToken {
-        token: r.try_get(0)?,
+        token: r.try_get(at)?,
         grant: Grant {
-            app_id: r.try_get(1)?,
-            user_id: r.try_get(2)?,
-            expires_at: r.try_get::<Option<i64>, _>(3)?.map(|v| v.max(0) as u64),
+            app_id: r.try_get(at + 1)?,
+            user_id: r.try_get(at + 2)?,
+            expires_at: r.try_get::<Option<i64>, _>(at + 3)?.map(|v| v.max(0) as u64),
         },
-        created_at: r.try_get::<i64, _>(4)?.max(0) as u64,
+        created_at: r.try_get::<i64, _>(at + 4)?.max(0) as u64,
     })
+}
+
+/// A token's primary key.
+type Key = (String, [u8; 32]);
+
+/// A token to create, as [`CREATE_MANY`] takes it.
+struct CreateJob {
+    key: Key,
+    token: AccessToken,
+}
+
+/// Many creations in one statement, each answered `Ok` or `AlreadyExists`. Of two creations of
+/// one token in a batch only the first is sent (PostgreSQL refuses to touch a row twice in one
+/// statement, and the second could only lose to the first).
+async fn create_many(reads: ReadPool<PgConnection>, jobs: Vec<CreateJob>) -> Result<Vec<Result<()>>> {
+    let mut sent = HashSet::with_capacity(jobs.len());
+    let first: Vec<bool> = jobs.iter().map(|j| sent.insert(&j.key)).collect();
+    let picked = || jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(j, _)| j);
+    let services: Vec<&str> = picked().map(|j| j.key.0.as_str()).collect();
+    let hashes: Vec<&[u8]> = picked().map(|j| &j.key.1[..]).collect();
+    let tokens: Vec<&str> = picked().map(|j| j.token.token.as_str()).collect();
+    let apps: Vec<&str> = picked().map(|j| j.token.grant.app_id.as_str()).collect();
+    let users: Vec<Option<&str>> = picked().map(|j| j.token.grant.user_id.as_deref()).collect();
+    let expiries: Vec<Option<i64>> = picked().map(|j| j.token.grant.expires_at.map(i64_of)).collect();
+    let created: Vec<i64> = picked().map(|j| i64_of(j.token.created_at)).collect();
+    let mut lease = reads.get().await?;
+    let stored = sqlx::query(CREATE_MANY)
+        .bind(&services)
+        .bind(&hashes)
+        .bind(&tokens)
+        .bind(&apps)
+        .bind(&users)
+        .bind(&expiries)
+        .bind(&created)
+        .fetch_all(&mut *lease)
+        .await?;
+    lease.keep();
+    let stored = stored
+        .iter()
+        .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<Vec<u8>, _>(1)?)))
+        .collect::<std::result::Result<HashSet<(String, Vec<u8>)>, sqlx::Error>>()?;
+    Ok(jobs
+        .iter()
+        .zip(first)
+        .map(|(j, first)| {
+            if first && stored.contains(&(j.key.0.clone(), j.key.1.to_vec())) {
+                Ok(())
+            } else {
+                Err(StoreError::AlreadyExists(format!("token {:?}", j.token.token)))
+            }
+        })
+        .collect())
+}
+
+/// Many tokens in one statement, in the order asked (expired ones included: the caller decides).
+async fn get_many(reads: ReadPool<PgConnection>, keys: Vec<Key>) -> Result<Vec<Result<Option<AccessToken>>>> {
+    let services: Vec<&str> = keys.iter().map(|(s, _)| s.as_str()).collect();
+    let hashes: Vec<&[u8]> = keys.iter().map(|(_, h)| &h[..]).collect();
+    let mut lease = reads.get().await?;
+    let rows = sqlx::query(GET_MANY).bind(&services).bind(&hashes).fetch_all(&mut *lease).await?;
+    lease.keep();
+    let mut found: Vec<Result<Option<AccessToken>>> = keys.iter().map(|_| Ok(None)).collect();
+    for r in &rows {
+        // WITH ORDINALITY counts from 1.
+        let at = usize::try_from(r.try_get::<i64, _>(0)? - 1).ok().and_then(|i| found.get_mut(i));
+        let at = at.ok_or_else(|| StoreError::Backend("a token row outside the batch".into()))?;
+        *at = Ok(Some(token_row(r, 1)?));
+    }
+    Ok(found)
 }
 
 /// The PostgreSQL access-token store.
 #[derive(Debug, Clone)]
 pub struct PgAccess {
     pool: PgPool,
+    gets: Batcher<Key, Option<AccessToken>>,
+    creations: Batcher<CreateJob, ()>,
 }
 
 impl PgAccess {
@@ -91,7 +178,18 @@ impl PgAccess {
             sqlx::query(stmt).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        Ok(Self { pool })
+        // The batch statements are primary-key lookups and inserts whatever their arrays hold:
+        // generic plans, never a sequential scan (why: crate::postgres::session's store, where a
+        // plan made on a small table was kept as it grew).
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?
+            .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
+        let reads = ReadPool::new(options, settings)?;
+        let for_creations = reads.clone();
+        let gets = Batcher::start("access_get", MAX_BATCH, IN_FLIGHT, move |keys| get_many(reads.clone(), keys));
+        let creations =
+            Batcher::start("access_create", MAX_BATCH, IN_FLIGHT, move |jobs| create_many(for_creations.clone(), jobs));
+        Ok(Self { pool, gets, creations })
     }
 
     /// One statement on a detached task (a departing caller cannot cut it short).
@@ -111,36 +209,12 @@ impl AccessStore for PgAccess {
     }
 
     async fn create(&self, t: &NewToken<'_>) -> Result<()> {
-        let stored = t.stored();
-        let (service, hash) = (t.service.to_string(), token_hash(t.token).to_vec());
-        transaction(&self.pool, Caller::default(), move |tx, caller| {
-            Box::pin(async move {
-                let g = &stored.grant;
-                for sql in [INSERT, REPLACE_EXPIRED] {
-                    caller.check()?;
-                    let done = sqlx::query(sql)
-                        .bind(&service)
-                        .bind(&hash)
-                        .bind(&stored.token)
-                        .bind(&g.app_id)
-                        .bind(&g.user_id)
-                        .bind(g.expires_at.map(i64_of))
-                        .bind(i64_of(stored.created_at))
-                        .execute(&mut **tx)
-                        .await?;
-                    if done.rows_affected() == 1 {
-                        return Ok(());
-                    }
-                }
-                Err(StoreError::AlreadyExists(format!("token {:?}", stored.token)))
-            })
-        })
-        .await
+        self.creations.call(CreateJob { key: (t.service.to_string(), token_hash(t.token)), token: t.stored() }).await
     }
 
     async fn get(&self, service: &str, token: &str, now: u64) -> Result<Option<AccessToken>> {
-        let row = sqlx::query(GET).bind(service).bind(&token_hash(token)[..]).fetch_optional(&self.pool).await?;
-        Ok(row.as_ref().map(token_row).transpose()?.filter(|t| t.grant.live(now)))
+        let found = self.gets.call((service.to_string(), token_hash(token))).await?;
+        Ok(found.filter(|t| t.grant.live(now)))
     }
 
     async fn delete(&self, service: &str, token: &str, now: u64) -> Result<bool> {
@@ -163,7 +237,7 @@ impl AccessStore for PgAccess {
         let mut tokens = Vec::with_capacity(rows.len());
         let mut last: Option<Vec<u8>> = None;
         for r in &rows {
-            tokens.push(token_row(r)?);
+            tokens.push(token_row(r, 0)?);
             last = Some(r.try_get(5)?);
         }
         let next = last.filter(|_| tokens.len() >= limit).map(hex::encode);
@@ -187,5 +261,61 @@ impl AccessStore for PgAccess {
 
     async fn check(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(StoreError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(service: &str, token: &str, app_id: &str, expires_at: Option<u64>, now: u64) -> CreateJob {
+        let t = NewToken { service, token, app_id, user_id: None, expires_at, now };
+        CreateJob { key: (service.to_string(), token_hash(token)), token: t.stored() }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_creates_and_reads_answers_each_call_as_it_would_alone() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let store = PgAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let options = PgConnectOptions::from_str(&db.url).unwrap_or_else(|e| panic!("{e}"));
+        let reads = ReadPool::new(options, &PoolSettings::default()).unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_800_000_000_000;
+        // Stored before the batch: one live token, one expired.
+        for (token, expires_at) in [("live-one", Some(now + 60_000)), ("gone-one", Some(now - 1))] {
+            store
+                .create(&NewToken { service: "s", token, app_id: "old", user_id: None, expires_at, now: now - 10 })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let answers = create_many(
+            reads.clone(),
+            vec![
+                job("s", "fresh-one", "a", None, now),
+                job("s", "fresh-one", "b", None, now),
+                job("s", "live-one", "c", None, now),
+                job("s", "gone-one", "d", Some(now + 5), now),
+                job("t", "live-one", "e", None, now),
+            ],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let outcome: Vec<bool> = answers.iter().map(|a| a.is_ok()).collect();
+        // One of two creates of one token; a live token kept; an expired one replaced; the same
+        // token in another service is another token.
+        assert_eq!(outcome, [true, false, false, true, true]);
+        assert!(answers.iter().all(|a| a.is_ok() || matches!(a, Err(StoreError::AlreadyExists(_)))));
+
+        let keys = ["fresh-one", "live-one", "gone-one", "missing"]
+            .iter()
+            .map(|t| ("s".to_string(), token_hash(t)))
+            .chain([("t".to_string(), token_hash("live-one"))])
+            .collect();
+        let found = get_many(reads, keys).await.unwrap_or_else(|e| panic!("{e}"));
+        let apps: Vec<Option<String>> =
+            found.into_iter().map(|f| f.unwrap_or_else(|e| panic!("{e}")).map(|t| t.grant.app_id)).collect();
+        let want = [Some("a"), Some("old"), Some("d"), None, Some("e")].map(|a| a.map(str::to_string));
+        assert_eq!(apps, want);
+        drop(store);
+        db.drop_now().await;
     }
 }
