@@ -40,8 +40,14 @@ const SCHEMA: &[&str] = &[
         sealed BYTEA
     ) WITH (fillfactor = 70)",
     // Room on each page for the row's rotated version, so that a rotation updates the row in place
-    // (a heap-only tuple) instead of adding entries to all three indexes; set on tables made before.
-    "ALTER TABLE tokenserver_sessions SET (fillfactor = 70)",
+    // (a heap-only tuple) instead of adding entries to all three indexes; set on tables made
+    // before, once (not a catalog change at every start).
+    "DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = 'tokenserver_sessions'::regclass
+                       AND reloptions @> ARRAY['fillfactor=70']) THEN
+            ALTER TABLE tokenserver_sessions SET (fillfactor = 70);
+        END IF;
+    END $$",
     "CREATE INDEX IF NOT EXISTS tokenserver_sessions_chain_idx ON tokenserver_sessions (chain)",
     "CREATE INDEX IF NOT EXISTS tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
 ];
@@ -495,8 +501,22 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_table_leaves_room_for_rotated_versions() {
+    async fn the_table_leaves_room_for_rotated_versions_also_when_made_before() {
         let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        // A table as earlier versions made it, at PostgreSQL's default fill factor.
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query(&SCHEMA[1].replace(" WITH (fillfactor = 70)", ""))
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let before: Option<Vec<String>> =
+            sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE relname = 'tokenserver_sessions'")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(before, None);
+        pool.close().await;
+        let _first = PgSessions::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
         let store = PgSessions::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
         let options: Option<Vec<String>> =
             sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE relname = 'tokenserver_sessions'")
@@ -504,7 +524,7 @@ mod tests {
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(options, Some(vec!["fillfactor=70".to_string()]));
-        drop(store);
+        drop((_first, store));
         db.drop_now().await;
     }
 }
