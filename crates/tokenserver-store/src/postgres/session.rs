@@ -510,7 +510,7 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let before: Option<Vec<String>> =
-            sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE relname = 'tokenserver_sessions'")
+            sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = 'tokenserver_sessions'::regclass")
                 .fetch_one(&pool)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -519,7 +519,7 @@ mod tests {
         let _first = PgSessions::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
         let store = PgSessions::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
         let options: Option<Vec<String>> =
-            sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE relname = 'tokenserver_sessions'")
+            sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = 'tokenserver_sessions'::regclass")
                 .fetch_one(&store.pool)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
