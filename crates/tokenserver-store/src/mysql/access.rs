@@ -3,15 +3,20 @@
 //! are byte for byte (a case-insensitive collation would make `App` and `app` one application).
 //! Creation is an `INSERT` whose duplicate-key error is followed, when the token has expired, by an
 //! `UPDATE` guarded by that expiry; the primary key makes two concurrent creates of one token end
-//! with one winner. Every write runs on a task of its own.
+//! with one winner. Every write runs on a task of its own. `authorize`'s reads arriving together
+//! share one statement ([`crate::batch`]).
+
+use std::str::FromStr;
 
 use async_trait::async_trait;
-use sqlx::mysql::{MySqlArguments, MySqlPool, MySqlRow};
+use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlRow};
 use sqlx::{Executor, MySql, Row};
 use tokenserver_core::access::Grant;
 
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
+use crate::batch::Batcher;
 use crate::caller::detached;
+use crate::sql::read_pool::ReadPool;
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokenserver_access_tokens (
@@ -33,8 +38,12 @@ const INSERT: &str = "INSERT INTO tokenserver_access_tokens \
 const REPLACE_EXPIRED: &str = "UPDATE tokenserver_access_tokens \
     SET token = ?, app_id = ?, user_id = ?, expires_at = ?, created_at = ? \
     WHERE service = ? AND token_hash = ? AND expires_at IS NOT NULL AND expires_at <= ?";
-const GET: &str = "SELECT token, app_id, user_id, expires_at, created_at FROM tokenserver_access_tokens \
-    WHERE service = ? AND token_hash = ?";
+/// Token reads one statement carries at most, statements out at once, and the sizes a statement
+/// is padded to (each one statement text, prepared once per connection): as for the users' rows
+/// (`super::sync`), MariaDB plans each `UNION ALL` branch on every execution.
+const GETS_BATCH: usize = 16;
+const GETS_IN_FLIGHT: usize = 8;
+const GET_SIZES: [usize; 5] = [1, 2, 4, 8, GETS_BATCH];
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = ? AND token_hash = ? AND (expires_at IS NULL OR expires_at > ?)";
 const LIST_APP: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
@@ -64,29 +73,70 @@ fn text(r: &MySqlRow, i: usize) -> std::result::Result<String, sqlx::Error> {
     String::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
-fn token_row(r: &MySqlRow) -> std::result::Result<AccessToken, sqlx::Error> {
-    let user: Option<Vec<u8>> = r.try_get(2)?;
+/// The token whose columns start at `at`: token, app_id, user_id, expires_at, created_at.
+fn token_row(r: &MySqlRow, at: usize) -> std::result::Result<AccessToken, sqlx::Error> {
+    let user: Option<Vec<u8>> = r.try_get(at + 2)?;
     Ok(AccessToken {
-        token: text(r, 0)?,
+        token: text(r, at)?,
         grant: Grant {
-            app_id: text(r, 1)?,
+            app_id: text(r, at + 1)?,
             user_id: user.map(String::from_utf8).transpose().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-            expires_at: r.try_get::<Option<i64>, _>(3)?.map(|v| v.max(0) as u64),
+            expires_at: r.try_get::<Option<i64>, _>(at + 3)?.map(|v| v.max(0) as u64),
         },
-        created_at: r.try_get::<i64, _>(4)?.max(0) as u64,
+        created_at: r.try_get::<i64, _>(at + 4)?.max(0) as u64,
     })
+}
+
+/// A token's primary key.
+type Key = (String, [u8; 32]);
+
+/// `n` primary-key reads in one statement, each branch with its position first.
+fn get_many_sql(n: usize) -> String {
+    let branch = |i: usize| {
+        format!(
+            "(SELECT {i}, token, app_id, user_id, expires_at, created_at FROM tokenserver_access_tokens \
+             WHERE service = ? AND token_hash = ?)"
+        )
+    };
+    (0..n).map(branch).collect::<Vec<_>>().join(" UNION ALL ")
+}
+
+/// Many tokens in one statement, in the order asked (expired ones included: the caller decides);
+/// the statement is padded to the next of [`GET_SIZES`] with the last key.
+async fn get_many(reads: ReadPool<MySqlConnection>, keys: Vec<Key>) -> Result<Vec<Result<Option<AccessToken>>>> {
+    let Some(last) = keys.last() else { return Ok(Vec::new()) };
+    let size = GET_SIZES.iter().copied().find(|s| *s >= keys.len()).unwrap_or(keys.len());
+    let sql = get_many_sql(size);
+    let mut query = sqlx::query(&sql);
+    for (service, hash) in keys.iter().chain(std::iter::repeat(last)).take(size) {
+        query = query.bind(service.as_str()).bind(&hash[..]);
+    }
+    let mut lease = reads.get().await?;
+    let rows = query.fetch_all(&mut *lease).await?;
+    lease.keep();
+    let mut found: Vec<Result<Option<AccessToken>>> = keys.iter().map(|_| Ok(None)).collect();
+    for r in &rows {
+        // A padding branch's answer falls past the calls and is dropped.
+        if let Some(at) = usize::try_from(r.try_get::<i64, _>(0)?).ok().and_then(|i| found.get_mut(i)) {
+            *at = Ok(Some(token_row(r, 1)?));
+        }
+    }
+    Ok(found)
 }
 
 /// The MySQL access-token store.
 #[derive(Debug, Clone)]
 pub struct MySqlAccess {
     pool: MySqlPool,
+    gets: Batcher<Key, Option<AccessToken>>,
 }
 
 impl MySqlAccess {
     /// Connects and creates the table when missing.
     pub async fn open(url: &str, settings: &PoolSettings) -> Result<Self> {
         let url = super::normalise_url(url);
+        let options =
+            MySqlConnectOptions::from_str(&url).map_err(|e| StoreError::Config(format!("invalid MySQL URL: {e}")))?;
         let pool = crate::sql::network_pool::<MySql>(settings)
             .after_connect(|conn, _| {
                 Box::pin(async move {
@@ -97,7 +147,10 @@ impl MySqlAccess {
             .connect(&url)
             .await?;
         sqlx::query(SCHEMA).execute(&pool).await?;
-        Ok(Self { pool })
+        // Single autocommit reads: the write pool's READ COMMITTED makes no difference to them.
+        let reads = ReadPool::new(options, settings)?;
+        let gets = Batcher::start("access_get", GETS_BATCH, GETS_IN_FLIGHT, move |keys| get_many(reads.clone(), keys));
+        Ok(Self { pool, gets })
     }
 
     /// One statement on a detached task (a departing caller cannot cut it short).
@@ -167,8 +220,8 @@ impl AccessStore for MySqlAccess {
     }
 
     async fn get(&self, service: &str, token: &str, now: u64) -> Result<Option<AccessToken>> {
-        let row = sqlx::query(GET).bind(service).bind(&token_hash(token)[..]).fetch_optional(&self.pool).await?;
-        Ok(row.as_ref().map(token_row).transpose()?.filter(|t| t.grant.live(now)))
+        let found = self.gets.call((service.to_string(), token_hash(token))).await?;
+        Ok(found.filter(|t| t.grant.live(now)))
     }
 
     async fn delete(&self, service: &str, token: &str, now: u64) -> Result<bool> {
@@ -187,7 +240,7 @@ impl AccessStore for MySqlAccess {
         let mut tokens = Vec::with_capacity(rows.len());
         let mut last: Option<Vec<u8>> = None;
         for r in &rows {
-            tokens.push(token_row(r)?);
+            tokens.push(token_row(r, 0)?);
             last = Some(r.try_get(5)?);
         }
         let next = last.filter(|_| tokens.len() >= limit).map(hex::encode);
@@ -211,5 +264,37 @@ impl AccessStore for MySqlAccess {
 
     async fn check(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(StoreError::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_reads_answers_each_call_in_its_place() {
+        let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
+        let store = MySqlAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let options =
+            MySqlConnectOptions::from_str(&crate::mysql::normalise_url(&db.url)).unwrap_or_else(|e| panic!("{e}"));
+        let reads = ReadPool::new(options, &PoolSettings::default()).unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_800_000_000_000;
+        for (service, token, app_id) in [("s", "one", "a"), ("s", "two", "b"), ("t", "one", "c")] {
+            store
+                .create(&NewToken { service, token, app_id, user_id: None, expires_at: None, now })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        // Five reads, padded to a statement of eight: a missing token, one token twice, the
+        // same token text in two services.
+        let asked = [("s", "two"), ("s", "missing"), ("t", "one"), ("s", "one"), ("s", "two")];
+        let keys = asked.iter().map(|(s, t)| (s.to_string(), token_hash(t))).collect();
+        let found = get_many(reads, keys).await.unwrap_or_else(|e| panic!("{e}"));
+        let apps: Vec<Option<String>> =
+            found.into_iter().map(|f| f.unwrap_or_else(|e| panic!("{e}")).map(|t| t.grant.app_id)).collect();
+        let want = [Some("b"), None, Some("c"), Some("a"), Some("b")].map(|a| a.map(str::to_string));
+        assert_eq!(apps, want);
+        drop(store);
+        db.drop_now().await;
     }
 }
