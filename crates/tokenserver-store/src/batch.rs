@@ -96,6 +96,13 @@ async fn dispatch<J, R, F, Fut>(
     }
 }
 
+/// For each of `keys`, whether it is the first with its value: a statement that changes rows
+/// may touch each row once, so of two calls on one key in a batch only the first is sent.
+pub(crate) fn first_of_each<K: Eq + std::hash::Hash>(keys: impl ExactSizeIterator<Item = K>) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+    keys.map(|k| seen.insert(k)).collect()
+}
+
 fn deliver<R>(answers: Result<Vec<Result<R, StoreError>>, StoreError>, replies: Vec<Reply<R>>) {
     match answers {
         Ok(answers) => {

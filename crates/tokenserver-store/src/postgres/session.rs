@@ -20,7 +20,7 @@ use tokenserver_core::session::{
     ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
-use crate::batch::Batcher;
+use crate::batch::{first_of_each, Batcher};
 use crate::caller::{transaction, Caller};
 use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
 use crate::sql::read_pool::ReadPool;
@@ -221,8 +221,7 @@ async fn load_many(
 /// Many rotations in one statement; for each, whether it was applied. Of two rotations of one
 /// token in a batch only the first is sent (the other could only lose to it).
 async fn rotate_many(reads: ReadPool<PgConnection>, jobs: Vec<RotateJob>) -> Result<Vec<Result<bool>>> {
-    let mut sent = HashSet::with_capacity(jobs.len());
-    let first: Vec<bool> = jobs.iter().map(|j| sent.insert(j.presented.0)).collect();
+    let first = first_of_each(jobs.iter().map(|j| j.presented.0));
     let picked = || jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(j, _)| j);
     let presented: Vec<&[u8]> = picked().map(|j| &j.presented.0[..]).collect();
     let rotated_at: Vec<i64> = picked().map(|j| j.rotated.at as i64).collect();
@@ -260,8 +259,7 @@ async fn rotate_live_many(
     reads: ReadPool<PgConnection>,
     jobs: Vec<LiveJob>,
 ) -> Result<Vec<Result<Option<SessionRecord>>>> {
-    let mut sent = HashSet::with_capacity(jobs.len());
-    let first: Vec<bool> = jobs.iter().map(|j| sent.insert(j.presented.0)).collect();
+    let first = first_of_each(jobs.iter().map(|j| j.presented.0));
     let picked = || jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(j, _)| j);
     let presented: Vec<&[u8]> = picked().map(|j| &j.presented.0[..]).collect();
     let now: Vec<i64> = picked().map(|j| j.rotated.at as i64).collect();
