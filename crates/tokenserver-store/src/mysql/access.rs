@@ -3,8 +3,10 @@
 //! are byte for byte (a case-insensitive collation would make `App` and `app` one application).
 //! Creation is an `INSERT` whose duplicate-key error is followed, when the token has expired, by an
 //! `UPDATE` guarded by that expiry; the primary key makes two concurrent creates of one token end
-//! with one winner. Every write runs on a task of its own. `authorize`'s reads arriving together
-//! share one statement ([`crate::batch`]).
+//! with one winner. Creations arriving together are first tried as one multi-row `INSERT`, which
+//! InnoDB applies whole or not at all: when any of its tokens exists, each creation of the batch
+//! then takes the one-token path. Every write runs on a task of its own. `authorize`'s reads
+//! arriving together share one statement ([`crate::batch`]).
 
 use std::str::FromStr;
 
@@ -14,7 +16,7 @@ use sqlx::{Executor, MySql, Row};
 use tokenserver_core::access::Grant;
 
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
-use crate::batch::Batcher;
+use crate::batch::{first_of_each, Batcher};
 use crate::caller::detached;
 use crate::sql::read_pool::ReadPool;
 use crate::{PoolSettings, StoreError};
@@ -44,6 +46,9 @@ const REPLACE_EXPIRED: &str = "UPDATE tokenserver_access_tokens \
 const GETS_BATCH: usize = 16;
 const GETS_IN_FLIGHT: usize = 8;
 const GET_SIZES: [usize; 5] = [1, 2, 4, 8, GETS_BATCH];
+/// Creations one multi-row `INSERT` carries at most, and such statements running at once.
+const CREATES_BATCH: usize = 16;
+const CREATES_IN_FLIGHT: usize = 8;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = ? AND token_hash = ? AND (expires_at IS NULL OR expires_at > ?)";
 const LIST_APP: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
@@ -124,11 +129,113 @@ async fn get_many(reads: ReadPool<MySqlConnection>, keys: Vec<Key>) -> Result<Ve
     Ok(found)
 }
 
+/// A token to create: its key and its stored form.
+struct CreateJob {
+    key: Key,
+    token: AccessToken,
+}
+
+/// `n` rows of an `INSERT` of every column.
+fn insert_many_sql(n: usize) -> String {
+    let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
+    format!(
+        "INSERT INTO tokenserver_access_tokens \
+         (service, token_hash, token, app_id, user_id, expires_at, created_at) VALUES {rows}"
+    )
+}
+
+/// Creations arriving together, each answered as it would be alone. Their distinct tokens go in
+/// one multi-row `INSERT` first: one statement and one commit for the batch when none exists yet,
+/// the usual case for tokens tokenserver generates. A duplicate key (or any other error) fails the
+/// statement as a whole, and then every creation of the batch takes [`create_one`], as does a
+/// second creation of a token already in the batch; an unreachable server fails the batch.
+async fn create_many(pool: MySqlPool, jobs: Vec<CreateJob>) -> Result<Vec<Result<()>>> {
+    let first = first_of_each(jobs.iter().map(|j| &j.key));
+    let fresh: Vec<&CreateJob> = jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(j, _)| j).collect();
+    let mut inserted = false;
+    if fresh.len() > 1 {
+        let sql = insert_many_sql(fresh.len());
+        let mut query = sqlx::query(&sql);
+        for j in &fresh {
+            let (t, g) = (&j.token, &j.token.grant);
+            query = query
+                .bind(j.key.0.as_str())
+                .bind(&j.key.1[..])
+                .bind(t.token.as_str())
+                .bind(g.app_id.as_str())
+                .bind(g.user_id.as_deref())
+                .bind(g.expires_at.map(i64_of))
+                .bind(i64_of(t.created_at));
+        }
+        match query.execute(&pool).await.map_err(StoreError::from) {
+            Ok(_) => inserted = true,
+            // Each creation alone would meet the same unreachable server.
+            Err(err @ StoreError::Unavailable(_)) => return Err(err),
+            Err(_) => {}
+        }
+    }
+    let answers = jobs.iter().zip(first).map(|(j, first)| {
+        let pool = &pool;
+        async move {
+            if inserted && first {
+                return Ok(());
+            }
+            create_one(pool, j).await
+        }
+    });
+    Ok(futures_util::future::join_all(answers).await)
+}
+
+/// One creation: an `INSERT`, and on a duplicate key an `UPDATE` of the stored token if it has
+/// expired. Two statements, each committing on its own: inside one transaction the duplicate-key
+/// check's shared lock, held by every loser, deadlocks their `UPDATE`s against each other.
+async fn create_one(pool: &MySqlPool, j: &CreateJob) -> Result<()> {
+    let (service, hash) = (j.key.0.as_str(), &j.key.1[..]);
+    let (stored, g) = (&j.token, &j.token.grant);
+    for _ in 0..MAX_ATTEMPTS {
+        let inserted = sqlx::query(INSERT)
+            .bind(service)
+            .bind(hash)
+            .bind(stored.token.as_str())
+            .bind(g.app_id.as_str())
+            .bind(g.user_id.as_deref())
+            .bind(g.expires_at.map(i64_of))
+            .bind(i64_of(stored.created_at))
+            .execute(pool)
+            .await;
+        match inserted.map_err(StoreError::from) {
+            Ok(_) => return Ok(()),
+            Err(StoreError::AlreadyExists(_)) => {}
+            Err(StoreError::Conflict) => continue,
+            Err(other) => return Err(other),
+        }
+        let replaced = sqlx::query(REPLACE_EXPIRED)
+            .bind(stored.token.as_str())
+            .bind(g.app_id.as_str())
+            .bind(g.user_id.as_deref())
+            .bind(g.expires_at.map(i64_of))
+            .bind(i64_of(stored.created_at))
+            .bind(service)
+            .bind(hash)
+            .bind(i64_of(stored.created_at))
+            .execute(pool)
+            .await;
+        match replaced.map_err(StoreError::from) {
+            Ok(done) if done.rows_affected() == 1 => return Ok(()),
+            Ok(_) => return Err(StoreError::AlreadyExists(format!("token {:?}", stored.token))),
+            Err(StoreError::Conflict) => continue,
+            Err(other) => return Err(other),
+        }
+    }
+    Err(StoreError::Conflict)
+}
+
 /// The MySQL access-token store.
 #[derive(Debug, Clone)]
 pub struct MySqlAccess {
     pool: MySqlPool,
     gets: Batcher<Key, Option<AccessToken>>,
+    creates: Batcher<CreateJob, ()>,
 }
 
 impl MySqlAccess {
@@ -150,7 +257,11 @@ impl MySqlAccess {
         // Single autocommit reads: the write pool's READ COMMITTED makes no difference to them.
         let reads = ReadPool::new(options, settings)?;
         let gets = Batcher::start("access_get", GETS_BATCH, GETS_IN_FLIGHT, move |keys| get_many(reads.clone(), keys));
-        Ok(Self { pool, gets })
+        let for_creations = pool.clone();
+        let creates = Batcher::start("access_create", CREATES_BATCH, CREATES_IN_FLIGHT, move |jobs| {
+            create_many(for_creations.clone(), jobs)
+        });
+        Ok(Self { pool, gets, creates })
     }
 
     /// One statement on a detached task (a departing caller cannot cut it short).
@@ -170,53 +281,7 @@ impl AccessStore for MySqlAccess {
     }
 
     async fn create(&self, t: &NewToken<'_>) -> Result<()> {
-        let stored = t.stored();
-        let (service, hash) = (t.service.to_string(), token_hash(t.token).to_vec());
-        let pool = self.pool.clone();
-        // Two statements, each committing on its own: inside one transaction the duplicate-key
-        // check's shared lock, held by every loser, deadlocks their UPDATEs against each other.
-        detached(move |caller| async move {
-            let g = &stored.grant;
-            for _ in 0..MAX_ATTEMPTS {
-                caller.check()?;
-                let inserted = sqlx::query(INSERT)
-                    .bind(&service)
-                    .bind(&hash)
-                    .bind(&stored.token)
-                    .bind(&g.app_id)
-                    .bind(&g.user_id)
-                    .bind(g.expires_at.map(i64_of))
-                    .bind(i64_of(stored.created_at))
-                    .execute(&pool)
-                    .await;
-                match inserted.map_err(StoreError::from) {
-                    Ok(_) => return Ok(()),
-                    Err(StoreError::AlreadyExists(_)) => {}
-                    Err(StoreError::Conflict) => continue,
-                    Err(other) => return Err(other),
-                }
-                caller.check()?;
-                let replaced = sqlx::query(REPLACE_EXPIRED)
-                    .bind(&stored.token)
-                    .bind(&g.app_id)
-                    .bind(&g.user_id)
-                    .bind(g.expires_at.map(i64_of))
-                    .bind(i64_of(stored.created_at))
-                    .bind(&service)
-                    .bind(&hash)
-                    .bind(i64_of(stored.created_at))
-                    .execute(&pool)
-                    .await;
-                match replaced.map_err(StoreError::from) {
-                    Ok(done) if done.rows_affected() == 1 => return Ok(()),
-                    Ok(_) => return Err(StoreError::AlreadyExists(format!("token {:?}", stored.token))),
-                    Err(StoreError::Conflict) => continue,
-                    Err(other) => return Err(other),
-                }
-            }
-            Err(StoreError::Conflict)
-        })
-        .await
+        self.creates.call(CreateJob { key: (t.service.to_string(), token_hash(t.token)), token: t.stored() }).await
     }
 
     async fn get(&self, service: &str, token: &str, now: u64) -> Result<Option<AccessToken>> {
@@ -294,6 +359,75 @@ mod tests {
             found.into_iter().map(|f| f.unwrap_or_else(|e| panic!("{e}")).map(|t| t.grant.app_id)).collect();
         let want = [Some("b"), None, Some("c"), Some("a"), Some("b")].map(|a| a.map(str::to_string));
         assert_eq!(apps, want);
+        drop(store);
+        db.drop_now().await;
+    }
+
+    fn job(service: &str, token: &str, app_id: &str, expires_at: Option<u64>, now: u64) -> CreateJob {
+        let t = NewToken { service, token, app_id, user_id: None, expires_at, now };
+        CreateJob { key: (service.to_string(), token_hash(token)), token: t.stored() }
+    }
+
+    async fn apps_of(store: &MySqlAccess, tokens: &[(&str, &str)], now: u64) -> Vec<Option<String>> {
+        let mut apps = Vec::new();
+        for (service, token) in tokens {
+            let found = store.get(service, token, now).await.unwrap_or_else(|e| panic!("{e}"));
+            apps.push(found.map(|t| t.grant.app_id));
+        }
+        apps
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_creates_answers_each_call_as_it_would_alone() {
+        let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
+        let store = MySqlAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_800_000_000_000;
+        let outcome = |answers: &[Result<()>]| -> Vec<bool> {
+            assert!(answers.iter().all(|a| a.is_ok() || matches!(a, Err(StoreError::AlreadyExists(_)))));
+            answers.iter().map(|a| a.is_ok()).collect()
+        };
+
+        // New tokens only, one of them twice: one statement for the distinct ones, and the second
+        // creation of the repeated token loses to the first.
+        let batch = vec![
+            job("s", "new-a", "a", None, now),
+            job("s", "new-b", "b", None, now),
+            job("s", "new-a", "x", None, now),
+        ];
+        let answers = create_many(store.pool.clone(), batch).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(outcome(&answers), [true, true, false]);
+
+        // One token already live in the batch fails the multi-row statement as a whole; each
+        // creation then answers alone: a live token kept, an expired one replaced, new ones stored,
+        // the same token in another service another token.
+        store
+            .create(&NewToken {
+                service: "s",
+                token: "gone",
+                app_id: "old",
+                user_id: None,
+                expires_at: Some(now - 1),
+                now: now - 10,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let batch = vec![
+            job("s", "new-c", "c", None, now),
+            job("s", "new-a", "y", None, now),
+            job("s", "gone", "d", Some(now + 5), now),
+            job("t", "new-a", "e", None, now),
+        ];
+        let answers = create_many(store.pool.clone(), batch).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(outcome(&answers), [true, false, true, true]);
+
+        let asked = [("s", "new-a"), ("s", "new-b"), ("s", "new-c"), ("s", "gone"), ("t", "new-a")];
+        let want = [Some("a"), Some("b"), Some("c"), Some("d"), Some("e")].map(|a| a.map(str::to_string));
+        assert_eq!(apps_of(&store, &asked, now).await, want);
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tokenserver_access_tokens")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows, 5);
         drop(store);
         db.drop_now().await;
     }
