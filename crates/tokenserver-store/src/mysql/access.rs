@@ -51,11 +51,11 @@ const CREATES_BATCH: usize = 16;
 const CREATES_IN_FLIGHT: usize = 8;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = ? AND token_hash = ? AND (expires_at IS NULL OR expires_at > ?)";
-const LIST_APP: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
+const LIST_APP: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
     FROM tokenserver_access_tokens FORCE INDEX (tokenserver_access_app_idx) \
     WHERE service = ? AND app_id = ? AND token_hash > ? AND (expires_at IS NULL OR expires_at > ?) \
     ORDER BY token_hash LIMIT ?";
-const LIST_USER: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
+const LIST_USER: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
     FROM tokenserver_access_tokens FORCE INDEX (tokenserver_access_user_idx) \
     WHERE service = ? AND app_id = ? AND user_id = ? AND token_hash > ? \
     AND (expires_at IS NULL OR expires_at > ?) ORDER BY token_hash LIMIT ?";
@@ -80,15 +80,27 @@ fn text(r: &MySqlRow, i: usize) -> std::result::Result<String, sqlx::Error> {
 
 /// The token whose columns start at `at`: token, app_id, user_id, expires_at, created_at.
 fn token_row(r: &MySqlRow, at: usize) -> std::result::Result<AccessToken, sqlx::Error> {
-    let user: Option<Vec<u8>> = r.try_get(at + 2)?;
+    token_of(r, at, text(r, at + 1)?, at + 2)
+}
+
+/// A listed token ([`LIST_APP`]'s columns: token, user_id, expires_at, created_at) of the
+/// application `app_id` (every row of a listing has it, compared byte for byte: not decoded again).
+fn listed_row(r: &MySqlRow, app_id: &str) -> std::result::Result<AccessToken, sqlx::Error> {
+    token_of(r, 0, app_id.to_owned(), 1)
+}
+
+/// The token at column `token`, of application `app_id`, whose user_id, expires_at and
+/// created_at start at column `rest`.
+fn token_of(r: &MySqlRow, token: usize, app_id: String, rest: usize) -> std::result::Result<AccessToken, sqlx::Error> {
+    let user: Option<Vec<u8>> = r.try_get(rest)?;
     Ok(AccessToken {
-        token: text(r, at)?,
+        token: text(r, token)?,
         grant: Grant {
-            app_id: text(r, at + 1)?,
+            app_id,
             user_id: user.map(String::from_utf8).transpose().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-            expires_at: r.try_get::<Option<i64>, _>(at + 3)?.map(|v| v.max(0) as u64),
+            expires_at: r.try_get::<Option<i64>, _>(rest + 1)?.map(|v| v.max(0) as u64),
         },
-        created_at: r.try_get::<i64, _>(at + 4)?.max(0) as u64,
+        created_at: r.try_get::<i64, _>(rest + 2)?.max(0) as u64,
     })
 }
 
@@ -302,13 +314,12 @@ impl AccessStore for MySqlAccess {
             Some(user) => sqlx::query(LIST_USER).bind(l.service).bind(l.app_id).bind(user),
         };
         let rows = query.bind(&from[..]).bind(i64_of(l.now)).bind(limit as i64).fetch_all(&self.pool).await?;
-        let mut tokens = Vec::with_capacity(rows.len());
-        let mut last: Option<Vec<u8>> = None;
-        for r in &rows {
-            tokens.push(token_row(r, 0)?);
-            last = Some(r.try_get(5)?);
-        }
-        let next = last.filter(|_| tokens.len() >= limit).map(hex::encode);
+        let tokens = rows.iter().map(|r| listed_row(r, l.app_id)).collect::<std::result::Result<Vec<_>, _>>()?;
+        // Only the last row's key makes the cursor.
+        let next = match rows.last().filter(|_| rows.len() >= limit) {
+            Some(r) => Some(hex::encode(r.try_get::<&[u8], _>(4)?)),
+            None => None,
+        };
         Ok(TokenPage { tokens, next })
     }
 

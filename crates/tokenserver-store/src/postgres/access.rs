@@ -57,11 +57,11 @@ const MAX_BATCH: usize = 256;
 const IN_FLIGHT: usize = 4;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = $1 AND token_hash = $2 AND (expires_at IS NULL OR expires_at > $3)";
-const LIST_APP: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
+const LIST_APP: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
     FROM tokenserver_access_tokens \
     WHERE service = $1 AND app_id = $2 AND token_hash > $3 AND (expires_at IS NULL OR expires_at > $4) \
     ORDER BY token_hash LIMIT $5";
-const LIST_USER: &str = "SELECT token, app_id, user_id, expires_at, created_at, token_hash \
+const LIST_USER: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
     FROM tokenserver_access_tokens \
     WHERE service = $1 AND app_id = $2 AND user_id = $6 AND token_hash > $3 \
     AND (expires_at IS NULL OR expires_at > $4) ORDER BY app_id, user_id, token_hash LIMIT $5";
@@ -81,14 +81,26 @@ fn i64_of(v: u64) -> i64 {
 
 /// The token whose columns start at `at`: token, app_id, user_id, expires_at, created_at.
 fn token_row(r: &PgRow, at: usize) -> std::result::Result<AccessToken, sqlx::Error> {
+    token_of(r, at, r.try_get(at + 1)?, at + 2)
+}
+
+/// A listed token ([`LIST_APP`]'s columns: token, user_id, expires_at, created_at) of the
+/// application `app_id` (every row of a listing has it, compared byte for byte: not decoded again).
+fn listed_row(r: &PgRow, app_id: &str) -> std::result::Result<AccessToken, sqlx::Error> {
+    token_of(r, 0, app_id.to_owned(), 1)
+}
+
+/// The token at column `token`, of application `app_id`, whose user_id, expires_at and
+/// created_at start at column `rest`.
+fn token_of(r: &PgRow, token: usize, app_id: String, rest: usize) -> std::result::Result<AccessToken, sqlx::Error> {
     Ok(AccessToken {
-        token: r.try_get(at)?,
+        token: r.try_get(token)?,
         grant: Grant {
-            app_id: r.try_get(at + 1)?,
-            user_id: r.try_get(at + 2)?,
-            expires_at: r.try_get::<Option<i64>, _>(at + 3)?.map(|v| v.max(0) as u64),
+            app_id,
+            user_id: r.try_get(rest)?,
+            expires_at: r.try_get::<Option<i64>, _>(rest + 1)?.map(|v| v.max(0) as u64),
         },
-        created_at: r.try_get::<i64, _>(at + 4)?.max(0) as u64,
+        created_at: r.try_get::<i64, _>(rest + 2)?.max(0) as u64,
     })
 }
 
@@ -242,13 +254,12 @@ impl AccessStore for PgAccess {
             query = query.bind(user);
         }
         let rows = query.fetch_all(&self.pool).await?;
-        let mut tokens = Vec::with_capacity(rows.len());
-        let mut last: Option<Vec<u8>> = None;
-        for r in &rows {
-            tokens.push(token_row(r, 0)?);
-            last = Some(r.try_get(5)?);
-        }
-        let next = last.filter(|_| tokens.len() >= limit).map(hex::encode);
+        let tokens = rows.iter().map(|r| listed_row(r, l.app_id)).collect::<std::result::Result<Vec<_>, _>>()?;
+        // Only the last row's key makes the cursor.
+        let next = match rows.last().filter(|_| rows.len() >= limit) {
+            Some(r) => Some(hex::encode(r.try_get::<&[u8], _>(4)?)),
+            None => None,
+        };
         Ok(TokenPage { tokens, next })
     }
 
