@@ -676,6 +676,48 @@ async fn fifty_concurrent_creates_of_one_token_have_one_winner(backend: Backend)
     db.drop_now().await;
 }
 
+per_backend!(all: ids_no_token_can_have_name_nothing);
+
+/// A service, application or user id that creation refuses (here one holding NUL, which
+/// PostgreSQL's text cannot even take as a parameter) names no token: reads answer 404, listings
+/// an empty page, revocations 0, on every backend, and the tokens of valid ids are untouched.
+async fn ids_no_token_can_have_name_nothing(backend: Backend) {
+    let Some(db) = fresh(backend).await else { return };
+    let s = server(&[("TOKENSERVER_ACCESS__URL", db.url.as_str())]).await;
+    assert_eq!(
+        v1(&s, "POST", "/tokens", Some(json!({"token": "kept", "app_id": "a", "user_id": "u", "ttl": 0}))).await.status,
+        201
+    );
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = s.http.request(method, format!("{}/v1/services/{path}", s.internal));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        respond(req)
+    };
+    let empty = json!({"tokens": [], "next_cursor": null});
+    for path in
+        ["s%00/applications/a/tokens", "svc1/applications/a%00/tokens", "svc1/applications/a/tokens?user_id=u%00"]
+    {
+        let r = call("GET", path, None).await;
+        assert_eq!((r.status, r.json()), (200, empty.clone()), "{path}");
+    }
+    for (method, path) in [("GET", "s%00/tokens/kept"), ("DELETE", "s%00/tokens/kept")] {
+        assert_eq!(code(&call(method, path, None).await), (404, "access_token_invalid".into()), "{method} {path}");
+    }
+    let r = call("POST", "s%00/authorize", Some(json!({"access_token": "kept"}))).await;
+    assert_eq!(code(&r), (404, "access_token_invalid".into()));
+    for path in ["s%00/applications/a/tokens", "svc1/applications/a%00/tokens", "s%00/tokens"] {
+        let r = call("DELETE", path, None).await;
+        assert_eq!((r.status, r.json()), (200, json!({"revoked": 0})), "{path}");
+    }
+    let r = v1(&s, "GET", "/tokens/kept", None).await;
+    assert_eq!(r.json(), json!({"app_id": "a", "user_id": "u", "expires_at": null}));
+    s.finish().await;
+    db.drop_now().await;
+}
+
 /// `tokenserver access …` on the default SQLite file: the import from an apisonator Redis (R1
 /// and R2 values, TTLs kept, a refused token named only by fingerprint, idempotent, the source
 /// untouched), then the CLI's own create / get / list / revoke / delete.
