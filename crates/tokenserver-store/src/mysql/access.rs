@@ -147,6 +147,23 @@ struct CreateJob {
     token: AccessToken,
 }
 
+/// `query` with the columns of `j`'s row bound after its other parameters, in the order of
+/// [`INSERT`]'s column list.
+fn bind_row<'q>(
+    query: sqlx::query::Query<'q, MySql, MySqlArguments>,
+    j: &'q CreateJob,
+) -> sqlx::query::Query<'q, MySql, MySqlArguments> {
+    let (t, g) = (&j.token, &j.token.grant);
+    query
+        .bind(j.key.0.as_str())
+        .bind(&j.key.1[..])
+        .bind(t.token.as_str())
+        .bind(g.app_id.as_str())
+        .bind(g.user_id.as_deref())
+        .bind(g.expires_at.map(i64_of))
+        .bind(i64_of(t.created_at))
+}
+
 /// `n` rows of an `INSERT` of every column.
 fn insert_many_sql(n: usize) -> String {
     let rows = vec!["(?, ?, ?, ?, ?, ?, ?)"; n].join(", ");
@@ -163,22 +180,13 @@ fn insert_many_sql(n: usize) -> String {
 /// second creation of a token already in the batch; an unreachable server fails the batch.
 async fn create_many(pool: MySqlPool, jobs: Vec<CreateJob>) -> Result<Vec<Result<()>>> {
     let first = first_of_each(jobs.iter().map(|j| &j.key));
-    let fresh: Vec<&CreateJob> = jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(j, _)| j).collect();
+    let mut fresh: Vec<&CreateJob> = jobs.iter().zip(&first).filter(|(_, first)| **first).map(|(j, _)| j).collect();
+    // In key order: two statements that share tokens take their locks in one order.
+    fresh.sort_unstable_by(|a, b| a.key.cmp(&b.key));
     let mut inserted = false;
     if fresh.len() > 1 {
         let sql = insert_many_sql(fresh.len());
-        let mut query = sqlx::query(&sql);
-        for j in &fresh {
-            let (t, g) = (&j.token, &j.token.grant);
-            query = query
-                .bind(j.key.0.as_str())
-                .bind(&j.key.1[..])
-                .bind(t.token.as_str())
-                .bind(g.app_id.as_str())
-                .bind(g.user_id.as_deref())
-                .bind(g.expires_at.map(i64_of))
-                .bind(i64_of(t.created_at));
-        }
+        let query = fresh.iter().fold(sqlx::query(&sql), |query, j| bind_row(query, j));
         match query.execute(&pool).await.map_err(StoreError::from) {
             Ok(_) => inserted = true,
             // Each creation alone would meet the same unreachable server.
@@ -205,16 +213,7 @@ async fn create_one(pool: &MySqlPool, j: &CreateJob) -> Result<()> {
     let (service, hash) = (j.key.0.as_str(), &j.key.1[..]);
     let (stored, g) = (&j.token, &j.token.grant);
     for _ in 0..MAX_ATTEMPTS {
-        let inserted = sqlx::query(INSERT)
-            .bind(service)
-            .bind(hash)
-            .bind(stored.token.as_str())
-            .bind(g.app_id.as_str())
-            .bind(g.user_id.as_deref())
-            .bind(g.expires_at.map(i64_of))
-            .bind(i64_of(stored.created_at))
-            .execute(pool)
-            .await;
+        let inserted = bind_row(sqlx::query(INSERT), j).execute(pool).await;
         match inserted.map_err(StoreError::from) {
             Ok(_) => return Ok(()),
             Err(StoreError::AlreadyExists(_)) => {}
@@ -439,6 +438,29 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows, 5);
+        drop(store);
+        db.drop_now().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_sharing_tokens_in_opposite_orders_each_end_with_one_winner() {
+        let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
+        let store = MySqlAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_800_000_000_000;
+        for round in 0..40 {
+            let (x, y) = (format!("x-{round}"), format!("y-{round}"));
+            let one = vec![job("s", &x, "one", None, now), job("s", &y, "one", None, now)];
+            let other = vec![job("s", &y, "other", None, now), job("s", &x, "other", None, now)];
+            let (one, other) =
+                tokio::join!(create_many(store.pool.clone(), one), create_many(store.pool.clone(), other));
+            let (one, other) = (one.unwrap_or_else(|e| panic!("{e}")), other.unwrap_or_else(|e| panic!("{e}")));
+            // Each token is created by exactly one of the two; the other is told it exists.
+            for (a, b) in [(&one[0], &other[1]), (&one[1], &other[0])] {
+                let ok = [a, b].iter().filter(|r| r.is_ok()).count();
+                let exists = [a, b].iter().filter(|r| matches!(r, Err(StoreError::AlreadyExists(_)))).count();
+                assert_eq!((ok, exists), (1, 1), "round {round}: {a:?} {b:?}");
+            }
+        }
         drop(store);
         db.drop_now().await;
     }

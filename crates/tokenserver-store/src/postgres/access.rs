@@ -39,10 +39,13 @@ const SCHEMA: &[&str] = &[
 ];
 
 /// Many creations; a token stored and live at that moment is left as it is (not returned), an
-/// expired one is replaced. The tokens of one statement must be distinct.
+/// expired one is replaced. The tokens of one statement must be distinct. Rows go in in key order,
+/// so two statements that share tokens take their row locks in one order and cannot deadlock.
 const CREATE_MANY: &str = "INSERT INTO tokenserver_access_tokens AS t \
     (service, token_hash, token, app_id, user_id, expires_at, created_at) \
     SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[]) \
+        AS u(service, token_hash, token, app_id, user_id, expires_at, created_at) \
+    ORDER BY u.service, u.token_hash \
     ON CONFLICT (service, token_hash) DO UPDATE SET token = EXCLUDED.token, app_id = EXCLUDED.app_id, \
         user_id = EXCLUDED.user_id, expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at \
     WHERE t.expires_at IS NOT NULL AND t.expires_at <= EXCLUDED.created_at \
@@ -338,6 +341,30 @@ mod tests {
         let (odd, fine) = tokio::join!(store.get("s\0", "fresh-one", now), store.get("s", "fresh-one", now));
         assert!(matches!(odd, Ok(None)));
         assert_eq!(fine.unwrap_or_else(|e| panic!("{e}")).map(|t| t.grant.app_id).as_deref(), Some("a"));
+        drop(store);
+        db.drop_now().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_sharing_tokens_in_opposite_orders_each_end_with_one_winner() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let store = PgAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let options = PgConnectOptions::from_str(&db.url).unwrap_or_else(|e| panic!("{e}"));
+        let reads = ReadPool::new(options, &PoolSettings::default()).unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_800_000_000_000;
+        for round in 0..40 {
+            let (x, y) = (format!("x-{round}"), format!("y-{round}"));
+            let one = vec![job("s", &x, "one", None, now), job("s", &y, "one", None, now)];
+            let other = vec![job("s", &y, "other", None, now), job("s", &x, "other", None, now)];
+            let (one, other) = tokio::join!(create_many(reads.clone(), one), create_many(reads.clone(), other));
+            let (one, other) = (one.unwrap_or_else(|e| panic!("{e}")), other.unwrap_or_else(|e| panic!("{e}")));
+            // Each token is created by exactly one of the two; the other is told it exists.
+            for (a, b) in [(&one[0], &other[1]), (&one[1], &other[0])] {
+                let ok = [a, b].iter().filter(|r| r.is_ok()).count();
+                let exists = [a, b].iter().filter(|r| matches!(r, Err(StoreError::AlreadyExists(_)))).count();
+                assert_eq!((ok, exists), (1, 1), "round {round}: {a:?} {b:?}");
+            }
+        }
         drop(store);
         db.drop_now().await;
     }
