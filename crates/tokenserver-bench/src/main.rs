@@ -55,6 +55,10 @@ struct Common {
     /// The server's `RUST_LOG` (the default logs one line per issued token, as in production).
     #[arg(long, default_value = "info")]
     server_log: String,
+    /// Extra `KEY=VALUE` settings for every tokenserver started (repeatable), to compare a
+    /// setting's values, e.g. `TOKENSERVER_DATABASE_POOL_MAX_SIZE=4`; listed in the report.
+    #[arg(long = "server-env", value_parser = parse_setting)]
+    server_env: Vec<(String, String)>,
     /// Only these scenarios (1-5); all by default.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<u8>,
@@ -131,6 +135,14 @@ enum Command {
     },
 }
 
+/// `KEY=VALUE`, as `--server-env` takes it.
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
 struct Ctx {
     bin_dir: PathBuf,
     work: PathBuf,
@@ -170,6 +182,7 @@ impl Ctx {
             env.push(("TOKENSERVER_FXA_OAUTH_CACHE_SIZE".into(), "0".into()));
         }
         env.extend(tokens::jwk_env());
+        env.extend(self.common.server_env.iter().cloned());
         env
     }
 
@@ -519,6 +532,10 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
          else the mean of the hello runs at the start and the end of the run ({:.0} req/s).\n",
         ctx.common.connections, ctx.common.warmup, ctx.common.duration, hello_rps
     );
+    if !ctx.common.server_env.is_empty() {
+        let set: Vec<String> = ctx.common.server_env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
+        let _ = writeln!(md, "tokenserver started with {}.\n", set.join(", "));
+    }
     let _ = writeln!(
         md,
         "| Backend | Scenario | req/s | × hello | hello req/s | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | database CPU µs/req | load generator CPU µs/req | peak RSS MiB |"

@@ -1,16 +1,19 @@
 //! Redis and Redis Cluster session store.
 //!
 //! One hash per token under `<prefix>s:{<chain id>}:<token hash hex>`: the chain id is the hash
-//! tag, so every token of a session lives in one Cluster slot and the scripts below touch one
-//! slot only. Fields: `m` metadata, `e` idle expiry, `d` deadline, `t` idle lifetime (ms), and
-//! once rotated `r` (when), `s` (successor hash, hex), `x` (sealed successor). Each key expires
-//! natively at `e` (`PEXPIREAT`), so there is nothing to purge.
+//! tag, so every token of a session lives in one Cluster slot and, on a cluster, each script call
+//! below touches one slot only. Fields: `m` metadata, `e` idle expiry, `d` deadline, `t` idle
+//! lifetime (ms), and once rotated `r` (when), `s` (successor hash, hex), `x` (sealed successor),
+//! with `m` emptied. Each key expires natively at `e` (`PEXPIREAT`), so there is nothing to purge.
 //!
 //! A rotation reads the record, decides in Rust (merging metadata there, so JSON is never
 //! handled in Lua), then runs a script that applies the decision only if the token is still
 //! live and unrotated — the compare-and-set that makes two concurrent rotations of one token
 //! produce one successor; the loser re-reads and sees the rotated record. Both go through
-//! [`Redis::send`]: on a single server, concurrent rotations share pipelines.
+//! [`Redis::send`]: on a single server, concurrent rotations share pipelines. A live rotation
+//! (the common case) is one script call with no read first; on a single server the live
+//! rotations waiting at that moment share one call ([`ROTATE_LIVE`] takes any number), which
+//! costs Redis one script run for the lot instead of one each.
 
 use std::collections::HashMap;
 
@@ -21,7 +24,8 @@ use tokenserver_core::session::{
     TokenHash,
 };
 
-use super::{e, evalsha, Redis};
+use super::{e, evalsha, send_one, Conn, Redis};
+use crate::batch::Batcher;
 use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
 use crate::StoreError;
 /// Longest chain walked by a revocation.
@@ -37,35 +41,43 @@ const ROTATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'r') == 1 then
   return 0
 end
-redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', ARGV[2], 'x', ARGV[3])
-redis.call('HDEL', KEYS[1], 'm')
+redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', ARGV[2], 'x', ARGV[3], 'm', '')
 redis.call('HSET', KEYS[2], 'm', ARGV[4], 'e', ARGV[5], 'd', ARGV[6], 't', ARGV[7])
 redis.call('PEXPIREAT', KEYS[2], ARGV[5])
 return 1
 ";
 
-/// A live rotation in one step (`RotationSteps::rotate_live`): if KEYS[1] exists, is unrotated
-/// and, at ARGV[1] (now), neither idle-expired (`e`) nor past its deadline (`d`), it is marked
-/// rotated (ARGV[2] successor hash, ARGV[3] sealed successor) and its metadata moves to KEYS[2]
-/// with `e` renewed from now by `t` but not past `d`, as `successor_record` says. Returns
-/// {metadata, e, d, t} of the successor, or false when nothing changed.
+/// Live rotations in one step (`RotationSteps::rotate_live`), any number in one call: KEYS two
+/// by two (presented, successor), ARGV three by three (now, successor hash, sealed successor).
+/// Each presented key that exists, is unrotated and, at its now, neither idle-expired (`e`) nor
+/// past its deadline (`d`), is marked rotated and its metadata moves to the successor with `e`
+/// renewed from now by `t` but not past `d`, as `successor_record` says. One answer per rotation,
+/// in order: {metadata, e, d, t} of the successor, or false when nothing changed. Applied one
+/// after the other, so a token presented twice in one call is rotated once.
 const ROTATE_LIVE: &str = r"
-local r = redis.call('HMGET', KEYS[1], 'm', 'e', 'd', 't', 'r')
-if not r[2] or not r[3] or not r[4] or r[5] then
-  return false
+local out = {}
+for i = 1, #KEYS / 2 do
+  local old, new = KEYS[2 * i - 1], KEYS[2 * i]
+  local r = redis.call('HMGET', old, 'm', 'e', 'd', 't', 'r')
+  out[i] = false
+  if r[2] and r[3] and r[4] and not r[5] then
+    local now, e, d, t = tonumber(ARGV[3 * i - 2]), tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
+    if now < e and now < d then
+      local m = r[1] or ''
+      local ne = math.min(now + t, d)
+      redis.call('HSET', old, 'r', ARGV[3 * i - 2], 's', ARGV[3 * i - 1], 'x', ARGV[3 * i], 'm', '')
+      redis.call('HSET', new, 'm', m, 'e', ne, 'd', d, 't', t)
+      redis.call('PEXPIREAT', new, ne)
+      out[i] = {m, ne, d, t}
+    end
+  end
 end
-local now, e, d, t = tonumber(ARGV[1]), tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
-if now >= e or now >= d then
-  return false
-end
-local m = r[1] or ''
-local ne = math.min(now + t, d)
-redis.call('HSET', KEYS[1], 'r', ARGV[1], 's', ARGV[2], 'x', ARGV[3])
-redis.call('HDEL', KEYS[1], 'm')
-redis.call('HSET', KEYS[2], 'm', m, 'e', ne, 'd', d, 't', t)
-redis.call('PEXPIREAT', KEYS[2], ne)
-return {m, ne, d, t}
+return out
 ";
+/// Live rotations one `ROTATE_LIVE` call carries at most (the server runs nothing else meanwhile).
+const MAX_LIVE_BATCH: usize = 64;
+/// `ROTATE_LIVE` calls out at once.
+const LIVE_IN_FLIGHT: usize = 4;
 
 /// Deletes KEYS[1] and its successors (ARGV[1]: the chain's key prefix, ARGV[2]: walk bound).
 /// With ARGV[3] (now) set, only an unexpired KEYS[1] starts a walk. Returns 1 when it did.
@@ -118,13 +130,65 @@ fn parse_dump_cursor(cursor: &str) -> Option<(ScanAt, usize)> {
     parts.next().is_none().then_some((ScanAt { node, cursor: scan }, skip))
 }
 
+/// One live rotation for [`ROTATE_LIVE`]: its two keys and three arguments.
+struct LiveJob {
+    presented: String,
+    successor: String,
+    now: u64,
+    successor_hash: String,
+    sealed: Vec<u8>,
+}
+
+/// `jobs` in one [`ROTATE_LIVE`] call, one answer each: the successor's record, or `None` when
+/// the presented token was not live and unrotated.
+async fn rotate_live_many(
+    mut conn: Conn,
+    sha: String,
+    jobs: Vec<LiveJob>,
+) -> Result<Vec<Result<Option<SessionRecord>>>> {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(sha).arg(2 * jobs.len());
+    for job in &jobs {
+        cmd.arg(&job.presented).arg(&job.successor);
+    }
+    for job in &jobs {
+        cmd.arg(job.now).arg(&job.successor_hash).arg(&job.sealed);
+    }
+    let answer = send_one(&mut conn, &cmd, Some(ROTATE_LIVE)).await?;
+    let answers: Vec<Option<(String, u64, u64, u64)>> =
+        redis::from_redis_value(answer).map_err(|err| StoreError::Backend(format!("live rotation script: {err}")))?;
+    if answers.len() != jobs.len() {
+        return Err(StoreError::Backend(format!(
+            "live rotation script answered {} of {} rotations",
+            answers.len(),
+            jobs.len()
+        )));
+    }
+    Ok(answers
+        .into_iter()
+        .map(|a| {
+            Ok(a.map(|(meta, expires_at, deadline, ttl_ms)| SessionRecord {
+                meta,
+                expires_at,
+                deadline,
+                ttl_ms,
+                rotated: None,
+            }))
+        })
+        .collect())
+}
+
 /// The Redis session store.
 #[derive(Clone)]
 pub struct RedisSessions {
     redis: Redis,
     create: Script,
     rotate: Script,
-    rotate_live: Script,
+    /// Live rotations of a single server, sharing script calls; `None` on a cluster, where the
+    /// keys of two sessions sit in different slots and one script cannot touch both.
+    live: Option<Batcher<LiveJob, Option<SessionRecord>>>,
+    /// [`ROTATE_LIVE`]'s hash, for a cluster's calls.
+    live_sha: String,
     revoke: Script,
 }
 
@@ -138,11 +202,20 @@ impl RedisSessions {
     /// Connects to the server or cluster `url` names (`redis://…`, `redis+cluster://h:p,h:p`,
     /// optional `?prefix=`).
     pub async fn open(url: &str) -> Result<Self> {
+        let redis = Redis::connect(url).await?;
+        let live_sha = Script::new(ROTATE_LIVE).get_hash().to_string();
+        let live = (!redis.is_cluster()).then(|| {
+            let (conn, sha) = (redis.conn(), live_sha.clone());
+            Batcher::start("redis_rotate_live", MAX_LIVE_BATCH, LIVE_IN_FLIGHT, move |jobs| {
+                rotate_live_many(conn.clone(), sha.clone(), jobs)
+            })
+        });
         Ok(Self {
-            redis: Redis::connect(url).await?,
+            redis,
             create: Script::new(CREATE),
             rotate: Script::new(ROTATE),
-            rotate_live: Script::new(ROTATE_LIVE),
+            live,
+            live_sha,
             revoke: Script::new(REVOKE),
         })
     }
@@ -223,20 +296,21 @@ impl RotationSteps for Steps<'_> {
         rotated: &Rotated,
         now: u64,
     ) -> Result<Option<SessionRecord>> {
-        let mut cmd = evalsha(&self.store.rotate_live, 2);
-        cmd.arg(self.store.key(&self.chain, presented))
-            .arg(self.store.key(&self.chain, &rotated.successor))
-            .arg(now)
-            .arg(rotated.successor.to_hex())
-            .arg(rotated.sealed.as_bytes());
-        let answer = self.store.redis.send(cmd, Some(ROTATE_LIVE)).await?;
-        let bad = |err| StoreError::Backend(format!("live rotation script: {err}"));
-        let Some((meta, expires_at, deadline, ttl_ms)) =
-            redis::from_redis_value::<Option<(String, u64, u64, u64)>>(answer).map_err(bad)?
-        else {
-            return Ok(None);
+        let job = LiveJob {
+            presented: self.store.key(&self.chain, presented),
+            successor: self.store.key(&self.chain, &rotated.successor),
+            now,
+            successor_hash: rotated.successor.to_hex(),
+            sealed: rotated.sealed.as_bytes().to_vec(),
         };
-        Ok(Some(SessionRecord { meta, expires_at, deadline, ttl_ms, rotated: None }))
+        match &self.store.live {
+            Some(live) => live.call(job).await,
+            None => {
+                let sha = self.store.live_sha.clone();
+                let mut answers = rotate_live_many(self.store.redis.conn(), sha, vec![job]).await?.into_iter();
+                answers.next().unwrap_or_else(|| Err(StoreError::Backend("live rotation: no answer".into())))
+            }
+        }
     }
 
     async fn revoke(&mut self, chain: &ChainId, from: &TokenHash) -> Result<()> {
@@ -364,6 +438,75 @@ mod tests {
             crate::session::live_rotation_case(&store, |chain| Steps { store: &store, chain }).await;
             db.drop_now().await;
         }
+    }
+
+    /// A single server's live rotations share a script call: each is answered as it would be
+    /// alone, a token presented twice in one call is rotated once, and the rows show it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_live_rotation_call_answers_each_rotation_as_it_would_alone() {
+        use tokenserver_core::session::{live_rotation, successor_record};
+        const MIN: u64 = 60_000;
+        let Some(db) = crate::testing::fresh(crate::Backend::Redis).await else { return };
+        let store = RedisSessions::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        let now = tokenserver_core::clock::now_ms();
+        let at = now + MIN;
+        let (live, other, idle, unknown) = (
+            SessionToken::new_session(),
+            SessionToken::new_session(),
+            SessionToken::new_session(),
+            SessionToken::new_session(),
+        );
+        let live_record = SessionRecord::new(r#"{"a":1}"#.into(), now, 10 * MIN, 25 * MIN);
+        let other_record = SessionRecord::new(r#"{"b":2}"#.into(), now, 10 * MIN, 25 * MIN);
+        let idle_record = SessionRecord::new("{}".into(), now, MIN, 25 * MIN);
+        for (token, record) in [(&live, &live_record), (&other, &other_record), (&idle, &idle_record)] {
+            store.create(token, record).await.unwrap_or_else(|e| panic!("create: {e}"));
+        }
+        // The live token twice (two successors), an idle-expired one, an unknown one, another live one.
+        let requests: Vec<RotateRequest> = [&live, &live, &idle, &unknown, &other]
+            .into_iter()
+            .map(|t| RotateRequest { presented: t.clone(), successor: t.successor(), update: None, now: at })
+            .collect();
+        let jobs = requests
+            .iter()
+            .map(|req| {
+                let rotated = live_rotation(req);
+                LiveJob {
+                    presented: store.key(&req.presented.chain(), &req.presented.hash()),
+                    successor: store.key(&req.presented.chain(), &rotated.successor),
+                    now: req.now,
+                    successor_hash: rotated.successor.to_hex(),
+                    sealed: rotated.sealed.as_bytes().to_vec(),
+                }
+            })
+            .collect();
+        let answers: Vec<Option<SessionRecord>> = rotate_live_many(store.redis.conn(), store.live_sha.clone(), jobs)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        let live_next = successor_record(&live_record, live_record.meta.clone(), at);
+        let other_next = successor_record(&other_record, other_record.meta.clone(), at);
+        assert_eq!(answers, vec![Some(live_next.clone()), None, None, None, Some(other_next.clone())]);
+
+        let stored = |token: &SessionToken| {
+            let key = store.key(&token.chain(), &token.hash());
+            let store = &store;
+            async move { store.load(&key).await.unwrap_or_else(|e| panic!("{e}")) }
+        };
+        // Rotated once, to the first request's successor, its metadata moved there.
+        let rotated = stored(&live).await.unwrap_or_else(|| panic!("the rotated record is kept"));
+        assert_eq!(rotated.meta, "");
+        assert_eq!(rotated.rotated, Some(live_rotation(&requests[0])));
+        assert_eq!(stored(&requests[0].successor).await, Some(live_next));
+        assert_eq!(stored(&requests[1].successor).await, None);
+        // Left as they were.
+        assert_eq!(stored(&idle).await, Some(idle_record));
+        assert_eq!(stored(&unknown).await, None);
+        assert_eq!(stored(&requests[2].successor).await, None);
+        assert_eq!(stored(&requests[4].successor).await, Some(other_next));
+        db.drop_now().await;
     }
 
     #[test]
