@@ -782,3 +782,17 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_setting;
+
+    #[test]
+    fn server_settings_are_key_equals_value() {
+        assert_eq!(parse_setting("A_B=4"), Ok(("A_B".into(), "4".into())));
+        assert_eq!(parse_setting("A=x=y"), Ok(("A".into(), "x=y".into())));
+        assert_eq!(parse_setting("A="), Ok(("A".into(), String::new())));
+        assert!(parse_setting("=4").is_err());
+        assert!(parse_setting("A").is_err());
+    }
+}
