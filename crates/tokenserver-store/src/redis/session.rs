@@ -62,7 +62,8 @@ for i = 1, #KEYS / 2 do
   out[i] = false
   if r[2] and r[3] and r[4] and not r[5] then
     local now, e, d, t = tonumber(ARGV[3 * i - 2]), tonumber(r[2]), tonumber(r[3]), tonumber(r[4])
-    if now < e and now < d then
+    -- A field that is not a number leaves this rotation to the general path, not the whole call.
+    if now and e and d and t and now < e and now < d then
       local m = r[1] or ''
       local ne = math.min(now + t, d)
       redis.call('HSET', old, 'r', ARGV[3 * i - 2], 's', ARGV[3 * i - 1], 'x', ARGV[3 * i], 'm', '')
@@ -462,8 +463,20 @@ mod tests {
         for (token, record) in [(&live, &live_record), (&other, &other_record), (&idle, &idle_record)] {
             store.create(token, record).await.unwrap_or_else(|e| panic!("create: {e}"));
         }
-        // The live token twice (two successors), an idle-expired one, an unknown one, another live one.
-        let requests: Vec<RotateRequest> = [&live, &live, &idle, &unknown, &other]
+        // A record whose expiry is not a number: not ours to rotate, and no reason to fail the call.
+        let bad = SessionToken::new_session();
+        store.create(&bad, &other_record).await.unwrap_or_else(|e| panic!("create: {e}"));
+        let mut conn = store.redis.conn();
+        let _: i64 = redis::cmd("HSET")
+            .arg(store.key(&bad.chain(), &bad.hash()))
+            .arg("e")
+            .arg("soon")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The live token twice (two successors), an idle-expired one, an unknown one, the bad one,
+        // another live one.
+        let requests: Vec<RotateRequest> = [&live, &live, &idle, &unknown, &bad, &other]
             .into_iter()
             .map(|t| RotateRequest { presented: t.clone(), successor: t.successor(), update: None, now: at })
             .collect();
@@ -488,7 +501,7 @@ mod tests {
             .collect();
         let live_next = successor_record(&live_record, live_record.meta.clone(), at);
         let other_next = successor_record(&other_record, other_record.meta.clone(), at);
-        assert_eq!(answers, vec![Some(live_next.clone()), None, None, None, Some(other_next.clone())]);
+        assert_eq!(answers, vec![Some(live_next.clone()), None, None, None, None, Some(other_next.clone())]);
 
         let stored = |token: &SessionToken| {
             let key = store.key(&token.chain(), &token.hash());
@@ -505,7 +518,8 @@ mod tests {
         assert_eq!(stored(&idle).await, Some(idle_record));
         assert_eq!(stored(&unknown).await, None);
         assert_eq!(stored(&requests[2].successor).await, None);
-        assert_eq!(stored(&requests[4].successor).await, Some(other_next));
+        assert_eq!(stored(&requests[4].successor).await, None);
+        assert_eq!(stored(&requests[5].successor).await, Some(other_next));
         db.drop_now().await;
     }
 
