@@ -144,11 +144,10 @@ struct LiveJob {
 /// the presented token was not live and unrotated.
 async fn rotate_live_many(
     mut conn: Conn,
-    sha: String,
+    script: &Script,
     jobs: Vec<LiveJob>,
 ) -> Result<Vec<Result<Option<SessionRecord>>>> {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha).arg(2 * jobs.len());
+    let mut cmd = evalsha(script, 2 * jobs.len());
     for job in &jobs {
         cmd.arg(&job.presented).arg(&job.successor);
     }
@@ -188,8 +187,8 @@ pub struct RedisSessions {
     /// Live rotations of a single server, sharing script calls; `None` on a cluster, where the
     /// keys of two sessions sit in different slots and one script cannot touch both.
     live: Option<Batcher<LiveJob, Option<SessionRecord>>>,
-    /// [`ROTATE_LIVE`]'s hash, for a cluster's calls.
-    live_sha: String,
+    /// [`ROTATE_LIVE`], for a cluster's calls.
+    rotate_live: Script,
     revoke: Script,
 }
 
@@ -204,11 +203,12 @@ impl RedisSessions {
     /// optional `?prefix=`).
     pub async fn open(url: &str) -> Result<Self> {
         let redis = Redis::connect(url).await?;
-        let live_sha = Script::new(ROTATE_LIVE).get_hash().to_string();
+        let rotate_live = Script::new(ROTATE_LIVE);
         let live = (!redis.is_cluster()).then(|| {
-            let (conn, sha) = (redis.conn(), live_sha.clone());
+            let (conn, script) = (redis.conn(), rotate_live.clone());
             Batcher::start("redis_rotate_live", MAX_LIVE_BATCH, LIVE_IN_FLIGHT, move |jobs| {
-                rotate_live_many(conn.clone(), sha.clone(), jobs)
+                let (conn, script) = (conn.clone(), script.clone());
+                async move { rotate_live_many(conn, &script, jobs).await }
             })
         });
         Ok(Self {
@@ -216,7 +216,7 @@ impl RedisSessions {
             create: Script::new(CREATE),
             rotate: Script::new(ROTATE),
             live,
-            live_sha,
+            rotate_live,
             revoke: Script::new(REVOKE),
         })
     }
@@ -307,8 +307,8 @@ impl RotationSteps for Steps<'_> {
         match &self.store.live {
             Some(live) => live.call(job).await,
             None => {
-                let sha = self.store.live_sha.clone();
-                let mut answers = rotate_live_many(self.store.redis.conn(), sha, vec![job]).await?.into_iter();
+                let conn = self.store.redis.conn();
+                let mut answers = rotate_live_many(conn, &self.store.rotate_live, vec![job]).await?.into_iter();
                 answers.next().unwrap_or_else(|| Err(StoreError::Backend("live rotation: no answer".into())))
             }
         }
@@ -493,7 +493,7 @@ mod tests {
                 }
             })
             .collect();
-        let answers: Vec<Option<SessionRecord>> = rotate_live_many(store.redis.conn(), store.live_sha.clone(), jobs)
+        let answers: Vec<Option<SessionRecord>> = rotate_live_many(store.redis.conn(), &store.rotate_live, jobs)
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .into_iter()
