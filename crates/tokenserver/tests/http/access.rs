@@ -819,3 +819,79 @@ async fn cli_imports_from_apisonator_and_manages_tokens() {
     assert!(err.contains("whitespace"), "{err}");
     let _: () = redis::cmd("DEL").arg(&keys[..]).query_async(&mut redis).await.unwrap();
 }
+
+/// An access-token store that goes away while creates arrive together (the network stores send
+/// them in shared statements): every create answers 503 `store_unavailable` and stores nothing,
+/// and once the store is back the same creates all succeed, as new tokens.
+async fn store_outage_fails_each_create_and_stores_nothing(backend: Backend) {
+    use crate::proxy::{target_of, Proxy};
+    let Some(db) = fresh(backend).await else { return };
+    let proxy = Proxy::start(target_of(&db.url)).await;
+    let url = proxy.url_for(&db.url);
+    let s = Arc::new(
+        server(&[
+            ("TOKENSERVER_ACCESS__URL", url.as_str()),
+            ("SYNC_TOKENSERVER__DATABASE_POOL_CONNECTION_TIMEOUT", "1"),
+        ])
+        .await,
+    );
+    assert_eq!(v1(&s, "POST", "/tokens", Some(json!({"token": "before", "app_id": "a"}))).await.status, 201);
+    let creates = |s: &Arc<TestServer>| -> Vec<_> {
+        (0..16)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    v1(&s, "POST", "/tokens", Some(json!({"token": format!("t{i}"), "app_id": "a"}))).await
+                })
+            })
+            .collect()
+    };
+
+    proxy.set_up(false);
+    for t in creates(&s) {
+        let r = t.await.unwrap();
+        assert_eq!(code(&r), (503, "store_unavailable".to_string()), "{}", r.body);
+    }
+    // An outage longer than the pools' ping-if-idle threshold (1 s): a pooled connection cut less
+    // than that after its last use is found dead only by the call that next takes it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set_up(true);
+    // Back: the first calls may still meet a connection cut while it was down.
+    let mut attempts = 0;
+    while v1(&s, "GET", "/tokens/before", None).await.status != 200 {
+        attempts += 1;
+        assert!(attempts < 50, "the store did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in creates(&s) {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let r = v1(&s, "GET", "/applications/a/tokens?limit=1000", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut listed: Vec<String> =
+        r.json()["tokens"].as_array().unwrap().iter().map(|t| t["token"].as_str().unwrap().to_string()).collect();
+    listed.sort();
+    let mut want: Vec<String> = (0..16).map(|i| format!("t{i}")).chain(["before".to_string()]).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    Arc::into_inner(s).unwrap().finish().await;
+    db.drop_now().await;
+}
+
+mod store_outage_fails_each_create_and_stores_nothing {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        super::store_outage_fails_each_create_and_stores_nothing(tokenserver_store::Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn mysql() {
+        super::store_outage_fails_each_create_and_stores_nothing(tokenserver_store::Backend::MySql).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn redis() {
+        super::store_outage_fails_each_create_and_stores_nothing(tokenserver_store::Backend::Redis).await;
+    }
+}
