@@ -105,8 +105,8 @@ end
 return 1
 ";
 
-/// Keys asked of each `SCAN` in a dump; fixed, so that a page can resume inside a batch by
-/// asking for the same batch again.
+/// Keys a dump's `SCAN` asks for; a batch with more sessions than an empty page has room for is
+/// asked again with a smaller count.
 const DUMP_SCAN_COUNT: u64 = 100;
 
 /// Where a dump's scan stands: a node and that node's `SCAN` cursor.
@@ -116,19 +116,45 @@ struct ScanAt {
     cursor: u64,
 }
 
-/// `<node>:<SCAN cursor>:<keys of that batch already seen>`. A page resumed after the keyspace
-/// was resized may repeat or skip a few sessions (SCAN's own guarantee holds only for a whole
-/// scan): dumps are an operator's view, not an export.
-fn dump_cursor(at: ScanAt, skip: usize) -> String {
-    format!("{}:{}:{skip}", at.node, at.cursor)
+/// Where a page resumes: the scan, and inside the batch `SCAN` returns there with `COUNT` `count`,
+/// the keys already seen (`skip`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DumpAt {
+    at: ScanAt,
+    skip: usize,
+    count: u64,
 }
 
-fn parse_dump_cursor(cursor: &str) -> Option<(ScanAt, usize)> {
+/// `<node>:<SCAN cursor>:<skip>:<count>`. A page ends before a batch it has no room for, so it
+/// resumes inside a batch only when a batch of count 1 (one hash bucket) holds more sessions than
+/// a page; such a page resumed
+/// after the keyspace was resized may repeat or skip a few sessions (SCAN's own guarantee holds
+/// for whole batches): dumps are an operator's view, not an export.
+fn dump_cursor(d: DumpAt) -> String {
+    format!("{}:{}:{}:{}", d.at.node, d.at.cursor, d.skip, d.count)
+}
+
+/// One `SCAN` of a dump: the next cursor and the session keys of the batch.
+async fn scan(
+    node: &mut redis::aio::MultiplexedConnection,
+    cursor: u64,
+    pattern: &str,
+    count: u64,
+) -> Result<(u64, Vec<String>)> {
+    redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count).query_async(node).await.map_err(e)
+}
+
+/// A cursor of [`dump_cursor`], or of the earlier three-part form (its batches asked 100 keys).
+fn parse_dump_cursor(cursor: &str) -> Option<DumpAt> {
     let mut parts = cursor.split(':');
     let node = parts.next()?.parse().ok()?;
     let scan = parts.next()?.parse().ok()?;
     let skip = parts.next()?.parse().ok()?;
-    parts.next().is_none().then_some((ScanAt { node, cursor: scan }, skip))
+    let count = match parts.next() {
+        Some(c) => c.parse().ok().filter(|c| (1..=DUMP_SCAN_COUNT).contains(c))?,
+        None => DUMP_SCAN_COUNT,
+    };
+    parts.next().is_none().then_some(DumpAt { at: ScanAt { node, cursor: scan }, skip, count })
 }
 
 /// One live rotation for [`ROTATE_LIVE`]: its two keys and three arguments.
@@ -371,12 +397,13 @@ impl SessionStore for RedisSessions {
     }
 
     async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
-        let (mut at, mut skip) = match after {
-            None => (ScanAt { node: 0, cursor: 0 }, 0),
+        let resume = match after {
+            None => DumpAt { at: ScanAt { node: 0, cursor: 0 }, skip: 0, count: DUMP_SCAN_COUNT },
             Some(c) => parse_dump_cursor(c)
-                .filter(|(at, _)| at.node < self.redis.nodes.len())
+                .filter(|d| d.at.node < self.redis.nodes.len())
                 .ok_or_else(|| StoreError::InvalidInput("not a dump cursor of this store".into()))?,
         };
+        let (mut at, mut skip) = (resume.at, resume.skip);
         let limit = limit.max(1);
         let pattern = format!("{}s:*", self.redis.prefix);
         let mut entries = Vec::new();
@@ -385,18 +412,31 @@ impl SessionStore for RedisSessions {
             let (mut node, primary) = self.redis.node(at.node).await?;
             if primary {
                 loop {
-                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(at.cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(DUMP_SCAN_COUNT)
-                        .query_async(&mut node)
-                        .await
-                        .map_err(e)?;
+                    let room = limit - entries.len();
+                    if room == 0 {
+                        let next = DumpAt { at, skip: 0, count: DUMP_SCAN_COUNT };
+                        return Ok(DumpPage { entries, next: Some(dump_cursor(next)), records: None });
+                    }
+                    // A batch split by the last page is asked again as it was. Any other that has
+                    // more sessions than the page has room for waits for the next page, or, on an
+                    // empty page, is asked again smaller: a page then ends between batches, where
+                    // SCAN's guarantee holds whatever the keyspace did meanwhile.
+                    let mut count = if skip > 0 { resume.count } else { DUMP_SCAN_COUNT };
+                    let (next, keys) = loop {
+                        let (next, keys) = scan(&mut node, at.cursor, &pattern, count).await?;
+                        if skip > 0 || count == 1 || keys.len() <= room {
+                            break (next, keys);
+                        }
+                        if !entries.is_empty() {
+                            let next = DumpAt { at, skip: 0, count: DUMP_SCAN_COUNT };
+                            return Ok(DumpPage { entries, next: Some(dump_cursor(next)), records: None });
+                        }
+                        count = (room as u64).min(count / 2).max(1);
+                    };
                     for (i, key) in keys.iter().enumerate().skip(skip) {
                         if entries.len() >= limit {
-                            return Ok(DumpPage { entries, next: Some(dump_cursor(at, i)), records: None });
+                            let next = DumpAt { at, skip: i, count };
+                            return Ok(DumpPage { entries, next: Some(dump_cursor(next)), records: None });
                         }
                         let fields: HashMap<String, Vec<u8>> =
                             redis::cmd("HGETALL").arg(key).query_async(&mut node).await.map_err(e)?;
@@ -525,9 +565,11 @@ mod tests {
 
     #[test]
     fn dump_cursors_round_trip() {
-        let at = ScanAt { node: 2, cursor: 1234 };
-        assert_eq!(parse_dump_cursor(&dump_cursor(at, 7)), Some((at, 7)));
-        for bad in ["", "1", "1:2", "1:2:3:4", "x:1:2", "1:-2:3"] {
+        let d = DumpAt { at: ScanAt { node: 2, cursor: 1234 }, skip: 7, count: 5 };
+        assert_eq!(parse_dump_cursor(&dump_cursor(d)), Some(d));
+        // The earlier three-part form: its batches asked for 100 keys.
+        assert_eq!(parse_dump_cursor("2:1234:7"), Some(DumpAt { count: DUMP_SCAN_COUNT, ..d }));
+        for bad in ["", "1", "1:2", "1:2:3:4:5", "x:1:2", "1:-2:3", "1:2:3:0", "1:2:3:101", "1:2:3:x"] {
             assert_eq!(parse_dump_cursor(bad), None, "{bad}");
         }
     }
