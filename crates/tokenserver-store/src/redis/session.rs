@@ -420,7 +420,8 @@ impl SessionStore for RedisSessions {
                     // A batch split by the last page is asked again as it was. Any other that has
                     // more sessions than the page has room for waits for the next page, or, on an
                     // empty page, is asked again smaller: a page then ends between batches, where
-                    // SCAN's guarantee holds whatever the keyspace did meanwhile.
+                    // SCAN's guarantee (every key present throughout is returned) holds whatever
+                    // the keyspace did meanwhile.
                     let mut count = if skip > 0 { resume.count } else { DUMP_SCAN_COUNT };
                     let (next, keys) = loop {
                         let (next, keys) = scan(&mut node, at.cursor, &pattern, count).await?;
