@@ -52,18 +52,76 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed => Self::Unavailable(e.to_string()),
             sqlx::Error::Database(db) if db.is_unique_violation() => Self::AlreadyExists(db.message().to_string()),
-            sqlx::Error::Database(db) => match db.code().as_deref() {
-                // PostgreSQL serialization failure / deadlock; MySQL deadlock: retry.
-                Some("40001" | "40P01" | "1213") => Self::Conflict,
+            sqlx::Error::Database(db) => match (db.code().as_deref(), mysql_number(db.as_ref())) {
+                // PostgreSQL serialization failure / deadlock; MySQL deadlock (SQLSTATE 40001).
+                (Some("40001" | "40P01"), _) => Self::Conflict,
                 // SQLITE_BUSY / SQLITE_LOCKED (another process holds the write lock past
-                // busy_timeout); PostgreSQL connection and shutdown classes; MySQL lock wait timeout.
-                Some("5" | "6" | "517" | "57P01" | "57P02" | "57P03" | "1205") => {
+                // busy_timeout); PostgreSQL's shutdown classes.
+                (Some("5" | "6" | "517" | "57P01" | "57P02" | "57P03"), _) => {
                     Self::Unavailable(db.message().to_string())
                 }
-                Some(code) if code.starts_with("08") => Self::Unavailable(db.message().to_string()),
+                // Connection exceptions (PostgreSQL, and MySQL's 08S01 for a server shutting down).
+                (Some(code), _) if code.starts_with("08") => Self::Unavailable(db.message().to_string()),
+                // MySQL's lock wait timeout, and a session the server ended (killed, or idle past
+                // its timeout), under the generic SQLSTATE HY000 or 70100: by number.
+                (_, Some(MYSQL_LOCK_WAIT_TIMEOUT | MYSQL_CONNECTION_KILLED | MYSQL_CLIENT_TIMED_OUT)) => {
+                    Self::Unavailable(db.message().to_string())
+                }
                 _ => Self::Backend(e.to_string()),
             },
             _ => Self::Backend(e.to_string()),
         }
+    }
+}
+
+/// MySQL / MariaDB error numbers the mapping above needs.
+pub(crate) const MYSQL_LOCK_WAIT_TIMEOUT: u16 = 1205;
+/// MariaDB's `ER_CONNECTION_KILLED`.
+pub(crate) const MYSQL_CONNECTION_KILLED: u16 = 1927;
+/// MySQL 8's `ER_CLIENT_INTERACTION_TIMEOUT`.
+pub(crate) const MYSQL_CLIENT_TIMED_OUT: u16 = 4031;
+
+/// The MySQL / MariaDB error number of a database error, if it is one.
+pub(crate) fn mysql_number(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|e| e.number())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::{Connection, MySqlConnection};
+
+    use super::*;
+
+    /// A row locked past `innodb_lock_wait_timeout` is the database being busy (503), not a
+    /// failure of the statement (500).
+    #[tokio::test]
+    async fn a_mysql_lock_wait_timeout_is_unavailable() {
+        let Ok(url) = std::env::var("TOKENSERVER_TEST_MYSQL_URL") else {
+            eprintln!("TOKENSERVER_TEST_MYSQL_URL unset: skipped");
+            return;
+        };
+        let table = format!("lock_wait_{}", std::process::id());
+        let mut holder = MySqlConnection::connect(&url).await.expect("connect");
+        let mut waiter = MySqlConnection::connect(&url).await.expect("connect");
+        sqlx::query(&format!("CREATE TABLE {table} (id INT PRIMARY KEY) ENGINE=InnoDB"))
+            .execute(&mut holder)
+            .await
+            .expect("create");
+        sqlx::query(&format!("INSERT INTO {table} VALUES (1)")).execute(&mut holder).await.expect("insert");
+        let mut tx = holder.begin().await.expect("begin");
+        sqlx::query(&format!("SELECT id FROM {table} WHERE id = 1 FOR UPDATE")).execute(&mut *tx).await.expect("lock");
+        sqlx::query("SET SESSION innodb_lock_wait_timeout = 1").execute(&mut waiter).await.expect("set");
+        let waited = tokio::time::timeout(
+            Duration::from_secs(30),
+            sqlx::query(&format!("UPDATE {table} SET id = 2 WHERE id = 1")).execute(&mut waiter),
+        )
+        .await
+        .expect("the wait ends");
+        let err = StoreError::from(waited.expect_err("lock wait timeout"));
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        tx.rollback().await.expect("rollback");
+        sqlx::query(&format!("DROP TABLE {table}")).execute(&mut waiter).await.expect("drop");
     }
 }
