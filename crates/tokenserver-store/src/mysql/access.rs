@@ -18,7 +18,7 @@ use tokenserver_core::access::Grant;
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::detached;
-use crate::sql::read_pool::ReadPool;
+use crate::sql::read_pool::{read, ReadPool};
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokenserver_access_tokens (
@@ -124,13 +124,13 @@ async fn get_many(reads: ReadPool<MySqlConnection>, keys: Vec<Key>) -> Result<Ve
     let Some(last) = keys.last() else { return Ok(Vec::new()) };
     let size = GET_SIZES.iter().copied().find(|s| *s >= keys.len()).unwrap_or(keys.len());
     let sql = get_many_sql(size);
-    let mut query = sqlx::query(&sql);
-    for (service, hash) in keys.iter().chain(std::iter::repeat(last)).take(size) {
-        query = query.bind(service.as_str()).bind(&hash[..]);
-    }
-    let mut lease = reads.get().await?;
-    let rows = query.fetch_all(&mut *lease).await?;
-    lease.keep();
+    let rows = read!(reads, |c| {
+        let mut query = sqlx::query(&sql);
+        for (service, hash) in keys.iter().chain(std::iter::repeat(last)).take(size) {
+            query = query.bind(service.as_str()).bind(&hash[..]);
+        }
+        query.fetch_all(c).await
+    })?;
     let mut found: Vec<Result<Option<AccessToken>>> = keys.iter().map(|_| Ok(None)).collect();
     for r in &rows {
         // A padding branch's answer falls past the calls and is dropped.

@@ -4,7 +4,7 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::{MySql, Row};
 use tokenserver_core::sync::users::UserRow;
 
-use crate::sql::read_pool::ReadPool;
+use crate::sql::read_pool::{read, ReadPool};
 use crate::sql::UserKey;
 use crate::StoreError;
 
@@ -141,7 +141,7 @@ fn user_rows_many(n: usize) -> String {
 async fn users_rows_on(
     conn: &mut sqlx::MySqlConnection,
     keys: &[(&str, &str)],
-) -> Result<Vec<Vec<UserRow>>, StoreError> {
+) -> Result<Vec<Vec<UserRow>>, sqlx::Error> {
     let Some(last) = keys.last() else { return Ok(Vec::new()) };
     let size = ROWS_SIZES.iter().copied().find(|s| *s >= keys.len()).unwrap_or(keys.len());
     let sql = user_rows_many(size);
@@ -163,9 +163,7 @@ pub(crate) async fn rows_many(
     keys: Vec<UserKey>,
 ) -> Result<Vec<Result<Vec<UserRow>, StoreError>>, StoreError> {
     let asked: Vec<(&str, &str)> = keys.iter().map(|(s, e)| (s.as_str(), e.as_str())).collect();
-    let mut lease = reads.get().await?;
-    let rows = users_rows_on(&mut lease, &asked).await?;
-    lease.keep();
+    let rows = read!(reads, |c| users_rows_on(c, &asked).await)?;
     Ok(rows.into_iter().map(Ok).collect())
 }
 

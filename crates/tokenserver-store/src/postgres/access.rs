@@ -16,7 +16,7 @@ use tokenserver_core::access::Grant;
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::detached;
-use crate::sql::read_pool::ReadPool;
+use crate::sql::read_pool::{read, ReadPool};
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &[&str] = &[
@@ -139,8 +139,8 @@ async fn create_many(reads: ReadPool<PgConnection>, jobs: Vec<CreateJob>) -> Res
         .bind(&expiries)
         .bind(&created)
         .fetch_all(&mut *lease)
-        .await?;
-    lease.keep();
+        .await;
+    let stored = lease.finish(stored)?;
     let stored = stored
         .iter()
         .map(|r| {
@@ -166,9 +166,7 @@ async fn create_many(reads: ReadPool<PgConnection>, jobs: Vec<CreateJob>) -> Res
 async fn get_many(reads: ReadPool<PgConnection>, keys: Vec<Key>) -> Result<Vec<Result<Option<AccessToken>>>> {
     let services: Vec<&str> = keys.iter().map(|(s, _)| s.as_str()).collect();
     let hashes: Vec<&[u8]> = keys.iter().map(|(_, h)| &h[..]).collect();
-    let mut lease = reads.get().await?;
-    let rows = sqlx::query(GET_MANY).bind(&services).bind(&hashes).fetch_all(&mut *lease).await?;
-    lease.keep();
+    let rows = read!(reads, |c| sqlx::query(GET_MANY).bind(&services).bind(&hashes).fetch_all(c).await)?;
     let mut found: Vec<Result<Option<AccessToken>>> = keys.iter().map(|_| Ok(None)).collect();
     for r in &rows {
         // WITH ORDINALITY counts from 1.

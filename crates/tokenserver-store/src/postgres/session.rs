@@ -23,7 +23,7 @@ use tokenserver_core::session::{
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::{transaction, Caller};
 use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
-use crate::sql::read_pool::ReadPool;
+use crate::sql::read_pool::{read, ReadPool};
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &[&str] = &[
@@ -175,7 +175,7 @@ async fn create_many(reads: ReadPool<PgConnection>, jobs: Vec<CreateJob>) -> Res
     let deadlines: Vec<i64> = jobs.iter().map(|j| j.record.deadline as i64).collect();
     let ttls: Vec<i64> = jobs.iter().map(|j| j.record.ttl_ms as i64).collect();
     let mut lease = reads.get().await?;
-    let stored: Vec<Vec<u8>> = sqlx::query_scalar(CREATE_MANY)
+    let stored: sqlx::Result<Vec<Vec<u8>>> = sqlx::query_scalar(CREATE_MANY)
         .bind(&hashes)
         .bind(&chains)
         .bind(&metas)
@@ -183,8 +183,8 @@ async fn create_many(reads: ReadPool<PgConnection>, jobs: Vec<CreateJob>) -> Res
         .bind(&deadlines)
         .bind(&ttls)
         .fetch_all(&mut *lease)
-        .await?;
-    lease.keep();
+        .await;
+    let stored = lease.finish(stored)?;
     let mut stored: HashSet<Vec<u8>> = stored.into_iter().collect();
     // Of two creations of one token in a batch, the first is the one stored.
     Ok(jobs
@@ -207,9 +207,7 @@ async fn load_many(
     hashes: Vec<TokenHash>,
 ) -> Result<Vec<Result<Option<SessionRecord>>>> {
     let keys: Vec<&[u8]> = hashes.iter().map(|h| &h.0[..]).collect();
-    let mut lease = reads.get().await?;
-    let rows = sqlx::query(LOAD_MANY).bind(&keys).fetch_all(&mut *lease).await?;
-    lease.keep();
+    let rows = read!(reads, |c| sqlx::query(LOAD_MANY).bind(&keys).fetch_all(c).await)?;
     let mut found: HashMap<Vec<u8>, SessionRecord> = HashMap::with_capacity(rows.len());
     for row in &rows {
         let (hash, record) = keyed_record(row)?;
@@ -234,7 +232,7 @@ async fn rotate_many(reads: ReadPool<PgConnection>, jobs: Vec<RotateJob>) -> Res
     let deadline: Vec<i64> = picked().map(|j| j.successor.deadline as i64).collect();
     let ttl_ms: Vec<i64> = picked().map(|j| j.successor.ttl_ms as i64).collect();
     let mut lease = reads.get().await?;
-    let applied: Vec<Vec<u8>> = sqlx::query_scalar(ROTATE_MANY)
+    let applied: sqlx::Result<Vec<Vec<u8>>> = sqlx::query_scalar(ROTATE_MANY)
         .bind(&presented)
         .bind(&rotated_at)
         .bind(&successor)
@@ -246,8 +244,8 @@ async fn rotate_many(reads: ReadPool<PgConnection>, jobs: Vec<RotateJob>) -> Res
         .bind(&deadline)
         .bind(&ttl_ms)
         .fetch_all(&mut *lease)
-        .await?;
-    lease.keep();
+        .await;
+    let applied = lease.finish(applied)?;
     let applied: HashSet<&[u8]> = applied.iter().map(Vec::as_slice).collect();
     Ok(jobs.iter().zip(first).map(|(j, first)| Ok(first && applied.contains(&j.presented.0[..]))).collect())
 }
@@ -272,8 +270,8 @@ async fn rotate_live_many(
         .bind(&successor)
         .bind(&sealed)
         .fetch_all(&mut *lease)
-        .await?;
-    lease.keep();
+        .await;
+    let rows = lease.finish(rows)?;
     let mut applied: HashMap<Vec<u8>, SessionRecord> = HashMap::with_capacity(rows.len());
     for row in &rows {
         let record = SessionRecord {

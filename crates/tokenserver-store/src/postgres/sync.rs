@@ -5,7 +5,7 @@ use sqlx::postgres::PgArguments;
 use sqlx::{Postgres, Row};
 use tokenserver_core::sync::users::UserRow;
 
-use crate::sql::read_pool::ReadPool;
+use crate::sql::read_pool::{read, ReadPool};
 use crate::sql::UserKey;
 use crate::StoreError;
 
@@ -166,7 +166,7 @@ const USER_ROWS_MANY: &str = "SELECT q.i, users.uid, nodes.id, nodes.node::TEXT,
     ORDER BY q.i, users.created_at DESC, users.uid DESC";
 
 /// The rows of each of `keys` ((service, email)), in order, in one statement.
-async fn users_rows_on(conn: &mut sqlx::PgConnection, keys: &[(&str, &str)]) -> Result<Vec<Vec<UserRow>>, StoreError> {
+async fn users_rows_on(conn: &mut sqlx::PgConnection, keys: &[(&str, &str)]) -> Result<Vec<Vec<UserRow>>, sqlx::Error> {
     let services: Vec<&str> = keys.iter().map(|(s, _)| *s).collect();
     let emails: Vec<&str> = keys.iter().map(|(_, e)| *e).collect();
     let found = sqlx::query(USER_ROWS_MANY).bind(&services).bind(&emails).fetch_all(conn).await?;
@@ -184,9 +184,7 @@ pub(crate) async fn rows_many(
     keys: Vec<UserKey>,
 ) -> Result<Vec<Result<Vec<UserRow>, StoreError>>, StoreError> {
     let asked: Vec<(&str, &str)> = keys.iter().map(|(s, e)| (s.as_str(), e.as_str())).collect();
-    let mut lease = reads.get().await?;
-    let rows = users_rows_on(&mut lease, &asked).await?;
-    lease.keep();
+    let rows = read!(reads, |c| users_rows_on(c, &asked).await)?;
     Ok(rows.into_iter().map(Ok).collect())
 }
 
@@ -195,7 +193,7 @@ pub(crate) async fn users_rows(
     conn: &mut sqlx::PgConnection,
     keys: &[(&str, &str)],
 ) -> crate::sync::Result<Vec<Vec<UserRow>>> {
-    users_rows_on(conn, keys).await
+    Ok(users_rows_on(conn, keys).await?)
 }
 
 /// Locks the rows of every one of `emails` in one statement.

@@ -9,13 +9,97 @@
 //! write transaction could not.) As with the sqlx pool ([`crate::sql::network_pool`]), only a
 //! connection idle for more than [`crate::sql::PING_IF_IDLE_FOR`] is pinged before use, so that one
 //! killed by an outage is found and replaced.
+//!
+//! A connection cut more recently than that (the database restarted, a network cut, a killed
+//! session) is found by the call that next uses it. When one is found that way, every connection
+//! taken from the pool before that moment is pinged before its next use (the same event likely cut
+//! them too), and a read ([`read!`]) that met the cut runs once more on a connection
+//! that answered since: a restart shorter than a second costs no read an error. A write is not
+//! run again: its connection may have failed after the database committed it.
 
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 use sqlx::Connection;
 
 use crate::{PoolSettings, StoreError};
+
+/// Whether `e` says the connection itself is gone (rather than the statement failing on a live
+/// one): an I/O or protocol failure, or the server ending the session (PostgreSQL's
+/// administrator, crash or startup shutdown; the connection-exception class; MariaDB's killed
+/// session, MySQL's idle timeout).
+pub(crate) fn connection_lost(e: &sqlx::Error) -> bool {
+    use crate::error::{mysql_number, MYSQL_CLIENT_TIMED_OUT, MYSQL_CONNECTION_KILLED};
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            matches!(db.code().as_deref(), Some(c) if matches!(c, "57P01" | "57P02" | "57P03") || c.starts_with("08"))
+                || matches!(mysql_number(db.as_ref()), Some(MYSQL_CONNECTION_KILLED | MYSQL_CLIENT_TIMED_OUT))
+        }
+        _ => false,
+    }
+}
+
+/// `Result<T, StoreError>` of a read on a connection of `$pool` (a [`ReadPool`]): `$read` is an
+/// expression on the connection `$conn` (`&mut C`) giving `Result<T, sqlx::Error>`, which must
+/// change nothing, since it may run twice: when the connection, taken from the pool rather than
+/// just opened, turns out to have been cut, the read runs once more on one that answers (the loss
+/// has every connection taken before it pinged first). A macro rather than a method taking a
+/// closure: the closure's future would borrow the connection for any lifetime, and the batch
+/// tasks that run reads must be `Send`, which the compiler cannot show for that today.
+macro_rules! read {
+    ($pool:expr, |$conn:ident| $read:expr) => {{
+        let pool = &$pool;
+        let mut may_retry = true;
+        loop {
+            let mut lease = match pool.get().await {
+                Ok(lease) => lease,
+                Err(e) => break Err(e),
+            };
+            let reused = lease.reused();
+            let result = {
+                let $conn = &mut *lease;
+                $read
+            };
+            match lease.finish_read(result, reused, may_retry) {
+                Some(done) => break done,
+                None => may_retry = false,
+            }
+        }
+    }};
+}
+pub(crate) use read;
+
+/// When a connection of the pool was last found cut, as nanoseconds after `base` (0: never).
+#[derive(Debug)]
+struct LossMark {
+    base: Instant,
+    nanos: AtomicU64,
+}
+
+impl LossMark {
+    fn new() -> Self {
+        Self { base: Instant::now(), nanos: AtomicU64::new(0) }
+    }
+
+    /// A connection was found cut now.
+    fn set(&self) {
+        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.nanos.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Whether a connection taken from the pool at `taken` may have been cut by the event last
+    /// found.
+    fn suspects(&self, taken: Instant) -> bool {
+        match self.nanos.load(Ordering::Relaxed) {
+            0 => false,
+            n => taken < self.base + Duration::from_nanos(n),
+        }
+    }
+}
 
 /// A pooled connection, and whether its last read finished cleanly.
 struct Pooled<C> {
@@ -27,6 +111,7 @@ struct Pooled<C> {
 /// reuse.
 struct Connector<C: Connection> {
     options: C::Options,
+    lost: Arc<LossMark>,
 }
 
 impl<C: Connection> managed::Manager for Connector<C> {
@@ -42,7 +127,9 @@ impl<C: Connection> managed::Manager for Connector<C> {
             // Dropped by deadpool, which then takes another connection or opens one.
             return Err(RecycleError::message("read did not finish"));
         }
-        if metrics.last_used() > crate::sql::PING_IF_IDLE_FOR {
+        // `recycled` is when it was last taken from the pool (before this time).
+        let taken = metrics.recycled.unwrap_or(metrics.created);
+        if metrics.last_used() > crate::sql::PING_IF_IDLE_FOR || self.lost.suspects(taken) {
             pooled.conn.ping().await?;
         }
         Ok(())
@@ -52,6 +139,7 @@ impl<C: Connection> managed::Manager for Connector<C> {
 /// A pool of read connections.
 pub(crate) struct ReadPool<C: Connection> {
     pool: managed::Pool<Connector<C>>,
+    lost: Arc<LossMark>,
 }
 
 impl<C: Connection> std::fmt::Debug for ReadPool<C> {
@@ -63,7 +151,7 @@ impl<C: Connection> std::fmt::Debug for ReadPool<C> {
 
 impl<C: Connection> Clone for ReadPool<C> {
     fn clone(&self) -> Self {
-        Self { pool: self.pool.clone() }
+        Self { pool: self.pool.clone(), lost: self.lost.clone() }
     }
 }
 
@@ -73,7 +161,8 @@ impl<C: Connection> ReadPool<C> {
     /// `settings.connection_timeout`.
     pub(crate) fn new(options: C::Options, settings: &PoolSettings) -> Result<Self, StoreError> {
         let timeout = Some(settings.connection_timeout);
-        let pool = managed::Pool::builder(Connector { options })
+        let lost = Arc::new(LossMark::new());
+        let pool = managed::Pool::builder(Connector { options, lost: lost.clone() })
             .max_size(settings.max_size.max(1) as usize)
             .wait_timeout(timeout)
             .create_timeout(timeout)
@@ -81,16 +170,16 @@ impl<C: Connection> ReadPool<C> {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Config(format!("read pool: {e}")))?;
-        Ok(Self { pool })
+        Ok(Self { pool, lost })
     }
 
-    /// A connection for one read. Call [`Lease::keep`] once the read has succeeded; a lease
-    /// dropped without it leaves its connection to be closed.
+    /// A connection for one call. Pass the call's result to [`Lease::finish`]; a lease dropped
+    /// without it leaves its connection to be closed.
     pub(crate) async fn get(&self) -> Result<Lease<C>, StoreError> {
         match self.pool.get().await {
             Ok(mut conn) => {
                 conn.clean = false;
-                Ok(Lease(conn))
+                Ok(Lease { conn, lost: self.lost.clone() })
             }
             Err(PoolError::Backend(e)) => Err(e.into()),
             Err(e) => Err(StoreError::Unavailable(format!("read pool: {e}"))),
@@ -100,19 +189,52 @@ impl<C: Connection> ReadPool<C> {
     /// A round trip on a connection of the pool (the health check).
     pub(crate) async fn probe(&self) -> Result<(), StoreError> {
         let mut lease = self.get().await?;
-        lease.ping().await?;
-        lease.keep();
-        Ok(())
+        let pinged = lease.ping().await;
+        lease.finish(pinged)
     }
 }
 
-/// A connection lent for one read.
-pub(crate) struct Lease<C: Connection>(Object<Connector<C>>);
+/// A connection lent for one call.
+pub(crate) struct Lease<C: Connection> {
+    conn: Object<Connector<C>>,
+    lost: Arc<LossMark>,
+}
 
 impl<C: Connection> Lease<C> {
-    /// The read finished cleanly: the connection can serve the next one as it is.
-    pub(crate) fn keep(mut self) {
-        self.0.clean = true;
+    /// Whether the connection was taken from the pool rather than just opened.
+    pub(crate) fn reused(&self) -> bool {
+        Object::metrics(&self.conn).recycle_count > 0
+    }
+
+    /// A read's result, or `None` when it should run again on another connection: it found this
+    /// one, which was `reused`, cut, and `may_retry` (it has not run again already).
+    pub(crate) fn finish_read<T>(
+        self,
+        result: Result<T, sqlx::Error>,
+        reused: bool,
+        may_retry: bool,
+    ) -> Option<Result<T, StoreError>> {
+        let retry = may_retry && reused && matches!(&result, Err(e) if connection_lost(e));
+        let done = self.finish(result);
+        (!retry).then_some(done)
+    }
+
+    /// The call's result. A call that finished cleanly leaves the connection to serve the next
+    /// one as it is; one that found the connection cut has the pool's other connections checked
+    /// before their next use.
+    pub(crate) fn finish<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
+        match result {
+            Ok(v) => {
+                self.conn.clean = true;
+                Ok(v)
+            }
+            Err(e) => {
+                if connection_lost(&e) {
+                    self.lost.set();
+                }
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -120,13 +242,13 @@ impl<C: Connection> Deref for Lease<C> {
     type Target = C;
 
     fn deref(&self) -> &C {
-        &self.0.conn
+        &self.conn.conn
     }
 }
 
 impl<C: Connection> DerefMut for Lease<C> {
     fn deref_mut(&mut self) -> &mut C {
-        &mut self.0.conn
+        &mut self.conn.conn
     }
 }
 
@@ -152,9 +274,8 @@ mod tests {
 
     async fn backend_pid(pool: &ReadPool<PgConnection>) -> i32 {
         let mut lease = pool.get().await.expect("lease");
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *lease).await.expect("query");
-        lease.keep();
-        pid
+        let pid = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *lease).await;
+        lease.finish(pid).expect("query")
     }
 
     #[tokio::test]
@@ -186,6 +307,110 @@ mod tests {
         drop(pool.get().await.expect("lease"));
         assert_ne!(backend_pid(&pool).await, first);
         assert_eq!(pool.pool.status().size, 1);
+    }
+
+    /// A database whose sessions a test can end from outside, as a restart or a network cut would.
+    trait Killable: Connection {
+        const URL_VAR: &'static str;
+        const SESSION_ID: &'static str;
+        const KILL: &'static str;
+        const GONE: &'static str;
+    }
+
+    impl Killable for PgConnection {
+        const URL_VAR: &'static str = "TOKENSERVER_TEST_POSTGRES_URL";
+        const SESSION_ID: &'static str = "SELECT CAST(pg_backend_pid() AS BIGINT)";
+        const KILL: &'static str = "SELECT pg_terminate_backend(CAST($1 AS INTEGER))";
+        const GONE: &'static str = "SELECT COUNT(*) FROM pg_stat_activity WHERE pid = CAST($1 AS INTEGER)";
+    }
+
+    impl Killable for sqlx::MySqlConnection {
+        const URL_VAR: &'static str = "TOKENSERVER_TEST_MYSQL_URL";
+        const SESSION_ID: &'static str = "SELECT CAST(CONNECTION_ID() AS SIGNED)";
+        const KILL: &'static str = "KILL CONNECTION ?";
+        const GONE: &'static str = "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?";
+    }
+
+    /// Counts the attempts of a read of the connection's session id.
+    async fn session_id<C>(pool: &ReadPool<C>, attempts: &mut usize) -> Result<i64, StoreError>
+    where
+        C: Killable,
+        for<'c> &'c mut C: sqlx::Executor<'c, Database = C::Database>,
+        i64: sqlx::Type<C::Database> + for<'r> sqlx::Decode<'r, C::Database>,
+        (i64,): for<'r> sqlx::FromRow<'r, <C::Database as sqlx::Database>::Row>,
+        for<'q> <C::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, C::Database>,
+    {
+        read!(pool, |c| {
+            *attempts += 1;
+            sqlx::query_scalar::<_, i64>(C::SESSION_ID).fetch_one(c).await
+        })
+    }
+
+    /// Two pooled connections, both ended by the database since their last use; then two reads.
+    async fn reads_survive_connections_cut_since_their_last_use<C>()
+    where
+        C: Killable,
+        C::Options: FromStr,
+        <C::Options as FromStr>::Err: std::fmt::Debug,
+        for<'c> &'c mut C: sqlx::Executor<'c, Database = C::Database>,
+        i64: sqlx::Type<C::Database> + for<'r> sqlx::Decode<'r, C::Database> + for<'q> sqlx::Encode<'q, C::Database>,
+        (i64,): for<'r> sqlx::FromRow<'r, <C::Database as sqlx::Database>::Row>,
+        for<'q> <C::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, C::Database>,
+    {
+        let Ok(url) = std::env::var(C::URL_VAR) else {
+            eprintln!("{} unset: skipped", C::URL_VAR);
+            return;
+        };
+        let settings = PoolSettings { max_size: 2, connection_timeout: Duration::from_secs(5), ..Default::default() };
+        let pool = ReadPool::<C>::new(C::Options::from_str(&url).expect("test URL"), &settings).expect("pool");
+        // Two connections open at once, then back in the pool.
+        let (mut a, mut b) = (pool.get().await.expect("lease"), pool.get().await.expect("lease"));
+        let old = [
+            sqlx::query_scalar::<_, i64>(C::SESSION_ID).fetch_one(&mut *a).await.expect("id"),
+            sqlx::query_scalar::<_, i64>(C::SESSION_ID).fetch_one(&mut *b).await.expect("id"),
+        ];
+        let _ = (a.finish(Ok::<_, sqlx::Error>(())), b.finish(Ok::<_, sqlx::Error>(())));
+        assert_eq!(pool.pool.status().available, 2);
+
+        let mut admin = C::connect(&url).await.expect("admin connection");
+        for id in &old {
+            sqlx::query(C::KILL).bind(*id).execute(&mut admin).await.expect("kill");
+        }
+        for id in &old {
+            while sqlx::query_scalar::<_, i64>(C::GONE).bind(*id).fetch_one(&mut admin).await.expect("gone") > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        // The first read meets a cut connection and runs again on a new one.
+        let mut attempts = 0;
+        let id = session_id(&pool, &mut attempts).await.expect("first read");
+        assert_eq!(attempts, 2);
+        assert!(!old.contains(&id), "{id} is a killed session");
+        // The other cut connection, taken from the pool before the loss was found, was pinged
+        // first and replaced: this read runs once.
+        let mut attempts = 0;
+        session_id(&pool, &mut attempts).await.expect("second read");
+        assert_eq!(attempts, 1);
+
+        // A statement that fails on a live connection is not run again.
+        let mut attempts = 0;
+        let failed = read!(pool, |c| {
+            attempts += 1;
+            sqlx::query("SELECT no_such_column FROM no_such_table").execute(c).await
+        });
+        assert!(matches!(failed, Err(StoreError::Backend(_))), "{:?}", failed.map(|_| ()));
+        assert_eq!(attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn postgres_reads_survive_connections_cut_since_their_last_use() {
+        reads_survive_connections_cut_since_their_last_use::<PgConnection>().await;
+    }
+
+    #[tokio::test]
+    async fn mysql_reads_survive_connections_cut_since_their_last_use() {
+        reads_survive_connections_cut_since_their_last_use::<sqlx::MySqlConnection>().await;
     }
 
     #[tokio::test]

@@ -529,9 +529,8 @@ macro_rules! sync_store {
                 }
 
                 async fn node_users(&self) -> Result<Vec<NodeUsers>> {
-                    let mut lease = self.reads.get().await?;
-                    let rows = sqlx::query(Sql::NODE_USERS).fetch_all(&mut *lease).await?;
-                    lease.keep();
+                    let rows =
+                        crate::sql::read_pool::read!(self.reads, |c| sqlx::query(Sql::NODE_USERS).fetch_all(c).await)?;
                     rows.iter()
                         .map(|r| Ok(NodeUsers { node_id: r.try_get(0)?, live: r.try_get(1)? }))
                         .collect::<std::result::Result<_, sqlx::Error>>()
@@ -539,9 +538,11 @@ macro_rules! sync_store {
                 }
 
                 async fn list_nodes(&self, service: Option<&str>) -> Result<Vec<NodeRecord>> {
-                    let mut lease = self.reads.get().await?;
-                    let rows = sqlx::query(Sql::LIST_NODES).bind(service).bind(service).fetch_all(&mut *lease).await?;
-                    lease.keep();
+                    let rows = crate::sql::read_pool::read!(self.reads, |c| sqlx::query(Sql::LIST_NODES)
+                        .bind(service)
+                        .bind(service)
+                        .fetch_all(c)
+                        .await)?;
                     rows.iter()
                         .map(|r| Ok(NodeRecord { service: r.try_get(0)?, state: node_state(r, 1)? }))
                         .collect::<std::result::Result<_, sqlx::Error>>()
@@ -549,14 +550,9 @@ macro_rules! sync_store {
                 }
 
                 async fn user_email(&self, service: &str, uid: i64) -> Result<Option<String>> {
-                    let mut lease = self.reads.get().await?;
-                    let email = sqlx::query_scalar::<_, String>(Sql::USER_EMAIL)
-                        .bind(service)
-                        .bind(uid)
-                        .fetch_optional(&mut *lease)
-                        .await?;
-                    lease.keep();
-                    Ok(email)
+                    crate::sql::read_pool::read!(self.reads, |c| {
+                        sqlx::query_scalar::<_, String>(Sql::USER_EMAIL).bind(service).bind(uid).fetch_optional(c).await
+                    })
                 }
 
                 async fn assign_user(&self, service: &str, email: &str, node: &str, now_ms: i64) -> Result<UserRow> {
@@ -570,32 +566,31 @@ macro_rules! sync_store {
                 }
 
                 async fn count_users(&self, service: Option<&str>, created_before: i64) -> Result<i64> {
-                    let mut lease = self.reads.get().await?;
-                    let n = sqlx::query_scalar::<_, i64>(Sql::COUNT_USERS)
-                        .bind(created_before)
-                        .bind(service)
-                        .bind(service)
-                        .fetch_one(&mut *lease)
-                        .await?;
-                    lease.keep();
-                    Ok(n)
+                    crate::sql::read_pool::read!(self.reads, |c| {
+                        sqlx::query_scalar::<_, i64>(Sql::COUNT_USERS)
+                            .bind(created_before)
+                            .bind(service)
+                            .bind(service)
+                            .fetch_one(c)
+                            .await
+                    })
                 }
 
                 async fn old_records(&self, q: &OldRecordsQuery<'_>) -> Result<Vec<OldRecord>> {
                     let (after_at, after_uid) = q.after.unwrap_or((i64::MIN, i64::MIN));
-                    let mut lease = self.reads.get().await?;
-                    let rows = sqlx::query(Sql::OLD_RECORDS)
-                        .bind(q.service)
-                        .bind(q.replaced_before)
-                        .bind(after_at)
-                        .bind(after_at)
-                        .bind(after_uid)
-                        .bind(q.uid_above.unwrap_or(i64::MIN))
-                        .bind(q.uid_below.unwrap_or(i64::MAX))
-                        .bind(q.limit)
-                        .fetch_all(&mut *lease)
-                        .await?;
-                    lease.keep();
+                    let rows = crate::sql::read_pool::read!(self.reads, |c| {
+                        sqlx::query(Sql::OLD_RECORDS)
+                            .bind(q.service)
+                            .bind(q.replaced_before)
+                            .bind(after_at)
+                            .bind(after_at)
+                            .bind(after_uid)
+                            .bind(q.uid_above.unwrap_or(i64::MIN))
+                            .bind(q.uid_below.unwrap_or(i64::MAX))
+                            .bind(q.limit)
+                            .fetch_all(c)
+                            .await
+                    })?;
                     Ok(rows.iter().map(old_record).collect::<std::result::Result<_, _>>()?)
                 }
 
@@ -634,9 +629,10 @@ macro_rules! sync_store {
                 }
 
                 async fn buckets(&self, service: &str) -> Result<Vec<crate::sync::BucketRecord>> {
-                    let mut lease = self.reads.get().await?;
-                    let rows = sqlx::query(Sql::LIST_BUCKETS).bind(service).fetch_all(&mut *lease).await?;
-                    lease.keep();
+                    let rows = crate::sql::read_pool::read!(self.reads, |c| sqlx::query(Sql::LIST_BUCKETS)
+                        .bind(service)
+                        .fetch_all(c)
+                        .await)?;
                     rows.iter()
                         .map(|r| Ok(crate::sync::BucketRecord { bucket: r.try_get(0)?, node: r.try_get(1)? }))
                         .collect::<std::result::Result<_, sqlx::Error>>()

@@ -879,6 +879,62 @@ async fn store_outage_fails_each_create_and_stores_nothing(backend: Backend) {
     db.drop_now().await;
 }
 
+/// The store's connections cut and the store back within a second (a restart): the reads that
+/// follow find the pooled connections dead and run again on new ones, so none of them fails.
+async fn a_short_store_outage_costs_no_read(backend: Backend) {
+    use crate::proxy::{target_of, Proxy};
+    let Some(db) = fresh(backend).await else { return };
+    let proxy = Proxy::start(target_of(&db.url)).await;
+    let url = proxy.url_for(&db.url);
+    let s = Arc::new(server(&[("TOKENSERVER_ACCESS__URL", url.as_str())]).await);
+    for i in 0..16 {
+        let r = v1(&s, "POST", "/tokens", Some(json!({"token": format!("t{i}"), "app_id": "a", "user_id": "u"}))).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let reads = |s: &Arc<TestServer>| -> Vec<_> {
+        (0..16)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let got = v1(&s, "GET", &format!("/tokens/t{i}"), None).await;
+                    let authorized = v1(&s, "POST", "/authorize", Some(json!({"access_token": format!("t{i}")}))).await;
+                    (got, authorized)
+                })
+            })
+            .collect()
+    };
+    // Several pooled read connections, each used once.
+    for t in reads(&s) {
+        let (got, authorized) = t.await.unwrap();
+        assert_eq!((got.status, authorized.status), (200, 200), "{} {}", got.body, authorized.body);
+    }
+
+    proxy.set_up(false);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.set_up(true);
+    for t in reads(&s) {
+        let (got, authorized) = t.await.unwrap();
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(got.json()["app_id"], "a");
+        assert_eq!(authorized.status, 200, "{}", authorized.body);
+        assert_eq!(authorized.json(), json!({"app_id": "a", "user_id": "u"}));
+    }
+    Arc::into_inner(s).unwrap().finish().await;
+    db.drop_now().await;
+}
+
+mod a_short_store_outage_costs_no_read {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        super::a_short_store_outage_costs_no_read(tokenserver_store::Backend::Postgres).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn mysql() {
+        super::a_short_store_outage_costs_no_read(tokenserver_store::Backend::MySql).await;
+    }
+}
+
 mod store_outage_fails_each_create_and_stores_nothing {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn postgres() {

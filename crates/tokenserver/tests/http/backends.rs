@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokenserver_store::testing::fresh;
 use tokenserver_store::Backend;
@@ -231,6 +232,56 @@ async fn database_outage(backend: Backend) {
     assert_eq!(hb.status, 200);
     s.finish().await;
     db.drop_now().await;
+}
+
+/// The database restarting within a second (here: every connection cut, then the database
+/// reachable again 200 ms later): the token requests that follow read on pooled connections found
+/// dead, run their read again on new ones, and none fails.
+async fn short_outage(backend: Backend) {
+    let Some(db) = fresh(backend).await else { return };
+    let proxy = Proxy::start(target_of(&db.url)).await;
+    let mut proxied = db.clone();
+    proxied.url = proxy.url_for(&db.url);
+    let fxa = MockFxa::start().await;
+    let s = Arc::new(TestServer::start_with(fxa, proxied, &[]).await);
+    s.add_node(NODE, 100, 100).await;
+    let users: Vec<String> = (0..8).map(|i| Jwt::new(&format!("u{i}"), Some(1)).sign()).collect();
+    let tokens = |s: &Arc<TestServer>| -> Vec<_> {
+        users
+            .iter()
+            .map(|jwt| {
+                let (s, jwt) = (s.clone(), jwt.clone());
+                tokio::spawn(async move { s.token(&jwt, "1-qqo").await })
+            })
+            .collect()
+    };
+    let mut uids = Vec::new();
+    for t in tokens(&s) {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        uids.push(r.json()["uid"].clone());
+    }
+
+    proxy.set_up(false);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.set_up(true);
+    for (t, uid) in tokens(&s).into_iter().zip(&uids) {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(&r.json()["uid"], uid);
+    }
+    Arc::into_inner(s).unwrap().finish().await;
+    db.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_restart_within_a_second_fails_no_token_request() {
+    short_outage(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_restart_within_a_second_fails_no_token_request() {
+    short_outage(Backend::MySql).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
