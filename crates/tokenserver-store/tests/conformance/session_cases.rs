@@ -195,8 +195,10 @@ pub async fn dump_lists_live_sessions_without_tokens(s: &dyn SessionStore) {
     assert!(!later.iter().any(|e| e.meta.contains("dump-")), "expired sessions are not listed");
 }
 
-/// A dump read page by page lists every live session once, in pages no larger than asked, and
-/// a cursor the store did not make is refused.
+/// A dump read page by page lists every live session once (on Redis at least once: `SCAN` may
+/// return a key twice when the key space shrank meanwhile, as the other tests' deletions on the
+/// same Redis can make it), in pages no larger than asked, and a cursor the store did not make is
+/// refused.
 pub async fn dump_pages_cover_every_session_once(s: &dyn SessionStore) {
     let now = now_ms();
     let mut want: Vec<String> = Vec::new();
@@ -218,6 +220,9 @@ pub async fn dump_pages_cover_every_session_once(s: &dyn SessionStore) {
     }
     assert!(after.is_none(), "the dump ended");
     seen.sort();
+    if s.backend().starts_with("redis") {
+        seen.dedup();
+    }
     want.sort();
     assert_eq!(seen, want);
     assert!(matches!(s.dump(now, Some("not-a-cursor"), 7).await, Err(tokenserver_store::StoreError::InvalidInput(_))));
