@@ -212,12 +212,15 @@ impl<T: SessionOps> RotationSteps for T {
     }
 }
 
+/// Records a revocation deletes at most, following successor links: a chain is as long as the
+/// rotations within one idle lifetime; the walk is bounded regardless.
+pub(crate) const MAX_CHAIN_WALK: usize = 1_000_000;
+
 /// Follows successor links from `from`, deleting each record (for a store that keeps no chain
 /// index: every rotated record names its successor).
 pub(crate) fn revoke_by_walking(ops: &mut impl SessionOps, from: &TokenHash) -> Result<()> {
     let mut next = Some(*from);
-    // A chain is as long as the rotations within one idle lifetime; bound the walk regardless.
-    for _ in 0..1_000_000 {
+    for _ in 0..MAX_CHAIN_WALK {
         let Some(hash) = next else { break };
         next = ops.load(&hash)?.and_then(|r| r.rotated.map(|rot| rot.successor));
         ops.remove(&hash)?;

@@ -8,7 +8,8 @@
 //! The batch statements run on tasks of their own ([`crate::batch`]); ending a session, and the
 //! rare revocation or removal inside a rotation, run in a transaction each, also on a task of
 //! their own ([`crate::caller::transaction`]): a caller that goes away never cuts a statement
-//! short.
+//! short. A revocation follows the successor links from the token it starts at, as the other
+//! stores do; no index by session.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -48,7 +49,13 @@ const SCHEMA: &[&str] = &[
             ALTER TABLE tokenserver_sessions SET (fillfactor = 70);
         END IF;
     END $$",
-    "CREATE INDEX IF NOT EXISTS tokenserver_sessions_chain_idx ON tokenserver_sessions (chain)",
+    // Revocation follows the successor links from the token it starts at (as on SQLite and
+    // Redis), so nothing looks rows up by session: the index earlier versions kept on `chain` cost
+    // every rotation and creation an insert into a random leaf of it, ~10% of PostgreSQL's CPU
+    // per rotation (bench/results/sessions-postgres-chain-index-ab.md). The column stays, and is
+    // still written: a head of an earlier version on the same database, during a rolling
+    // upgrade, revokes by it.
+    "DROP INDEX IF EXISTS tokenserver_sessions_chain_idx",
     "CREATE INDEX IF NOT EXISTS tokenserver_sessions_expiry_idx ON tokenserver_sessions (expires_at)",
 ];
 
@@ -100,6 +107,15 @@ const ROTATE_LIVE_MANY: &str = "WITH input AS ( \
     ) \
     SELECT presented, meta, expires_at, deadline, ttl_ms FROM marked";
 
+/// Deletes the record of `$1` and the records its successor links lead to, at most `$2`.
+const REVOKE_FROM: &str = "WITH RECURSIVE walk(token_hash, successor, depth) AS ( \
+        SELECT token_hash, successor, 1 FROM tokenserver_sessions WHERE token_hash = $1 \
+        UNION ALL \
+        SELECT s.token_hash, s.successor, w.depth + 1 FROM walk w \
+        JOIN tokenserver_sessions s ON s.token_hash = w.successor WHERE w.depth < $2 \
+    ) \
+    DELETE FROM tokenserver_sessions s USING walk w WHERE s.token_hash = w.token_hash";
+
 /// Many new sessions in one statement; a token already stored is left as it is and reported.
 const CREATE_MANY: &str = "INSERT INTO tokenserver_sessions (token_hash, chain, meta, expires_at, deadline, ttl_ms) \
     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) \
@@ -139,8 +155,9 @@ async fn remove(tx: &mut Transaction<'_, Postgres>, hash: &TokenHash) -> Result<
     Ok(())
 }
 
-async fn revoke(tx: &mut Transaction<'_, Postgres>, chain: &ChainId) -> Result<()> {
-    sqlx::query("DELETE FROM tokenserver_sessions WHERE chain = $1").bind(&chain.0[..]).execute(&mut **tx).await?;
+async fn revoke(tx: &mut Transaction<'_, Postgres>, from: &TokenHash) -> Result<()> {
+    let bound = i64::try_from(crate::session::MAX_CHAIN_WALK).unwrap_or(i64::MAX);
+    sqlx::query(REVOKE_FROM).bind(&from.0[..]).bind(bound).execute(&mut **tx).await?;
     Ok(())
 }
 
@@ -333,9 +350,9 @@ impl RotationSteps for Steps<'_> {
         self.store.live_rotations.call(LiveJob { presented: *presented, rotated: *rotated }).await
     }
 
-    async fn revoke(&mut self, chain: &ChainId, _from: &TokenHash) -> Result<()> {
-        let chain = *chain;
-        transaction(&self.store.pool, Caller::default(), move |tx, _| Box::pin(async move { revoke(tx, &chain).await }))
+    async fn revoke(&mut self, _chain: &ChainId, from: &TokenHash) -> Result<()> {
+        let from = *from;
+        transaction(&self.store.pool, Caller::default(), move |tx, _| Box::pin(async move { revoke(tx, &from).await }))
             .await
     }
 
@@ -420,7 +437,7 @@ impl SessionStore for PgSessions {
                         false
                     }
                     Some(_) => {
-                        revoke(tx, &token.chain()).await?;
+                        revoke(tx, &hash).await?;
                         true
                     }
                 })
@@ -493,6 +510,82 @@ mod tests {
         let store = PgSessions::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
         crate::session::live_rotation_case(&store, |_| Steps { store: &store }).await;
         drop(store);
+        db.drop_now().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_session_id_index_of_earlier_versions_is_dropped_and_revocation_walks() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query(SCHEMA[1]).execute(&pool).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query("CREATE INDEX tokenserver_sessions_chain_idx ON tokenserver_sessions (chain)")
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let store = PgSessions::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'tokenserver_sessions' \
+             AND schemaname = current_schema() ORDER BY indexname",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(indexes, ["tokenserver_sessions_expiry_idx", "tokenserver_sessions_pkey"]);
+
+        // Two sessions of three tokens each; revoking from the second token of one deletes that
+        // token and the one after it, and nothing of the other session.
+        let policy = RotationPolicy { grace_ms: 0, reuse_detection: true, limits: Default::default() };
+        let now = 1_700_000_000_000;
+        let mut sessions = Vec::new();
+        for _ in 0..2 {
+            let first = SessionToken::new_session();
+            store
+                .create(&first, &SessionRecord::new("{}".into(), now, 600_000, 3_600_000))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut tokens = vec![first];
+            for i in 0..2 {
+                let req = RotateRequest {
+                    presented: tokens[i].clone(),
+                    successor: tokens[i].successor(),
+                    update: None,
+                    now: now + 1 + i as u64,
+                };
+                match store.rotate(&req, &policy).await.unwrap_or_else(|e| panic!("{e}")) {
+                    RotateOutcome::Rotated { token, .. } => tokens.push(token),
+                    other => panic!("{other:?}"),
+                }
+            }
+            sessions.push(tokens);
+        }
+        let reuse = RotateRequest {
+            presented: sessions[0][1].clone(),
+            successor: sessions[0][1].successor(),
+            update: None,
+            now: now + 10,
+        };
+        assert_eq!(store.rotate(&reuse, &policy).await.unwrap_or_else(|e| panic!("{e}")), RotateOutcome::Revoked);
+        let stored = |t: &SessionToken| {
+            let hash = t.hash();
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM tokenserver_sessions WHERE token_hash = $1")
+                    .bind(&hash.0[..])
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"))
+            }
+        };
+        let mut left = Vec::new();
+        for tokens in &sessions {
+            for t in tokens {
+                left.push(stored(t).await);
+            }
+        }
+        // The reused token (the session's second) stays, rotated; its successor is gone.
+        assert_eq!(left, [1, 1, 0, 1, 1, 1]);
+        drop(store);
+        pool.close().await;
         db.drop_now().await;
     }
 
