@@ -93,10 +93,14 @@ where
     detached(move |own| async move {
         let caller = Caller::any([&own, &also]);
         caller.check()?;
-        let mut tx = match pool.begin().await.map_err(StoreError::from) {
+        let mut tx = match pool.begin().await {
             // A pooled connection that died with the database (an outage, a restart) fails its
-            // BEGIN and is closed; nothing was done, so the next connection may try.
-            Err(StoreError::Unavailable(_)) => pool.begin().await?,
+            // BEGIN and is closed; nothing was done, so the next connection may try. Those put
+            // back before now may have died with it: they are pinged before their next use.
+            Err(e) if crate::sql::connection_lost(&e) => {
+                crate::sql::SQLX_POOLS_LOST.set();
+                pool.begin().await?
+            }
             other => other?,
         };
         let out = steps(&mut tx, &caller).await.and_then(|v| caller.check().map(|()| v));

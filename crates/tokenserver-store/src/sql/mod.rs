@@ -10,7 +10,9 @@ pub(crate) mod read_pool;
 pub(crate) mod sync;
 pub(crate) mod tx;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
 use tokenserver_core::sync::users::UserRow;
 
@@ -125,9 +127,59 @@ pub(crate) trait SyncSql {
 /// and replaced, while under load (connections never idle that long) no request pays a ping.
 pub(crate) const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
+/// Whether `e` says the connection itself is gone (rather than the statement failing on a live
+/// one): an I/O or protocol failure, or the server ending the session (PostgreSQL's
+/// administrator, crash or startup shutdown; the connection-exception class; MariaDB's killed
+/// session, MySQL's idle timeout).
+pub(crate) fn connection_lost(e: &sqlx::Error) -> bool {
+    use crate::error::{mysql_number, MYSQL_CLIENT_TIMED_OUT, MYSQL_CONNECTION_KILLED};
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => {
+            matches!(db.code().as_deref(), Some(c) if matches!(c, "57P01" | "57P02" | "57P03") || c.starts_with("08"))
+                || matches!(mysql_number(db.as_ref()), Some(MYSQL_CONNECTION_KILLED | MYSQL_CLIENT_TIMED_OUT))
+        }
+        _ => false,
+    }
+}
+
+/// When a pool's connection was last found cut (the database restarted, a network cut), as
+/// nanoseconds after `base` (0: never): connections put back before that may have been cut by
+/// the same event, so they are pinged before their next use.
+#[derive(Debug)]
+pub(crate) struct LossMark {
+    base: Instant,
+    nanos: AtomicU64,
+}
+
+impl LossMark {
+    pub(crate) fn new() -> Self {
+        Self { base: Instant::now(), nanos: AtomicU64::new(0) }
+    }
+
+    /// A connection was found cut now.
+    pub(crate) fn set(&self) {
+        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.nanos.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Whether a connection last used at `at` may have been cut by the event last found.
+    pub(crate) fn suspects(&self, at: Instant) -> bool {
+        match self.nanos.load(Ordering::Relaxed) {
+            0 => false,
+            n => at < self.base + Duration::from_nanos(n),
+        }
+    }
+}
+
+/// The loss mark of the sqlx pools ([`network_pool`]), one for the process: set when a
+/// transaction's `BEGIN` finds its connection cut ([`crate::caller::transaction`]). A loss on one
+/// database's pool costs the others a ping per idle connection, once.
+pub(crate) static SQLX_POOLS_LOST: LazyLock<LossMark> = LazyLock::new(LossMark::new);
+
 /// Pool options for a networked database (PostgreSQL, MySQL): sized and timed by `settings`,
 /// pinging only connections that sat idle (sqlx's default pings before every acquire, a round
-/// trip per request).
+/// trip per request) or that were put back before a connection was last found cut.
 pub(crate) fn network_pool<DB: sqlx::Database>(settings: &PoolSettings) -> sqlx::pool::PoolOptions<DB> {
     sqlx::pool::PoolOptions::<DB>::new()
         .max_connections(settings.max_size)
@@ -135,7 +187,8 @@ pub(crate) fn network_pool<DB: sqlx::Database>(settings: &PoolSettings) -> sqlx:
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                if meta.idle_for > PING_IF_IDLE_FOR {
+                let put_back = Instant::now().checked_sub(meta.idle_for);
+                if meta.idle_for > PING_IF_IDLE_FOR || put_back.is_none_or(|at| SQLX_POOLS_LOST.suspects(at)) {
                     sqlx::Connection::ping(conn).await?;
                 }
                 Ok(true)

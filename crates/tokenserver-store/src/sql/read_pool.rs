@@ -18,30 +18,13 @@
 //! run again: its connection may have failed after the database committed it.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 use sqlx::Connection;
 
+use crate::sql::{connection_lost, LossMark};
 use crate::{PoolSettings, StoreError};
-
-/// Whether `e` says the connection itself is gone (rather than the statement failing on a live
-/// one): an I/O or protocol failure, or the server ending the session (PostgreSQL's
-/// administrator, crash or startup shutdown; the connection-exception class; MariaDB's killed
-/// session, MySQL's idle timeout).
-pub(crate) fn connection_lost(e: &sqlx::Error) -> bool {
-    use crate::error::{mysql_number, MYSQL_CLIENT_TIMED_OUT, MYSQL_CONNECTION_KILLED};
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => {
-            matches!(db.code().as_deref(), Some(c) if matches!(c, "57P01" | "57P02" | "57P03") || c.starts_with("08"))
-                || matches!(mysql_number(db.as_ref()), Some(MYSQL_CONNECTION_KILLED | MYSQL_CLIENT_TIMED_OUT))
-        }
-        _ => false,
-    }
-}
 
 /// `Result<T, StoreError>` of a read on a connection of `$pool` (a [`ReadPool`]): `$read` is an
 /// expression on the connection `$conn` (`&mut C`) giving `Result<T, sqlx::Error>`, which must
@@ -72,34 +55,6 @@ macro_rules! read {
     }};
 }
 pub(crate) use read;
-
-/// When a connection of the pool was last found cut, as nanoseconds after `base` (0: never).
-#[derive(Debug)]
-struct LossMark {
-    base: Instant,
-    nanos: AtomicU64,
-}
-
-impl LossMark {
-    fn new() -> Self {
-        Self { base: Instant::now(), nanos: AtomicU64::new(0) }
-    }
-
-    /// A connection was found cut now.
-    fn set(&self) {
-        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
-        self.nanos.fetch_max(now, Ordering::Relaxed);
-    }
-
-    /// Whether a connection taken from the pool at `taken` may have been cut by the event last
-    /// found.
-    fn suspects(&self, taken: Instant) -> bool {
-        match self.nanos.load(Ordering::Relaxed) {
-            0 => false,
-            n => taken < self.base + Duration::from_nanos(n),
-        }
-    }
-}
 
 /// A pooled connection, and whether its last read finished cleanly.
 struct Pooled<C> {
@@ -402,6 +357,73 @@ mod tests {
         assert!(matches!(failed, Err(StoreError::Backend(_))), "{:?}", failed.map(|_| ()));
         assert_eq!(attempts, 1);
     }
+
+    /// The sqlx pools' side: three pooled connections ended by the database; a transaction's
+    /// `BEGIN` finds one cut and tries once more, on a connection pinged first (the others, put
+    /// back before the loss was found, are pinged and replaced), so it and the next succeed.
+    macro_rules! transactions_survive_connections_cut_since_their_last_use {
+        ($name:ident, $conn:ty, $db:ty) => {
+            #[tokio::test]
+            async fn $name() {
+                let Ok(url) = std::env::var(<$conn as Killable>::URL_VAR) else {
+                    eprintln!("{} unset: skipped", <$conn as Killable>::URL_VAR);
+                    return;
+                };
+                let settings =
+                    PoolSettings { max_size: 3, connection_timeout: Duration::from_secs(5), ..Default::default() };
+                let pool = crate::sql::network_pool::<$db>(&settings).connect(&url).await.expect("pool");
+                let mut held = Vec::new();
+                for _ in 0..3 {
+                    held.push(pool.acquire().await.expect("connection"));
+                }
+                let mut old = Vec::new();
+                for conn in &mut held {
+                    let id: i64 =
+                        sqlx::query_scalar(<$conn as Killable>::SESSION_ID).fetch_one(&mut **conn).await.expect("id");
+                    old.push(id);
+                }
+                drop(held);
+                let mut admin = <$conn>::connect(&url).await.expect("admin connection");
+                for id in &old {
+                    sqlx::query(<$conn as Killable>::KILL).bind(*id).execute(&mut admin).await.expect("kill");
+                }
+                for id in &old {
+                    loop {
+                        let left: i64 = sqlx::query_scalar(<$conn as Killable>::GONE)
+                            .bind(*id)
+                            .fetch_one(&mut admin)
+                            .await
+                            .expect("gone");
+                        if left == 0 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                for _ in 0..2 {
+                    let id: i64 = crate::caller::transaction(&pool, crate::caller::Caller::default(), |tx, _| {
+                        Box::pin(async move {
+                            Ok(sqlx::query_scalar(<$conn as Killable>::SESSION_ID).fetch_one(&mut **tx).await?)
+                        })
+                    })
+                    .await
+                    .expect("transaction");
+                    assert!(!old.contains(&id), "{id} is a killed session");
+                }
+            }
+        };
+    }
+
+    transactions_survive_connections_cut_since_their_last_use!(
+        postgres_transactions_survive_connections_cut_since_their_last_use,
+        PgConnection,
+        sqlx::Postgres
+    );
+    transactions_survive_connections_cut_since_their_last_use!(
+        mysql_transactions_survive_connections_cut_since_their_last_use,
+        sqlx::MySqlConnection,
+        sqlx::MySql
+    );
 
     #[tokio::test]
     async fn postgres_reads_survive_connections_cut_since_their_last_use() {
