@@ -532,8 +532,9 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(indexes, ["tokenserver_sessions_expiry_idx", "tokenserver_sessions_pkey"]);
 
-        // Two sessions of three tokens each; revoking from the second token of one deletes that
-        // token and the one after it, and nothing of the other session.
+        // Two sessions of three tokens each. Reusing the first session's second token (rotated,
+        // past the grace period) revokes what followed it, the live third token, and nothing of
+        // the other session.
         let policy = RotationPolicy { grace_ms: 0, reuse_detection: true, limits: Default::default() };
         let now = 1_700_000_000_000;
         let mut sessions = Vec::new();
