@@ -187,7 +187,7 @@ async fn create_many(pool: MySqlPool, jobs: Vec<CreateJob>) -> Result<Vec<Result
     if fresh.len() > 1 {
         let sql = insert_many_sql(fresh.len());
         let query = fresh.iter().fold(sqlx::query(&sql), |query, j| bind_row(query, j));
-        match query.execute(&pool).await.map_err(StoreError::from) {
+        match crate::sql::pool_write(query.execute(&pool)).await {
             Ok(_) => inserted = true,
             // Each creation alone would meet the same unreachable server.
             Err(err @ StoreError::Unavailable(_)) => return Err(err),
@@ -281,7 +281,8 @@ impl MySqlAccess {
         build: impl FnOnce() -> sqlx::query::Query<'static, MySql, MySqlArguments> + Send + 'static,
     ) -> Result<u64> {
         let pool = self.pool.clone();
-        detached(move |_| async move { Ok(build().execute(&pool).await?.rows_affected()) }).await
+        detached(move |_| async move { Ok(crate::sql::pool_write(build().execute(&pool)).await?.rows_affected()) })
+            .await
     }
 }
 
@@ -308,11 +309,14 @@ impl AccessStore for MySqlAccess {
     async fn list(&self, l: &Listing<'_>) -> Result<TokenPage> {
         let from = crate::hash_cursor(l.after)?;
         let limit = l.limit.max(1);
-        let query = match l.user_id {
-            None => sqlx::query(LIST_APP).bind(l.service).bind(l.app_id),
-            Some(user) => sqlx::query(LIST_USER).bind(l.service).bind(l.app_id).bind(user),
-        };
-        let rows = query.bind(&from[..]).bind(i64_of(l.now)).bind(limit as i64).fetch_all(&self.pool).await?;
+        let rows = crate::sql::pool_read(|| {
+            let query = match l.user_id {
+                None => sqlx::query(LIST_APP).bind(l.service).bind(l.app_id),
+                Some(user) => sqlx::query(LIST_USER).bind(l.service).bind(l.app_id).bind(user),
+            };
+            query.bind(&from[..]).bind(i64_of(l.now)).bind(limit as i64).fetch_all(&self.pool)
+        })
+        .await?;
         let tokens = rows.iter().map(|r| listed_row(r, l.app_id)).collect::<std::result::Result<Vec<_>, _>>()?;
         // Only the last row's key makes the cursor.
         let next = match rows.last().filter(|_| rows.len() >= limit) {

@@ -214,7 +214,8 @@ impl PgAccess {
         build: impl FnOnce() -> sqlx::query::Query<'static, Postgres, sqlx::postgres::PgArguments> + Send + 'static,
     ) -> Result<u64> {
         let pool = self.pool.clone();
-        detached(move |_| async move { Ok(build().execute(&pool).await?.rows_affected()) }).await
+        detached(move |_| async move { Ok(crate::sql::pool_write(build().execute(&pool)).await?.rows_affected()) })
+            .await
     }
 }
 
@@ -246,15 +247,18 @@ impl AccessStore for PgAccess {
     async fn list(&self, l: &Listing<'_>) -> Result<TokenPage> {
         let from = crate::hash_cursor(l.after)?;
         let limit = l.limit.max(1);
-        let query = match l.user_id {
-            None => sqlx::query(LIST_APP),
-            Some(_) => sqlx::query(LIST_USER),
-        };
-        let mut query = query.bind(l.service).bind(l.app_id).bind(&from[..]).bind(i64_of(l.now)).bind(limit as i64);
-        if let Some(user) = l.user_id {
-            query = query.bind(user);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
+        let rows = crate::sql::pool_read(|| {
+            let query = match l.user_id {
+                None => sqlx::query(LIST_APP),
+                Some(_) => sqlx::query(LIST_USER),
+            };
+            let mut query = query.bind(l.service).bind(l.app_id).bind(&from[..]).bind(i64_of(l.now)).bind(limit as i64);
+            if let Some(user) = l.user_id {
+                query = query.bind(user);
+            }
+            query.fetch_all(&self.pool)
+        })
+        .await?;
         let tokens = rows.iter().map(|r| listed_row(r, l.app_id)).collect::<std::result::Result<Vec<_>, _>>()?;
         // Only the last row's key makes the cursor.
         let next = match rows.last().filter(|_| rows.len() >= limit) {

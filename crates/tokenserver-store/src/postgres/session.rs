@@ -449,15 +449,17 @@ impl SessionStore for PgSessions {
     async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
         let from = crate::hash_cursor(after)?;
         let limit = limit.max(1);
-        let rows = sqlx::query(
-            "SELECT expires_at, deadline, meta, token_hash FROM tokenserver_sessions \
-             WHERE token_hash > $2 AND rotated_at IS NULL AND expires_at > $1 AND deadline > $1 \
-             ORDER BY token_hash LIMIT $3",
-        )
-        .bind(now as i64)
-        .bind(&from[..])
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
+        let rows = crate::sql::pool_read(|| {
+            sqlx::query(
+                "SELECT expires_at, deadline, meta, token_hash FROM tokenserver_sessions \
+                 WHERE token_hash > $2 AND rotated_at IS NULL AND expires_at > $1 AND deadline > $1 \
+                 ORDER BY token_hash LIMIT $3",
+            )
+            .bind(now as i64)
+            .bind(&from[..])
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+        })
         .await?;
         let mut entries = Vec::with_capacity(rows.len());
         let mut last: Option<Vec<u8>> = None;

@@ -177,6 +177,35 @@ impl LossMark {
 /// database's pool costs the others a ping per idle connection, once.
 pub(crate) static SQLX_POOLS_LOST: LazyLock<LossMark> = LazyLock::new(LossMark::new);
 
+/// A read on a sqlx pool ([`network_pool`]; `read` must change nothing): if its connection turns
+/// out to have been cut, the loss is marked and the read runs once more, on a connection pinged
+/// first or newly opened.
+pub(crate) async fn pool_read<T, F, Fut>(mut read: F) -> Result<T, crate::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    match read().await {
+        Err(e) if connection_lost(&e) => {
+            SQLX_POOLS_LOST.set();
+            Ok(read().await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// A write on a sqlx pool: not run again, since its connection may have failed after the database
+/// committed it, but a cut connection marks the loss, so the pool's next calls get checked ones.
+pub(crate) async fn pool_write<T>(
+    write: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, crate::StoreError> {
+    let out = write.await;
+    if matches!(&out, Err(e) if connection_lost(e)) {
+        SQLX_POOLS_LOST.set();
+    }
+    Ok(out?)
+}
+
 /// Pool options for a networked database (PostgreSQL, MySQL): sized and timed by `settings`,
 /// pinging only connections that sat idle (sqlx's default pings before every acquire, a round
 /// trip per request) or that were put back before a connection was last found cut.

@@ -880,7 +880,8 @@ async fn store_outage_fails_each_create_and_stores_nothing(backend: Backend) {
 }
 
 /// The store's connections cut and the store back within a second (a restart): the reads that
-/// follow find the pooled connections dead and run again on new ones, so none of them fails.
+/// follow (a listing; gets and `authorize`s) find the pooled connections dead and run again on
+/// new ones, so none of them fails.
 async fn a_short_store_outage_costs_no_read(backend: Backend) {
     use crate::proxy::{target_of, Proxy};
     let Some(db) = fresh(backend).await else { return };
@@ -903,15 +904,25 @@ async fn a_short_store_outage_costs_no_read(backend: Backend) {
             })
             .collect()
     };
-    // Several pooled read connections, each used once.
+    let listed = |s: &Arc<TestServer>| {
+        let s = s.clone();
+        async move {
+            let r = v1(&s, "GET", "/applications/a/tokens?limit=1000", None).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["tokens"].as_array().unwrap().len()
+        }
+    };
+    // Several pooled read connections, each used once, and one listing's.
     for t in reads(&s) {
         let (got, authorized) = t.await.unwrap();
         assert_eq!((got.status, authorized.status), (200, 200), "{} {}", got.body, authorized.body);
     }
+    assert_eq!(listed(&s).await, 16);
 
     proxy.set_up(false);
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.set_up(true);
+    assert_eq!(listed(&s).await, 16);
     for t in reads(&s) {
         let (got, authorized) = t.await.unwrap();
         assert_eq!(got.status, 200, "{}", got.body);
