@@ -208,3 +208,66 @@ pub fn cluster_url(urls: &str) -> String {
         .collect();
     format!("redis+cluster://{}/", hosts.join(","))
 }
+
+/// A Redis server of its own for one test, started with `maxmemory` and the `noeviction` policy
+/// (so that a test can fill it); stopped when dropped. `None` (skipped) when
+/// `TOKENSERVER_TEST_REDIS_URL` is unset; with it set, `redis-server` must be on the `PATH`.
+#[derive(Debug)]
+pub struct CappedRedis {
+    /// `redis://127.0.0.1:<port>/`.
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl CappedRedis {
+    /// Starts the server and waits until it answers.
+    #[allow(clippy::panic)]
+    pub async fn start(maxmemory: &str) -> Option<Self> {
+        env("TOKENSERVER_TEST_REDIS_URL")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|e| panic!("a free port: {e}"))
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(["--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("redis-server: {e}"));
+        let capped = Self { url: format!("redis://127.0.0.1:{port}/"), child };
+        let client = redis::Client::open(capped.url.as_str()).unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..100 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                if redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok() {
+                    return Some(capped);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("redis-server on port {port} did not answer");
+    }
+
+    /// Writes values until the server is past its `maxmemory` (one script: a script that starts
+    /// under the limit runs to its end).
+    #[allow(clippy::panic)]
+    pub async fn fill(&self) {
+        let client = redis::Client::open(self.url.as_str()).unwrap_or_else(|e| panic!("{e}"));
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap_or_else(|e| panic!("{e}"));
+        let _: i64 = redis::cmd("EVAL")
+            .arg(
+                "local big = string.rep('x', 1000) \
+                 for i = 1, 20000 do redis.call('SET', 'filler:' .. i, big) end return 1",
+            )
+            .arg(0)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("fill: {e}"));
+    }
+}
+
+impl Drop for CappedRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

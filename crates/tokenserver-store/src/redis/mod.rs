@@ -66,9 +66,18 @@ impl ConnectionLike for Conn {
 
 pub(crate) fn e(err: redis::RedisError) -> StoreError {
     if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || err.is_timeout() {
-        StoreError::Unavailable(err.to_string())
-    } else {
-        StoreError::Backend(err.to_string())
+        return StoreError::Unavailable(err.to_string());
+    }
+    match err.code() {
+        // `maxmemory` reached with a policy that evicts nothing: writes (and scripts that may
+        // write, refused before they run) fail until memory is freed.
+        Some("OOM") => StoreError::Full(format!("Redis is at its maxmemory: {err}")),
+        // Loading its data, a failover or a cluster without quorum, a script running too long:
+        // the server is there but cannot answer now.
+        Some("LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY" | "BUSY") => {
+            StoreError::Unavailable(err.to_string())
+        }
+        _ => StoreError::Backend(err.to_string()),
     }
 }
 

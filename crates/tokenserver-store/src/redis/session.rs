@@ -564,6 +564,33 @@ mod tests {
         db.drop_now().await;
     }
 
+    /// Redis at its `maxmemory` (no eviction) refuses a script that may write before it runs: a
+    /// rotation is refused whole (nothing half-applied) and reported as a full store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_redis_refuses_rotations_whole() {
+        let Some(redis) = crate::testing::CappedRedis::start("4mb").await else { return };
+        let store = RedisSessions::open(&redis.url).await.unwrap_or_else(|e| panic!("{e}"));
+        let now = tokenserver_core::clock::now_ms();
+        let token = SessionToken::new_session();
+        let record = SessionRecord::new(r#"{"a":1}"#.into(), now, 600_000, 3_600_000);
+        store.create(&token, &record).await.unwrap_or_else(|e| panic!("{e}"));
+        redis.fill().await;
+        let policy = RotationPolicy { grace_ms: 1_000, reuse_detection: true, limits: Default::default() };
+        let req = RotateRequest { presented: token.clone(), successor: token.successor(), update: None, now: now + 1 };
+        match store.rotate(&req, &policy).await {
+            Err(StoreError::Full(_)) => {}
+            other => panic!("expected Full, got {other:?}"),
+        }
+        let key = store.key(&token.chain(), &token.hash());
+        assert_eq!(store.load(&key).await.unwrap_or_else(|e| panic!("{e}")), Some(record.clone()));
+        let next = store.key(&token.chain(), &req.successor.hash());
+        assert_eq!(store.load(&next).await.unwrap_or_else(|e| panic!("{e}")), None);
+        match store.create(&SessionToken::new_session(), &record).await {
+            Err(StoreError::Full(_)) => {}
+            other => panic!("expected Full, got {other:?}"),
+        }
+    }
+
     #[test]
     fn dump_cursors_round_trip() {
         let d = DumpAt { at: ScanAt { node: 2, cursor: 1234 }, skip: 7, count: 5 };

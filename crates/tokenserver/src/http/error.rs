@@ -330,6 +330,10 @@ impl ApiError {
     pub fn access_store(e: &StoreError) -> Self {
         match e {
             StoreError::InvalidInput(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor", m.clone()),
+            StoreError::Full(_) => {
+                tracing::warn!(error = %e, "access-token store full");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_full", "the access-token store is full")
+            }
             StoreError::Unavailable(_) | StoreError::Conflict | StoreError::Timeout | StoreError::Abandoned => {
                 tracing::warn!(error = %e, "access-token store unavailable");
                 ApiError::new(

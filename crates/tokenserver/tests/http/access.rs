@@ -946,6 +946,27 @@ mod a_short_store_outage_costs_no_read {
     }
 }
 
+/// A Redis store at its `maxmemory` (no eviction): creates answer 503 `store_full` and store
+/// nothing, while reads of the tokens already there keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_redis_store_answers_store_full_and_keeps_serving_reads() {
+    let Some(redis) = tokenserver_store::testing::CappedRedis::start("4mb").await else { return };
+    let s = server(&[("TOKENSERVER_ACCESS__URL", redis.url.as_str())]).await;
+    let r = v1(&s, "POST", "/tokens", Some(json!({"token": "before", "app_id": "a", "user_id": "u"}))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    redis.fill().await;
+    let r = v1(&s, "POST", "/tokens", Some(json!({"token": "after", "app_id": "a"}))).await;
+    assert_eq!(code(&r), (503, "store_full".to_string()), "{}", r.body);
+    assert_eq!(r.json()["message"], "the access-token store is full");
+    assert_eq!(v1(&s, "GET", "/tokens/after", None).await.status, 404);
+    let r = v1(&s, "POST", "/authorize", Some(json!({"access_token": "before"}))).await;
+    assert_eq!((r.status, r.json()), (200, json!({"app_id": "a", "user_id": "u"})));
+    let r = v1(&s, "GET", "/applications/a/tokens", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["tokens"].as_array().map(Vec::len), Some(1));
+    s.finish().await;
+}
+
 mod store_outage_fails_each_create_and_stores_nothing {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn postgres() {
