@@ -173,8 +173,9 @@ impl LossMark {
 }
 
 /// The loss mark of the sqlx pools ([`network_pool`]), one for the process: set when a
-/// transaction's `BEGIN` finds its connection cut ([`crate::caller::transaction`]). A loss on one
-/// database's pool costs the others a ping per idle connection, once.
+/// transaction's `BEGIN` ([`crate::caller::transaction`]), a [`pool_read`] or a [`pool_write`]
+/// finds its connection cut. A loss on one database's pool costs the others a ping per idle
+/// connection, once.
 pub(crate) static SQLX_POOLS_LOST: LazyLock<LossMark> = LazyLock::new(LossMark::new);
 
 /// A read on a sqlx pool ([`network_pool`]; `read` must change nothing): if its connection turns
