@@ -213,25 +213,27 @@ async fn create_one(pool: &MySqlPool, j: &CreateJob) -> Result<()> {
     let (service, hash) = (j.key.0.as_str(), &j.key.1[..]);
     let (stored, g) = (&j.token, &j.token.grant);
     for _ in 0..MAX_ATTEMPTS {
-        let inserted = bind_row(sqlx::query(INSERT), j).execute(pool).await;
-        match inserted.map_err(StoreError::from) {
+        let inserted = crate::sql::pool_write(bind_row(sqlx::query(INSERT), j).execute(pool)).await;
+        match inserted {
             Ok(_) => return Ok(()),
             Err(StoreError::AlreadyExists(_)) => {}
             Err(StoreError::Conflict) => continue,
             Err(other) => return Err(other),
         }
-        let replaced = sqlx::query(REPLACE_EXPIRED)
-            .bind(stored.token.as_str())
-            .bind(g.app_id.as_str())
-            .bind(g.user_id.as_deref())
-            .bind(g.expires_at.map(i64_of))
-            .bind(i64_of(stored.created_at))
-            .bind(service)
-            .bind(hash)
-            .bind(i64_of(stored.created_at))
-            .execute(pool)
-            .await;
-        match replaced.map_err(StoreError::from) {
+        let replaced = crate::sql::pool_write(
+            sqlx::query(REPLACE_EXPIRED)
+                .bind(stored.token.as_str())
+                .bind(g.app_id.as_str())
+                .bind(g.user_id.as_deref())
+                .bind(g.expires_at.map(i64_of))
+                .bind(i64_of(stored.created_at))
+                .bind(service)
+                .bind(hash)
+                .bind(i64_of(stored.created_at))
+                .execute(pool),
+        )
+        .await;
+        match replaced {
             Ok(done) if done.rows_affected() == 1 => return Ok(()),
             Ok(_) => return Err(StoreError::AlreadyExists(format!("token {:?}", stored.token))),
             Err(StoreError::Conflict) => continue,
