@@ -143,9 +143,7 @@ impl<C: Connection> ReadPool<C> {
 
     /// A round trip on a connection of the pool (the health check).
     pub(crate) async fn probe(&self) -> Result<(), StoreError> {
-        let mut lease = self.get().await?;
-        let pinged = lease.ping().await;
-        lease.finish(pinged)
+        read!(self, |c| c.ping().await)
     }
 }
 
