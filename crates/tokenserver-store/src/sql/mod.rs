@@ -170,6 +170,13 @@ impl LossMark {
             n => at < self.base + Duration::from_nanos(n),
         }
     }
+
+    /// [`Self::suspects`] for a connection idle for `idle_for` until now (reads the clock only
+    /// once a loss was found).
+    pub(crate) fn suspects_idle(&self, idle_for: Duration) -> bool {
+        self.nanos.load(Ordering::Relaxed) != 0
+            && Instant::now().checked_sub(idle_for).is_none_or(|at| self.suspects(at))
+    }
 }
 
 /// The loss mark of the sqlx pools ([`network_pool`]), one for the process: set when a
@@ -217,8 +224,7 @@ pub(crate) fn network_pool<DB: sqlx::Database>(settings: &PoolSettings) -> sqlx:
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
-                let put_back = Instant::now().checked_sub(meta.idle_for);
-                if meta.idle_for > PING_IF_IDLE_FOR || put_back.is_none_or(|at| SQLX_POOLS_LOST.suspects(at)) {
+                if meta.idle_for > PING_IF_IDLE_FOR || SQLX_POOLS_LOST.suspects_idle(meta.idle_for) {
                     sqlx::Connection::ping(conn).await?;
                 }
                 Ok(true)

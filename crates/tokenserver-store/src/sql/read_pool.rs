@@ -42,12 +42,11 @@ macro_rules! read {
                 Ok(lease) => lease,
                 Err(e) => break Err(e),
             };
-            let reused = lease.reused();
             let result = {
                 let $conn = &mut *lease;
                 $read
             };
-            match lease.finish_read(result, reused, may_retry) {
+            match lease.finish_read(result, may_retry) {
                 Some(done) => break done,
                 None => may_retry = false,
             }
@@ -56,10 +55,11 @@ macro_rules! read {
 }
 pub(crate) use read;
 
-/// A pooled connection, and whether its last read finished cleanly.
+/// A pooled connection, whether its last read finished cleanly, and its pool's loss mark.
 struct Pooled<C> {
     conn: C,
     clean: bool,
+    lost: Arc<LossMark>,
 }
 
 /// Opens connections with the store's options; closes unclean ones and pings idle ones before
@@ -74,7 +74,7 @@ impl<C: Connection> managed::Manager for Connector<C> {
     type Error = sqlx::Error;
 
     async fn create(&self) -> Result<Pooled<C>, sqlx::Error> {
-        Ok(Pooled { conn: C::connect_with(&self.options).await?, clean: true })
+        Ok(Pooled { conn: C::connect_with(&self.options).await?, clean: true, lost: self.lost.clone() })
     }
 
     async fn recycle(&self, pooled: &mut Pooled<C>, metrics: &Metrics) -> RecycleResult<sqlx::Error> {
@@ -94,7 +94,6 @@ impl<C: Connection> managed::Manager for Connector<C> {
 /// A pool of read connections.
 pub(crate) struct ReadPool<C: Connection> {
     pool: managed::Pool<Connector<C>>,
-    lost: Arc<LossMark>,
 }
 
 impl<C: Connection> std::fmt::Debug for ReadPool<C> {
@@ -106,7 +105,7 @@ impl<C: Connection> std::fmt::Debug for ReadPool<C> {
 
 impl<C: Connection> Clone for ReadPool<C> {
     fn clone(&self) -> Self {
-        Self { pool: self.pool.clone(), lost: self.lost.clone() }
+        Self { pool: self.pool.clone() }
     }
 }
 
@@ -116,8 +115,7 @@ impl<C: Connection> ReadPool<C> {
     /// `settings.connection_timeout`.
     pub(crate) fn new(options: C::Options, settings: &PoolSettings) -> Result<Self, StoreError> {
         let timeout = Some(settings.connection_timeout);
-        let lost = Arc::new(LossMark::new());
-        let pool = managed::Pool::builder(Connector { options, lost: lost.clone() })
+        let pool = managed::Pool::builder(Connector { options, lost: Arc::new(LossMark::new()) })
             .max_size(settings.max_size.max(1) as usize)
             .wait_timeout(timeout)
             .create_timeout(timeout)
@@ -125,7 +123,7 @@ impl<C: Connection> ReadPool<C> {
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| StoreError::Config(format!("read pool: {e}")))?;
-        Ok(Self { pool, lost })
+        Ok(Self { pool })
     }
 
     /// A connection for one call. Pass the call's result to [`Lease::finish`]; a lease dropped
@@ -134,7 +132,7 @@ impl<C: Connection> ReadPool<C> {
         match self.pool.get().await {
             Ok(mut conn) => {
                 conn.clean = false;
-                Ok(Lease { conn, lost: self.lost.clone() })
+                Ok(Lease(conn))
             }
             Err(PoolError::Backend(e)) => Err(e.into()),
             Err(e) => Err(StoreError::Unavailable(format!("read pool: {e}"))),
@@ -148,25 +146,18 @@ impl<C: Connection> ReadPool<C> {
 }
 
 /// A connection lent for one call.
-pub(crate) struct Lease<C: Connection> {
-    conn: Object<Connector<C>>,
-    lost: Arc<LossMark>,
-}
+pub(crate) struct Lease<C: Connection>(Object<Connector<C>>);
 
 impl<C: Connection> Lease<C> {
-    /// Whether the connection was taken from the pool rather than just opened.
-    pub(crate) fn reused(&self) -> bool {
-        Object::metrics(&self.conn).recycle_count > 0
-    }
-
     /// A read's result, or `None` when it should run again on another connection: it found this
-    /// one, which was `reused`, cut, and `may_retry` (it has not run again already).
+    /// one cut, the connection was taken from the pool rather than just opened, and `may_retry`
+    /// (the read has not run again already).
     pub(crate) fn finish_read<T>(
         self,
         result: Result<T, sqlx::Error>,
-        reused: bool,
         may_retry: bool,
     ) -> Option<Result<T, StoreError>> {
+        let reused = Object::metrics(&self.0).recycle_count > 0;
         let retry = may_retry && reused && matches!(&result, Err(e) if connection_lost(e));
         let done = self.finish(result);
         (!retry).then_some(done)
@@ -178,12 +169,12 @@ impl<C: Connection> Lease<C> {
     pub(crate) fn finish<T>(mut self, result: Result<T, sqlx::Error>) -> Result<T, StoreError> {
         match result {
             Ok(v) => {
-                self.conn.clean = true;
+                self.0.clean = true;
                 Ok(v)
             }
             Err(e) => {
                 if connection_lost(&e) {
-                    self.lost.set();
+                    self.0.lost.set();
                 }
                 Err(e.into())
             }
@@ -195,13 +186,13 @@ impl<C: Connection> Deref for Lease<C> {
     type Target = C;
 
     fn deref(&self) -> &C {
-        &self.conn.conn
+        &self.0.conn
     }
 }
 
 impl<C: Connection> DerefMut for Lease<C> {
     fn deref_mut(&mut self) -> &mut C {
-        &mut self.conn.conn
+        &mut self.0.conn
     }
 }
 
