@@ -247,6 +247,9 @@ async fn create_one(pool: &MySqlPool, j: &CreateJob) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct MySqlAccess {
     pool: MySqlPool,
+    /// Listings: a pool of their own, so that a burst of them cannot hold up authorizations;
+    /// deadpool's rather than sqlx's, which pings each connection taken back.
+    listings: ReadPool<MySqlConnection>,
     gets: Batcher<Key, Option<AccessToken>>,
     creates: Batcher<CreateJob, ()>,
 }
@@ -268,13 +271,14 @@ impl MySqlAccess {
             .await?;
         sqlx::query(SCHEMA).execute(&pool).await?;
         // Single autocommit reads: the write pool's READ COMMITTED makes no difference to them.
+        let listings = ReadPool::new(options.clone(), settings)?;
         let reads = ReadPool::new(options, settings)?;
         let gets = Batcher::start("access_get", GETS_BATCH, GETS_IN_FLIGHT, move |keys| get_many(reads.clone(), keys));
         let for_creations = pool.clone();
         let creates = Batcher::start("access_create", CREATES_BATCH, CREATES_IN_FLIGHT, move |jobs| {
             create_many(for_creations.clone(), jobs)
         });
-        Ok(Self { pool, gets, creates })
+        Ok(Self { pool, listings, gets, creates })
     }
 
     /// One statement on a detached task (a departing caller cannot cut it short).
@@ -311,14 +315,13 @@ impl AccessStore for MySqlAccess {
     async fn list(&self, l: &Listing<'_>) -> Result<TokenPage> {
         let from = crate::hash_cursor(l.after)?;
         let limit = l.limit.max(1);
-        let rows = crate::sql::pool_read(|| {
+        let rows = read!(self.listings, |c| {
             let query = match l.user_id {
                 None => sqlx::query(LIST_APP).bind(l.service).bind(l.app_id),
                 Some(user) => sqlx::query(LIST_USER).bind(l.service).bind(l.app_id).bind(user),
             };
-            query.bind(&from[..]).bind(i64_of(l.now)).bind(limit as i64).fetch_all(&self.pool)
-        })
-        .await?;
+            query.bind(&from[..]).bind(i64_of(l.now)).bind(limit as i64).fetch_all(c).await
+        })?;
         let tokens = rows.iter().map(|r| listed_row(r, l.app_id)).collect::<std::result::Result<Vec<_>, _>>()?;
         // Only the last row's key makes the cursor.
         let next = match rows.last().filter(|_| rows.len() >= limit) {

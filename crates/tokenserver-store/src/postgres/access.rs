@@ -181,6 +181,9 @@ async fn get_many(reads: ReadPool<PgConnection>, keys: Vec<Key>) -> Result<Vec<R
 #[derive(Debug, Clone)]
 pub struct PgAccess {
     pool: PgPool,
+    /// Listings: a pool of their own, so that a burst of them cannot hold up authorizations and
+    /// creations; deadpool's rather than sqlx's, which pings each connection taken back.
+    listings: ReadPool<PgConnection>,
     gets: Batcher<Key, Option<AccessToken>>,
     creations: Batcher<CreateJob, ()>,
 }
@@ -200,12 +203,13 @@ impl PgAccess {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?
             .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
+        let listings = ReadPool::new(options.clone(), settings)?;
         let reads = ReadPool::new(options, settings)?;
         let for_creations = reads.clone();
         let gets = Batcher::start("access_get", MAX_BATCH, IN_FLIGHT, move |keys| get_many(reads.clone(), keys));
         let creations =
             Batcher::start("access_create", MAX_BATCH, IN_FLIGHT, move |jobs| create_many(for_creations.clone(), jobs));
-        Ok(Self { pool, gets, creations })
+        Ok(Self { pool, listings, gets, creations })
     }
 
     /// One statement on a detached task (a departing caller cannot cut it short).
@@ -247,7 +251,7 @@ impl AccessStore for PgAccess {
     async fn list(&self, l: &Listing<'_>) -> Result<TokenPage> {
         let from = crate::hash_cursor(l.after)?;
         let limit = l.limit.max(1);
-        let rows = crate::sql::pool_read(|| {
+        let rows = read!(self.listings, |c| {
             let query = match l.user_id {
                 None => sqlx::query(LIST_APP),
                 Some(_) => sqlx::query(LIST_USER),
@@ -256,9 +260,8 @@ impl AccessStore for PgAccess {
             if let Some(user) = l.user_id {
                 query = query.bind(user);
             }
-            query.fetch_all(&self.pool)
-        })
-        .await?;
+            query.fetch_all(c).await
+        })?;
         let tokens = rows.iter().map(|r| listed_row(r, l.app_id)).collect::<std::result::Result<Vec<_>, _>>()?;
         // Only the last row's key makes the cursor.
         let next = match rows.last().filter(|_| rows.len() >= limit) {
