@@ -82,7 +82,19 @@ impl std::fmt::Debug for TokenHash {
 impl TokenHash {
     /// Hex form (Redis keys).
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        let mut out = String::with_capacity(64);
+        self.push_hex(&mut out);
+        out
+    }
+
+    /// Appends the hex form to `out` (`hex::encode` goes through a `char` iterator, several
+    /// times slower on the rotation path, which writes three of these).
+    pub fn push_hex(&self, out: &mut String) {
+        let mut buf = [0u8; 64];
+        // 32 bytes always fit 64 hex digits; the digits are ASCII.
+        if hex::encode_to_slice(self.0, &mut buf).is_ok() {
+            out.push_str(std::str::from_utf8(&buf).unwrap_or_default());
+        }
     }
 
     /// From a 32-byte slice read back from a store.
