@@ -619,10 +619,7 @@ mod tests {
         };
         // The metadata is the rest of the answer, colons and all.
         assert_eq!(live_answer(b"1733400000000:1733401000000:600000:"), Some(record("")));
-        assert_eq!(
-            live_answer(br#"1733400000000:1733401000000:600000:{"a":"b:c"}"#),
-            Some(record(r#"{"a":"b:c"}"#))
-        );
+        assert_eq!(live_answer(br#"1733400000000:1733401000000:600000:{"a":"b:c"}"#), Some(record(r#"{"a":"b:c"}"#)));
         for bad in [&b""[..], b"1:2:3", b"x:2:3:", b"1:-2:3:", b"1:2:3.5:", b"1:2:3:\xff"] {
             assert_eq!(live_answer(bad), None, "{bad:?}");
         }
