@@ -608,6 +608,21 @@ mod tests {
         }
     }
 
+    /// Keys written before `key` built them in one allocation must still be found.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn keys_keep_their_layout() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Redis).await else { return };
+        let store = RedisSessions::open(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..20 {
+            let token = SessionToken::new_session();
+            let (chain, hash) = (token.chain(), token.hash());
+            let expected = format!("{}s:{{{chain}}}:{}", store.redis.prefix, hex::encode(hash.0));
+            assert_eq!(store.key(&chain, &hash), expected);
+            assert_eq!(hash.to_hex(), hex::encode(hash.0));
+        }
+        db.drop_now().await;
+    }
+
     #[test]
     fn live_answers_are_read_whole_or_refused() {
         let record = |meta: &str| SessionRecord {
