@@ -1,6 +1,10 @@
-//! MySQL / MariaDB access-token store: one table keyed by (service, the token's key: its SHA-256,
+//! MySQL / MariaDB access-token store: one table, unique by (service, the token's key: its SHA-256,
 //! led by its issue time for a token tokenserver generated), ids as `VARBINARY` so that comparisons
 //! are byte for byte (a case-insensitive collation would make `App` and `app` one application).
+//! InnoDB stores rows in primary-key order, and the primary key is (service, application, key): a
+//! page of a listing is one range of the table. Keyed by token alone, with a secondary index for
+//! listings, each listed token cost one more primary-key read (the token is a `BLOB`, which no
+//! index can cover); a read by token now goes through the unique key first.
 //! Creation is an `INSERT` whose duplicate-key error is followed, when the token has expired, by an
 //! `UPDATE` guarded by that expiry; the primary key makes two concurrent creates of one token end
 //! with one winner. Creations arriving together are first tried as one multi-row `INSERT`, which
@@ -29,11 +33,21 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokenserver_access_tokens (
     user_id VARBINARY(256) NULL,
     expires_at BIGINT NULL,
     created_at BIGINT NOT NULL,
-    PRIMARY KEY (service, token_hash),
-    KEY tokenserver_access_app_idx (service, app_id, token_hash),
+    PRIMARY KEY (service, app_id, token_hash),
+    UNIQUE KEY tokenserver_access_token_key (service, token_hash),
     KEY tokenserver_access_user_idx (service, app_id, user_id, token_hash),
     KEY tokenserver_access_expiry_idx (expires_at)
 ) ENGINE=InnoDB";
+/// Tables made before the rows were clustered by application: keyed by (service, token_hash),
+/// listed through a secondary index that left a primary-key read per listed token.
+const OLD_LAYOUT: &str = "SELECT COUNT(*) FROM information_schema.STATISTICS \
+    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'tokenserver_access_tokens' \
+    AND INDEX_NAME = 'tokenserver_access_app_idx'";
+/// One statement, so the table is rebuilt once and is never without its uniqueness.
+const CLUSTER_BY_APP: &str = "ALTER TABLE tokenserver_access_tokens DROP PRIMARY KEY, \
+    ADD PRIMARY KEY (service, app_id, token_hash), \
+    ADD UNIQUE KEY tokenserver_access_token_key (service, token_hash), \
+    DROP KEY tokenserver_access_app_idx";
 
 const INSERT: &str = "INSERT INTO tokenserver_access_tokens \
     (service, token_hash, token, app_id, user_id, expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)";
@@ -52,7 +66,7 @@ const CREATES_IN_FLIGHT: usize = 8;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = ? AND token_hash = ? AND (expires_at IS NULL OR expires_at > ?)";
 const LIST_APP: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
-    FROM tokenserver_access_tokens FORCE INDEX (tokenserver_access_app_idx) \
+    FROM tokenserver_access_tokens FORCE INDEX (PRIMARY) \
     WHERE service = ? AND app_id = ? AND token_hash > ? AND (expires_at IS NULL OR expires_at > ?) \
     ORDER BY token_hash LIMIT ?";
 const LIST_USER: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
@@ -243,6 +257,27 @@ async fn create_one(pool: &MySqlPool, j: &CreateJob) -> Result<()> {
     Err(StoreError::Conflict)
 }
 
+/// Whether the table still has the layout of [`OLD_LAYOUT`].
+async fn has_old_layout(pool: &MySqlPool) -> Result<bool> {
+    let indexed: i64 = sqlx::query_scalar(OLD_LAYOUT).fetch_one(pool).await?;
+    Ok(indexed > 0)
+}
+
+/// Rebuilds a table of [`OLD_LAYOUT`] clustered by application (a page of a listing is then one
+/// range of the table). Two processes starting together may both try: the second's statement
+/// fails once the first's has dropped the old index, and that is success.
+async fn cluster_by_application(pool: &MySqlPool) -> Result<()> {
+    if !has_old_layout(pool).await? {
+        return Ok(());
+    }
+    tracing::info!("access-token table being rebuilt clustered by application (one table copy)");
+    match sqlx::query(CLUSTER_BY_APP).execute(pool).await {
+        Ok(_) => Ok(()),
+        Err(_) if !has_old_layout(pool).await? => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The MySQL access-token store.
 #[derive(Debug, Clone)]
 pub struct MySqlAccess {
@@ -270,6 +305,7 @@ impl MySqlAccess {
             .connect(&url)
             .await?;
         sqlx::query(SCHEMA).execute(&pool).await?;
+        cluster_by_application(&pool).await?;
         // Single autocommit reads: the write pool's READ COMMITTED makes no difference to them.
         let listings = ReadPool::new(options.clone(), settings)?;
         let reads = ReadPool::new(options, settings)?;
@@ -448,6 +484,54 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows, 5);
         drop(store);
+        db.drop_now().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_of_the_old_layout_is_clustered_by_application_and_keeps_its_tokens() {
+        let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
+        let pool = MySqlPool::connect(&crate::mysql::normalise_url(&db.url)).await.unwrap_or_else(|e| panic!("{e}"));
+        let old =
+            SCHEMA.replace("PRIMARY KEY (service, app_id, token_hash)", "PRIMARY KEY (service, token_hash)").replace(
+                "UNIQUE KEY tokenserver_access_token_key (service, token_hash)",
+                "KEY tokenserver_access_app_idx (service, app_id, token_hash)",
+            );
+        sqlx::query(&old).execute(&pool).await.unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_800_000_000_000;
+        for (token, app) in [("t1", "a"), ("t2", "b"), ("t3", "a")] {
+            bind_row(sqlx::query(INSERT), &job("s", token, app, None, now))
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(has_old_layout(&pool).await.unwrap_or_else(|e| panic!("{e}")));
+
+        let store = MySqlAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let primary: Vec<String> = sqlx::query_scalar(
+            "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = DATABASE() \
+             AND TABLE_NAME = 'tokenserver_access_tokens' AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(primary, ["service", "app_id", "token_hash"]);
+        assert!(!has_old_layout(&pool).await.unwrap_or_else(|e| panic!("{e}")));
+        let want = [Some("a"), Some("b"), Some("a")].map(|a| a.map(str::to_string));
+        assert_eq!(apps_of(&store, &[("s", "t1"), ("s", "t2"), ("s", "t3")], now).await, want);
+        // Tokens stay unique per service once the application leads the primary key.
+        let t2 = NewToken { service: "s", token: "t2", app_id: "c", user_id: None, expires_at: None, now };
+        assert!(matches!(store.create(&t2).await, Err(StoreError::AlreadyExists(_))));
+        let page = store
+            .list(&Listing { service: "s", app_id: "a", user_id: None, after: None, limit: 10, now })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut listed: Vec<String> = page.tokens.into_iter().map(|t| t.token).collect();
+        listed.sort();
+        assert_eq!(listed, ["t1", "t3"]);
+        // A second start finds the new layout and changes nothing.
+        drop(MySqlAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}")));
+        drop(store);
+        pool.close().await;
         db.drop_now().await;
     }
 
