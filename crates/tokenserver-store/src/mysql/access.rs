@@ -6,10 +6,10 @@
 //! listings, each listed token cost one more primary-key read (the token is a `BLOB`, which no
 //! index can cover); a read by token now goes through the unique key first.
 //! Creation is an `INSERT` whose duplicate-key error is followed, when the token has expired, by an
-//! `UPDATE` guarded by that expiry; the primary key makes two concurrent creates of one token end
-//! with one winner. Creations arriving together are first tried as one multi-row `INSERT`, which
-//! InnoDB applies whole or not at all: when any of its tokens exists, each creation of the batch
-//! then takes the one-token path. Every write runs on a task of its own. `authorize`'s reads
+//! `UPDATE` guarded by that expiry; the unique key makes two concurrent creates of one token end
+//! with one winner, whatever their applications. Creations arriving together are first tried as
+//! one multi-row `INSERT`, which InnoDB applies whole or not at all: when any of its tokens exists,
+//! each creation of the batch then takes the one-token path. Every write runs on a task of its own. `authorize`'s reads
 //! arriving together share one statement ([`crate::batch`]).
 
 use std::str::FromStr;
@@ -528,8 +528,10 @@ mod tests {
         let mut listed: Vec<String> = page.tokens.into_iter().map(|t| t.token).collect();
         listed.sort();
         assert_eq!(listed, ["t1", "t3"]);
-        // A second start finds the new layout and changes nothing.
+        // A second start finds the new layout and leaves it as it is.
         drop(MySqlAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}")));
+        assert!(!has_old_layout(&pool).await.unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(apps_of(&store, &[("s", "t1"), ("s", "t2"), ("s", "t3")], now).await, want);
         drop(store);
         pool.close().await;
         db.drop_now().await;
