@@ -130,7 +130,8 @@ fn label(n: u64) -> String {
     }
 }
 
-/// Runs the four scenarios on tokenserver with access store `url`.
+/// Runs the four scenarios (those `--scenarios` names, numbered 1-4 in this order) on tokenserver
+/// with access store `url`.
 pub fn run_backend(ctx: &Ctx, name: &str, url: &str, big: u64, rows: &mut Vec<Row>) -> Result<(), String> {
     let mut env = ctx.env(&format!("sqlite://{}/sync.db", ctx.work.display()), true);
     env.push(("TOKENSERVER_ACCESS__URL".into(), url.into()));
@@ -161,7 +162,12 @@ pub fn run_backend(ctx: &Ctx, name: &str, url: &str, big: u64, rows: &mut Vec<Ro
         ("create (generated token)".to_string(), create_gens(conns)),
         (format!("list: first page of a {big_label}-token app"), first_page_gens(conns)),
         (format!("list: walking a {big_label}-token app's pages"), walk_gens(conns)),
-    ] {
+    ]
+    .into_iter()
+    .zip(1..)
+    .filter(|(_, number)| ctx.wants(*number))
+    .map(|(scenario, _)| scenario)
+    {
         let (o, sample) = measure_at(&pids, &internals, gens, ctx)?;
         let sample = crate::Sample { hello_rps: Some(hello), ..sample };
         eprintln!("{name}: {scenario}: {:.0} req/s", o.rps);

@@ -59,7 +59,8 @@ struct Common {
     /// setting's values, e.g. `TOKENSERVER_DATABASE_POOL_MAX_SIZE=4`; listed in the report.
     #[arg(long = "server-env", value_parser = parse_setting)]
     server_env: Vec<(String, String)>,
-    /// Only these scenarios (1-5); all by default.
+    /// Only these scenarios, all by default: Sync 1-5; sessions 1-3 (chain, metadata, create);
+    /// access 1-4 (authorize, create, first page, walking pages).
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<u8>,
     /// tokenserver processes on the one database (web heads), the connections dealt out over

@@ -137,7 +137,8 @@ pub fn run_hakr(ctx: &Ctx, bin: &std::path::Path, sizes: &[u64], rows: &mut Vec<
     run_sizes(ctx, "HaKr token_server", &[server.child.id()], &[server.addr], Api::Hakr, sizes, rows)
 }
 
-/// Fills the store to each size in turn and measures the three scenarios there.
+/// Fills the store to each size in turn and measures the three scenarios there (those
+/// `--scenarios` names, numbered 1-3 in this order).
 fn run_sizes(
     ctx: &Ctx,
     name: &str,
@@ -175,7 +176,12 @@ fn run_sizes(
             ("rotation chain", chain_gens(api, conns, false)),
             ("rotation + metadata merge", chain_gens(api, conns, true)),
             ("create", create_gens(api, conns)),
-        ] {
+        ]
+        .into_iter()
+        .zip(1..)
+        .filter(|(_, number)| ctx.wants(*number))
+        .map(|(scenario, _)| scenario)
+        {
             let (o, sample) = measure_at(pids, addrs, gens, ctx)?;
             let sample = crate::Sample { hello_rps: Some(hello), ..sample };
             eprintln!("{name} @ {}: {scenario}: {:.0} req/s", label(size), o.rps);
