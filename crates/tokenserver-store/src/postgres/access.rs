@@ -19,6 +19,20 @@ use crate::caller::detached;
 use crate::sql::read_pool::{read, ReadPool};
 use crate::{PoolSettings, StoreError};
 
+/// Tokens of up to 1,024 bytes are listed from the covering index (`tokenserver_access_list_idx`),
+/// longer ones from `tokenserver_access_list_long_idx`: SQL text, as the schema's partial indexes
+/// and the listing must spell their conditions alike for PostgreSQL to match them.
+macro_rules! short_token {
+    () => {
+        "octet_length(token) <= 1024"
+    };
+}
+macro_rules! long_token {
+    () => {
+        "octet_length(token) > 1024"
+    };
+}
+
 const SCHEMA: &[&str] = &[
     "SELECT pg_advisory_xact_lock(7380567326917438)",
     "CREATE TABLE IF NOT EXISTS tokenserver_access_tokens (
@@ -31,7 +45,23 @@ const SCHEMA: &[&str] = &[
         created_at BIGINT NOT NULL,
         PRIMARY KEY (service, token_hash)
     )",
-    "CREATE INDEX IF NOT EXISTS tokenserver_access_app_idx ON tokenserver_access_tokens (service, app_id, token_hash)",
+    // Listings read an application's tokens in key order from an index that holds every listed
+    // column, without visiting the table (an index-only scan, once vacuum has marked the table's
+    // pages all-visible, as autovacuum does). A B-tree entry must fit in a third of a page
+    // (2,704 bytes), so tokens longer than 1,024 bytes, which ids of up to 256 bytes each could
+    // push past that, have an index of their own without the columns; `LIST_APP` merges
+    // the two. The plain application index they replace goes.
+    concat!(
+        "CREATE INDEX IF NOT EXISTS tokenserver_access_list_idx ON tokenserver_access_tokens \
+         (service, app_id, token_hash) INCLUDE (token, user_id, expires_at, created_at) WHERE ",
+        short_token!()
+    ),
+    concat!(
+        "CREATE INDEX IF NOT EXISTS tokenserver_access_list_long_idx ON tokenserver_access_tokens \
+         (service, app_id, token_hash) WHERE ",
+        long_token!()
+    ),
+    "DROP INDEX IF EXISTS tokenserver_access_app_idx",
     "CREATE INDEX IF NOT EXISTS tokenserver_access_user_idx \
      ON tokenserver_access_tokens (service, app_id, user_id, token_hash)",
     "CREATE INDEX IF NOT EXISTS tokenserver_access_expiry_idx ON tokenserver_access_tokens (expires_at) \
@@ -60,10 +90,22 @@ const MAX_BATCH: usize = 256;
 const IN_FLIGHT: usize = 4;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = $1 AND token_hash = $2 AND (expires_at IS NULL OR expires_at > $3)";
-const LIST_APP: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
-    FROM tokenserver_access_tokens \
-    WHERE service = $1 AND app_id = $2 AND token_hash > $3 AND (expires_at IS NULL OR expires_at > $4) \
-    ORDER BY token_hash LIMIT $5";
+/// A page of an application's tokens: the first `$5` of its short tokens (from the covering index)
+/// and of its long ones, merged in key order. Each branch is an ordered index scan that stops
+/// after `$5` rows, whatever the table's statistics say (without a limit in each, the planner
+/// misjudged the long tokens' share and sorted the whole application).
+const LIST_APP: &str = concat!(
+    "(SELECT token, user_id, expires_at, created_at, token_hash FROM tokenserver_access_tokens \
+      WHERE service = $1 AND app_id = $2 AND token_hash > $3 AND (expires_at IS NULL OR expires_at > $4) AND ",
+    short_token!(),
+    " ORDER BY token_hash LIMIT $5) \
+     UNION ALL \
+     (SELECT token, user_id, expires_at, created_at, token_hash FROM tokenserver_access_tokens \
+      WHERE service = $1 AND app_id = $2 AND token_hash > $3 AND (expires_at IS NULL OR expires_at > $4) AND ",
+    long_token!(),
+    " ORDER BY token_hash LIMIT $5) \
+     ORDER BY token_hash LIMIT $5"
+);
 const LIST_USER: &str = "SELECT token, user_id, expires_at, created_at, token_hash \
     FROM tokenserver_access_tokens \
     WHERE service = $1 AND app_id = $2 AND user_id = $6 AND token_hash > $3 \
@@ -177,6 +219,15 @@ async fn get_many(reads: ReadPool<PgConnection>, keys: Vec<Key>) -> Result<Vec<R
     Ok(found)
 }
 
+/// The options of the reading connections (batched reads, listings). Their statements are
+/// index reads whatever the table holds: generic plans, never a sequential scan (why:
+/// crate::postgres::session's store, where a plan made on a small table was kept as it grew).
+fn read_options(url: &str) -> Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?
+        .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]))
+}
+
 /// The PostgreSQL access-token store.
 #[derive(Debug, Clone)]
 pub struct PgAccess {
@@ -197,12 +248,7 @@ impl PgAccess {
             sqlx::query(stmt).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        // The batch statements are primary-key lookups and inserts whatever their arrays hold:
-        // generic plans, never a sequential scan (why: crate::postgres::session's store, where a
-        // plan made on a small table was kept as it grew).
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?
-            .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
+        let options = read_options(url)?;
         let listings = ReadPool::new(options.clone(), settings)?;
         let reads = ReadPool::new(options, settings)?;
         let for_creations = reads.clone();
@@ -294,6 +340,7 @@ impl AccessStore for PgAccess {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::Connection;
 
     fn job(service: &str, token: &str, app_id: &str, expires_at: Option<u64>, now: u64) -> CreateJob {
         let t = NewToken { service, token, app_id, user_id: None, expires_at, now };
@@ -347,6 +394,90 @@ mod tests {
         assert!(matches!(odd, Ok(None)));
         assert_eq!(fine.unwrap_or_else(|e| panic!("{e}")).map(|t| t.grant.app_id).as_deref(), Some("a"));
         drop(store);
+        db.drop_now().await;
+    }
+
+    /// The indexes on the table, by name.
+    async fn index_names(pool: &PgPool) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT indexname::TEXT FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'tokenserver_access_tokens' \
+             ORDER BY 1",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_with_the_application_index_of_before_gets_the_listing_indexes_and_keeps_its_tokens() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let pool = PgPool::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        // The table as earlier versions left it: one plain index for listings.
+        for stmt in SCHEMA.iter().filter(|s| !s.contains("tokenserver_access_list")) {
+            sqlx::query(stmt).execute(&pool).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        sqlx::query(
+            "CREATE INDEX tokenserver_access_app_idx ON tokenserver_access_tokens (service, app_id, token_hash)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let now = 1_800_000_000_000;
+        let long = "L".repeat(3000);
+        let answers = create_many(
+            ReadPool::new(
+                PgConnectOptions::from_str(&db.url).unwrap_or_else(|e| panic!("{e}")),
+                &PoolSettings::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+            vec![job("s", "t1", "a", None, now), job("s", &long, "a", None, now), job("s", "t3", "b", None, now)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+
+        let store = PgAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        let want_indexes = [
+            "tokenserver_access_expiry_idx",
+            "tokenserver_access_list_idx",
+            "tokenserver_access_list_long_idx",
+            "tokenserver_access_tokens_pkey",
+            "tokenserver_access_user_idx",
+        ];
+        assert_eq!(index_names(&pool).await, want_indexes);
+        let page = store
+            .list(&Listing { service: "s", app_id: "a", user_id: None, after: None, limit: 10, now })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut listed: Vec<String> = page.tokens.into_iter().map(|t| t.token).collect();
+        listed.sort();
+        assert_eq!(listed, [long.clone(), "t1".to_string()]);
+
+        // The listing's plan on a listing connection reads each kind of token from its own index
+        // in key order, and the short ones without the table.
+        let options = read_options(&db.url).unwrap_or_else(|e| panic!("{e}"));
+        let mut c = PgConnection::connect_with(&options).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql(&format!("PREPARE page (text, text, bytea, bigint, bigint) AS {LIST_APP}"))
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE page ('s', 'a', '', 0, 100)")
+            .fetch_all(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan = plan.join("\n");
+        assert!(plan.contains("Merge Append"), "{plan}");
+        assert!(plan.contains("Index Only Scan using tokenserver_access_list_idx"), "{plan}");
+        assert!(plan.contains("Index Scan using tokenserver_access_list_long_idx"), "{plan}");
+        let sorts = plan.lines().any(|l| l.trim_start().trim_start_matches("->").trim_start().starts_with("Sort  ("));
+        assert!(!sorts, "no sort: {plan}");
+        drop(c);
+
+        // A second start finds the indexes and leaves them as they are.
+        drop(PgAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(index_names(&pool).await, want_indexes);
+        drop(store);
+        pool.close().await;
         db.drop_now().await;
     }
 

@@ -198,6 +198,53 @@ pub async fn listing_pages_cover_every_token_once(s: &dyn AccessStore) {
     assert!(want_app.iter().all(|t| seen.contains(t)), "no misses");
 }
 
+/// Tokens either side of 1,024 bytes (PostgreSQL lists the two kinds from two indexes) up to
+/// apisonator's limit, with ids of the longest length accepted, in one listing: every page in one
+/// order, each token once.
+pub async fn long_and_short_tokens_share_one_listing(s: &dyn AccessStore) {
+    let now = now_ms();
+    let (service, app, user) = ("s".repeat(256), "a".repeat(256), "u".repeat(256));
+    let mut want = Vec::new();
+    let mut want_user = Vec::new();
+    for len in [1, 56, 1023, 1024, 1025, 2000, 3584] {
+        for (i, fill) in ["x", "y", "z"].into_iter().enumerate() {
+            let token = format!("{i}{}", fill.repeat(len - 1));
+            let owner = (i != 1).then_some(user.as_str());
+            s.create(&new(&service, &token, &app, owner, None, now)).await.unwrap();
+            if owner.is_some() {
+                want_user.push(token.clone());
+            }
+            want.push(token);
+        }
+    }
+    want.sort();
+    want_user.sort();
+    let one_page = s
+        .list(&Listing { service: &service, app_id: &app, user_id: None, after: None, limit: 1000, now })
+        .await
+        .unwrap();
+    assert!(one_page.next.is_none());
+    let in_order: Vec<String> = one_page.tokens.into_iter().map(|t| t.token).collect();
+    for limit in [1, 2, 5] {
+        let mut paged = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s
+                .list(&Listing { service: &service, app_id: &app, user_id: None, after: after.as_deref(), limit, now })
+                .await
+                .unwrap();
+            paged.extend(page.tokens.into_iter().map(|t| t.token));
+            after = page.next;
+            if after.is_none() {
+                break;
+            }
+        }
+        assert_eq!(paged, in_order, "limit {limit}: the pages in one order");
+        assert_eq!(all_pages(s, &service, &app, None, limit, now).await, want, "limit {limit}");
+    }
+    assert_eq!(all_pages(s, &service, &app, Some(&user), 3, now).await, want_user);
+}
+
 pub async fn revocations_count_the_live_tokens_they_remove(s: &dyn AccessStore) {
     let now = now_ms();
     for i in 0..2_500 {

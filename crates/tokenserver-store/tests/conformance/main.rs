@@ -144,6 +144,7 @@ stamp! {
         tokens_of_any_shape_round_trip,
         expired_tokens_are_invisible_at_once_and_can_be_created_again,
         listing_pages_cover_every_token_once,
+        long_and_short_tokens_share_one_listing,
         revocations_count_the_live_tokens_they_remove,
         purge_reclaims_expired_tokens,
         concurrent_creates_of_one_token_have_one_winner,
