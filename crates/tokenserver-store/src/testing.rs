@@ -13,6 +13,20 @@ use sqlx::Connection;
 
 use crate::Backend;
 
+/// The tokens of the first page (up to 10) of application `app_id` of `service`, sorted: what a
+/// layout test checks after a store has reshaped a table of an earlier version.
+pub async fn first_page_sorted(
+    store: &dyn crate::access::AccessStore,
+    service: &str,
+    app_id: &str,
+    now: u64,
+) -> crate::access::Result<Vec<String>> {
+    let listing = crate::access::Listing { service, app_id, user_id: None, after: None, limit: 10, now };
+    let mut listed: Vec<String> = store.list(&listing).await?.tokens.into_iter().map(|t| t.token).collect();
+    listed.sort();
+    Ok(listed)
+}
+
 /// A database created for one test; dropped (best effort) by [`FreshDb::drop_now`].
 #[derive(Debug, Clone)]
 pub struct FreshDb {

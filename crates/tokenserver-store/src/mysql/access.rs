@@ -9,8 +9,8 @@
 //! `UPDATE` guarded by that expiry; the unique key makes two concurrent creates of one token end
 //! with one winner, whatever their applications. Creations arriving together are first tried as
 //! one multi-row `INSERT`, which InnoDB applies whole or not at all: when any of its tokens exists,
-//! each creation of the batch then takes the one-token path. Every write runs on a task of its own. `authorize`'s reads
-//! arriving together share one statement ([`crate::batch`]).
+//! each creation of the batch then takes the one-token path. Every write runs on a task of its
+//! own. `authorize`'s reads arriving together share one statement ([`crate::batch`]).
 
 use std::str::FromStr;
 
@@ -521,13 +521,10 @@ mod tests {
         // Tokens stay unique per service once the application leads the primary key.
         let t2 = NewToken { service: "s", token: "t2", app_id: "c", user_id: None, expires_at: None, now };
         assert!(matches!(store.create(&t2).await, Err(StoreError::AlreadyExists(_))));
-        let page = store
-            .list(&Listing { service: "s", app_id: "a", user_id: None, after: None, limit: 10, now })
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut listed: Vec<String> = page.tokens.into_iter().map(|t| t.token).collect();
-        listed.sort();
-        assert_eq!(listed, ["t1", "t3"]);
+        assert_eq!(
+            crate::testing::first_page_sorted(&store, "s", "a", now).await.unwrap_or_else(|e| panic!("{e}")),
+            ["t1", "t3"]
+        );
         // A second start finds the new layout and leaves it as it is.
         drop(MySqlAccess::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}")));
         assert!(!has_old_layout(&pool).await.unwrap_or_else(|e| panic!("{e}")));

@@ -445,13 +445,10 @@ mod tests {
             "tokenserver_access_user_idx",
         ];
         assert_eq!(index_names(&pool).await, want_indexes);
-        let page = store
-            .list(&Listing { service: "s", app_id: "a", user_id: None, after: None, limit: 10, now })
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut listed: Vec<String> = page.tokens.into_iter().map(|t| t.token).collect();
-        listed.sort();
-        assert_eq!(listed, [long.clone(), "t1".to_string()]);
+        assert_eq!(
+            crate::testing::first_page_sorted(&store, "s", "a", now).await.unwrap_or_else(|e| panic!("{e}")),
+            [long.clone(), "t1".to_string()]
+        );
 
         // The listing's plan on a listing connection reads each kind of token from its own index
         // in key order, and the short ones without the table.
