@@ -196,17 +196,22 @@ pub(crate) async fn users_rows(
     Ok(users_rows_on(conn, keys).await?)
 }
 
+/// Locks the rows of each of `$2` (emails, in the order given) of service `$1`, an index lookup
+/// per email. A lateral lookup rather than `email = ANY($2)`: PostgreSQL keeps a statement's
+/// generic plan until the table is analyzed again, and `ANY` planned on a table of a thousand
+/// users is a sequential scan, kept while the table grew (without autovacuum, for good): 3-5 ms
+/// a batch at 40k users, with the nodes locked, and new users fell from 13.8k/s to 2.5k/s in a
+/// 10-second run (bench/results/postgres-new-users-lock-ab.md).
+const LOCK_USERS: &str = "SELECT u.uid FROM unnest($2::text[]) AS q(email) \
+    CROSS JOIN LATERAL (SELECT uid FROM users WHERE email = q.email AND service = $1 FOR UPDATE) u";
+
 /// Locks the rows of every one of `emails` in one statement.
 pub(crate) async fn lock_users(
     conn: &mut sqlx::PgConnection,
     service_id: i64,
     emails: &[&str],
 ) -> crate::sync::Result<()> {
-    sqlx::query("SELECT uid FROM users WHERE service = $1 AND email = ANY($2) FOR UPDATE")
-        .bind(service_id)
-        .bind(emails)
-        .fetch_all(conn)
-        .await?;
+    sqlx::query(LOCK_USERS).bind(service_id).bind(emails).fetch_all(conn).await?;
     Ok(())
 }
 
@@ -250,3 +255,64 @@ crate::sql::sync::sync_store!(
     insert_users: crate::postgres::sync::insert_users,
     db: sqlx::Postgres, row: sqlx::postgres::PgRow, conn: sqlx::PgConnection,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// The plan PostgreSQL keeps for the users' lock once it stops planning each call: made on a
+    /// table of a thousand analyzed users, it must look each email up in the index, since the
+    /// table may grow a hundredfold before anything makes it plan again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_users_lock_kept_from_a_small_table_looks_each_email_up_in_the_index() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let store = crate::postgres::PgStore::open(&db.url, &crate::PoolSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        crate::SyncStore::migrate(&store).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql(
+            "INSERT INTO users (service, email, generation, client_state, created_at, nodeid) \
+             SELECT 1, 'user' || i || '@example.com', 0, '', 0, 1 FROM generate_series(1, 1000) AS i; \
+             ANALYZE users; \
+             SET plan_cache_mode = force_generic_plan",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql(&format!("PREPARE lock_users (bigint, text[]) AS {LOCK_USERS}"))
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lock_users (1, '{user1@example.com,x}')")
+            .fetch_all(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index Scan using lookup_idx on users"), "{plan}");
+        assert!(!plan.contains("Seq Scan on users"), "{plan}");
+
+        // It locks the rows of the emails that have one, and only those.
+        let mut tx = c.begin().await.unwrap_or_else(|e| panic!("{e}"));
+        let locked: Vec<i64> = sqlx::query_scalar(LOCK_USERS)
+            .bind(1_i64)
+            .bind(["user7@example.com", "nobody@example.com", "user3@example.com"])
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut other = sqlx::PgConnection::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        let free: Vec<String> = sqlx::query_scalar(
+            "SELECT email::TEXT FROM users WHERE email IN ('user7@example.com', 'user3@example.com', 'user5@example.com') \
+             ORDER BY email FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_all(&mut other)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(locked.len(), 2);
+        assert_eq!(free, ["user5@example.com"]);
+        tx.rollback().await.unwrap_or_else(|e| panic!("{e}"));
+        drop((c, other, store));
+        db.drop_now().await;
+    }
+}
