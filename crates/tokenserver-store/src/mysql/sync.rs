@@ -114,8 +114,9 @@ pub(crate) async fn insert_id<'q>(
 /// every execution, so a long statement holds the next calls back: smaller batches, more of them
 /// out at once than on PostgreSQL.
 pub(crate) const ROWS_BATCH: usize = 16;
-/// Rows-read statements out at once.
-pub(crate) const ROWS_IN_FLIGHT: usize = 8;
+/// Rows-read statements out at once: four, not eight, cut the p99 by a quarter at the same rate
+/// (bench/results/postgres-in-flight-ab.md, MariaDB section).
+pub(crate) const ROWS_IN_FLIGHT: usize = 4;
 /// Batch sizes a rows read is padded to: each is one statement text, prepared once per
 /// connection (a size per number of calls would prepare up to [`ROWS_BATCH`]).
 const ROWS_SIZES: [usize; 5] = [1, 2, 4, 8, ROWS_BATCH];

@@ -86,8 +86,10 @@ const GET_MANY: &str = "SELECT q.i, t.token, t.app_id, t.user_id, t.expires_at, 
     JOIN tokenserver_access_tokens t ON t.service = q.service AND t.token_hash = q.token_hash";
 /// Calls one statement carries at most.
 const MAX_BATCH: usize = 256;
-/// Statements of one kind running at once (the others' calls queue for the next one).
-const IN_FLIGHT: usize = 4;
+/// Statements of one kind running at once (the others' calls queue for the next one). Two, not
+/// four: fewer, fuller statements cost PostgreSQL less CPU a call and leave less waiting on
+/// commits (bench/results/postgres-in-flight-ab.md).
+const IN_FLIGHT: usize = 2;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = $1 AND token_hash = $2 AND (expires_at IS NULL OR expires_at > $3)";
 /// A page of an application's tokens: the first `$5` of its short tokens (from the covering index)

@@ -23,8 +23,9 @@ pub(crate) type UserKey = (String, String);
 
 /// Users' rows reads one statement carries at most.
 pub(crate) const ROWS_BATCH: usize = 64;
-/// Rows-read statements out at once (the calls arriving meanwhile queue for the next one).
-pub(crate) const ROWS_IN_FLIGHT: usize = 4;
+/// Rows-read statements out at once (the calls arriving meanwhile queue for the next one): two,
+/// not four, costs PostgreSQL half the CPU a read (bench/results/postgres-in-flight-ab.md).
+pub(crate) const ROWS_IN_FLIGHT: usize = 2;
 
 /// The rows of a batch read, `(position in the batch, row)` in position order, dealt back to
 /// the batch's `asked` calls (a position past them, padding, is dropped).
