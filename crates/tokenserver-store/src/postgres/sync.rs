@@ -200,8 +200,8 @@ pub(crate) async fn users_rows(
 /// per email. A lateral lookup rather than `email = ANY($2)`: PostgreSQL keeps a statement's
 /// generic plan until the table is analyzed again, and `ANY` planned on a table of a thousand
 /// users is a sequential scan, kept while the table grew (without autovacuum, for good): 3-5 ms
-/// a batch at 40k users, with the nodes locked, and new users fell from 13.8k/s to 2.5k/s in a
-/// 10-second run (bench/results/postgres-new-users-lock-ab.md).
+/// a batch at 40k users, with the nodes locked; new users ran at 3.9k-6.6k/s against
+/// 12.6k-13.7k/s with this form (bench/results/postgres-new-users-lock-ab.md).
 const LOCK_USERS: &str = "SELECT u.uid FROM unnest($2::text[]) AS q(email) \
     CROSS JOIN LATERAL (SELECT uid FROM users WHERE email = q.email AND service = $1 FOR UPDATE) u";
 
