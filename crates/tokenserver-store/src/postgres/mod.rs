@@ -79,14 +79,26 @@ pub struct PgStore {
     allocations: Option<AllocationQueue>,
 }
 
+/// The batched users' rows read has connections of its own (one per statement in flight) that
+/// never scan `users` whole: PostgreSQL keeps a statement's generic plan until the table is
+/// analyzed again, and that read planned on a nearly empty table scans it for each email however
+/// large it has grown since, as the allocation's lock did (bench/results/postgres-new-users-lock-ab.md).
+/// Not the general read pool: the operators' counts on it need their sequential scans.
+fn row_read_options(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([("enable_seqscan", "off")])
+}
+
 impl PgStore {
     /// Connects (lazily: the server starts even if the database is down and recovers by itself).
     pub async fn open(url: &str, pool: &PoolSettings) -> Result<Self, StoreError> {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         let reads = ReadPool::new(options.clone(), pool)?;
+        let for_rows = ReadPool::new(
+            row_read_options(options.clone()),
+            &PoolSettings { max_size: ROWS_IN_FLIGHT as u32, ..pool.clone() },
+        )?;
         let pool = crate::sql::network_pool(pool).connect_lazy_with(options);
-        let for_rows = reads.clone();
         let user_reads = Batcher::start("user_rows", ROWS_BATCH, ROWS_IN_FLIGHT, move |keys| {
             sync::rows_many(for_rows.clone(), keys)
         });
@@ -109,6 +121,36 @@ impl PgStore {
 mod batch_tests {
     use super::*;
     use crate::SyncStore;
+
+    /// The batched users' rows read as its connections plan it once they keep one plan, on a
+    /// table analyzed while empty: an index lookup per email, not a scan of the table.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_users_rows_read_keeps_index_plans_made_on_an_empty_table() {
+        use sqlx::Connection;
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let store = PgStore::open(&db.url, &PoolSettings::default()).await.unwrap_or_else(|e| panic!("{e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        let options = PgConnectOptions::from_str(&db.url).unwrap_or_else(|e| panic!("{e}"));
+        let mut c =
+            sqlx::PgConnection::connect_with(&row_read_options(options)).await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql("ANALYZE users; SET plan_cache_mode = force_generic_plan")
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql(&format!("PREPARE user_rows (text[], text[]) AS {}", sync::USER_ROWS_MANY))
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE user_rows ('{sync-1.5}', '{a@example.com}')")
+            .fetch_all(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let plan = plan.join("\n");
+        assert!(plan.contains("Index Scan Backward using lookup_idx on users"), "{plan}");
+        assert!(!plan.contains("Seq Scan on users"), "{plan}");
+        drop((c, store));
+        db.drop_now().await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_of_allocations_is_what_its_calls_one_by_one_would_be() {
