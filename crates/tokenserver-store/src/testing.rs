@@ -27,6 +27,22 @@ pub async fn first_page_sorted(
     Ok(listed)
 }
 
+/// The plan PostgreSQL gives `sql` prepared on `conn` as `name (types)`, for the call
+/// `name (args)`, as `EXPLAIN`'s lines joined: what a plan test checks (with
+/// `plan_cache_mode = force_generic_plan` set on `conn`, the plan it would keep).
+pub async fn prepared_plan(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+    types: &str,
+    sql: &str,
+    args: &str,
+) -> Result<String, sqlx::Error> {
+    sqlx::raw_sql(&format!("PREPARE {name} ({types}) AS {sql}")).execute(&mut *conn).await?;
+    let explain = format!("EXPLAIN EXECUTE {name} ({args})");
+    let lines: Vec<String> = sqlx::query_scalar(&explain).fetch_all(conn).await?;
+    Ok(lines.join("\n"))
+}
+
 /// A database created for one test; dropped (best effort) by [`FreshDb::drop_now`].
 #[derive(Debug, Clone)]
 pub struct FreshDb {

@@ -456,15 +456,15 @@ mod tests {
         // in key order, and the short ones without the table.
         let options = read_options(&db.url).unwrap_or_else(|e| panic!("{e}"));
         let mut c = PgConnection::connect_with(&options).await.unwrap_or_else(|e| panic!("{e}"));
-        sqlx::raw_sql(&format!("PREPARE page (text, text, bytea, bigint, bigint) AS {LIST_APP}"))
-            .execute(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE page ('s', 'a', '', 0, 100)")
-            .fetch_all(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let plan = plan.join("\n");
+        let plan = crate::testing::prepared_plan(
+            &mut c,
+            "page",
+            "text, text, bytea, bigint, bigint",
+            LIST_APP,
+            "'s', 'a', '', 0, 100",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
         assert!(plan.contains("Merge Append"), "{plan}");
         assert!(plan.contains("Index Only Scan using tokenserver_access_list_idx"), "{plan}");
         assert!(plan.contains("Index Scan using tokenserver_access_list_long_idx"), "{plan}");

@@ -137,15 +137,15 @@ mod batch_tests {
             .execute(&mut c)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        sqlx::raw_sql(&format!("PREPARE user_rows (text[], text[]) AS {}", sync::USER_ROWS_MANY))
-            .execute(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE user_rows ('{sync-1.5}', '{a@example.com}')")
-            .fetch_all(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let plan = plan.join("\n");
+        let plan = crate::testing::prepared_plan(
+            &mut c,
+            "user_rows",
+            "text[], text[]",
+            sync::USER_ROWS_MANY,
+            "'{sync-1.5}', '{a@example.com}'",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
         assert!(plan.contains("Index Scan Backward using lookup_idx on users"), "{plan}");
         assert!(!plan.contains("Seq Scan on users"), "{plan}");
         drop((c, store));

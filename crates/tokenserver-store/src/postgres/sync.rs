@@ -281,15 +281,15 @@ mod tests {
         .execute(&mut c)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-        sqlx::raw_sql(&format!("PREPARE lock_users (bigint, text[]) AS {LOCK_USERS}"))
-            .execute(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE lock_users (1, '{user1@example.com,x}')")
-            .fetch_all(&mut c)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let plan = plan.join("\n");
+        let plan = crate::testing::prepared_plan(
+            &mut c,
+            "lock_users",
+            "bigint, text[]",
+            LOCK_USERS,
+            "1, '{user1@example.com,x}'",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
         assert!(plan.contains("Index Scan using lookup_idx on users"), "{plan}");
         assert!(!plan.contains("Seq Scan on users"), "{plan}");
 
