@@ -88,16 +88,19 @@ fn row_read_options(options: PgConnectOptions) -> PgConnectOptions {
     options.options([("enable_seqscan", "off")])
 }
 
+/// The batched users' rows read's connections: one per statement in flight, opened with
+/// [`row_read_options`].
+fn user_rows_pool(options: &PgConnectOptions, pool: &PoolSettings) -> Result<ReadPool<sqlx::PgConnection>, StoreError> {
+    ReadPool::new(row_read_options(options.clone()), &PoolSettings { max_size: ROWS_IN_FLIGHT as u32, ..pool.clone() })
+}
+
 impl PgStore {
     /// Connects (lazily: the server starts even if the database is down and recovers by itself).
     pub async fn open(url: &str, pool: &PoolSettings) -> Result<Self, StoreError> {
         let options =
             PgConnectOptions::from_str(url).map_err(|e| StoreError::Config(format!("invalid PostgreSQL URL: {e}")))?;
         let reads = ReadPool::new(options.clone(), pool)?;
-        let for_rows = ReadPool::new(
-            row_read_options(options.clone()),
-            &PoolSettings { max_size: ROWS_IN_FLIGHT as u32, ..pool.clone() },
-        )?;
+        let for_rows = user_rows_pool(&options, pool)?;
         let pool = crate::sql::network_pool(pool).connect_lazy_with(options);
         let user_reads = Batcher::start("user_rows", ROWS_BATCH, ROWS_IN_FLIGHT, move |keys| {
             sync::rows_many(for_rows.clone(), keys)
@@ -121,6 +124,7 @@ impl PgStore {
 mod batch_tests {
     use super::*;
     use crate::SyncStore;
+    use std::time::Duration;
 
     /// The batched users' rows read as its connections plan it once they keep one plan, on a
     /// table analyzed while empty: an index lookup per email, not a scan of the table.
@@ -149,6 +153,31 @@ mod batch_tests {
         assert!(plan.contains("Index Scan Backward using lookup_idx on users"), "{plan}");
         assert!(!plan.contains("Seq Scan on users"), "{plan}");
         drop((c, store));
+        db.drop_now().await;
+    }
+
+    /// The pool the store's batched users' reads run on opens its connections with sequential
+    /// scans off, and no more of them than there are statements in flight.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_users_rows_pool_opens_connections_without_sequential_scans() {
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        let options = PgConnectOptions::from_str(&db.url).unwrap_or_else(|e| panic!("{e}"));
+        // Asked for 64 connections: it keeps to one per statement in flight.
+        let settings =
+            PoolSettings { max_size: 64, connection_timeout: Duration::from_millis(300), ..PoolSettings::default() };
+        let pool = user_rows_pool(&options, &settings).unwrap_or_else(|e| panic!("{e}"));
+        let mut leases = Vec::new();
+        for _ in 0..ROWS_IN_FLIGHT {
+            let mut lease = pool.get().await.unwrap_or_else(|e| panic!("{e}"));
+            let setting: String = sqlx::query_scalar("SHOW enable_seqscan")
+                .fetch_one(&mut *lease)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(setting, "off");
+            leases.push(lease);
+        }
+        assert!(matches!(pool.get().await, Err(StoreError::Unavailable(_))), "a connection past the pool's size");
+        drop((leases, pool));
         db.drop_now().await;
     }
 
