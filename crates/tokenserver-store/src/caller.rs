@@ -89,17 +89,39 @@ where
     T: Send + 'static,
     F: for<'t> FnOnce(&'t mut sqlx::Transaction<'static, DB>, &'t Caller) -> Steps<'t, T> + Send + 'static,
 {
+    transaction_with(pool, None, also, steps).await
+}
+
+/// [`transaction`] begun by `begin` (sent as one simple query, so settings local to the
+/// transaction cost no round trip of their own) instead of the driver's `BEGIN` when given.
+pub(crate) async fn transaction_with<DB, T, F>(
+    pool: &sqlx::Pool<DB>,
+    begin: Option<&'static str>,
+    also: Caller,
+    steps: F,
+) -> Result<T, StoreError>
+where
+    DB: sqlx::Database,
+    T: Send + 'static,
+    F: for<'t> FnOnce(&'t mut sqlx::Transaction<'static, DB>, &'t Caller) -> Steps<'t, T> + Send + 'static,
+{
     let pool = pool.clone();
     detached(move |own| async move {
         let caller = Caller::any([&own, &also]);
         caller.check()?;
-        let mut tx = match pool.begin().await {
+        let open = || async {
+            match begin {
+                Some(statement) => pool.begin_with(statement).await,
+                None => pool.begin().await,
+            }
+        };
+        let mut tx = match open().await {
             // A pooled connection that died with the database (an outage, a restart) fails its
             // BEGIN and is closed; nothing was done, so the next connection may try. Those put
             // back before now may have died with it: they are pinged before their next use.
             Err(e) if crate::sql::connection_lost(&e) => {
                 crate::sql::SQLX_POOLS_LOST.set();
-                pool.begin().await?
+                open().await?
             }
             other => other?,
         };

@@ -22,6 +22,13 @@ impl crate::sql::SyncSql for PgSql {
     const RECORD_VERSION: &'static str = "INSERT INTO __diesel_schema_migrations (version) VALUES ($1)";
 
     const SERVICE_ID: &'static str = "SELECT id::BIGINT FROM services WHERE service = $1";
+    /// Every statement of an allocation looks its rows up by an index, and PostgreSQL keeps a
+    /// statement's generic plan until the table is analyzed again: planned on a `users` table
+    /// analyzed while small, the users' lock and read were a sequential scan per email, kept as
+    /// the table grew (when autovacuum is off, for good), and run with the service's nodes
+    /// locked. Sequential scans off in the transaction keeps them index lookups; the setting
+    /// rides in the `BEGIN`'s message, so it costs no round trip.
+    const ALLOCATION_BEGIN: Option<&'static str> = Some("BEGIN; SET LOCAL enable_seqscan = off");
 
     const USER_ROWS: &'static str =
         "SELECT users.uid, nodes.id, nodes.node::TEXT, users.generation, users.keys_changed_at, \
@@ -313,6 +320,78 @@ mod tests {
         assert_eq!(free, ["user5@example.com"]);
         tx.rollback().await.unwrap_or_else(|e| panic!("{e}"));
         drop((c, other, store));
+        db.drop_now().await;
+    }
+    /// The users' lock and read that allocations run are kept as index lookups even when
+    /// PostgreSQL keeps plans made on a `users` table analyzed while small, which otherwise scan
+    /// the table for each email; the setting that does it ends with each allocation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn allocations_keep_index_plans_made_on_a_table_analyzed_while_small() {
+        use crate::sync::{Allocate, NewNode};
+        use crate::SyncStore;
+        let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
+        // One connection, planning every statement once for good (a generic plan).
+        let url = format!("{}%20-c%20plan_cache_mode%3Dforce_generic_plan", db.url);
+        let one = crate::PoolSettings { max_size: 1, ..crate::PoolSettings::default() };
+        let store = crate::postgres::PgStore::open(&url, &one).await.unwrap_or_else(|e| panic!("{e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql(
+            "INSERT INTO users (service, email, generation, client_state, created_at, nodeid) \
+             SELECT 1, 'user' || i || '@example.com', 0, '', 0, 1 FROM generate_series(1, 100) AS i; \
+             ANALYZE users",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let node = NewNode {
+            service: "sync-1.5",
+            node: "https://n1",
+            capacity: 100,
+            available: 100,
+            current_load: 0,
+            downed: false,
+            backoff: false,
+        };
+        store.add_node(&node).await.unwrap_or_else(|e| panic!("{e}"));
+        for email in ["new1@example.com", "new2@example.com"] {
+            let new = Allocate {
+                service: "sync-1.5",
+                email,
+                generation: 1,
+                client_state: "",
+                keys_changed_at: None,
+                expected_current: None,
+                now_ms: 1_000,
+                release_rate: 0.1,
+                bucket: None,
+            };
+            store.allocate_user(&new).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+        // The plans the connection keeps for the statements the allocations prepared.
+        let mut c = store.pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+        let mut kept = Vec::new();
+        for (sql, args) in
+            [(LOCK_USERS, "1, '{user1@example.com}'"), (USER_ROWS_MANY, "'{sync-1.5}', '{user1@example.com}'")]
+        {
+            let name: String = sqlx::query_scalar("SELECT name FROM pg_prepared_statements WHERE statement = $1")
+                .bind(sql)
+                .fetch_one(&mut *c)
+                .await
+                .unwrap_or_else(|e| panic!("not prepared by an allocation: {e}\n{sql}"));
+            let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name} ({args})"))
+                .fetch_all(&mut *c)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            kept.push(lines.join("\n"));
+        }
+        for plan in &kept {
+            assert!(plan.contains("using lookup_idx on users"), "{plan}");
+            assert!(!plan.contains("Seq Scan on users"), "{plan}");
+        }
+        let after: String =
+            sqlx::query_scalar("SHOW enable_seqscan").fetch_one(&mut *c).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(after, "on");
+        drop((c, store));
         db.drop_now().await;
     }
 }

@@ -51,6 +51,9 @@ pub(crate) trait SyncSql {
     const RECORD_VERSION: &'static str;
     /// `services.id` of a name.
     const SERVICE_ID: &'static str;
+    /// What begins an allocation's transaction; `None`: the driver's `BEGIN`. MariaDB plans a
+    /// prepared statement at each execution, so only PostgreSQL, which keeps plans, sets one.
+    const ALLOCATION_BEGIN: Option<&'static str> = None;
     /// A user's rows joined with their node (email, service), newest first, at most 20.
     const USER_ROWS: &'static str;
     /// Locks a user's rows (email, service id); `None` where writes are serialized already.

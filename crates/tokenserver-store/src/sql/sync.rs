@@ -135,7 +135,7 @@ macro_rules! sync_store {
             impl $store {
                 /// `allocate_user` in a transaction of its own, abandoned if `also` goes away.
                 async fn allocate_alone(&self, req: OwnedAllocate, also: Caller) -> Result<UserRow> {
-                    crate::caller::transaction(&self.pool, also, move |tx, caller| {
+                    crate::caller::transaction_with(&self.pool, Sql::ALLOCATION_BEGIN, also, move |tx, caller| {
                         Box::pin(async move { tx::allocate(&mut Tx { tx, caller }, &req.borrow()).await })
                     })
                     .await
@@ -149,7 +149,7 @@ macro_rules! sync_store {
                     reqs: Vec<OwnedAllocate>,
                     callers: Caller,
                 ) -> Result<Vec<Result<UserRow>>> {
-                    crate::caller::transaction(&self.pool, callers, move |tx, caller| {
+                    crate::caller::transaction_with(&self.pool, Sql::ALLOCATION_BEGIN, callers, move |tx, caller| {
                         Box::pin(async move {
                             let borrowed: Vec<Allocate<'_>> = reqs.iter().map(OwnedAllocate::borrow).collect();
                             tx::allocate_batch(&mut Tx { tx, caller }, &borrowed).await
