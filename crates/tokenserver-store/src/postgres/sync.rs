@@ -322,6 +322,7 @@ mod tests {
         drop((c, other, store));
         db.drop_now().await;
     }
+
     /// The users' lock and read that allocations run are kept as index lookups even when
     /// PostgreSQL keeps plans made on a `users` table analyzed while small, which otherwise scan
     /// the table for each email; the setting that does it ends with each allocation.
@@ -330,7 +331,9 @@ mod tests {
         use crate::sync::{Allocate, NewNode};
         use crate::SyncStore;
         let Some(db) = crate::testing::fresh(crate::Backend::Postgres).await else { return };
-        // One connection, planning every statement once for good (a generic plan).
+        // One connection, planning every statement once for good (a generic plan): one more
+        // setting at the end of the test database's `options`.
+        assert!(db.url.contains("options=-c%20search_path"), "{}", db.url);
         let url = format!("{}%20-c%20plan_cache_mode%3Dforce_generic_plan", db.url);
         let one = crate::PoolSettings { max_size: 1, ..crate::PoolSettings::default() };
         let store = crate::postgres::PgStore::open(&url, &one).await.unwrap_or_else(|e| panic!("{e}"));
