@@ -38,6 +38,12 @@ pub async fn prepared_plan(
     args: &str,
 ) -> Result<String, sqlx::Error> {
     sqlx::raw_sql(&format!("PREPARE {name} ({types}) AS {sql}")).execute(&mut *conn).await?;
+    kept_plan(conn, name, args).await
+}
+
+/// The plan of the statement prepared on `conn` as `name` (by `PREPARE`, or by the driver), for
+/// the call `name (args)`, as `EXPLAIN`'s lines joined.
+pub async fn kept_plan(conn: &mut sqlx::PgConnection, name: &str, args: &str) -> Result<String, sqlx::Error> {
     let explain = format!("EXPLAIN EXECUTE {name} ({args})");
     let lines: Vec<String> = sqlx::query_scalar(&explain).fetch_all(conn).await?;
     Ok(lines.join("\n"))

@@ -381,11 +381,7 @@ mod tests {
                 .fetch_one(&mut *c)
                 .await
                 .unwrap_or_else(|e| panic!("not prepared by an allocation: {e}\n{sql}"));
-            let lines: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name} ({args})"))
-                .fetch_all(&mut *c)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            kept.push(lines.join("\n"));
+            kept.push(crate::testing::kept_plan(&mut c, &name, args).await.unwrap_or_else(|e| panic!("{e}")));
         }
         for plan in &kept {
             assert!(plan.contains("using lookup_idx on users"), "{plan}");
