@@ -290,6 +290,27 @@ struct Sample {
     hello_rps: Option<f64>,
 }
 
+impl Sample {
+    /// CPU µs a request cost the server, the databases and the load generator together.
+    fn total_cpu_us(&self) -> f64 {
+        self.cpu_us_per_req + self.db_cpu_us_per_req + self.load_cpu_us_per_req
+    }
+
+    /// The req/s `cores` fully busy cores could serve at this CPU per request: the bound a path
+    /// runs into on a machine it shares with its database and its load ([`None`] when nothing
+    /// was measured).
+    fn cpu_bound_rps(&self, cores: usize) -> Option<f64> {
+        let total = self.total_cpu_us();
+        (total > 0.0).then(|| cores as f64 * 1e6 / total)
+    }
+
+    /// How much of `cores` the three used at `rps`, in percent; the rest was idle or went to other
+    /// processes.
+    fn cores_busy_percent(&self, rps: f64, cores: usize) -> f64 {
+        rps * self.total_cpu_us() / (cores.max(1) as f64 * 1e6) * 100.0
+    }
+}
+
 /// Each connection cycles over its own users (`u % connections == c`) with their tokens.
 fn cached_users(users: &Arc<Vec<String>>, range: std::ops::Range<usize>, conns: usize) -> Vec<ReqGen> {
     (0..conns)
@@ -537,17 +558,25 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
         let set: Vec<String> = ctx.common.server_env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
         let _ = writeln!(md, "tokenserver started with {}.\n", set.join(", "));
     }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let _ = writeln!(
         md,
-        "| Backend | Scenario | req/s | × hello | hello req/s | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | database CPU µs/req | load generator CPU µs/req | peak RSS MiB |"
+        "CPU bound × hello: the req/s the machine's {cores} cores would serve if fully busy at the \
+         CPU per request measured (server + database + load generator), as a ratio to the same \
+         hello; cores busy: the share of the cores those three used.\n"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| Backend | Scenario | req/s | × hello | hello req/s | p50 ms | p99 ms | max ms | non-2xx | unexpected | server CPU µs/req | database CPU µs/req | load generator CPU µs/req | CPU bound × hello | cores busy | peak RSS MiB |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let o = &r.outcome;
         let hello = r.sample.hello_rps.unwrap_or(hello_rps);
+        let bound = r.sample.cpu_bound_rps(cores).map_or_else(|| "-".to_string(), |b| format!("{:.2}", b / hello));
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} | {:.1} |",
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0}% | {:.1} |",
             r.backend,
             r.scenario,
             o.rps,
@@ -561,6 +590,8 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
             r.sample.cpu_us_per_req,
             r.sample.db_cpu_us_per_req,
             r.sample.load_cpu_us_per_req,
+            bound,
+            r.sample.cores_busy_percent(o.rps, cores),
             r.sample.rss_kib as f64 / 1024.0
         );
     }
@@ -786,7 +817,30 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_setting;
+    use super::{parse_setting, Sample};
+
+    fn sample(server: f64, database: f64, load: f64) -> Sample {
+        Sample {
+            rss_kib: 0,
+            cpu_us_per_req: server,
+            db_cpu_us_per_req: database,
+            load_cpu_us_per_req: load,
+            hello_rps: None,
+        }
+    }
+
+    #[test]
+    fn the_cpu_bound_is_the_cores_over_the_cpu_per_request_of_all_three() {
+        // 18 + 19 + 8 µs on 2 cores: 2,000,000 / 45 req/s.
+        let s = sample(18.0, 19.0, 8.0);
+        let bound = s.cpu_bound_rps(2).expect("measured");
+        assert!((bound - 2e6 / 45.0).abs() < 1e-6, "{bound}");
+        // At 33,745 req/s the three used 1.52 of the 2 cores.
+        let busy = s.cores_busy_percent(33_745.0, 2);
+        assert!((busy - 75.92625).abs() < 1e-6, "{busy}");
+        assert_eq!(sample(0.0, 0.0, 0.0).cpu_bound_rps(2), None);
+        assert_eq!(sample(0.0, 0.0, 0.0).cores_busy_percent(1000.0, 0), 0.0);
+    }
 
     #[test]
     fn server_settings_are_key_equals_value() {
