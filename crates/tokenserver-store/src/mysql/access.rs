@@ -87,9 +87,11 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// A `VARBINARY` / `BLOB` column as text.
+/// A `VARBINARY` / `BLOB` column as text. This module's columns are decoded without sqlx's
+/// per-value type check, as on PostgreSQL (`postgres::access::token_of`): the statements are
+/// ours, and a value of another type is still an error, not a panic.
 fn text(r: &MySqlRow, i: usize) -> std::result::Result<String, sqlx::Error> {
-    let bytes: Vec<u8> = r.try_get(i)?;
+    let bytes: Vec<u8> = r.try_get_unchecked(i)?;
     String::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
@@ -107,15 +109,15 @@ fn listed_row(r: &MySqlRow, app_id: &str) -> std::result::Result<AccessToken, sq
 /// The token at column `token`, of application `app_id`, whose user_id, expires_at and
 /// created_at start at column `rest`.
 fn token_of(r: &MySqlRow, token: usize, app_id: String, rest: usize) -> std::result::Result<AccessToken, sqlx::Error> {
-    let user: Option<Vec<u8>> = r.try_get(rest)?;
+    let user: Option<Vec<u8>> = r.try_get_unchecked(rest)?;
     Ok(AccessToken {
         token: text(r, token)?,
         grant: Grant {
             app_id,
             user_id: user.map(String::from_utf8).transpose().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-            expires_at: r.try_get::<Option<i64>, _>(rest + 1)?.map(|v| v.max(0) as u64),
+            expires_at: r.try_get_unchecked::<Option<i64>, _>(rest + 1)?.map(|v| v.max(0) as u64),
         },
-        created_at: r.try_get::<i64, _>(rest + 2)?.max(0) as u64,
+        created_at: r.try_get_unchecked::<i64, _>(rest + 2)?.max(0) as u64,
     })
 }
 
