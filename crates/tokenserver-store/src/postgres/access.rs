@@ -139,8 +139,8 @@ fn listed_row(r: &PgRow, app_id: &str) -> std::result::Result<AccessToken, sqlx:
 
 /// The token at column `token`, of application `app_id`, whose user_id, expires_at and
 /// created_at start at column `rest`. The columns are this module's own statements' (TEXT, TEXT,
-/// BIGINT, BIGINT), so they are decoded without sqlx's per-value type check: a page of 100 spent
-/// ~8% of its instructions comparing column types (bench/results/host-2026-12-06-f.md). A value
+/// BIGINT, BIGINT), so they are decoded without sqlx's per-value type check, which took 12% of a
+/// page of 100's instructions (bench/results/host-2026-12-06-f.md). A value
 /// of another type is still an error, not a panic (text must be UTF-8, an integer at most 8
 /// bytes); the conformance suite reads every column through here.
 fn token_of(r: &PgRow, token: usize, app_id: String, rest: usize) -> std::result::Result<AccessToken, sqlx::Error> {
