@@ -338,8 +338,13 @@ mod tests {
         let one = crate::PoolSettings { max_size: 1, ..crate::PoolSettings::default() };
         let store = crate::postgres::PgStore::open(&url, &one).await.unwrap_or_else(|e| panic!("{e}"));
         store.migrate().await.unwrap_or_else(|e| panic!("{e}"));
+        // Autovacuum off for the table: the inserts' counts reach the statistics after the
+        // ANALYZE, so an autovacuum worker would analyze `users` again at a moment of its own, and
+        // that invalidates the kept plans; the EXPLAIN below would then plan afresh outside any
+        // allocation and show what an allocation never runs.
         sqlx::raw_sql(
-            "INSERT INTO users (service, email, generation, client_state, created_at, nodeid) \
+            "ALTER TABLE users SET (autovacuum_enabled = false); \
+             INSERT INTO users (service, email, generation, client_state, created_at, nodeid) \
              SELECT 1, 'user' || i || '@example.com', 0, '', 0, 1 FROM generate_series(1, 100) AS i; \
              ANALYZE users",
         )
