@@ -186,7 +186,11 @@ pub fn main() -> ExitCode {
     };
     let serving = matches!(cli.command, None | Some(Command::Serve));
     let _log_guard = crate::telemetry::init_logging(config.human_logs || !serving);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tokenserver: cannot start the runtime: {e}");

@@ -16,6 +16,7 @@ const TOP_LEVEL: &[&str] = &[
     "master_secret_file",
     "human_logs",
     "shutdown_timeout",
+    "worker_threads",
     "internal",
     "tokenserver",
     "sessions",

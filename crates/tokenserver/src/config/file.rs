@@ -63,6 +63,8 @@ pub struct FileConfig {
     /// On SIGTERM, how long in-flight requests may take to finish before their connections are
     /// dropped.
     pub shutdown_timeout: DurationText,
+    /// Threads that serve requests (the async runtime's workers); unset: one per core.
+    pub worker_threads: Option<usize>,
     /// The internal (admin) listener.
     pub internal: InternalFile,
     /// Sync token service settings (Mozilla's `[tokenserver]` table).
@@ -93,6 +95,7 @@ impl Default for FileConfig {
             master_secret_file: None,
             human_logs: false,
             shutdown_timeout: DurationText::Text("30s".into()),
+            worker_threads: None,
             internal: InternalFile::default(),
             tokenserver: SyncFile::default(),
             sessions: SessionsFile::default(),

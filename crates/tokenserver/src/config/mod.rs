@@ -241,6 +241,8 @@ pub struct Config {
     pub human_logs: bool,
     /// How long in-flight requests get to finish at shutdown.
     pub shutdown_timeout: Duration,
+    /// The runtime's worker threads; `None`: one per core.
+    pub worker_threads: Option<usize>,
     /// Master secrets, newest last; empty means "generate and keep one in the database".
     pub master_secrets: Vec<Secret<String>>,
     /// Database.
@@ -831,6 +833,19 @@ pub struct PurgeConfig {
     pub request_timeout: Duration,
 }
 
+/// Most worker threads accepted: far past any core count a token server runs on, low enough that
+/// a typo (an extra digit or two) is refused rather than started as thousands of threads.
+const MAX_WORKER_THREADS: usize = 1024;
+
+fn validate_worker_threads(n: Option<usize>) -> Result<Option<usize>, ConfigError> {
+    match n {
+        Some(n) if n == 0 || n > MAX_WORKER_THREADS => {
+            Err(bad("worker_threads", format!("must be 1 to {MAX_WORKER_THREADS} (unset: one per core), found {n}")))
+        }
+        other => Ok(other),
+    }
+}
+
 fn validate_purge(p: &file::PurgeFile) -> Result<Option<PurgeConfig>, ConfigError> {
     let interval = duration("purge.interval", &p.interval)?;
     let grace_period = duration("purge.grace_period", &p.grace_period)?;
@@ -883,6 +898,7 @@ fn validate(raw: FileConfig, mut warnings: Vec<String>) -> Result<Config, Config
         },
         human_logs: raw.human_logs,
         shutdown_timeout: duration("shutdown_timeout", &raw.shutdown_timeout)?,
+        worker_threads: validate_worker_threads(raw.worker_threads)?,
         master_secrets,
         database,
         sync,
@@ -1033,6 +1049,23 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
             let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains(&format!("{key}: ")), "{key}={value} ({named}): {err}");
         }
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_cores_and_are_bounded() {
+        assert_eq!(load(None, &[]).ok().and_then(|c| c.worker_threads), None);
+        let c = load(None, &vars(&[("TOKENSERVER_WORKER_THREADS", "3")])).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.worker_threads, Some(3));
+        let c = with_file("worker_threads = 1\n", &[]).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(c.worker_threads, Some(1));
+        for value in ["0", "1025", "-1", "two"] {
+            let err = load(None, &vars(&[("TOKENSERVER_WORKER_THREADS", value)])).err().map(|e| e.to_string());
+            let err = err.unwrap_or_default();
+            assert!(err.contains("TOKENSERVER_WORKER_THREADS: "), "{value}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = with_file("worker_threads = 0\n", &[]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(err, "invalid configuration: worker_threads: must be 1 to 1024 (unset: one per core), found 0");
     }
 
     #[test]

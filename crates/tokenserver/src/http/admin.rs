@@ -58,6 +58,8 @@ async fn require_admin_key(State(state): State<AppState>, req: Request, next: Ne
 
 async fn metrics(State(state): State<AppState>) -> Response {
     // Gauges of what stands now, read at scrape time.
+    metrics::gauge!("tokenserver_runtime_workers")
+        .set(tokio::runtime::Handle::current().metrics().num_workers() as f64);
     if let Some(sync) = &state.sync {
         metrics::gauge!("tokenserver_db_requests_in_flight").set(sync.tokens.in_flight() as f64);
     }

@@ -1,5 +1,6 @@
 //! The process on SIGTERM: it stops accepting at once, lets in-flight requests finish within
-//! `shutdown_timeout`, stops its background jobs and exits 0.
+//! `shutdown_timeout`, stops its background jobs and exits 0. And the runtime it serves on: as
+//! many worker threads as `worker_threads` says.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -12,9 +13,9 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// `tokenserver serve` in `dir` on fresh ports, with the background purge on; (child, public
-/// port, internal port) once it answers its heartbeat.
-fn spawn_server(dir: &std::path::Path, shutdown_timeout: &str) -> (Child, u16, u16) {
+/// `tokenserver serve` in `dir` on fresh ports, with the background purge on and `extra`
+/// settings; (child, public port, internal port) once it answers its heartbeat.
+fn spawn_server(dir: &std::path::Path, shutdown_timeout: &str, extra: &[(&str, &str)]) -> (Child, u16, u16) {
     let (public, internal) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenserver"))
         .arg("serve")
@@ -30,6 +31,7 @@ fn spawn_server(dir: &std::path::Path, shutdown_timeout: &str) -> (Child, u16, u
         .env("TOKENSERVER_PURGE__ENABLED", "true")
         .env("TOKENSERVER_PURGE__INTERVAL", "1s")
         .env("TOKENSERVER_HUMAN_LOGS", "true")
+        .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
         .spawn()
@@ -95,7 +97,7 @@ fn refused(port: u16) -> bool {
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits() {
     let dir = TempDir::new();
-    let (mut child, public, internal) = spawn_server(&dir.0, "30s");
+    let (mut child, public, internal) = spawn_server(&dir.0, "30s", &[]);
     let (mut conn, rest) = half_sent_request(internal);
     std::thread::sleep(Duration::from_millis(100));
     sigterm(&child);
@@ -118,7 +120,7 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
 #[test]
 fn sigterm_drops_requests_still_open_after_the_shutdown_timeout() {
     let dir = TempDir::new();
-    let (mut child, _, internal) = spawn_server(&dir.0, "1s");
+    let (mut child, _, internal) = spawn_server(&dir.0, "1s", &[]);
     let (mut conn, _rest) = half_sent_request(internal);
     std::thread::sleep(Duration::from_millis(100));
     sigterm(&child);
@@ -130,4 +132,41 @@ fn sigterm_drops_requests_still_open_after_the_shutdown_timeout() {
     let mut answer = Vec::new();
     let _ = conn.read_to_end(&mut answer);
     assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+}
+
+/// `GET /metrics` on the internal listener, with the admin key.
+fn scrape(internal: u16, key: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", internal)).unwrap();
+    let head = format!("GET /metrics HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn worker_threads_sets_the_runtime_workers_and_a_bad_value_stops_startup() {
+    let key = "lifecycle-admin-key-0123456789abcdef";
+    for (threads, expected) in [(None, std::thread::available_parallelism().map_or(1, usize::from)), (Some("3"), 3)] {
+        let dir = TempDir::new();
+        let mut extra = vec![("TOKENSERVER_INTERNAL__ADMIN_KEY", key)];
+        extra.extend(threads.map(|n| ("TOKENSERVER_WORKER_THREADS", n)));
+        let (mut child, _, internal) = spawn_server(&dir.0, "1s", &extra);
+        let metrics = scrape(internal, key);
+        sigterm(&child);
+        let status = exit_status(&mut child);
+        assert!(status.success(), "{status:?}");
+        assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+        let line = format!("tokenserver_runtime_workers {expected}");
+        assert!(metrics.lines().any(|l| l == line), "{threads:?}: no {line:?} in {metrics}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenserver"))
+        .arg("serve")
+        .env("TOKENSERVER_WORKER_THREADS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TOKENSERVER_WORKER_THREADS: must be 1 to 1024 (unset: one per core), found 0"), "{err}");
 }
