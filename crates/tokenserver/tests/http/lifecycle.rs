@@ -31,6 +31,9 @@ fn spawn_server(dir: &std::path::Path, shutdown_timeout: &str, extra: &[(&str, &
         .env("TOKENSERVER_PURGE__ENABLED", "true")
         .env("TOKENSERVER_PURGE__INTERVAL", "1s")
         .env("TOKENSERVER_HUMAN_LOGS", "true")
+        // tokio's own worker-count variable, from the caller's environment, would change the
+        // runtime the tests expect; a test that wants it sets it in `extra`.
+        .env_remove("TOKIO_WORKER_THREADS")
         .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
@@ -151,7 +154,10 @@ fn worker_threads_sets_the_runtime_workers_and_a_bad_value_stops_startup() {
     for (threads, expected) in [(None, std::thread::available_parallelism().map_or(1, usize::from)), (Some("3"), 3)] {
         let dir = TempDir::new();
         let mut extra = vec![("TOKENSERVER_INTERNAL__ADMIN_KEY", key)];
-        extra.extend(threads.map(|n| ("TOKENSERVER_WORKER_THREADS", n)));
+        // Set, ours wins over tokio's own variable (as docs/configuration.md says).
+        extra.extend(
+            threads.into_iter().flat_map(|n| [("TOKENSERVER_WORKER_THREADS", n), ("TOKIO_WORKER_THREADS", "2")]),
+        );
         let (mut child, _, internal) = spawn_server(&dir.0, "1s", &extra);
         let metrics = scrape(internal, key);
         sigterm(&child);
