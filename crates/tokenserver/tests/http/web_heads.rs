@@ -116,3 +116,80 @@ async fn rotations_over_two_heads_on_redis() {
 async fn rotations_over_two_heads_on_redis_cluster() {
     rotations_over_two_heads_issue_one_successor(Backend::RedisCluster).await;
 }
+
+per_backend!(all: access_tokens_over_two_heads);
+
+/// One v1 access-token call at `internal` (a head's internal listener), for service `svc1`.
+async fn access(http: &reqwest::Client, internal: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = http.request(method, format!("{internal}/v1/services/svc1{path}"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap() })
+}
+
+/// Access tokens with the calls split between two processes on one store: fifty creates of one
+/// token have one winner; what one head deletes or revokes the other stops answering for at
+/// once, though it has just served the token (SQLite's heads each keep a cache of tokens read).
+async fn access_tokens_over_two_heads(backend: Backend) {
+    let Some(db) = fresh(backend).await else { return };
+    let s = TestServer::start(&[("TOKENSERVER_ACCESS__URL", db.url.as_str())]).await;
+    let head = s.second_head().await;
+    let heads = [s.internal.clone(), head.internal.clone()];
+    let call = |h: usize, method: &'static str, path: String, body: Option<Value>| {
+        let (http, internal) = (s.http.clone(), heads[h % 2].clone());
+        async move { access(&http, &internal, method, &path, body).await }
+    };
+
+    let answers =
+        join_all((0..50).map(|i| {
+            call(i, "POST", "/tokens".into(), Some(json!({"token": "contested", "app_id": format!("app-{i}")})))
+        }))
+        .await;
+    let mut winners = Vec::new();
+    for (i, (status, body)) in answers.iter().enumerate() {
+        match status {
+            201 => winners.push(format!("app-{i}")),
+            409 => assert_eq!(body["error"], "access_token_already_exists", "{body}"),
+            other => panic!("{other}: {body}\n{}", head.log()),
+        }
+    }
+    assert_eq!(winners.len(), 1, "one winner over both heads: {answers:?}");
+    for h in 0..2 {
+        let (status, body) = call(h, "GET", "/tokens/contested".into(), None).await;
+        assert_eq!((status, body["app_id"].as_str()), (200, Some(winners[0].as_str())), "head {h}");
+    }
+
+    let gone = json!({"error": "access_token_invalid", "message": "token \"t\" is invalid: expired or never defined"});
+    for round in 0..20 {
+        // Created at one head, served twice by the other (the second answer may come from a
+        // cache), then deleted or revoked at the first: the other's next answer is 404.
+        let (writer, reader) = (round % 2, (round + 1) % 2);
+        let app = format!("app-r{round}");
+        let created =
+            call(writer, "POST", "/tokens".into(), Some(json!({"token": "t", "app_id": app, "ttl": 0}))).await;
+        assert_eq!(created.0, 201, "{}", created.1);
+        for _ in 0..2 {
+            let (status, body) = call(reader, "POST", "/authorize".into(), Some(json!({"access_token": "t"}))).await;
+            assert_eq!((status, body), (200, json!({"app_id": app, "user_id": null})), "round {round}");
+        }
+        if round % 4 < 2 {
+            assert_eq!(call(writer, "DELETE", "/tokens/t".into(), None).await.0, 204);
+        } else {
+            let revoked = call(writer, "DELETE", format!("/applications/{app}/tokens"), None).await;
+            assert_eq!(revoked, (200, json!({"revoked": 1})), "round {round}");
+        }
+        let (status, body) = call(reader, "POST", "/authorize".into(), Some(json!({"access_token": "t"}))).await;
+        assert_eq!((status, &body), (404, &gone), "round {round}: the other head still answered");
+        assert_eq!(call(reader, "GET", "/tokens/t".into(), None).await, (404, gone.clone()), "round {round}");
+        let listed = call(reader, "GET", format!("/applications/{app}/tokens"), None).await;
+        assert_eq!(listed, (200, json!({"tokens": [], "next_cursor": null})), "round {round}");
+    }
+    drop(head);
+    s.finish().await;
+    db.drop_now().await;
+}
