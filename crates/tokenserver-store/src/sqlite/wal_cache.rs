@@ -329,28 +329,14 @@ mod tests {
         crate::test_row(uid)
     }
 
-    /// A directory of its own holding `t.db-shm` (all zero), removed on drop.
-    struct Dir(std::path::PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    impl Dir {
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
+    use crate::sqlite::tests::Dir;
 
     fn open_rows(db: &Path) -> Option<RowCache> {
         WalIndex::open(db).map(|index| RowCache::new(Arc::new(index)))
     }
 
     fn cache(name: &str) -> (Dir, RowCache) {
-        let dir = Dir(std::env::temp_dir().join(format!("tokenserver-row-cache-{}-{name}", std::process::id())));
-        std::fs::create_dir_all(dir.path()).unwrap();
+        let dir = Dir::new(&format!("row-cache-{name}"));
         std::fs::write(dir.path().join("t.db-shm"), [0u8; 64]).unwrap();
         let cache = open_rows(&dir.path().join("t.db")).unwrap();
         (dir, cache)
