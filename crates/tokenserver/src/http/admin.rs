@@ -120,9 +120,10 @@ async fn remove_node(State(state): State<SyncFamily>, Path((service, url)): Node
     Ok(Json(serde_json::json!({ "removed": url, "unassigned": unassigned })).into_response())
 }
 
-/// A JSON body, or 422 `invalid_body` saying what is wrong with it.
+/// A JSON object's body, or 422 `invalid_body` saying what is wrong with it.
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
+        .map(|crate::http::json::Object(v)| v)
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))
 }
 

@@ -8,7 +8,12 @@ use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, StatusCode};
-use serde::de::DeserializeOwned;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use crate::http::error::ApiError;
 
@@ -186,17 +191,42 @@ pub fn push_json_str(buf: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// `Json<T>` whose rejections are v1 envelope errors.
+/// `Json<T>` whose rejections are v1 envelope errors, and whose body must be a JSON object.
 pub struct V1Json<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for V1Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match FastJson::<T>::from_request(req, state).await {
-            Ok(FastJson(v)) => Ok(Self(v)),
+        match FastJson::<Object<T>>::from_request(req, state).await {
+            Ok(FastJson(Object(v))) => Ok(Self(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
+    }
+}
+
+/// A `T` read from a JSON object only. serde's derived structs also take an array of their
+/// fields in declaration order (`["tok", "app", null, 60]` would create a token), which is no
+/// part of the v1 APIs and which no client should come to depend on.
+pub(crate) struct Object<T>(pub(crate) T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer.deserialize_map(Fields(PhantomData)).map(Object)
     }
 }
 
@@ -217,6 +247,33 @@ fn json_rejection(r: JsonRejection) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Create {
+        token: Option<String>,
+        app_id: String,
+        ttl: Option<u64>,
+    }
+
+    #[test]
+    fn v1_bodies_are_objects_only() {
+        use super::Object;
+        let read =
+            |text: &str| serde_json::from_str::<Object<Create>>(text).map(|Object(b)| b).map_err(|e| e.to_string());
+        let want = Create { token: None, app_id: "a".into(), ttl: Some(60) };
+        assert_eq!(read(r#"{"app_id": "a", "ttl": 60}"#), Ok(want));
+        // What the derived impl alone would take.
+        assert!(serde_json::from_str::<Create>(r#"[null, "a", 60]"#).is_ok());
+        for text in [r#"[null, "a", 60]"#, "[]", r#""a""#, "null", "60"] {
+            let err = read(text).unwrap_err();
+            assert!(err.contains("expected a JSON object"), "{text}: {err}");
+        }
+        // The struct's own rules still hold inside the object.
+        assert!(read(r#"{"app_id": "a", "colour": 1}"#).unwrap_err().contains("unknown field `colour`"));
+        assert!(read(r#"{"ttl": 1}"#).unwrap_err().contains("missing field `app_id`"));
+        assert!(read(r#"{"app_id": "a", "app_id": "b"}"#).unwrap_err().contains("duplicate field `app_id`"));
+    }
+
     #[test]
     fn rfc3339_matches_humantime_across_the_calendar() {
         use std::time::{Duration, UNIX_EPOCH};

@@ -84,6 +84,25 @@ async fn not_found(req: Request) -> Response {
     resp
 }
 
+/// Unknown paths on the internal listener: the v1 envelope under `/v1/` (our own APIs); the empty
+/// 404 HaKr's and apisonator's routes always had elsewhere. The path is not echoed: it may hold a
+/// token.
+async fn internal_not_found(req: Request) -> Response {
+    if req.uri().path().starts_with("/v1/") {
+        return error::ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").into_response();
+    }
+    StatusCode::NOT_FOUND.into_response()
+}
+
+/// A known internal path with a method it does not take (axum adds the `Allow` header).
+async fn internal_method_not_allowed(req: Request) -> Response {
+    if req.uri().path().starts_with("/v1/") {
+        let message = format!("{} is not allowed here (see the Allow header)", req.method());
+        return error::ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message).into_response();
+    }
+    StatusCode::METHOD_NOT_ALLOWED.into_response()
+}
+
 async fn root() -> Response {
     (StatusCode::FOUND, [(header::LOCATION, "https://mozilla-services.readthedocs.io/en/latest/token/apis.html")])
         .into_response()
@@ -127,6 +146,8 @@ pub fn internal_router(state: AppState) -> Router {
         router = router.merge(apisonator.layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)));
     }
     router
+        .fallback(internal_not_found)
+        .method_not_allowed_fallback(internal_method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(observe::RouteMetrics::new("internal"), observe::observe))
         .with_state(state)
 }

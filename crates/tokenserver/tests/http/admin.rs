@@ -22,6 +22,20 @@ async fn node_api_on_the_internal_listener() {
     assert_eq!(r.status(), 422);
     let r = add(json!({"node": "https://x.example.com", "capacity": 5, "service": "nope-1"})).await.unwrap();
     assert_eq!(r.status(), 404);
+    // A body is an object, not its fields in a row.
+    let r = add(json!(["https://x.example.com", 5])).await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_body");
+    // Unknown routes and methods under /v1/ answer in the envelope too (the Allow header kept).
+    let r = s.admin.put(format!("{}/v1/nodes", s.internal)).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["allow"].to_str().unwrap()), (405, "GET,HEAD,POST"));
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"error": "method_not_allowed", "message": "PUT is not allowed here (see the Allow header)"})
+    );
+    let r = s.admin.get(format!("{}/v1/nodez", s.internal)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"error": "not_found", "message": "no such route"}));
     let r = s.admin.get(format!("{}/v1/nodes", s.internal)).send().await.unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1);

@@ -292,6 +292,8 @@ async fn v1_errors_use_the_envelope() {
         (json!({"meta": {}, "ttl": 0}), 422, "invalid_ttl"),
         (json!({"meta": {}, "ttl": 7201}), 422, "invalid_ttl"),
         (json!({"meta": {}, "unknown": 1}), 422, "invalid_body"),
+        // An object, not its fields in a row.
+        (json!([{}, 60]), 422, "invalid_body"),
     ];
     for (body, status, code) in cases {
         let r = v1(&server, "POST", "/v1/sessions", body.clone()).await;
