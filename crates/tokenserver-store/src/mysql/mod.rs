@@ -139,8 +139,9 @@ impl MySqlStore {
             })
             .connect_lazy_with(options);
         let for_rows = reads.clone();
+        let reader = std::sync::Arc::new(sync::RowsReader::default());
         let user_reads = Batcher::start("user_rows", sync::ROWS_BATCH, sync::ROWS_IN_FLIGHT, move |keys| {
-            sync::rows_many(for_rows.clone(), keys)
+            sync::rows_many(for_rows.clone(), reader.clone(), keys)
         });
         let store = Self { pool, reads, user_reads, allocations: None };
         let queue = AllocationQueue::start(store.clone());

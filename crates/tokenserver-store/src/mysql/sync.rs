@@ -110,16 +110,19 @@ pub(crate) async fn insert_id<'q>(
     i64::try_from(done.last_insert_id()).map_err(|_| StoreError::Backend("insert id out of range".into()))
 }
 
-/// Users' rows reads one statement carries at most. MariaDB plans each `UNION ALL` branch on
-/// every execution, so a long statement holds the next calls back: smaller batches, more of them
-/// out at once than on PostgreSQL.
-pub(crate) const ROWS_BATCH: usize = 16;
-/// Rows-read statements out at once: four, not eight, cut the p99 by a quarter at the same rate
-/// (bench/results/postgres-in-flight-ab.md, MariaDB section).
-pub(crate) const ROWS_IN_FLIGHT: usize = 4;
-/// Batch sizes a rows read is padded to: each is one statement text, prepared once per
-/// connection (a size per number of calls would prepare up to [`ROWS_BATCH`]).
-const ROWS_SIZES: [usize; 5] = [1, 2, 4, 8, ROWS_BATCH];
+/// Users' rows reads the request path's batch statement ([`RowsReader`]) carries at most, as on
+/// PostgreSQL.
+pub(crate) const ROWS_BATCH: usize = 64;
+/// Those statements out at once, as on PostgreSQL: with one join per batch, two in flight of up
+/// to 64 users cost MariaDB 18-21 µs of CPU a request where four of up to 16 cost 29-32, and
+/// their p99 is lower (bench/results/mysql-rows-json-table-ab.md).
+pub(crate) const ROWS_IN_FLIGHT: usize = 2;
+/// Users a `UNION ALL` statement ([`user_rows_many`]) carries at most. MariaDB plans each branch
+/// at every execution, so a long one costs far more per user than the join.
+const UNION_BATCH: usize = 16;
+/// Batch sizes a `UNION ALL` read is padded to: each is one statement text, prepared once per
+/// connection (a size per number of calls would prepare up to [`UNION_BATCH`]).
+const ROWS_SIZES: [usize; 5] = [1, 2, 4, 8, UNION_BATCH];
 
 /// `n` users' rows in one statement: [`MySqlSql::USER_ROWS`] once per user with its position
 /// first, joined by `UNION ALL`. Each branch is that query exactly, so emails compare as they
@@ -135,6 +138,15 @@ fn user_rows_many(n: usize) -> String {
         )
     };
     (0..n).map(branch).collect::<Vec<_>>().join(" UNION ALL ")
+}
+
+/// The rows of each of `keys`, in order, in `UNION ALL` statements of at most [`UNION_BATCH`].
+async fn union_rows(conn: &mut sqlx::MySqlConnection, keys: &[(&str, &str)]) -> Result<Vec<Vec<UserRow>>, sqlx::Error> {
+    let mut all = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(UNION_BATCH) {
+        all.extend(users_rows_on(&mut *conn, chunk).await?);
+    }
+    Ok(all)
 }
 
 /// The rows of each of `keys` ((service, email)), in order, in one statement; the statement is
@@ -158,27 +170,167 @@ async fn users_rows_on(
     Ok(crate::sql::deal_rows(keys.len(), rows))
 }
 
+/// How `users.email` and `services.service` are declared: the request path's batch read gives
+/// its keys the same types, so that they compare exactly as a parameter compared with the
+/// column does (its character set and collation) and the lookups use the columns' indexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyColumns {
+    email: ColumnType,
+    service: ColumnType,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ColumnType {
+    chars: u32,
+    charset: String,
+    collation: String,
+}
+
+impl ColumnType {
+    /// `VARCHAR(n) CHARACTER SET … COLLATE …`; `None` for a name that is not a plain identifier
+    /// (they come from the server, but are written into SQL).
+    fn sql(&self) -> Option<String> {
+        let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        (plain(&self.charset) && plain(&self.collation))
+            .then(|| format!("VARCHAR({}) CHARACTER SET {} COLLATE {}", self.chars, self.charset, self.collation))
+    }
+
+    /// Whether `value` reaches the statement unchanged: no longer than the column, and written
+    /// in characters its character set holds (any other value is read the plain way, which
+    /// compares it as MySQL always has).
+    fn fits(&self, value: &str) -> bool {
+        let holds = match self.charset.as_str() {
+            "utf8mb4" => true,
+            "utf8mb3" | "utf8" => value.chars().all(|c| u32::from(c) <= 0xFFFF),
+            _ => value.is_ascii(),
+        };
+        holds && u32::try_from(value.chars().count()).is_ok_and(|n| n <= self.chars)
+    }
+}
+
+impl KeyColumns {
+    /// Reads the two columns' declarations from the schema; `None` if either is not a
+    /// character column.
+    pub(crate) async fn read(conn: &mut sqlx::MySqlConnection) -> Result<Option<Self>, sqlx::Error> {
+        let found = sqlx::query(
+            "SELECT CAST(table_name AS CHAR), CAST(character_maximum_length AS SIGNED), \
+             CAST(character_set_name AS CHAR), CAST(collation_name AS CHAR) \
+             FROM information_schema.columns WHERE table_schema = DATABASE() \
+             AND ((table_name = 'users' AND column_name = 'email') \
+             OR (table_name = 'services' AND column_name = 'service'))",
+        )
+        .fetch_all(conn)
+        .await?;
+        let mut email = None;
+        let mut service = None;
+        for r in &found {
+            let table: String = r.try_get(0)?;
+            let (chars, charset, collation): (Option<i64>, Option<String>, Option<String>) =
+                (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+            let (Some(chars), Some(charset), Some(collation)) = (chars, charset, collation) else { continue };
+            let Ok(chars) = u32::try_from(chars) else { continue };
+            let column = ColumnType { chars, charset, collation };
+            match table.as_str() {
+                "users" => email = Some(column),
+                _ => service = Some(column),
+            }
+        }
+        Ok(email.zip(service).map(|(email, service)| Self { email, service }))
+    }
+
+    /// The batch read: the keys arrive as one JSON array of `[service, email]` pairs, which
+    /// `JSON_TABLE` turns into rows typed as the columns are. MariaDB plans a statement at every
+    /// execution, and plans each branch of a `UNION ALL` on its own: one join costs it a third
+    /// to a quarter of the CPU per user of [`user_rows_many`]'s branches for 8 to 16 users
+    /// (bench/results/mysql-rows-json-table-ab.md).
+    fn statement(&self) -> Option<String> {
+        Some(format!(
+            "SELECT CAST(k.i AS SIGNED), users.uid, nodes.id, nodes.node, users.generation, users.keys_changed_at, \
+             users.client_state, users.created_at, users.replaced_at \
+             FROM JSON_TABLE(?, '$[*]' COLUMNS (i FOR ORDINALITY, service {} PATH '$[0]', email {} PATH '$[1]')) AS k \
+             JOIN services ON services.service = k.service \
+             JOIN users ON users.email = k.email AND users.service = services.id \
+             LEFT OUTER JOIN nodes ON users.nodeid = nodes.id",
+            self.service.sql()?,
+            self.email.sql()?
+        ))
+    }
+}
+
+/// The request path's users' rows reads: the batch statement, made once the columns' types are
+/// known (the store connects lazily, so not before its first read).
+#[derive(Debug, Default)]
+pub(crate) struct RowsReader {
+    /// `None` inside: the columns could not be typed, and reads use [`user_rows_many`].
+    joined: tokio::sync::OnceCell<Option<(KeyColumns, String)>>,
+}
+
+impl RowsReader {
+    async fn joined(&self, conn: &mut sqlx::MySqlConnection) -> Result<Option<&(KeyColumns, String)>, sqlx::Error> {
+        let joined = self
+            .joined
+            .get_or_try_init(|| async {
+                let columns = KeyColumns::read(conn).await?;
+                Ok::<_, sqlx::Error>(columns.and_then(|c| c.statement().map(|sql| (c, sql))))
+            })
+            .await?;
+        Ok(joined.as_ref())
+    }
+
+    /// The rows of each of `keys`, in order: two or more in one join; one alone, or keys the join
+    /// could not pass unchanged, as [`union_rows`] reads them.
+    async fn rows(
+        &self,
+        conn: &mut sqlx::MySqlConnection,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<Vec<UserRow>>, sqlx::Error> {
+        if keys.len() < 2 {
+            return union_rows(conn, keys).await;
+        }
+        let Some((columns, sql)) = self.joined(&mut *conn).await? else { return union_rows(conn, keys).await };
+        if !keys.iter().all(|(service, email)| columns.service.fits(service) && columns.email.fits(email)) {
+            return union_rows(conn, keys).await;
+        }
+        let pairs: Vec<[&str; 2]> = keys.iter().map(|(service, email)| [*service, *email]).collect();
+        let json = serde_json::to_string(&pairs).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let found = sqlx::query(sql.as_str()).bind(json).fetch_all(conn).await?;
+        let rows = found
+            .iter()
+            // Ordinality counts from 1.
+            .map(|r| Ok((r.try_get::<i64, _>(0)? - 1, stamped::user_row_at(r, 1)?)))
+            .collect::<std::result::Result<Vec<_>, sqlx::Error>>()?;
+        let mut dealt = crate::sql::deal_rows(keys.len(), rows);
+        for rows in &mut dealt {
+            newest_first(rows);
+        }
+        Ok(dealt)
+    }
+}
+
+/// A user's rows as [`MySqlSql::USER_ROWS`] orders and bounds them: newest first, at most 20.
+fn newest_first(rows: &mut Vec<UserRow>) {
+    rows.sort_unstable_by_key(|r| std::cmp::Reverse((r.created_at, r.uid)));
+    rows.truncate(20);
+}
+
 /// The rows of each of `keys`, in one statement ([`crate::batch::Batcher`]'s run).
 pub(crate) async fn rows_many(
     reads: ReadPool<sqlx::MySqlConnection>,
+    reader: std::sync::Arc<RowsReader>,
     keys: Vec<UserKey>,
 ) -> Result<Vec<Result<Vec<UserRow>, StoreError>>, StoreError> {
     let asked: Vec<(&str, &str)> = keys.iter().map(|(s, e)| (s.as_str(), e.as_str())).collect();
-    let rows = read!(reads, |c| users_rows_on(c, &asked).await)?;
+    let rows = read!(reads, |c| reader.rows(c, &asked).await)?;
     Ok(rows.into_iter().map(Ok).collect())
 }
 
 /// A batch's users' rows inside its transaction (the set-based allocation step), in statements
-/// of at most [`ROWS_BATCH`] users.
+/// of at most [`UNION_BATCH`] users.
 pub(crate) async fn users_rows(
     conn: &mut sqlx::MySqlConnection,
     keys: &[(&str, &str)],
 ) -> crate::sync::Result<Vec<Vec<UserRow>>> {
-    let mut all = Vec::with_capacity(keys.len());
-    for chunk in keys.chunks(ROWS_BATCH) {
-        all.extend(users_rows_on(&mut *conn, chunk).await?);
-    }
-    Ok(all)
+    Ok(union_rows(conn, keys).await?)
 }
 
 /// Locks the rows of every one of `emails` (and, MySQL's way, the gaps where they would go) in
@@ -228,3 +380,90 @@ crate::sql::sync::sync_store!(
     insert_users: crate::mysql::sync::insert_users,
     db: sqlx::MySql, row: sqlx::mysql::MySqlRow, conn: sqlx::MySqlConnection,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// The request path's batch read answers every key exactly as the one-user query does: emails
+    /// compared in the column's collation (a key differing only in case finds the row), a key
+    /// twice, keys of two services, a user of 25 rows (the newest 20, ties broken by uid), keys
+    /// that name nobody; and a batch holding a key the join cannot pass unchanged (longer than the
+    /// column) is read the plain way, with the same answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_read_answers_each_user_as_the_one_user_query() {
+        let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
+        let store = crate::mysql::MySqlStore::open(&db.url, &crate::PoolSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        crate::SyncStore::migrate(&store).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut c = sqlx::MySqlConnection::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        let setup = "INSERT INTO services (service, pattern) VALUES ('other-1.0', '{node}/1.0/{uid}'); \
+            INSERT INTO nodes (service, node, available, current_load, capacity, downed, backoff) \
+              SELECT id, 'https://n1', 10, 0, 10, 0, 0 FROM services; \
+            INSERT INTO users (service, email, generation, client_state, created_at, nodeid, keys_changed_at) \
+              SELECT s.id, 'Mixed@Example.com', 1, 'aa', 5, n.id, NULL FROM services s JOIN nodes n ON n.service = s.id; \
+            INSERT INTO users (service, email, generation, client_state, created_at, nodeid, keys_changed_at) \
+              SELECT s.id, 'other@example.com', 2, 'bb', 6, 999, 3 FROM services s WHERE s.service = 'other-1.0'";
+        sqlx::raw_sql(setup).execute(&mut c).await.unwrap_or_else(|e| panic!("{e}"));
+        // 25 rows of one user, in pairs that share a creation time.
+        for i in 0..25 {
+            sqlx::query(
+                "INSERT INTO users (service, email, generation, client_state, created_at, nodeid, replaced_at) \
+                 SELECT id, 'many@example.com', ?, 'cc', ?, 1, ? FROM services WHERE service = 'sync-1.5'",
+            )
+            .bind(i)
+            .bind(100 + i / 2)
+            .bind((i < 24).then_some(500))
+            .execute(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let columns = KeyColumns::read(&mut c).await.unwrap_or_else(|e| panic!("{e}"));
+        let columns = columns.unwrap_or_else(|| panic!("users.email and services.service are character columns"));
+        assert!(columns.statement().is_some(), "{columns:?}");
+        let long = format!("{}@example.com", "x".repeat(300));
+        // A character `utf8mb3` lacks goes the plain way, which MariaDB refuses as it always has
+        // ("illegal mix of collations"), rather than reaching the join as `?`.
+        assert!(!columns.email.fits("\u{1F600}@example.com") && columns.email.fits("\u{E9}@example.com"));
+        // A full batch, and the same with a key too long for the join (read in `UNION ALL`
+        // statements of 16).
+        let names = ["mixed@example.com", "MANY@example.com", "other@example.com", "nobody@example.com"];
+        let full: Vec<(&str, &str)> =
+            (0..ROWS_BATCH).map(|i| (["sync-1.5", "other-1.0"][i % 2], names[i % names.len()])).collect();
+        let mut with_long = full.clone();
+        with_long[40] = ("sync-1.5", long.as_str());
+        let batches: [&[(&str, &str)]; 4] = [
+            &[
+                ("sync-1.5", "mixed@example.com"),
+                ("sync-1.5", "MIXED@EXAMPLE.COM"),
+                ("other-1.0", "Mixed@Example.com"),
+                ("other-1.0", "other@example.com"),
+                ("sync-1.5", "other@example.com"),
+                ("sync-1.5", "many@example.com"),
+                ("no-such-1.0", "mixed@example.com"),
+                ("sync-1.5", "mixed@example.com"),
+                ("sync-1.5", "nobody@example.com"),
+            ],
+            &[("sync-1.5", "many@example.com"), ("sync-1.5", long.as_str())],
+            &full,
+            &with_long,
+        ];
+        let reader = RowsReader::default();
+        for keys in batches {
+            let batch = reader.rows(&mut c, keys).await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(batch.len(), keys.len());
+            for (key, got) in keys.iter().zip(&batch) {
+                let alone = users_rows_on(&mut c, &[*key]).await.unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(got, &alone[0], "{key:?}");
+            }
+        }
+        let first = reader.rows(&mut c, batches[0]).await.unwrap_or_else(|e| panic!("{e}"));
+        let counts: Vec<usize> = first.iter().map(Vec::len).collect();
+        assert_eq!(counts, [1, 1, 1, 1, 0, 20, 0, 1, 0]);
+        let many: Vec<(i64, i64)> = first[5].iter().map(|r| (r.created_at, r.generation)).collect();
+        assert_eq!(many[..3], [(112, 24), (111, 23), (111, 22)], "newest first, then the higher uid");
+        assert_eq!(first[3][0].node_id, None, "a row whose node is gone still comes back");
+    }
+}
