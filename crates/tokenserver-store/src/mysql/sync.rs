@@ -238,6 +238,20 @@ impl KeyColumns {
         Ok(email.zip(service).map(|(email, service)| Self { email, service }))
     }
 
+    /// These columns and their batch statement, if the server runs it: a server that cannot
+    /// (no `JSON_TABLE`) refuses it now, once, and its reads keep the `UNION ALL` statements.
+    async fn checked(self, conn: &mut sqlx::MySqlConnection) -> Result<Option<(Self, String)>, sqlx::Error> {
+        let Some(sql) = self.statement() else { return Ok(None) };
+        match sqlx::query(sql.as_str()).bind("[]").fetch_all(conn).await {
+            Ok(_) => Ok(Some((self, sql))),
+            Err(sqlx::Error::Database(err)) => {
+                tracing::warn!(error = %err, "users' rows are read one UNION ALL branch per user");
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
     /// The batch read: the keys arrive as one JSON array of `[service, email]` pairs, which
     /// `JSON_TABLE` turns into rows typed as the columns are. MariaDB plans a statement at every
     /// execution, and plans each branch of a `UNION ALL` on its own: one join costs it a third
@@ -270,8 +284,10 @@ impl RowsReader {
         let joined = self
             .joined
             .get_or_try_init(|| async {
-                let columns = KeyColumns::read(conn).await?;
-                Ok::<_, sqlx::Error>(columns.and_then(|c| c.statement().map(|sql| (c, sql))))
+                match KeyColumns::read(&mut *conn).await? {
+                    Some(columns) => columns.checked(conn).await,
+                    None => Ok(None),
+                }
             })
             .await?;
         Ok(joined.as_ref())
@@ -423,6 +439,12 @@ mod tests {
         let columns = KeyColumns::read(&mut c).await.unwrap_or_else(|e| panic!("{e}"));
         let columns = columns.unwrap_or_else(|| panic!("users.email and services.service are character columns"));
         assert!(columns.statement().is_some(), "{columns:?}");
+        // A statement the server refuses leaves the reads to the `UNION ALL` statements.
+        let mut refused = columns.clone();
+        refused.email.collation = "no_such_collation".into();
+        assert_eq!(refused.checked(&mut c).await.unwrap_or_else(|e| panic!("{e}")), None);
+        let checked = columns.clone().checked(&mut c).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(checked.map(|(c, _)| c).as_ref(), Some(&columns));
         let long = format!("{}@example.com", "x".repeat(300));
         // A character `utf8mb3` lacks goes the plain way, which MariaDB refuses as it always has
         // ("illegal mix of collations"), rather than reaching the join as `?`.
