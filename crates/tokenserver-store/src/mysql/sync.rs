@@ -275,7 +275,8 @@ impl KeyColumns {
 /// known (the store connects lazily, so not before its first read).
 #[derive(Debug, Default)]
 pub(crate) struct RowsReader {
-    /// `None` inside: the columns could not be typed, and reads use [`user_rows_many`].
+    /// `None` inside: the columns could not be typed or the server refused the join, and reads
+    /// use [`user_rows_many`].
     joined: tokio::sync::OnceCell<Option<(KeyColumns, String)>>,
 }
 
