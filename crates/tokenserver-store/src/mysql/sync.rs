@@ -275,23 +275,23 @@ impl KeyColumns {
 /// known (the store connects lazily, so not before its first read).
 #[derive(Debug, Default)]
 pub(crate) struct RowsReader {
-    /// `None` inside: the columns could not be typed or the server refused the join, and reads
-    /// use [`user_rows_many`].
+    /// `None` inside: the server refused the join, and reads use [`user_rows_many`].
     joined: tokio::sync::OnceCell<Option<(KeyColumns, String)>>,
 }
 
 impl RowsReader {
+    /// The batch statement, worked out at the first read that finds both columns: until the
+    /// schema exists (`run_migrations = false`, the operator migrating later) nothing is kept,
+    /// so the join is used as soon as it can be.
     async fn joined(&self, conn: &mut sqlx::MySqlConnection) -> Result<Option<&(KeyColumns, String)>, sqlx::Error> {
-        let joined = self
-            .joined
-            .get_or_try_init(|| async {
-                match KeyColumns::read(&mut *conn).await? {
-                    Some(columns) => columns.checked(conn).await,
-                    None => Ok(None),
-                }
-            })
-            .await?;
-        Ok(joined.as_ref())
+        if let Some(joined) = self.joined.get() {
+            return Ok(joined.as_ref());
+        }
+        let Some(columns) = KeyColumns::read(&mut *conn).await? else { return Ok(None) };
+        let checked = columns.checked(conn).await?;
+        // Another batch may have got there first; both found the same.
+        let _ = self.joined.set(checked);
+        Ok(self.joined.get().and_then(Option::as_ref))
     }
 
     /// The rows of each of `keys`, in order: two or more in one join; one alone, or keys the join
@@ -474,6 +474,7 @@ mod tests {
             &with_long,
         ];
         let reader = RowsReader::default();
+        assert!(reader.joined.get().is_none());
         for keys in batches {
             let batch = reader.rows(&mut c, keys).await.unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(batch.len(), keys.len());
@@ -482,11 +483,30 @@ mod tests {
                 assert_eq!(got, &alone[0], "{key:?}");
             }
         }
+        assert!(reader.joined.get().is_some_and(Option::is_some), "the batches went through the join");
         let first = reader.rows(&mut c, batches[0]).await.unwrap_or_else(|e| panic!("{e}"));
         let counts: Vec<usize> = first.iter().map(Vec::len).collect();
         assert_eq!(counts, [1, 1, 1, 1, 0, 20, 0, 1, 0]);
         let many: Vec<(i64, i64)> = first[5].iter().map(|r| (r.created_at, r.generation)).collect();
         assert_eq!(many[..3], [(112, 24), (111, 23), (111, 22)], "newest first, then the higher uid");
         assert_eq!(first[3][0].node_id, None, "a row whose node is gone still comes back");
+    }
+
+    /// A store started before its schema exists reads through the join once the schema is there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_join_is_taken_up_once_the_schema_exists() {
+        let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
+        let mut c = sqlx::MySqlConnection::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        let reader = RowsReader::default();
+        let keys = [("sync-1.5", "a@example.com"), ("sync-1.5", "b@example.com")];
+        assert!(reader.rows(&mut c, &keys).await.is_err(), "no users table yet");
+        assert!(reader.joined.get().is_none(), "nothing kept before the schema exists");
+        let store = crate::mysql::MySqlStore::open(&db.url, &crate::PoolSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        crate::SyncStore::migrate(&store).await.unwrap_or_else(|e| panic!("{e}"));
+        let rows = reader.rows(&mut c, &keys).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows, [Vec::new(), Vec::new()]);
+        assert!(reader.joined.get().is_some_and(Option::is_some));
     }
 }
