@@ -490,6 +490,8 @@ mod tests {
         let many: Vec<(i64, i64)> = first[5].iter().map(|r| (r.created_at, r.generation)).collect();
         assert_eq!(many[..3], [(112, 24), (111, 23), (111, 22)], "newest first, then the higher uid");
         assert_eq!(first[3][0].node_id, None, "a row whose node is gone still comes back");
+        drop(c);
+        db.drop_now().await;
     }
 
     /// A store started before its schema exists reads through the join once the schema is there.
@@ -508,5 +510,7 @@ mod tests {
         let rows = reader.rows(&mut c, &keys).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows, [Vec::new(), Vec::new()]);
         assert!(reader.joined.get().is_some_and(Option::is_some));
+        drop(c);
+        db.drop_now().await;
     }
 }
