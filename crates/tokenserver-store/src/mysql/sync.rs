@@ -244,10 +244,11 @@ impl KeyColumns {
         let Some(sql) = self.statement() else { return Ok(None) };
         match sqlx::query(sql.as_str()).bind("[]").fetch_all(conn).await {
             Ok(_) => Ok(Some((self, sql))),
-            Err(sqlx::Error::Database(err)) => {
+            Err(sqlx::Error::Database(err)) if refused(err.as_ref()) => {
                 tracing::warn!(error = %err, "users' rows are read one UNION ALL branch per user");
                 Ok(None)
             }
+            // Anything else (a timeout, a lost connection) fails this read only; the next asks again.
             Err(err) => Err(err),
         }
     }
@@ -269,6 +270,16 @@ impl KeyColumns {
             self.email.sql()?
         ))
     }
+}
+
+/// Error numbers by which a server says it cannot run the join at all, as opposed to failing one
+/// read: a syntax error (no `JSON_TABLE`), an unknown character set, a feature not supported, a
+/// collation not valid for the set, an unknown collation, an unknown function (two spellings).
+const REFUSED: [u16; 7] = [1064, 1115, 1235, 1253, 1273, 1305, 1630];
+
+/// Whether `err` is one of [`REFUSED`].
+fn refused(err: &dyn sqlx::error::DatabaseError) -> bool {
+    err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().is_some_and(|e| REFUSED.contains(&e.number()))
 }
 
 /// The request path's users' rows reads: the batch statement, made once the columns' types are

@@ -395,15 +395,20 @@ pub(crate) mod tests {
         conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap()
     }
 
+    /// Two writer connections to a new file holding table `t`: the other one, then the writer.
+    fn two_writers(dir: &Dir) -> (Connection, Connection) {
+        let path = dir.path().join("t.db");
+        let other = writer_connection(Some(&path), Durability::Normal).unwrap();
+        other.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
+        (other, writer_connection(Some(&path), Durability::Normal).unwrap())
+    }
+
     /// Another connection (another process, for SQLite) holds the write lock: a writer waits
     /// for it, then writes, as often as it is made to wait.
     #[test]
     fn a_writer_waits_for_the_lock_another_connection_holds() {
         let dir = Dir::new("busy-wait");
-        let path = dir.path().join("t.db");
-        let other = writer_connection(Some(&path), Durability::Normal).unwrap();
-        other.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
-        let writer = writer_connection(Some(&path), Durability::Normal).unwrap();
+        let (other, writer) = two_writers(&dir);
         let writer = std::thread::scope(|s| {
             let mut writer = writer;
             for round in 0..3 {
@@ -426,10 +431,8 @@ pub(crate) mod tests {
     #[test]
     fn a_writer_gives_up_on_a_lock_held_past_the_timeout() {
         let dir = Dir::new("busy-timeout");
-        let path = dir.path().join("t.db");
-        let other = writer_connection(Some(&path), Durability::Normal).unwrap();
-        other.execute_batch("CREATE TABLE t (x INTEGER); BEGIN IMMEDIATE; INSERT INTO t VALUES (0)").unwrap();
-        let writer = writer_connection(Some(&path), Durability::Normal).unwrap();
+        let (other, writer) = two_writers(&dir);
+        other.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (0)").unwrap();
         let started = std::time::Instant::now();
         let err = writer.execute_batch("BEGIN IMMEDIATE").unwrap_err();
         assert!(started.elapsed() >= WRITE_BUSY_TIMEOUT, "gave up after {:?}", started.elapsed());
