@@ -33,23 +33,25 @@ pub const DEFAULT_MAX_TOKEN_BYTES: usize = 3584;
 /// apisonator's TTL when none is given, seconds.
 pub const DEFAULT_TTL_S: u64 = 86_400;
 
-/// Why a token's text is refused (`access_token_format_invalid`).
+/// Why a token's or an id's text is refused (`access_token_format_invalid`, `invalid_id`). The
+/// messages do not name what was checked: the caller's message does ("app_id is not acceptable:
+/// it is empty").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
     /// Empty.
-    #[error("the token is empty")]
+    #[error("it is empty")]
     Empty,
     /// Longer than allowed.
-    #[error("the token is longer than {max} bytes")]
+    #[error("it is longer than {max} bytes")]
     TooLong {
         /// The limit.
         max: usize,
     },
     /// Starts or ends with whitespace.
-    #[error("the token starts or ends with whitespace")]
+    #[error("it starts or ends with whitespace")]
     Padded,
     /// Holds a control character.
-    #[error("the token holds a control character")]
+    #[error("it holds a control character")]
     Control,
 }
 

@@ -510,12 +510,37 @@ async fn v1_create_read_delete() {
         r.json(),
         json!({"error": "access_token_invalid", "message": "token \"mine\" is invalid: expired or never defined"})
     );
-    // Validation.
+    // Validation: our own refusals, exactly.
+    let long = "a".repeat(257);
     for (body, want) in [
-        (json!({"token": " x", "app_id": "a"}), (422, "access_token_format_invalid")),
-        (json!({"token": "x", "app_id": "a", "ttl": 400_000_000}), (422, "access_token_invalid_ttl")),
-        (json!({"token": "x", "app_id": "a".repeat(257)}), (422, "invalid_id")),
-        (json!({"token": "x", "app_id": ""}), (422, "invalid_id")),
+        (
+            json!({"token": " x", "app_id": "a"}),
+            json!({"error": "access_token_format_invalid",
+                   "message": "token is either too big or has an invalid format: it starts or ends with whitespace"}),
+        ),
+        (
+            json!({"token": "x", "app_id": "a", "ttl": 400_000_000}),
+            json!({"error": "access_token_invalid_ttl",
+                   "message": "the TTL must be at most 31536000 seconds"}),
+        ),
+        (
+            json!({"token": "x", "app_id": long}),
+            json!({"error": "invalid_id", "message": "app_id is not acceptable: it is longer than 256 bytes"}),
+        ),
+        (
+            json!({"token": "x", "app_id": ""}),
+            json!({"error": "invalid_id", "message": "app_id is not acceptable: it is empty"}),
+        ),
+        (
+            json!({"token": "x", "app_id": "a", "user_id": "u\u{7}"}),
+            json!({"error": "invalid_id", "message": "user_id is not acceptable: it holds a control character"}),
+        ),
+    ] {
+        let r = v1(&s, "POST", "/tokens", Some(body.clone())).await;
+        assert_eq!((r.status, r.json()), (422, want), "{body}");
+    }
+    // Bodies serde refuses (its messages are its own).
+    for (body, want) in [
         (json!({"token": "x"}), (422, "invalid_body")),
         (json!({"token": "x", "app_id": "a", "ttl": -1}), (422, "invalid_body")),
         (json!({"token": "x", "app_id": "a", "colour": 1}), (422, "invalid_body")),
