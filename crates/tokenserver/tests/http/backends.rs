@@ -215,7 +215,7 @@ async fn database_outage(backend: Backend) {
     let jwt = Jwt::new("u1", Some(1)).sign();
     assert_eq!(s.token(&jwt, "1-qqo").await.status, 200);
 
-    proxy.set_up(false);
+    proxy.cut().await;
     for _ in 0..2 {
         let r = s.token(&jwt, "1-qqo").await;
         assert_error(&r, 503, "internal-error", "internal", "", "Server error");
@@ -225,7 +225,7 @@ async fn database_outage(backend: Backend) {
     assert_eq!(hb.status, 503);
     assert_eq!(hb.json()["database"], "Unknown");
 
-    proxy.set_up(true);
+    proxy.restore();
     let r = s.token(&jwt, "1-qqo").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let hb = s.request(reqwest::Method::GET, "/__heartbeat__", &[]).await;
@@ -262,9 +262,9 @@ async fn short_outage(backend: Backend) {
         uids.push(r.json()["uid"].clone());
     }
 
-    proxy.set_up(false);
+    proxy.cut().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.set_up(true);
+    proxy.restore();
     for (t, uid) in tokens(&s).into_iter().zip(&uids) {
         let r = t.await.unwrap();
         assert_eq!(r.status, 200, "{}", r.body);

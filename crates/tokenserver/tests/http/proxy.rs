@@ -1,6 +1,7 @@
 //! A TCP proxy the tests can cut and restore, standing in for a database that goes away.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -9,6 +10,17 @@ use tokio::sync::watch;
 pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<watch::Sender<bool>>,
+    /// Connections being forwarded (counted from their accept to their close).
+    live: Arc<AtomicUsize>,
+}
+
+/// Counts one forwarded connection until dropped.
+struct Forwarding(Arc<AtomicUsize>);
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Proxy {
@@ -18,7 +30,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let (tx, _) = watch::channel(true);
         let up = Arc::new(tx);
-        let state = up.clone();
+        let live = Arc::new(AtomicUsize::new(0));
+        let (state, counter) = (up.clone(), live.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !*state.borrow() {
@@ -28,7 +41,10 @@ impl Proxy {
                 }
                 let target = target.clone();
                 let mut down = state.subscribe();
+                counter.fetch_add(1, Ordering::SeqCst);
+                let forwarding = Forwarding(counter.clone());
                 tokio::spawn(async move {
+                    let _forwarding = forwarding;
                     let Ok(mut server) = TcpStream::connect(&target).await else { return };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -37,12 +53,26 @@ impl Proxy {
                 });
             }
         });
-        Self { addr, up }
+        Self { addr, up, live }
     }
 
-    /// Cuts every connection and refuses new ones (`false`), or forwards again (`true`).
-    pub fn set_up(&self, up: bool) {
-        self.up.send_replace(up);
+    /// Forwards again after [`Proxy::cut`].
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+
+    /// Refuses new connections and cuts every forwarded one; returns once all are closed, so that
+    /// nothing sent afterwards reaches the database (the cuts happen on the connections' own
+    /// tasks: without the wait, a statement sent at once could still get through and commit).
+    pub async fn cut(&self) {
+        self.up.send_replace(false);
+        for _ in 0..1000 {
+            if self.live.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("the proxy's connections were not closed within 5 s");
     }
 
     /// `url` with its host and port replaced by the proxy's.
