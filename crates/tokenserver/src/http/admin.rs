@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::http::error::ApiError;
+use crate::http::json::V1Bytes;
 use crate::ops::node::{self, NodePatch, NodeSpec};
 use crate::ops::purge::PurgeOptions;
 use crate::ops::user::{self, UserRef};
@@ -85,7 +86,7 @@ async fn list_nodes(State(state): State<SyncFamily>, Query(q): Query<ListQuery>)
     Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
 }
 
-async fn add_node(State(state): State<SyncFamily>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn add_node(State(state): State<SyncFamily>, V1Bytes(body): V1Bytes) -> Result<Response, ApiError> {
     let spec: NodeSpec = json_body(&body)?;
     let view = node::add(state.store.as_ref(), &spec, state.config.sync.release_rate).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
@@ -100,7 +101,7 @@ async fn show_node(State(state): State<SyncFamily>, Path((service, url)): NodePa
 async fn update_node(
     State(state): State<SyncFamily>,
     Path((service, url)): NodePath,
-    body: axum::body::Bytes,
+    V1Bytes(body): V1Bytes,
 ) -> Result<Response, ApiError> {
     let patch: NodePatch = json_body(&body)?;
     Ok(Json(node::update(state.store.as_ref(), &service, &url, &patch).await?).into_response())
@@ -142,7 +143,7 @@ struct AssignBody {
 async fn assign_user(
     State(state): State<SyncFamily>,
     Path((service, who)): UserPath,
-    body: axum::body::Bytes,
+    V1Bytes(body): V1Bytes,
 ) -> Result<Response, ApiError> {
     let AssignBody { node } = json_body(&body)?;
     Ok(Json(user::assign(state.store.as_ref(), &service, &UserRef::parse(&who), &node).await?).into_response())
@@ -157,7 +158,7 @@ async fn list_buckets(State(state): State<SyncFamily>, Path(service): Path<Strin
 async fn move_bucket(
     State(state): State<SyncFamily>,
     Path((service, which)): Path<(String, i64)>,
-    body: axum::body::Bytes,
+    V1Bytes(body): V1Bytes,
 ) -> Result<Response, ApiError> {
     let AssignBody { node } = json_body(&body)?;
     let n = bucket::move_to(state.store.as_ref(), state.config.sync.buckets, &service, which, &node).await?;
@@ -177,7 +178,7 @@ async fn count_users(State(state): State<SyncFamily>, Query(q): Query<CountQuery
 /// Warnings returned by `POST /v1/account_events` at most (the summary counts them all).
 const MAX_EVENT_WARNINGS: usize = 100;
 
-async fn account_events(State(state): State<SyncFamily>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn account_events(State(state): State<SyncFamily>, V1Bytes(body): V1Bytes) -> Result<Response, ApiError> {
     let services: Vec<&str> = state.config.sync.services();
     let mut warnings = Vec::new();
     let summary = account::replay(state.store.as_ref(), &services, &body[..], |line, message| {
@@ -208,7 +209,7 @@ struct PurgeBody {
     retry_backoff_ms: Option<u64>,
 }
 
-async fn purge(State(state): State<SyncFamily>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+async fn purge(State(state): State<SyncFamily>, V1Bytes(body): V1Bytes) -> Result<Response, ApiError> {
     let b: PurgeBody = if body.is_empty() { PurgeBody::default() } else { json_body(&body)? };
     if b.batch_size == Some(0) {
         return Err(OpsError::Invalid("invalid_body", "batch_size must be at least 1".into()).into());

@@ -238,10 +238,27 @@ fn json_rejection(r: JsonRejection) -> ApiError {
         }
         JsonRejection::JsonSyntaxError(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", text),
         JsonRejection::JsonDataError(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", text),
-        _ if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", text)
-        }
-        _ => ApiError::new(r.status(), "invalid_body", text),
+        _ => body_rejection(r.status(), text),
+    }
+}
+
+/// A body that could not be read: over the route's limit (`DefaultBodyLimit`), or cut off.
+fn body_rejection(status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(status, "body_too_large", text);
+    }
+    ApiError::new(status, "invalid_body", text)
+}
+
+/// A raw request body for the v1 APIs, read within the route's limit (`DefaultBodyLimit`), whose
+/// refusals are envelope errors as [`V1Json`]'s are (413 `body_too_large`).
+pub struct V1Bytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for V1Bytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state).await.map(Self).map_err(|r| body_rejection(r.status(), r.body_text()))
     }
 }
 

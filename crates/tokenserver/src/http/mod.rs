@@ -20,7 +20,7 @@ use std::future::{ready, Ready};
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -133,14 +133,17 @@ pub fn public_router(state: SyncFamily) -> Router {
 
 /// The internal listener's routes (without the header check: see [`internal_service`]).
 pub fn internal_router(state: AppState) -> Router {
-    let mut router = admin::router(state.clone()).layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES));
+    // The v1 APIs read their bodies through extractors that honour `DefaultBodyLimit` and answer
+    // an oversized body in the envelope (413 `body_too_large`), with or without a Content-Length.
+    let v1_limit = DefaultBodyLimit::max(MAX_BODY_BYTES);
+    let mut router = admin::router(state.clone()).layer(v1_limit);
     // Session routes carry their own body limit (`sessions.max_body_bytes`, enforced by the JSON
     // extractor so rejections read as HaKr's did).
     if let Some(sessions) = sessions::router(&state) {
         router = router.merge(sessions);
     }
     if let Some(access) = access::router(&state) {
-        router = router.merge(access.layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)));
+        router = router.merge(access.layer(v1_limit));
     }
     if let Some(apisonator) = apisonator::router(&state) {
         router = router.merge(apisonator.layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)));

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokenserver_store::testing::fresh;
 use tokenserver_store::Backend;
 
-use crate::common::{Response, TestServer};
+use crate::common::{chunked_request, Response, TestServer};
 
 const SVC: &str = "svc1";
 const PK: &str = "pk-1";
@@ -675,6 +675,38 @@ async fn v1_unknown_routes_and_methods_answer_in_the_envelope() {
     s.finish().await;
 }
 
+/// The v1 API's body limit is 64 KiB; a larger body is refused in the envelope, whether its size
+/// is announced (Content-Length) or found while reading (chunked), and nothing of it is stored.
+#[tokio::test]
+async fn v1_oversized_bodies_answer_in_the_envelope() {
+    let s = server(&[]).await;
+    let url = format!("{}/v1/services/{SVC}/tokens", s.internal);
+    let too_large =
+        json!({"error": "body_too_large", "message": "Failed to buffer the request body: length limit exceeded"});
+    let over = json!({"app_id": "over", "token": "x".repeat(70_000)}).to_string();
+    let r = respond(s.http.post(&url).header("content-type", "application/json").body(over.clone())).await;
+    assert_eq!((r.status, r.json()), (413, too_large.clone()));
+    let path = format!("/v1/services/{SVC}/tokens");
+    let (status, body) =
+        chunked_request(&s.internal, "POST", &path, &[("content-type", "application/json")], over.as_bytes()).await;
+    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()), (413, too_large.clone()));
+    // One byte over and exactly at the limit (the JSON padded with spaces).
+    let at_limit = |extra: usize| {
+        let body = json!({"app_id": "edge", "token": "t-limit"}).to_string();
+        format!("{body}{}", " ".repeat(64 * 1024 + extra - body.len()))
+    };
+    let r = respond(s.http.post(&url).header("content-type", "application/json").body(at_limit(1))).await;
+    assert_eq!((r.status, r.json()), (413, too_large));
+    let r = respond(s.http.post(&url).header("content-type", "application/json").body(at_limit(0))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // Only the token at the limit was stored.
+    let r = v1(&s, "GET", "/applications/over/tokens", None).await;
+    assert_eq!(r.json(), json!({"tokens": [], "next_cursor": null}));
+    let r = v1(&s, "GET", "/applications/edge/tokens", None).await;
+    assert_eq!(r.json()["tokens"].as_array().map(Vec::len), Some(1));
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn v1_api_key_guards_the_routes() {
     let s = server(&[("TOKENSERVER_ACCESS__API_KEY", "ak")]).await;
@@ -902,7 +934,7 @@ async fn store_outage_fails_each_create_and_stores_nothing(backend: Backend) {
             .collect()
     };
 
-    proxy.set_up(false);
+    proxy.cut().await;
     for t in creates(&s) {
         let r = t.await.unwrap();
         assert_eq!(code(&r), (503, "store_unavailable".to_string()), "{}", r.body);
@@ -910,7 +942,7 @@ async fn store_outage_fails_each_create_and_stores_nothing(backend: Backend) {
     // An outage longer than the pools' ping-if-idle threshold (1 s): a pooled connection cut less
     // than that after its last use is found dead only by the call that next takes it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    proxy.set_up(true);
+    proxy.restore();
     // Back: the first calls may still meet a connection cut while it was down.
     let mut attempts = 0;
     while v1(&s, "GET", "/tokens/before", None).await.status != 200 {
@@ -974,9 +1006,9 @@ async fn a_short_store_outage_costs_no_read(backend: Backend) {
     }
     assert_eq!(listed(&s).await, 16);
 
-    proxy.set_up(false);
+    proxy.cut().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.set_up(true);
+    proxy.restore();
     assert_eq!(listed(&s).await, 16);
     for t in reads(&s) {
         let (got, authorized) = t.await.unwrap();

@@ -36,6 +36,21 @@ async fn node_api_on_the_internal_listener() {
     let r = s.admin.get(format!("{}/v1/nodez", s.internal)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"error": "not_found", "message": "no such route"}));
+    // A body over 64 KiB, announced or found while reading, is refused in the envelope too.
+    let too_large =
+        json!({"error": "body_too_large", "message": "Failed to buffer the request body: length limit exceeded"});
+    let over = json!({"node": "https://big.example.com", "capacity": 5, "pad": "x".repeat(70_000)}).to_string();
+    let r =
+        s.admin.post(format!("{}/v1/nodes", s.internal)).header("content-type", "application/json").body(over.clone());
+    let r = r.send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.json::<Value>().await.unwrap()), (413, too_large.clone()));
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    let (status, body) =
+        chunked_request(&s.internal, "POST", "/v1/nodes", &[("authorization", &bearer)], over.as_bytes()).await;
+    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()), (413, too_large));
+    // Without the key, the body is never read: 401 first.
+    let (status, _) = chunked_request(&s.internal, "POST", "/v1/nodes", &[], over.as_bytes()).await;
+    assert_eq!(status, 401);
     let r = s.admin.get(format!("{}/v1/nodes", s.internal)).send().await.unwrap();
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["nodes"].as_array().unwrap().len(), 1);
