@@ -13,8 +13,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -27,6 +27,7 @@ use tokenserver_store::access::AccessToken;
 
 use crate::access::{AccessTokens, CreateRequest};
 use crate::http::error::ApiError;
+use crate::http::extract::V1Path;
 use crate::http::json::{push_json_str, rfc3339_memo, Rfc3339, V1Json};
 use crate::keys::RouteAccess;
 use crate::state::AppState;
@@ -52,12 +53,6 @@ async fn require_api_key(State(access): State<RouteAccess>, req: Request, next: 
 }
 
 type Access = State<Arc<AccessTokens>>;
-
-/// Path segments, or the envelope's 404 for ones that do not decode.
-fn segments<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    path.map(|Path(p)| p)
-        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not_found", "a path segment is not valid UTF-8"))
-}
 
 /// A token as the v1 API (and the CLI) shows it: `{token, app_id, user_id, expires_at,
 /// created_at}`, times RFC 3339, `expires_at` `null` when permanent. Serialized straight from the
@@ -152,10 +147,10 @@ struct CreateBody {
 
 async fn create(
     State(access): Access,
-    path: Result<Path<String>, PathRejection>,
+    V1Path(path): V1Path<String>,
     V1Json(body): V1Json<CreateBody>,
 ) -> Result<Response, ApiError> {
-    let service = segments(path)?;
+    let service = path;
     let req = CreateRequest {
         token: body.token.as_deref(),
         app_id: &body.app_id,
@@ -166,22 +161,16 @@ async fn create(
     Ok((StatusCode::CREATED, Json(TokenView::of(&created))).into_response())
 }
 
-async fn read(
-    State(access): Access,
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let (service, token) = segments(path)?;
+async fn read(State(access): Access, V1Path(path): V1Path<(String, String)>) -> Result<Response, ApiError> {
+    let (service, token) = path;
     let t = access.get(&service, &token).await?;
     let g = &t.grant;
     let view = GrantView { app_id: &g.app_id, user_id: g.user_id.as_deref(), expires_at: g.expires_at.map(Rfc3339) };
     Ok(Json(view).into_response())
 }
 
-async fn remove(
-    State(access): Access,
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let (service, token) = segments(path)?;
+async fn remove(State(access): Access, V1Path(path): V1Path<(String, String)>) -> Result<Response, ApiError> {
+    let (service, token) = path;
     access.delete(&service, &token).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -195,10 +184,10 @@ struct ListQuery {
 
 async fn list(
     State(access): Access,
-    path: Result<Path<(String, String)>, PathRejection>,
+    V1Path(path): V1Path<(String, String)>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (service, app) = segments(path)?;
+    let (service, app) = path;
     let Query(q) = query
         .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit", "limit must be a number"))?;
     let user = q.user_id.as_deref().filter(|u| !u.is_empty());
@@ -207,20 +196,14 @@ async fn list(
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn revoke_app(
-    State(access): Access,
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let (service, app) = segments(path)?;
+async fn revoke_app(State(access): Access, V1Path(path): V1Path<(String, String)>) -> Result<Response, ApiError> {
+    let (service, app) = path;
     let revoked = access.revoke_app(&service, &app).await?;
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
 
-async fn revoke_service(
-    State(access): Access,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let service = segments(path)?;
+async fn revoke_service(State(access): Access, V1Path(path): V1Path<String>) -> Result<Response, ApiError> {
+    let service = path;
     let revoked = access.revoke_service(&service).await?;
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
@@ -235,10 +218,10 @@ struct AuthorizeBody {
 
 async fn authorize(
     State(access): Access,
-    path: Result<Path<String>, PathRejection>,
+    V1Path(path): V1Path<String>,
     V1Json(body): V1Json<AuthorizeBody>,
 ) -> Result<Response, ApiError> {
-    let service = segments(path)?;
+    let service = path;
     let named = Named::new(body.access_token.as_deref(), body.app_id.as_deref(), body.user_id.as_deref());
     let who = access.authorize(&service, &named).await?;
     Ok(Json(WhoView { app_id: &who.app_id, user_id: who.user_id.as_deref() }).into_response())

@@ -3,7 +3,7 @@
 //! (`Authorization: Bearer <key>`, see [`crate::keys`]). Without a key every admin route answers
 //! 403; only `/__lbheartbeat__` is open.
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::http::error::ApiError;
+use crate::http::extract::{V1Path, V1Query};
 use crate::http::json::V1Bytes;
 use crate::ops::node::{self, NodePatch, NodeSpec};
 use crate::ops::purge::PurgeOptions;
@@ -81,7 +82,7 @@ struct ListQuery {
     service: Option<String>,
 }
 
-async fn list_nodes(State(state): State<SyncFamily>, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+async fn list_nodes(State(state): State<SyncFamily>, V1Query(q): V1Query<ListQuery>) -> Result<Response, ApiError> {
     let nodes = node::list(state.store.as_ref(), q.service.as_deref()).await?;
     Ok(Json(serde_json::json!({ "nodes": nodes })).into_response())
 }
@@ -92,31 +93,34 @@ async fn add_node(State(state): State<SyncFamily>, V1Bytes(body): V1Bytes) -> Re
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-type NodePath = Path<(String, String)>;
+type NodePath = V1Path<(String, String)>;
 
-async fn show_node(State(state): State<SyncFamily>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
+async fn show_node(State(state): State<SyncFamily>, V1Path((service, url)): NodePath) -> Result<Response, ApiError> {
     Ok(Json(node::view(state.store.as_ref(), &service, &url).await?).into_response())
 }
 
 async fn update_node(
     State(state): State<SyncFamily>,
-    Path((service, url)): NodePath,
+    V1Path((service, url)): NodePath,
     V1Bytes(body): V1Bytes,
 ) -> Result<Response, ApiError> {
     let patch: NodePatch = json_body(&body)?;
     Ok(Json(node::update(state.store.as_ref(), &service, &url, &patch).await?).into_response())
 }
 
-async fn drain_node(State(state): State<SyncFamily>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
+async fn drain_node(State(state): State<SyncFamily>, V1Path((service, url)): NodePath) -> Result<Response, ApiError> {
     Ok(Json(node::drain(state.store.as_ref(), &service, &url).await?).into_response())
 }
 
-async fn unassign_node(State(state): State<SyncFamily>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
+async fn unassign_node(
+    State(state): State<SyncFamily>,
+    V1Path((service, url)): NodePath,
+) -> Result<Response, ApiError> {
     let unassigned = node::unassign(state.store.as_ref(), &service, &url).await?;
     Ok(Json(serde_json::json!({ "unassigned": unassigned })).into_response())
 }
 
-async fn remove_node(State(state): State<SyncFamily>, Path((service, url)): NodePath) -> Result<Response, ApiError> {
+async fn remove_node(State(state): State<SyncFamily>, V1Path((service, url)): NodePath) -> Result<Response, ApiError> {
     let unassigned = node::remove(state.store.as_ref(), &service, &url).await?;
     Ok(Json(serde_json::json!({ "removed": url, "unassigned": unassigned })).into_response())
 }
@@ -128,9 +132,9 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))
 }
 
-type UserPath = Path<(String, String)>;
+type UserPath = V1Path<(String, String)>;
 
-async fn show_user(State(state): State<SyncFamily>, Path((service, who)): UserPath) -> Result<Response, ApiError> {
+async fn show_user(State(state): State<SyncFamily>, V1Path((service, who)): UserPath) -> Result<Response, ApiError> {
     Ok(Json(user::show(state.store.as_ref(), &service, &UserRef::parse(&who)).await?).into_response())
 }
 
@@ -142,14 +146,14 @@ struct AssignBody {
 
 async fn assign_user(
     State(state): State<SyncFamily>,
-    Path((service, who)): UserPath,
+    V1Path((service, who)): UserPath,
     V1Bytes(body): V1Bytes,
 ) -> Result<Response, ApiError> {
     let AssignBody { node } = json_body(&body)?;
     Ok(Json(user::assign(state.store.as_ref(), &service, &UserRef::parse(&who), &node).await?).into_response())
 }
 
-async fn list_buckets(State(state): State<SyncFamily>, Path(service): Path<String>) -> Result<Response, ApiError> {
+async fn list_buckets(State(state): State<SyncFamily>, V1Path(service): V1Path<String>) -> Result<Response, ApiError> {
     let buckets = state.config.sync.buckets;
     let assigned = bucket::list(state.store.as_ref(), buckets, &service).await?;
     Ok(Json(serde_json::json!({ "buckets": buckets, "assigned": assigned })).into_response())
@@ -157,9 +161,12 @@ async fn list_buckets(State(state): State<SyncFamily>, Path(service): Path<Strin
 
 async fn move_bucket(
     State(state): State<SyncFamily>,
-    Path((service, which)): Path<(String, i64)>,
+    V1Path((service, which)): V1Path<(String, String)>,
     V1Bytes(body): V1Bytes,
 ) -> Result<Response, ApiError> {
+    let which: i64 = which
+        .parse()
+        .map_err(|_| OpsError::Invalid("invalid_bucket", format!("bucket must be a whole number, not {which:?}")))?;
     let AssignBody { node } = json_body(&body)?;
     let n = bucket::move_to(state.store.as_ref(), state.config.sync.buckets, &service, which, &node).await?;
     Ok(Json(serde_json::json!({ "bucket": which, "node": node, "unassigned": n })).into_response())
@@ -171,7 +178,7 @@ struct CountQuery {
     timestamp: Option<i64>,
 }
 
-async fn count_users(State(state): State<SyncFamily>, Query(q): Query<CountQuery>) -> Result<Response, ApiError> {
+async fn count_users(State(state): State<SyncFamily>, V1Query(q): V1Query<CountQuery>) -> Result<Response, ApiError> {
     Ok(Json(user::count(state.store.as_ref(), q.service.as_deref(), q.timestamp).await?).into_response())
 }
 

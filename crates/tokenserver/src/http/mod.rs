@@ -5,6 +5,7 @@ pub mod access;
 pub mod admin;
 pub mod apisonator;
 pub mod error;
+pub mod extract;
 pub mod guard;
 pub mod hakr;
 pub mod health;

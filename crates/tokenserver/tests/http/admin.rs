@@ -66,6 +66,43 @@ async fn node_api_on_the_internal_listener() {
     assert!(text.contains(r#"tokenserver_sqlite_batch_seconds_count{writer="sync-writer"} "#), "{text}");
 }
 
+/// Query strings and path segments the admin API cannot read are answered in the envelope, like
+/// its bodies (axum's own answers are plain text).
+#[tokio::test]
+async fn unreadable_queries_and_paths_answer_in_the_envelope() {
+    let s = TestServer::start(&[]).await;
+    let get = |path: &str| s.admin.get(format!("{}{path}", s.internal)).send();
+    let r = get("/v1/count_users?timestamp=yesterday").await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()),
+        (
+            400,
+            json!({"error": "invalid_query",
+                   "message": "Failed to deserialize query string: timestamp: invalid digit found in string"})
+        )
+    );
+    let not_utf8 = json!({"error": "not_found", "message": "a path segment is not valid UTF-8"});
+    for path in ["/v1/services/sync-1.5/users/%FF", "/v1/services/sync-1.5/nodes/%C3%28", "/v1/services/%FF/buckets"] {
+        let r = get(path).await.unwrap();
+        assert_eq!((r.status().as_u16(), r.json::<Value>().await.unwrap()), (404, not_utf8.clone()), "{path}");
+    }
+    let r = s
+        .admin
+        .put(format!("{}/v1/services/sync-1.5/buckets/seven", s.internal))
+        .json(&json!({"node": NODE}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()),
+        (422, json!({"error": "invalid_bucket", "message": "bucket must be a whole number, not \"seven\""}))
+    );
+    // What does read still works.
+    let r = get("/v1/count_users?timestamp=0").await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.finish().await;
+}
+
 #[tokio::test]
 async fn admin_key_guards_the_internal_api() {
     let s = TestServer::start(&[("TOKENSERVER_INTERNAL__ADMIN_KEY", "s3cret-admin")]).await;
