@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -315,11 +316,12 @@ fn peel_xml(segment: &str) -> Option<&str> {
 
 async fn create(
     State(state): State<ApisonatorState>,
-    Path(service): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Ok(Path(service)) = path else { return unknown().await };
     respond(&headers, query.as_deref(), Some(&body), async |call: &Call| {
         let p = &call.params;
         if p.get("token").is_none() && !p.structured("token") {
@@ -348,10 +350,11 @@ async fn create(
 
 async fn read(
     State(state): State<ApisonatorState>,
-    Path((service, segment)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let Ok(Path((service, segment))) = path else { return unknown().await };
     let Some(token) = peel_xml(&segment) else { return unknown().await };
     respond(&headers, query.as_deref(), None, async |call: &Call| {
         call.authenticate(&state, &service)?;
@@ -373,10 +376,11 @@ async fn read(
 
 async fn remove(
     State(state): State<ApisonatorState>,
-    Path((service, segment)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let Ok(Path((service, segment))) = path else { return unknown().await };
     let Some(token) = peel_xml(&segment) else { return unknown().await };
     respond(&headers, query.as_deref(), None, async |call: &Call| {
         call.authenticate(&state, &service)?;
@@ -388,10 +392,11 @@ async fn remove(
 
 async fn list(
     State(state): State<ApisonatorState>,
-    Path((service, app)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let Ok(Path((service, app))) = path else { return unknown().await };
     respond(&headers, query.as_deref(), None, async |call: &Call| {
         call.authenticate(&state, &service)?;
         let p = &call.params;
@@ -443,6 +448,8 @@ async fn unknown_or_preflight(method: Method) -> Response {
     unknown().await
 }
 
+/// No such route; also a path segment that does not decode (percent-encoded bytes that are not
+/// UTF-8), which names nothing.
 async fn unknown() -> Response {
     xml_response(StatusCode::NOT_FOUND, String::new())
 }

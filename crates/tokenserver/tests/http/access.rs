@@ -672,6 +672,23 @@ async fn v1_unknown_routes_and_methods_answer_in_the_envelope() {
         assert!(matches!(r.status, 404 | 405), "{path}: {}", r.status);
         assert_eq!(r.body, "", "{path}");
     }
+    // A path segment that does not decode names nothing: on apisonator's routes the empty 404 of
+    // an unknown route, on the v1 API the envelope's (neither repeats the segment).
+    for (method, path) in [
+        ("GET", "/services/svc1/oauth_access_tokens/%FF.xml?provider_key=pk-1"),
+        ("DELETE", "/services/svc1/oauth_access_tokens/%C3%28.xml?provider_key=pk-1"),
+        ("GET", "/services/%FF/applications/a/oauth_access_tokens.xml?provider_key=pk-1"),
+        ("POST", "/services/%FF/oauth_access_tokens.xml?provider_key=pk-1&app_id=a&token=t"),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = respond(s.http.request(method, format!("{}{path}", s.internal))).await;
+        assert_eq!((r.status, r.body.as_str()), (404, ""), "{path}");
+    }
+    let not_utf8 = json!({"error": "not_found", "message": "a path segment is not valid UTF-8"});
+    for (method, path) in [("GET", "/tokens/%FF"), ("DELETE", "/applications/%C3%28/tokens")] {
+        let r = v1(&s, method, path, None).await;
+        assert_eq!((r.status, r.json()), (404, not_utf8.clone()), "{path}");
+    }
     s.finish().await;
 }
 
