@@ -147,10 +147,9 @@ struct CreateBody {
 
 async fn create(
     State(access): Access,
-    V1Path(path): V1Path<String>,
+    V1Path(service): V1Path<String>,
     V1Json(body): V1Json<CreateBody>,
 ) -> Result<Response, ApiError> {
-    let service = path;
     let req = CreateRequest {
         token: body.token.as_deref(),
         app_id: &body.app_id,
@@ -161,16 +160,17 @@ async fn create(
     Ok((StatusCode::CREATED, Json(TokenView::of(&created))).into_response())
 }
 
-async fn read(State(access): Access, V1Path(path): V1Path<(String, String)>) -> Result<Response, ApiError> {
-    let (service, token) = path;
+async fn read(State(access): Access, V1Path((service, token)): V1Path<(String, String)>) -> Result<Response, ApiError> {
     let t = access.get(&service, &token).await?;
     let g = &t.grant;
     let view = GrantView { app_id: &g.app_id, user_id: g.user_id.as_deref(), expires_at: g.expires_at.map(Rfc3339) };
     Ok(Json(view).into_response())
 }
 
-async fn remove(State(access): Access, V1Path(path): V1Path<(String, String)>) -> Result<Response, ApiError> {
-    let (service, token) = path;
+async fn remove(
+    State(access): Access,
+    V1Path((service, token)): V1Path<(String, String)>,
+) -> Result<Response, ApiError> {
     access.delete(&service, &token).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -184,10 +184,9 @@ struct ListQuery {
 
 async fn list(
     State(access): Access,
-    V1Path(path): V1Path<(String, String)>,
+    V1Path((service, app)): V1Path<(String, String)>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (service, app) = path;
     let Query(q) = query
         .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit", "limit must be a number"))?;
     let user = q.user_id.as_deref().filter(|u| !u.is_empty());
@@ -196,14 +195,15 @@ async fn list(
     Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn revoke_app(State(access): Access, V1Path(path): V1Path<(String, String)>) -> Result<Response, ApiError> {
-    let (service, app) = path;
+async fn revoke_app(
+    State(access): Access,
+    V1Path((service, app)): V1Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let revoked = access.revoke_app(&service, &app).await?;
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
 
-async fn revoke_service(State(access): Access, V1Path(path): V1Path<String>) -> Result<Response, ApiError> {
-    let service = path;
+async fn revoke_service(State(access): Access, V1Path(service): V1Path<String>) -> Result<Response, ApiError> {
     let revoked = access.revoke_service(&service).await?;
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
@@ -218,10 +218,9 @@ struct AuthorizeBody {
 
 async fn authorize(
     State(access): Access,
-    V1Path(path): V1Path<String>,
+    V1Path(service): V1Path<String>,
     V1Json(body): V1Json<AuthorizeBody>,
 ) -> Result<Response, ApiError> {
-    let service = path;
     let named = Named::new(body.access_token.as_deref(), body.app_id.as_deref(), body.user_id.as_deref());
     let who = access.authorize(&service, &named).await?;
     Ok(Json(WhoView { app_id: &who.app_id, user_id: who.user_id.as_deref() }).into_response())

@@ -8,8 +8,9 @@ use serde::de::DeserializeOwned;
 
 use crate::http::error::ApiError;
 
-/// The route's path parameters. A segment that does not decode (percent-encoded bytes that are
-/// not UTF-8) names nothing: 404 `not_found`, without repeating it.
+/// The route's path parameters, strings (a number is parsed by its handler, which can say what it
+/// expected). A segment that does not decode (percent-encoded bytes that are not UTF-8) names
+/// nothing: 404 `not_found`, without repeating it.
 pub struct V1Path<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for V1Path<T> {
