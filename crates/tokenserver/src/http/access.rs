@@ -14,9 +14,8 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
+use axum::extract::{FromRef, Query, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -28,27 +27,39 @@ use tokenserver_store::access::AccessToken;
 use crate::access::{AccessTokens, CreateRequest};
 use crate::http::error::ApiError;
 use crate::http::extract::V1Path;
+use crate::http::guard::{Keyed, RouteKey};
 use crate::http::json::{push_json_str, rfc3339_memo, Rfc3339, V1Json};
 use crate::keys::RouteAccess;
 use crate::state::AppState;
 
 /// The v1 routes, when access tokens are enabled.
 pub fn router(state: &AppState) -> Option<Router<AppState>> {
-    let access = state.access.clone()?;
+    let tokens = state.access.clone()?;
     let router = Router::new()
         .route("/v1/services/{service}/tokens", post(create).delete(revoke_service))
         .route("/v1/services/{service}/tokens/{token}", get(read).delete(remove))
         .route("/v1/services/{service}/applications/{app}/tokens", get(list).delete(revoke_app))
         .route("/v1/services/{service}/authorize", post(authorize))
-        .layer(axum::middleware::from_fn_with_state(state.access_access.clone(), require_api_key))
-        .with_state(access);
+        .with_state(AccessState { tokens, key: state.access_access.clone() });
     Some(Router::new().merge(router))
 }
 
-async fn require_api_key(State(access): State<RouteAccess>, req: Request, next: Next) -> Response {
-    match crate::http::guard::check_route_key(&access, req.headers(), "access.api_key") {
-        Ok(()) => next.run(req).await,
-        Err(refused) => refused.into_response(),
+/// What the v1 handlers share: the service, and the key its routes answer to.
+#[derive(Clone)]
+struct AccessState {
+    tokens: Arc<AccessTokens>,
+    key: RouteAccess,
+}
+
+impl FromRef<AccessState> for Arc<AccessTokens> {
+    fn from_ref(state: &AccessState) -> Self {
+        state.tokens.clone()
+    }
+}
+
+impl RouteKey for AccessState {
+    fn route_key(&self) -> (&RouteAccess, &'static str) {
+        (&self.key, "access.api_key")
     }
 }
 
@@ -146,6 +157,7 @@ struct CreateBody {
 }
 
 async fn create(
+    _: Keyed,
     State(access): Access,
     V1Path(service): V1Path<String>,
     V1Json(body): V1Json<CreateBody>,
@@ -160,7 +172,11 @@ async fn create(
     Ok((StatusCode::CREATED, Json(TokenView::of(&created))).into_response())
 }
 
-async fn read(State(access): Access, V1Path((service, token)): V1Path<(String, String)>) -> Result<Response, ApiError> {
+async fn read(
+    _: Keyed,
+    State(access): Access,
+    V1Path((service, token)): V1Path<(String, String)>,
+) -> Result<Response, ApiError> {
     let t = access.get(&service, &token).await?;
     let g = &t.grant;
     let view = GrantView { app_id: &g.app_id, user_id: g.user_id.as_deref(), expires_at: g.expires_at.map(Rfc3339) };
@@ -168,6 +184,7 @@ async fn read(State(access): Access, V1Path((service, token)): V1Path<(String, S
 }
 
 async fn remove(
+    _: Keyed,
     State(access): Access,
     V1Path((service, token)): V1Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -183,6 +200,7 @@ struct ListQuery {
 }
 
 async fn list(
+    _: Keyed,
     State(access): Access,
     V1Path((service, app)): V1Path<(String, String)>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -196,6 +214,7 @@ async fn list(
 }
 
 async fn revoke_app(
+    _: Keyed,
     State(access): Access,
     V1Path((service, app)): V1Path<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -203,7 +222,11 @@ async fn revoke_app(
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
 
-async fn revoke_service(State(access): Access, V1Path(service): V1Path<String>) -> Result<Response, ApiError> {
+async fn revoke_service(
+    _: Keyed,
+    State(access): Access,
+    V1Path(service): V1Path<String>,
+) -> Result<Response, ApiError> {
     let revoked = access.revoke_service(&service).await?;
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
@@ -217,6 +240,7 @@ struct AuthorizeBody {
 }
 
 async fn authorize(
+    _: Keyed,
     State(access): Access,
     V1Path(service): V1Path<String>,
     V1Json(body): V1Json<AuthorizeBody>,

@@ -18,6 +18,7 @@ use tokenserver_core::session::{MetaError, MetaUpdate};
 use super::json::FastJson as Json;
 use super::sessions::{meta_status, SessionsState};
 use crate::http::error::hakr_failure;
+use crate::http::guard::Keyed;
 
 /// Most sessions one `HEAD /dump` writes to the log.
 const MAX_LOGGED_DUMP: usize = 10_000;
@@ -63,14 +64,14 @@ fn limit_error(e: &MetaError) -> Response {
     (meta_status(e), e.to_string()).into_response()
 }
 
-async fn create(State(state): State<SessionsState>, Json(p): Json<CreatePayload>) -> Response {
+async fn create(_: Keyed, State(state): State<SessionsState>, Json(p): Json<CreatePayload>) -> Response {
     match state.sessions.create(p.meta, None).await {
         Ok(issued) => issued.token.encode().into_response(),
         Err(e) => hakr_failure(e),
     }
 }
 
-async fn update(State(state): State<SessionsState>, Json(p): Json<UpdatePayload>) -> Response {
+async fn update(_: Keyed, State(state): State<SessionsState>, Json(p): Json<UpdatePayload>) -> Response {
     let update = p.meta.filter(|m| !m.is_empty()).map(MetaUpdate::Shallow);
     let body = match state.sessions.rotate(&p.token, update).await {
         Ok(RotateOutcome::Rotated { token, record } | RotateOutcome::Replayed { token, record }) => {
@@ -84,7 +85,7 @@ async fn update(State(state): State<SessionsState>, Json(p): Json<UpdatePayload>
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn remove(State(state): State<SessionsState>, Json(p): Json<RemovePayload>) -> Response {
+async fn remove(_: Keyed, State(state): State<SessionsState>, Json(p): Json<RemovePayload>) -> Response {
     match state.sessions.end(&p.token).await {
         Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err(e) => hakr_failure(e),

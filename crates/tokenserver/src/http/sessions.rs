@@ -6,9 +6,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -20,7 +19,7 @@ use tokenserver_core::session::{MetaError, MetaUpdate, SessionRecord, SessionTok
 use std::sync::Arc;
 
 use crate::http::error::ApiError;
-use crate::http::guard::check_admin_key;
+use crate::http::guard::{check_admin_key, Keyed, RouteKey};
 use crate::http::json::{rfc3339, V1Json};
 use crate::keys::{BearerKey, RouteAccess};
 use crate::session::{DumpSlot, Sessions};
@@ -36,6 +35,14 @@ pub struct SessionsState {
     pub sessions: Arc<Sessions>,
     /// The admin key in force.
     pub admin_key: Option<BearerKey>,
+    /// `sessions.api_key`'s access to every route but the dumps.
+    pub key: RouteAccess,
+}
+
+impl RouteKey for SessionsState {
+    fn route_key(&self) -> (&RouteAccess, &'static str) {
+        (&self.key, "sessions.api_key")
+    }
 }
 
 impl SessionsState {
@@ -56,19 +63,16 @@ pub fn router(state: &AppState) -> Option<Router<AppState>> {
         .route("/v1/sessions", post(create).delete(end))
         .route("/v1/sessions/rotate", post(rotate))
         .merge(super::hakr::router())
-        .layer(axum::middleware::from_fn_with_state(state.session_access.clone(), require_api_key))
-        // The dumps answer to the admin key instead.
+        // Every handler above checks `sessions.api_key` first ([`Keyed`]); the dumps answer to
+        // the admin key instead.
         .route("/v1/sessions/dump", get(dump))
         .merge(super::hakr::dump_router(config.dump_enabled));
     let limit = DefaultBodyLimit::max(config.max_body_bytes);
-    Some(router.layer(limit).with_state(SessionsState { sessions, admin_key: state.admin_key.clone() }))
-}
-
-async fn require_api_key(State(access): State<RouteAccess>, req: Request, next: Next) -> Response {
-    match crate::http::guard::check_route_key(&access, req.headers(), "sessions.api_key") {
-        Ok(()) => next.run(req).await,
-        Err(refused) => refused.into_response(),
-    }
+    Some(router.layer(limit).with_state(SessionsState {
+        sessions,
+        admin_key: state.admin_key.clone(),
+        key: state.session_access.clone(),
+    }))
 }
 
 /// The status of a metadata limit, on both APIs: size 413, shape 422.
@@ -112,7 +116,11 @@ struct CreateBody {
     ttl: Option<u64>,
 }
 
-async fn create(State(state): State<SessionsState>, V1Json(body): V1Json<CreateBody>) -> Result<Response, ApiError> {
+async fn create(
+    _: Keyed,
+    State(state): State<SessionsState>,
+    V1Json(body): V1Json<CreateBody>,
+) -> Result<Response, ApiError> {
     let issued = state.sessions.create(body.meta, body.ttl.map(Duration::from_secs)).await.map_err(ApiError::from)?;
     Ok(json_response(StatusCode::CREATED, issued_body(&issued.token, &issued.record)))
 }
@@ -129,7 +137,11 @@ fn invalid_token() -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "the session token is invalid, expired or revoked")
 }
 
-async fn rotate(State(state): State<SessionsState>, V1Json(body): V1Json<RotateBody>) -> Result<Response, ApiError> {
+async fn rotate(
+    _: Keyed,
+    State(state): State<SessionsState>,
+    V1Json(body): V1Json<RotateBody>,
+) -> Result<Response, ApiError> {
     let update = match body.meta {
         None => None,
         Some(patch) if patch.is_object() => Some(MetaUpdate::MergePatch(patch)),
@@ -156,7 +168,11 @@ struct EndBody {
     token: String,
 }
 
-async fn end(State(state): State<SessionsState>, V1Json(body): V1Json<EndBody>) -> Result<Response, ApiError> {
+async fn end(
+    _: Keyed,
+    State(state): State<SessionsState>,
+    V1Json(body): V1Json<EndBody>,
+) -> Result<Response, ApiError> {
     if state.sessions.end(&body.token).await.map_err(ApiError::from)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
