@@ -128,7 +128,7 @@ pub fn public_router(state: SyncFamily) -> Router {
     router
         .fallback(not_found)
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(observe::RouteMetrics::new("public"), observe::observe))
+        .layer(observe::ObserveLayer::new("public"))
         .with_state(state)
 }
 
@@ -152,6 +152,6 @@ pub fn internal_router(state: AppState) -> Router {
     router
         .fallback(internal_not_found)
         .method_not_allowed_fallback(internal_method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(observe::RouteMetrics::new("internal"), observe::observe))
+        .layer(observe::ObserveLayer::new("internal"))
         .with_state(state)
 }

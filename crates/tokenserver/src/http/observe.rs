@@ -10,11 +10,17 @@ use foldhash::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use axum::extract::{MatchedPath, Request};
 use axum::http::HeaderValue;
-use axum::middleware::Next;
 use axum::response::Response;
 use metrics::{Counter, Histogram};
+use tokio::task::futures::TaskLocalFuture;
+use tower::{Layer, Service};
 
 /// The histogram's name, for its buckets ([`crate::telemetry::metrics_handle`]).
 pub const DURATION_METRIC: &str = "tokenserver_http_request_duration_seconds";
@@ -91,27 +97,88 @@ fn usable_id(v: &HeaderValue) -> Option<&str> {
     ok.then_some(s)
 }
 
-/// The layer's body (`axum::middleware::from_fn_with_state`).
-pub async fn observe(
-    axum::extract::State(metrics): axum::extract::State<RouteMetrics>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    // A clone of the matched path is a reference count, not a copy of the pattern.
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let id = match req.headers().get(REQUEST_ID_HEADER).and_then(usable_id) {
-        Some(id) => id.to_string(),
-        None => hex::encode(rand::random::<[u8; 8]>()),
-    };
-    let header = HeaderValue::from_str(&id).ok();
-    let mut resp = REQUEST_ID.scope(id, next.run(req)).await;
-    if let Some(v) = header {
-        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+/// The layer, for `Router::layer`: one [`Observe`] around each route. Written out rather than with
+/// `axum::middleware::from_fn`, which boxes the inner service and the future once more on every
+/// request.
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: RouteMetrics,
+}
+
+impl ObserveLayer {
+    /// Observes the requests of the listener named `listener` (`public`, `internal`).
+    pub fn new(listener: &'static str) -> Self {
+        Self { metrics: RouteMetrics::new(listener) }
     }
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    metrics.record(route, resp.status().as_u16(), started.elapsed().as_secs_f64());
-    resp
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner, metrics: self.metrics.clone() }
+    }
+}
+
+/// A route, observed: its request id and metrics.
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: RouteMetrics,
+}
+
+impl<S> Service<Request> for Observe<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Observed<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let started = Instant::now();
+        // A clone of the matched path is a reference count, not a copy of the pattern.
+        let route = req.extensions().get::<MatchedPath>().cloned();
+        let id = match req.headers().get(REQUEST_ID_HEADER).and_then(usable_id) {
+            Some(id) => id.to_string(),
+            None => hex::encode(rand::random::<[u8; 8]>()),
+        };
+        let header = HeaderValue::from_str(&id).ok();
+        // The route's own work happens when its future is polled, inside the id's scope.
+        let inner = REQUEST_ID.scope(id, self.inner.call(req));
+        Observed { inner, started, route, header, metrics: self.metrics.clone() }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A route's answer, given its request id header and counted once it is ready.
+    pub struct Observed<F> {
+        #[pin]
+        inner: TaskLocalFuture<String, F>,
+        started: Instant,
+        route: Option<MatchedPath>,
+        header: Option<HeaderValue>,
+        metrics: RouteMetrics,
+    }
+}
+
+impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut resp) = ready!(this.inner.poll(cx));
+        if let Some(v) = this.header.take() {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        this.metrics.record(route, resp.status().as_u16(), this.started.elapsed().as_secs_f64());
+        Poll::Ready(Ok(resp))
+    }
 }
 
 #[cfg(test)]
