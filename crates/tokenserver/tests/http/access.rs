@@ -727,13 +727,37 @@ async fn v1_oversized_bodies_answer_in_the_envelope() {
 #[tokio::test]
 async fn v1_api_key_guards_the_routes() {
     let s = server(&[("TOKENSERVER_ACCESS__API_KEY", "ak")]).await;
-    let r = v1(&s, "POST", "/tokens", Some(json!({"app_id": "a"}))).await;
-    assert_eq!(code(&r), (401, "unauthorized".into()));
-    let r = respond(
-        s.http.post(format!("{}/v1/services/{SVC}/tokens", s.internal)).bearer_auth("ak").json(&json!({"app_id": "a"})),
-    )
-    .await;
+    let call = |method: &str, path: &str, body: Option<Value>, key: Option<&str>| {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = s.http.request(method, format!("{}/v1/services/{SVC}{path}", s.internal));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        respond(req)
+    };
+    let r = call("POST", "/tokens", Some(json!({"token": "kept", "app_id": "a", "user_id": "u"})), Some("ak")).await;
     assert_eq!(r.status, 201);
+    // Every route, without the key and with a wrong one: refused before anything is read or done.
+    let refused = json!({"error": "unauthorized", "message": "a valid access.api_key is required"});
+    for (method, path, body) in [
+        ("POST", "/tokens", Some(json!({"app_id": "a"}))),
+        ("GET", "/tokens/kept", None),
+        ("DELETE", "/tokens/kept", None),
+        ("GET", "/applications/a/tokens", None),
+        ("DELETE", "/applications/a/tokens", None),
+        ("DELETE", "/tokens", None),
+        ("POST", "/authorize", Some(json!({"access_token": "kept"}))),
+    ] {
+        for key in [None, Some("wrong")] {
+            let r = call(method, path, body.clone(), key).await;
+            assert_eq!((r.status, r.json()), (401, refused.clone()), "{method} {path} {key:?}");
+        }
+    }
+    let r = call("GET", "/tokens/kept", None, Some("ak")).await;
+    assert_eq!((r.status, r.json()["user_id"].clone()), (200, json!("u")));
     // apisonator's routes keep their own per-service keys.
     assert_eq!(create(&s, &[("app_id", "a"), ("token", "t")]).await.status, 200);
     s.finish().await;

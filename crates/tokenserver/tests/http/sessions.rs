@@ -354,12 +354,28 @@ async fn dump_needs_the_admin_key_and_lists_no_tokens() {
 #[tokio::test]
 async fn api_key_guards_the_session_routes() {
     let server = TestServer::start(&[("TOKENSERVER_SESSIONS__API_KEY", "k1")]).await;
-    let r = send(&server, "POST", "/token", JSON, r#"{"meta":{}}"#).await;
-    assert_eq!(envelope(&r), (401, "unauthorized".into()));
-    let r = send_auth(&server, "POST", "/token", JSON, r#"{"meta":{}}"#, Some("k2")).await;
-    assert_eq!(r.status, 401);
-    let r = send_auth(&server, "POST", "/v1/sessions", JSON, r#"{"meta":{}}"#, Some("k1")).await;
+    let r = send_auth(&server, "POST", "/v1/sessions", JSON, r#"{"meta":{"n":1}}"#, Some("k1")).await;
     assert_eq!(r.status, 201);
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    let with_token = format!(r#"{{"token":"{token}"}}"#);
+    // Every route but the dumps, without the key and with a wrong one: refused before anything
+    // of the request is read or done (the session is neither rotated nor ended).
+    let refused = json!({"error": "unauthorized", "message": "a valid sessions.api_key is required"});
+    for (method, path, body) in [
+        ("POST", "/token", r#"{"meta":{}}"#),
+        ("PUT", "/token", with_token.as_str()),
+        ("DELETE", "/token", with_token.as_str()),
+        ("POST", "/v1/sessions", r#"{"meta":{}}"#),
+        ("POST", "/v1/sessions/rotate", with_token.as_str()),
+        ("DELETE", "/v1/sessions", with_token.as_str()),
+    ] {
+        for key in [None, Some("k2")] {
+            let r = send_auth(&server, method, path, JSON, body, key).await;
+            assert_eq!((r.status, r.json()), (401, refused.clone()), "{method} {path} {key:?}");
+        }
+    }
+    let r = send_auth(&server, "POST", "/v1/sessions/rotate", JSON, &with_token, Some("k1")).await;
+    assert_eq!((r.status, r.json()["meta"].clone()), (200, json!({"n": 1})), "{}", r.body);
     server.finish().await;
 }
 
