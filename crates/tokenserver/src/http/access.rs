@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRef, Query, State};
+use axum::extract::Query;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,9 +27,8 @@ use tokenserver_store::access::AccessToken;
 use crate::access::{AccessTokens, CreateRequest};
 use crate::http::error::ApiError;
 use crate::http::extract::V1Path;
-use crate::http::guard::{Keyed, RouteKey};
+use crate::http::guard::{Guarded, Keyed};
 use crate::http::json::{push_json_str, rfc3339_memo, Rfc3339, V1Json};
-use crate::keys::RouteAccess;
 use crate::state::AppState;
 
 /// The v1 routes, when access tokens are enabled.
@@ -40,30 +39,12 @@ pub fn router(state: &AppState) -> Option<Router<AppState>> {
         .route("/v1/services/{service}/tokens/{token}", get(read).delete(remove))
         .route("/v1/services/{service}/applications/{app}/tokens", get(list).delete(revoke_app))
         .route("/v1/services/{service}/authorize", post(authorize))
-        .with_state(AccessState { tokens, key: state.access_access.clone() });
+        .with_state(Guarded::new(tokens, state.access_access.clone(), "access.api_key", None));
     Some(Router::new().merge(router))
 }
 
-/// What the v1 handlers share: the service, and the key its routes answer to.
-#[derive(Clone)]
-struct AccessState {
-    tokens: Arc<AccessTokens>,
-    key: RouteAccess,
-}
-
-impl FromRef<AccessState> for Arc<AccessTokens> {
-    fn from_ref(state: &AccessState) -> Self {
-        state.tokens.clone()
-    }
-}
-
-impl RouteKey for AccessState {
-    fn route_key(&self) -> (&RouteAccess, &'static str) {
-        (&self.key, "access.api_key")
-    }
-}
-
-type Access = State<Arc<AccessTokens>>;
+/// The service, handed to a handler once `access.api_key` is checked.
+type Access = Keyed<Arc<AccessTokens>>;
 
 /// A token as the v1 API (and the CLI) shows it: `{token, app_id, user_id, expires_at,
 /// created_at}`, times RFC 3339, `expires_at` `null` when permanent. Serialized straight from the
@@ -157,8 +138,7 @@ struct CreateBody {
 }
 
 async fn create(
-    _: Keyed,
-    State(access): Access,
+    Keyed(access): Access,
     V1Path(service): V1Path<String>,
     V1Json(body): V1Json<CreateBody>,
 ) -> Result<Response, ApiError> {
@@ -172,11 +152,7 @@ async fn create(
     Ok((StatusCode::CREATED, Json(TokenView::of(&created))).into_response())
 }
 
-async fn read(
-    _: Keyed,
-    State(access): Access,
-    V1Path((service, token)): V1Path<(String, String)>,
-) -> Result<Response, ApiError> {
+async fn read(Keyed(access): Access, V1Path((service, token)): V1Path<(String, String)>) -> Result<Response, ApiError> {
     let t = access.get(&service, &token).await?;
     let g = &t.grant;
     let view = GrantView { app_id: &g.app_id, user_id: g.user_id.as_deref(), expires_at: g.expires_at.map(Rfc3339) };
@@ -184,8 +160,7 @@ async fn read(
 }
 
 async fn remove(
-    _: Keyed,
-    State(access): Access,
+    Keyed(access): Access,
     V1Path((service, token)): V1Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     access.delete(&service, &token).await?;
@@ -200,8 +175,7 @@ struct ListQuery {
 }
 
 async fn list(
-    _: Keyed,
-    State(access): Access,
+    Keyed(access): Access,
     V1Path((service, app)): V1Path<(String, String)>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -214,19 +188,14 @@ async fn list(
 }
 
 async fn revoke_app(
-    _: Keyed,
-    State(access): Access,
+    Keyed(access): Access,
     V1Path((service, app)): V1Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let revoked = access.revoke_app(&service, &app).await?;
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
 
-async fn revoke_service(
-    _: Keyed,
-    State(access): Access,
-    V1Path(service): V1Path<String>,
-) -> Result<Response, ApiError> {
+async fn revoke_service(Keyed(access): Access, V1Path(service): V1Path<String>) -> Result<Response, ApiError> {
     let revoked = access.revoke_service(&service).await?;
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
@@ -240,8 +209,7 @@ struct AuthorizeBody {
 }
 
 async fn authorize(
-    _: Keyed,
-    State(access): Access,
+    Keyed(access): Access,
     V1Path(service): V1Path<String>,
     V1Json(body): V1Json<AuthorizeBody>,
 ) -> Result<Response, ApiError> {

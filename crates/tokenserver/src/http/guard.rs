@@ -8,23 +8,52 @@ use axum::http::{HeaderMap, StatusCode};
 use crate::http::error::ApiError;
 use crate::keys::{BearerKey, RouteAccess};
 
-/// A family's handler state that knows the key its routes answer to.
-pub trait RouteKey {
-    /// The routes' access, and the setting that holds the key (named in refusals).
-    fn route_key(&self) -> (&RouteAccess, &'static str);
+/// A family's handler state, reachable only through a key check: its fields are private to this
+/// module, so a handler gets the family's service from [`Keyed`] (the family's API key) or
+/// [`AdminKeyed`] (the admin key) and from nothing else. A route added later without one of them
+/// has no service to call.
+#[derive(Clone)]
+pub struct Guarded<T> {
+    service: T,
+    key: RouteAccess,
+    /// The setting that holds `key`, named in refusals.
+    setting: &'static str,
+    admin_key: Option<BearerKey>,
 }
 
-/// The family's API key, checked as a handler's first extractor, so before its path or body is
-/// read. An extractor rather than a middleware layer: a layer boxes and clones one more service
-/// on every request (2,800 of an access `authorize`'s 51,000 instructions).
-pub struct Keyed;
+impl<T> Guarded<T> {
+    /// `service` behind `key` (held by the setting `setting`) and, for the routes that need it
+    /// instead, the admin key.
+    pub fn new(service: T, key: RouteAccess, setting: &'static str, admin_key: Option<BearerKey>) -> Self {
+        Self { service, key, setting, admin_key }
+    }
+}
 
-impl<S: RouteKey + Send + Sync> FromRequestParts<S> for Keyed {
+/// The family's service, handed out once the family's API key is checked. A handler's first
+/// extractor, so the key is checked before its path or body is read; an extractor rather than a
+/// middleware layer, since a layer boxes and clones one more service on every request (2,800 of
+/// an access `authorize`'s 51,000 instructions).
+pub struct Keyed<T>(pub T);
+
+impl<T: Clone + Send + Sync> FromRequestParts<Guarded<T>> for Keyed<T> {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let (access, setting) = state.route_key();
-        check_route_key(access, &parts.headers, setting).map(|()| Self)
+    async fn from_request_parts(parts: &mut Parts, state: &Guarded<T>) -> Result<Self, Self::Rejection> {
+        check_route_key(&state.key, &parts.headers, state.setting)?;
+        Ok(Self(state.service.clone()))
+    }
+}
+
+/// The family's service, handed out once the admin key is checked: for the routes that read
+/// every record of a family (the session dumps).
+pub struct AdminKeyed<T>(pub T);
+
+impl<T: Clone + Send + Sync> FromRequestParts<Guarded<T>> for AdminKeyed<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Guarded<T>) -> Result<Self, Self::Rejection> {
+        check_admin_key(state.admin_key.as_ref(), &parts.headers)?;
+        Ok(Self(state.service.clone()))
     }
 }
 
@@ -43,7 +72,7 @@ pub fn check_admin_key(key: Option<&BearerKey>, headers: &HeaderMap) -> Result<(
 
 /// `Err` with the answer when `headers` do not carry the family's key (`setting` names it in
 /// the answer).
-pub fn check_route_key(access: &RouteAccess, headers: &HeaderMap, setting: &str) -> Result<(), ApiError> {
+fn check_route_key(access: &RouteAccess, headers: &HeaderMap, setting: &str) -> Result<(), ApiError> {
     match access {
         RouteAccess::Open => Ok(()),
         RouteAccess::Key(key) if key.matches(headers) => Ok(()),

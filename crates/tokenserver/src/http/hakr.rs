@@ -5,7 +5,8 @@
 //! that needs the admin key, runs one at a time and logs in lines of [`DUMP_CHUNK`] sessions
 //! (HaKr wrote every session into one line).
 
-use axum::extract::State;
+use std::sync::Arc;
+
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{head, post};
@@ -16,9 +17,10 @@ use tokenserver_core::session::RotateOutcome;
 use tokenserver_core::session::{MetaError, MetaUpdate};
 
 use super::json::FastJson as Json;
-use super::sessions::{meta_status, SessionsState};
+use super::sessions::{dump_slot, meta_status, SessionsState};
 use crate::http::error::hakr_failure;
-use crate::http::guard::Keyed;
+use crate::http::guard::{AdminKeyed, Keyed};
+use crate::session::Sessions;
 
 /// Most sessions one `HEAD /dump` writes to the log.
 const MAX_LOGGED_DUMP: usize = 10_000;
@@ -64,16 +66,16 @@ fn limit_error(e: &MetaError) -> Response {
     (meta_status(e), e.to_string()).into_response()
 }
 
-async fn create(_: Keyed, State(state): State<SessionsState>, Json(p): Json<CreatePayload>) -> Response {
-    match state.sessions.create(p.meta, None).await {
+async fn create(Keyed(sessions): Keyed<Arc<Sessions>>, Json(p): Json<CreatePayload>) -> Response {
+    match sessions.create(p.meta, None).await {
         Ok(issued) => issued.token.encode().into_response(),
         Err(e) => hakr_failure(e),
     }
 }
 
-async fn update(_: Keyed, State(state): State<SessionsState>, Json(p): Json<UpdatePayload>) -> Response {
+async fn update(Keyed(sessions): Keyed<Arc<Sessions>>, Json(p): Json<UpdatePayload>) -> Response {
     let update = p.meta.filter(|m| !m.is_empty()).map(MetaUpdate::Shallow);
-    let body = match state.sessions.rotate(&p.token, update).await {
+    let body = match sessions.rotate(&p.token, update).await {
         Ok(RotateOutcome::Rotated { token, record } | RotateOutcome::Replayed { token, record }) => {
             let meta = if record.meta.is_empty() { "{}" } else { record.meta.as_str() };
             format!(r#"{{"Ok":{{"token":"{}","meta":{meta}}}}}"#, token.encode())
@@ -85,8 +87,8 @@ async fn update(_: Keyed, State(state): State<SessionsState>, Json(p): Json<Upda
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn remove(_: Keyed, State(state): State<SessionsState>, Json(p): Json<RemovePayload>) -> Response {
-    match state.sessions.end(&p.token).await {
+async fn remove(Keyed(sessions): Keyed<Arc<Sessions>>, Json(p): Json<RemovePayload>) -> Response {
+    match sessions.end(&p.token).await {
         Ok(_) => StatusCode::ACCEPTED.into_response(),
         Err(e) => hakr_failure(e),
     }
@@ -98,14 +100,14 @@ fn hakr_time(ms: u64) -> String {
     text.trim_end_matches('Z').replacen('T', " ", 1)
 }
 
-async fn dump(State(state): State<SessionsState>, headers: axum::http::HeaderMap) -> Response {
-    let slot = match state.dump_slot(&headers) {
+async fn dump(AdminKeyed(sessions): AdminKeyed<Arc<Sessions>>) -> Response {
+    let slot = match dump_slot(&sessions) {
         Ok(slot) => slot,
         Err(refused) => return refused.into_response(),
     };
     let (mut after, mut logged, mut part) = (None, 0usize, 0usize);
     while logged < MAX_LOGGED_DUMP {
-        let page = match state.sessions.dump(&slot, after.as_deref(), DUMP_CHUNK.min(MAX_LOGGED_DUMP - logged)).await {
+        let page = match sessions.dump(&slot, after.as_deref(), DUMP_CHUNK.min(MAX_LOGGED_DUMP - logged)).await {
             Ok(page) => page,
             Err(e) => {
                 tracing::error!(error = %e, "DUMP failed");

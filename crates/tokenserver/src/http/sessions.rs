@@ -6,8 +6,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Query};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -19,40 +19,23 @@ use tokenserver_core::session::{MetaError, MetaUpdate, SessionRecord, SessionTok
 use std::sync::Arc;
 
 use crate::http::error::ApiError;
-use crate::http::guard::{check_admin_key, Keyed, RouteKey};
+use crate::http::guard::{AdminKeyed, Guarded, Keyed};
 use crate::http::json::{rfc3339, V1Json};
-use crate::keys::{BearerKey, RouteAccess};
 use crate::session::{DumpSlot, Sessions};
 use crate::state::AppState;
 
 /// Most sessions one dump returns.
 pub const MAX_DUMP: usize = 1000;
 
-/// What the session handlers need: the service, and the admin key (for the dumps).
-#[derive(Clone)]
-pub struct SessionsState {
-    /// The session service.
-    pub sessions: Arc<Sessions>,
-    /// The admin key in force.
-    pub admin_key: Option<BearerKey>,
-    /// `sessions.api_key`'s access to every route but the dumps.
-    pub key: RouteAccess,
-}
+/// What the session handlers share: the service, behind `sessions.api_key` ([`Keyed`]) or, for
+/// the dumps, the admin key ([`AdminKeyed`]).
+pub type SessionsState = Guarded<Arc<Sessions>>;
 
-impl RouteKey for SessionsState {
-    fn route_key(&self) -> (&RouteAccess, &'static str) {
-        (&self.key, "sessions.api_key")
-    }
-}
-
-impl SessionsState {
-    /// The admin key's verdict, then a dump slot (429 while another dump runs).
-    pub fn dump_slot(&self, headers: &HeaderMap) -> Result<DumpSlot, ApiError> {
-        check_admin_key(self.admin_key.as_ref(), headers)?;
-        self.sessions.dump_slot().ok_or_else(|| {
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "dump_in_progress", "another dump is running; retry later")
-        })
-    }
+/// A dump slot (429 while another dump runs).
+pub fn dump_slot(sessions: &Sessions) -> Result<DumpSlot, ApiError> {
+    sessions.dump_slot().ok_or_else(|| {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "dump_in_progress", "another dump is running; retry later")
+    })
 }
 
 /// Session routes (HaKr's and v1), when sessions are enabled.
@@ -63,16 +46,13 @@ pub fn router(state: &AppState) -> Option<Router<AppState>> {
         .route("/v1/sessions", post(create).delete(end))
         .route("/v1/sessions/rotate", post(rotate))
         .merge(super::hakr::router())
-        // Every handler above checks `sessions.api_key` first ([`Keyed`]); the dumps answer to
-        // the admin key instead.
+        // Every handler above gets the service from `sessions.api_key`'s check ([`Keyed`]); the
+        // dumps from the admin key's ([`AdminKeyed`]).
         .route("/v1/sessions/dump", get(dump))
         .merge(super::hakr::dump_router(config.dump_enabled));
     let limit = DefaultBodyLimit::max(config.max_body_bytes);
-    Some(router.layer(limit).with_state(SessionsState {
-        sessions,
-        admin_key: state.admin_key.clone(),
-        key: state.session_access.clone(),
-    }))
+    let guarded = Guarded::new(sessions, state.session_access.clone(), "sessions.api_key", state.admin_key.clone());
+    Some(router.layer(limit).with_state(guarded))
 }
 
 /// The status of a metadata limit, on both APIs: size 413, shape 422.
@@ -116,12 +96,8 @@ struct CreateBody {
     ttl: Option<u64>,
 }
 
-async fn create(
-    _: Keyed,
-    State(state): State<SessionsState>,
-    V1Json(body): V1Json<CreateBody>,
-) -> Result<Response, ApiError> {
-    let issued = state.sessions.create(body.meta, body.ttl.map(Duration::from_secs)).await.map_err(ApiError::from)?;
+async fn create(Keyed(sessions): Keyed<Arc<Sessions>>, V1Json(body): V1Json<CreateBody>) -> Result<Response, ApiError> {
+    let issued = sessions.create(body.meta, body.ttl.map(Duration::from_secs)).await.map_err(ApiError::from)?;
     Ok(json_response(StatusCode::CREATED, issued_body(&issued.token, &issued.record)))
 }
 
@@ -137,11 +113,7 @@ fn invalid_token() -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "invalid_token", "the session token is invalid, expired or revoked")
 }
 
-async fn rotate(
-    _: Keyed,
-    State(state): State<SessionsState>,
-    V1Json(body): V1Json<RotateBody>,
-) -> Result<Response, ApiError> {
+async fn rotate(Keyed(sessions): Keyed<Arc<Sessions>>, V1Json(body): V1Json<RotateBody>) -> Result<Response, ApiError> {
     let update = match body.meta {
         None => None,
         Some(patch) if patch.is_object() => Some(MetaUpdate::MergePatch(patch)),
@@ -153,7 +125,7 @@ async fn rotate(
             ))
         }
     };
-    match state.sessions.rotate(&body.token, update).await.map_err(ApiError::from)? {
+    match sessions.rotate(&body.token, update).await.map_err(ApiError::from)? {
         RotateOutcome::Rotated { token, record } | RotateOutcome::Replayed { token, record } => {
             Ok(json_response(StatusCode::OK, issued_body(&token, &record)))
         }
@@ -168,12 +140,8 @@ struct EndBody {
     token: String,
 }
 
-async fn end(
-    _: Keyed,
-    State(state): State<SessionsState>,
-    V1Json(body): V1Json<EndBody>,
-) -> Result<Response, ApiError> {
-    if state.sessions.end(&body.token).await.map_err(ApiError::from)? {
+async fn end(Keyed(sessions): Keyed<Arc<Sessions>>, V1Json(body): V1Json<EndBody>) -> Result<Response, ApiError> {
+    if sessions.end(&body.token).await.map_err(ApiError::from)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::new(StatusCode::NOT_FOUND, "session_not_found", "no live session has this token"))
@@ -187,14 +155,13 @@ struct DumpQuery {
 }
 
 async fn dump(
-    State(state): State<SessionsState>,
-    headers: HeaderMap,
+    AdminKeyed(sessions): AdminKeyed<Arc<Sessions>>,
     query: Result<Query<DumpQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     // Metadata is personal data: the dump needs the admin key. The query is judged only after
     // the key, and in the API's JSON shape (axum's own rejection is plain text and would answer
     // before the key is checked).
-    let slot = state.dump_slot(&headers)?;
+    let slot = dump_slot(&sessions)?;
     let (limit, cursor) = match query {
         Ok(Query(q)) => (q.limit.unwrap_or(100), q.cursor),
         Err(_) => (0, None),
@@ -206,7 +173,7 @@ async fn dump(
             format!("limit must be between 1 and {MAX_DUMP}"),
         ));
     }
-    let page = state.sessions.dump(&slot, cursor.as_deref(), limit).await.map_err(ApiError::from)?;
+    let page = sessions.dump(&slot, cursor.as_deref(), limit).await.map_err(ApiError::from)?;
     let list: Vec<Value> = page
         .entries
         .iter()
