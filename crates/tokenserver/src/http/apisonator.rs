@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::PathRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -309,6 +309,16 @@ async fn respond(
     }
 }
 
+/// A form body over the internal listener's limit ([`crate::http::MAX_BODY_BYTES`], whether its
+/// size is announced or found while reading), or one that could not be read, answered as
+/// apisonator answers its own errors (it had no limit: the code is the v1 API's), so a client
+/// that reads `<error code>` reads this one too.
+fn body_refused(headers: &HeaderMap, query: Option<&str>, refused: &BytesRejection) -> Response {
+    let code = if refused.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "bad_request" };
+    let no_body = Call::read(headers, query, None).is_ok_and(|call| call.params.no_body);
+    render_error(&err(refused.status(), code, refused.body_text()), no_body)
+}
+
 /// `hello.xml.xml.xml` → `hello.xml.xml`; a path without `.xml` is no route.
 fn peel_xml(segment: &str) -> Option<&str> {
     segment.strip_suffix(".xml").filter(|t| !t.is_empty())
@@ -319,9 +329,13 @@ async fn create(
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let Ok(Path(service)) = path else { return unknown().await };
+    let body = match body {
+        Ok(body) => body,
+        Err(refused) => return body_refused(&headers, query.as_deref(), &refused),
+    };
     respond(&headers, query.as_deref(), Some(&body), async |call: &Call| {
         let p = &call.params;
         if p.get("token").is_none() && !p.structured("token") {

@@ -115,9 +115,10 @@ pub fn public_service(state: SyncFamily) -> HeaderLimit<Router> {
     HeaderLimit::new(public_router(state))
 }
 
-/// The internal listener's service: the header check, then the v1 APIs' body limit, then the
-/// routes. The limit (`DefaultBodyLimit`: the v1 extractors honour it and answer an oversized body
-/// in the envelope, 413 `body_too_large`, whether its size is announced or found while reading) is
+/// The internal listener's service: the header check, then the body limit, then the routes. The
+/// limit (`DefaultBodyLimit`: the v1 extractors honour it and answer an oversized body in the
+/// envelope, 413 `body_too_large`, whether its size is announced or found while reading;
+/// apisonator's create answers it in its XML, with the same code) is
 /// set once around the router: as a `Router::layer` it would wrap each route in one more boxed
 /// service (1,300 of an access `authorize`'s 48,000 instructions). The session routes set their
 /// own (`sessions.max_body_bytes`), which takes its place.
@@ -154,7 +155,8 @@ fn internal_router(state: AppState) -> Router {
         router = router.merge(access);
     }
     if let Some(apisonator) = apisonator::router(&state) {
-        router = router.merge(apisonator.layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES)));
+        // Their body limit is `internal_service`'s, answered in their XML (`apisonator::create`).
+        router = router.merge(apisonator);
     }
     router
         .fallback(internal_not_found)

@@ -692,6 +692,44 @@ async fn v1_unknown_routes_and_methods_answer_in_the_envelope() {
     s.finish().await;
 }
 
+/// apisonator's create reads a form body of at most 64 KiB as well; a larger one is refused in
+/// apisonator's XML with the v1 API's code, whether its size is announced or found while reading,
+/// `no_body` empties the answer, and nothing of it is stored.
+#[tokio::test]
+async fn apisonator_oversized_bodies_answer_in_xml() {
+    let s = server(&[]).await;
+    let path = format!("/services/{SVC}/oauth_access_tokens.xml");
+    let url = format!("{}{path}", s.internal);
+    let too_large = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><error code=\"body_too_large\">\
+                     Failed to buffer the request body: length limit exceeded</error>";
+    // A create of token `t-{app}`, padded to the limit plus `extra` bytes with a parameter
+    // nobody reads.
+    let form = |app: &str, extra: usize| {
+        let token = format!("t-{app}");
+        let base = encode(&[("provider_key", PK), ("app_id", app), ("token", &token)]);
+        format!("{base}&pad={}", "x".repeat(64 * 1024 + extra - base.len() - "&pad=".len()))
+    };
+    let ct = ("content-type", "application/x-www-form-urlencoded");
+    let r = respond(s.http.post(&url).header(ct.0, ct.1).body(form("over", 1))).await;
+    assert_eq!((r.status, r.body.as_str()), (413, too_large));
+    assert_eq!(r.headers["content-type"], XML);
+    let (status, body) = chunked_request(&s.internal, "POST", &path, &[ct], form("over", 1).as_bytes()).await;
+    assert_eq!((status, body.as_str()), (413, too_large));
+    let quiet = s.http.post(&url).header(ct.0, ct.1).header("3scale-options", "no_body=1");
+    let r = respond(quiet.body(form("over", 1))).await;
+    assert_eq!((r.status, r.body.as_str()), (413, ""));
+    let r = respond(s.http.post(&url).header(ct.0, ct.1).body(form("edge", 0))).await;
+    assert_eq!((r.status, r.body.as_str()), (200, ""));
+    assert_eq!(read(&s, "t-edge").await.status, 200);
+    assert_xml_error(
+        &read(&s, "t-over").await,
+        404,
+        "access_token_invalid",
+        r#"token "t-over" is invalid: expired or never defined"#,
+    );
+    s.finish().await;
+}
+
 /// The v1 API's body limit is 64 KiB; a larger body is refused in the envelope, whether its size
 /// is announced (Content-Length) or found while reading (chunked), and nothing of it is stored.
 #[tokio::test]
