@@ -118,10 +118,10 @@ pub fn public_service(state: SyncFamily) -> HeaderLimit<Router> {
 /// The internal listener's service: the header check, then the body limit, then the routes. The
 /// limit (`DefaultBodyLimit`: the v1 extractors honour it and answer an oversized body in the
 /// envelope, 413 `body_too_large`, whether its size is announced or found while reading;
-/// apisonator's create answers it in its XML, with the same code) is
-/// set once around the router: as a `Router::layer` it would wrap each route in one more boxed
-/// service (1,300 of an access `authorize`'s 48,000 instructions). The session routes set their
-/// own (`sessions.max_body_bytes`), which takes its place.
+/// apisonator's create answers it in its XML, with the same code) is set once around the router:
+/// as a `Router::layer` it would wrap each route in one more boxed service (1,300 of an access
+/// `authorize`'s 48,000 instructions). The session routes set their own
+/// (`sessions.max_body_bytes`), which takes its place.
 pub fn internal_service(
     state: AppState,
 ) -> HeaderLimit<impl Service<Request, Response = Response, Error = Infallible, Future = RouteFuture<Infallible>> + Clone>
