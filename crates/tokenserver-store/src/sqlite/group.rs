@@ -22,8 +22,14 @@ use crate::StoreError;
 
 // The measurements behind these values: bench/results/tuning-notes.md.
 
-/// Most calls committed together.
-const MAX_BATCH: usize = 512;
+/// Most calls committed together when a commit waits for no fsync (`synchronous = NORMAL`, the
+/// default). Capped so that under load two or more batches are on their way at once: the writer
+/// runs one while the callers of the last get their answers and send their next calls. Uncapped,
+/// one batch held most of the waiting requests and the rest of the pipeline idled meanwhile.
+const MAX_BATCH: usize = 32;
+/// Most calls committed together when each commit is fsynced (`synchronous = FULL`): there a
+/// larger batch shares one fsync, which on a slow disk is worth more than the overlap.
+const MAX_BATCH_SYNCED: usize = 512;
 /// Page cache of the writer, KiB (negative `cache_size`). Larger is not better: SQLite walks the
 /// whole cache's hash table at the end of a write transaction that grew the file.
 const CACHE_KIB: i64 = 8_192;
@@ -45,6 +51,8 @@ const GATHER_STEP: Duration = Duration::from_micros(100);
 /// The wait ends as soon as this many calls are queued: a batch that size is large enough, and
 /// waiting longer only idles the writer.
 const GATHER_BELOW: usize = 16;
+// A cap below the threshold would make every batch under load wait the whole `GATHER`.
+const _: () = assert!(GATHER_BELOW <= MAX_BATCH);
 
 /// Told about each batch's transaction, on the writer thread.
 pub(crate) trait BatchObserver: Send {
@@ -100,9 +108,18 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>, wal_full: Arc<Ato
     }
 }
 
-/// Moves the calls already queued into `batch`, up to [`MAX_BATCH`].
-fn take_waiting(jobs: &mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
-    while batch.len() < MAX_BATCH {
+/// The most calls one commit of `conn` carries: [`MAX_BATCH_SYNCED`] if its commits are fsynced
+/// (`synchronous` FULL or EXTRA), else [`MAX_BATCH`].
+fn max_batch(conn: &Connection) -> usize {
+    match conn.pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0)) {
+        Ok(level) if level >= 2 => MAX_BATCH_SYNCED,
+        _ => MAX_BATCH,
+    }
+}
+
+/// Moves the calls already queued into `batch`, up to `max`.
+fn take_waiting(jobs: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, max: usize) {
+    while batch.len() < max {
         match jobs.try_recv() {
             Ok(job) => batch.push(job),
             Err(_) => break,
@@ -113,11 +130,11 @@ fn take_waiting(jobs: &mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
 /// Waits, in steps of [`GATHER_STEP`], until [`GATHER_BELOW`] calls are in `batch` or
 /// [`GATHER`] has passed. Sleeping rather than blocking on the queue keeps senders from waking
 /// the writer once per call.
-fn gather(jobs: &mpsc::Receiver<Job>, batch: &mut Vec<Job>) {
+fn gather(jobs: &mpsc::Receiver<Job>, batch: &mut Vec<Job>, max: usize) {
     let started = std::time::Instant::now();
     while batch.len() < GATHER_BELOW && started.elapsed() < GATHER {
         std::thread::sleep(GATHER_STEP);
-        take_waiting(jobs, batch);
+        take_waiting(jobs, batch, max);
     }
 }
 
@@ -132,6 +149,7 @@ fn writer_loop(
     let batch_seconds = metrics::histogram!("tokenserver_sqlite_batch_seconds", "writer" => name.to_owned());
     let restart_seconds =
         metrics::histogram!("tokenserver_sqlite_restart_checkpoint_seconds", "writer" => name.to_owned());
+    let max = max_batch(&conn);
     let mut last_end = None;
     while let Ok(first) = jobs.recv() {
         if wal_full.swap(false, Ordering::Relaxed) {
@@ -144,11 +162,11 @@ fn writer_loop(
             restart_seconds.record(started.elapsed().as_secs_f64());
         }
         let mut batch = vec![first];
-        take_waiting(&jobs, &mut batch);
+        take_waiting(&jobs, &mut batch, max);
         // Under load (the last batch ended moments ago) and with few calls waiting, wait briefly
         // for more: a commit costs several WAL pages whether it carries one call or twenty.
         if batch.len() < GATHER_BELOW && last_end.is_some_and(|t: std::time::Instant| t.elapsed() < BUSY_GAP) {
-            gather(&jobs, &mut batch);
+            gather(&jobs, &mut batch, max);
         }
         let started = std::time::Instant::now();
         if let Err(err) = control(&conn, "BEGIN IMMEDIATE") {
@@ -384,6 +402,70 @@ mod tests {
         blocker.await.unwrap().unwrap();
         w.call_atomic(insert(2, false)).await.unwrap();
         assert_eq!(keys(&w).await, vec![2]);
+    }
+
+    /// Counts each batch's calls.
+    struct BatchSizes(std::sync::Arc<std::sync::Mutex<Vec<usize>>>, usize);
+
+    impl BatchObserver for BatchSizes {
+        fn begun(&mut self) {
+            self.1 = 0;
+        }
+        fn call_started(&mut self) {
+            self.1 += 1;
+        }
+        fn call_undone(&mut self) {}
+        fn committing(&mut self) {}
+        fn ended(&mut self, _committed: bool) {
+            self.0.lock().unwrap().push(self.1);
+        }
+    }
+
+    /// The sizes of the batches that carry 100 calls queued while the writer was busy.
+    async fn batches_of_100_queued(synchronous: &str) -> Vec<usize> {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(&format!("PRAGMA synchronous = {synchronous}; CREATE TABLE t (k INTEGER PRIMARY KEY)"))
+            .unwrap();
+        let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let w = GroupWriter::start("test-writer", conn, None, Some(Box::new(BatchSizes(sizes.clone(), 0)))).unwrap();
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let w = w.clone();
+            tokio::spawn(async move {
+                w.call(move |_| {
+                    let _ = entered_tx.send(());
+                    let _ = release_rx.recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || entered_rx.recv()).await.unwrap().unwrap();
+        let mut calls: Vec<_> = (0..100).map(|k| Box::pin(w.call_atomic(insert(k, false)))).collect();
+        for call in &mut calls {
+            // The first poll queues the call.
+            assert!(futures::poll!(call.as_mut()).is_pending());
+        }
+        release_tx.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        for out in futures::future::join_all(calls).await {
+            out.unwrap();
+        }
+        assert_eq!(keys(&w).await, (0..100).collect::<Vec<i64>>());
+        let sizes = sizes.lock().unwrap().clone();
+        // The blocker's batch first, the read of `keys` last.
+        sizes[1..sizes.len() - 1].to_vec()
+    }
+
+    #[tokio::test]
+    async fn without_an_fsync_per_commit_a_batch_carries_at_most_max_batch_calls() {
+        assert_eq!(batches_of_100_queued("NORMAL").await, vec![MAX_BATCH, MAX_BATCH, MAX_BATCH, 100 - 3 * MAX_BATCH]);
+    }
+
+    #[tokio::test]
+    async fn with_an_fsync_per_commit_the_calls_waiting_share_one_batch() {
+        assert_eq!(batches_of_100_queued("FULL").await, vec![100]);
     }
 
     #[tokio::test]
