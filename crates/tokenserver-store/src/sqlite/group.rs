@@ -341,6 +341,26 @@ mod tests {
         }
     }
 
+    /// Occupies the writer with a call that runs until the returned sender sends; returns once
+    /// that call has started, so that the calls sent next wait in the queue.
+    async fn hold(w: &GroupWriter) -> (tokio::task::JoinHandle<Result<(), StoreError>>, std::sync::mpsc::Sender<()>) {
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let w = w.clone();
+            tokio::spawn(async move {
+                w.call(move |_| {
+                    let _ = entered_tx.send(());
+                    let _ = release_rx.recv();
+                    Ok(())
+                })
+                .await
+            })
+        };
+        tokio::task::spawn_blocking(move || entered_rx.recv()).await.unwrap().unwrap();
+        (blocker, release_tx)
+    }
+
     #[tokio::test]
     async fn concurrent_calls_commit_and_a_failed_call_leaves_nothing() {
         let w = writer();
@@ -381,20 +401,7 @@ mod tests {
     #[tokio::test]
     async fn an_atomic_call_whose_caller_left_before_it_ran_is_skipped() {
         let w = writer();
-        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let blocker = {
-            let w = w.clone();
-            tokio::spawn(async move {
-                w.call(move |_| {
-                    let _ = entered_tx.send(());
-                    let _ = release_rx.recv();
-                    Ok(())
-                })
-                .await
-            })
-        };
-        tokio::task::spawn_blocking(move || entered_rx.recv()).await.unwrap().unwrap();
+        let (blocker, release_tx) = hold(&w).await;
         let mut abandoned = Box::pin(w.call_atomic(insert(1, false)));
         assert!(futures::poll!(abandoned.as_mut()).is_pending());
         drop(abandoned);
@@ -428,20 +435,7 @@ mod tests {
             .unwrap();
         let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let w = GroupWriter::start("test-writer", conn, None, Some(Box::new(BatchSizes(sizes.clone(), 0)))).unwrap();
-        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let blocker = {
-            let w = w.clone();
-            tokio::spawn(async move {
-                w.call(move |_| {
-                    let _ = entered_tx.send(());
-                    let _ = release_rx.recv();
-                    Ok(())
-                })
-                .await
-            })
-        };
-        tokio::task::spawn_blocking(move || entered_rx.recv()).await.unwrap().unwrap();
+        let (blocker, release_tx) = hold(&w).await;
         let mut calls: Vec<_> = (0..100).map(|k| Box::pin(w.call_atomic(insert(k, false)))).collect();
         for call in &mut calls {
             // The first poll queues the call.
@@ -472,20 +466,7 @@ mod tests {
     async fn an_abandoned_call_is_rolled_back() {
         let w = writer();
         // Hold the writer so the next call waits in the queue, then drop that call's future.
-        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let blocker = {
-            let w = w.clone();
-            tokio::spawn(async move {
-                w.call(move |_| {
-                    let _ = entered_tx.send(());
-                    let _ = release_rx.recv();
-                    Ok(())
-                })
-                .await
-            })
-        };
-        tokio::task::spawn_blocking(move || entered_rx.recv()).await.unwrap().unwrap();
+        let (blocker, release_tx) = hold(&w).await;
         let abandoned = w.call(insert(1, false));
         let mut abandoned = Box::pin(abandoned);
         // Queue it (first poll sends the job), then give up on it.
