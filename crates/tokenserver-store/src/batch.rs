@@ -10,9 +10,15 @@
 //!
 //! Each run executes on a task of its own, so a caller that goes away never cuts a statement short
 //! ([`crate::caller`]); a call whose caller has gone before its run starts is left out of it.
+//!
+//! A queue can also send one run at a time and let a second go out beside it only once the first
+//! has been out for a while ([`Batcher::start_staggered`]): one run carries every call, which
+//! matters where each run is a commit (a WAL flush), while a run stalled on a row lock or a slow
+//! flush does not hold up every call of its kind.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -48,8 +54,33 @@ impl<J: Send + 'static, R: Send + 'static> Batcher<J, R> {
         F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<Result<R, StoreError>>, StoreError>> + Send + 'static,
     {
+        let in_flight = in_flight.max(1);
+        Self::spawn(name, max_batch, Flights { eager: in_flight, most: in_flight, stall: None }, run)
+    }
+
+    /// As [`Self::start`], but one run goes out at a time: the next starts when it is answered
+    /// or, if it has been out for `stall`, beside it, up to `most` runs out at once.
+    pub(crate) fn start_staggered<F, Fut>(
+        name: &'static str,
+        max_batch: usize,
+        most: usize,
+        stall: Duration,
+        run: F,
+    ) -> Self
+    where
+        F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<R, StoreError>>, StoreError>> + Send + 'static,
+    {
+        Self::spawn(name, max_batch, Flights { eager: 1, most: most.max(1), stall: Some(stall) }, run)
+    }
+
+    fn spawn<F, Fut>(name: &'static str, max_batch: usize, flights: Flights, run: F) -> Self
+    where
+        F: Fn(Vec<J>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<R, StoreError>>, StoreError>> + Send + 'static,
+    {
         let (jobs, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(dispatch(name, max_batch.max(1), in_flight.max(1), rx, run));
+        tokio::spawn(dispatch(name, max_batch.max(1), flights, rx, run));
         Self { jobs }
     }
 
@@ -61,10 +92,19 @@ impl<J: Send + 'static, R: Send + 'static> Batcher<J, R> {
     }
 }
 
+/// How many runs may be out at once: `eager` as soon as calls wait, up to `most` when the runs
+/// out have been out for `stall` each.
+#[derive(Debug, Clone, Copy)]
+struct Flights {
+    eager: usize,
+    most: usize,
+    stall: Option<Duration>,
+}
+
 async fn dispatch<J, R, F, Fut>(
     name: &'static str,
     max_batch: usize,
-    in_flight: usize,
+    flights: Flights,
     mut rx: mpsc::Receiver<(J, Reply<R>)>,
     run: F,
 ) where
@@ -74,11 +114,15 @@ async fn dispatch<J, R, F, Fut>(
     Fut: Future<Output = Result<Vec<Result<R, StoreError>>, StoreError>> + Send + 'static,
 {
     let calls = metrics::histogram!("tokenserver_store_batch_calls", "kind" => name);
-    let slots = Arc::new(Semaphore::new(in_flight));
+    // A run holds one of `most` slots until it is answered, and one of `eager` until then or
+    // until it has been out for `stall`, whichever comes first.
+    let most = Arc::new(Semaphore::new(flights.most.max(flights.eager)));
+    let eager = Arc::new(Semaphore::new(flights.eager));
     let mut queued = Vec::with_capacity(max_batch);
     loop {
-        // A free run slot first: while every slot is taken, calls gather in the queue.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        // Free slots first: while they are taken, calls gather in the queue.
+        let Ok(slot) = most.clone().acquire_owned().await else { return };
+        let Ok(eager_slot) = eager.clone().acquire_owned().await else { return };
         if rx.recv_many(&mut queued, max_batch).await == 0 {
             return;
         }
@@ -88,12 +132,34 @@ async fn dispatch<J, R, F, Fut>(
         }
         calls.record(jobs.len() as f64);
         let work = run(jobs);
+        let stall = flights.stall;
         tokio::spawn(async move {
-            let answers = work.await;
-            drop(slot);
-            deliver(answers, replies);
+            let answers = match stall {
+                None => work.await,
+                Some(stall) => {
+                    tokio::pin!(work);
+                    tokio::select! {
+                        answers = &mut work => answers,
+                        () = tokio::time::sleep(stall) => {
+                            drop(eager_slot);
+                            return finish(work.await, slot, replies);
+                        }
+                    }
+                }
+            };
+            drop(eager_slot);
+            finish(answers, slot, replies);
         });
     }
+}
+
+fn finish<R>(
+    answers: Result<Vec<Result<R, StoreError>>, StoreError>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    replies: Vec<Reply<R>>,
+) {
+    drop(slot);
+    deliver(answers, replies);
 }
 
 /// For each of `keys`, whether it is the first with its value: a statement that changes rows
@@ -159,6 +225,78 @@ mod tests {
         }
         // The first call ran alone; the 19 that queued behind it shared the next run.
         assert_eq!(*runs.lock().expect("lock"), vec![1, 19]);
+    }
+
+    /// Starts `call(job)` on a task of its own.
+    fn call_later(batcher: &Batcher<u32, u32>, job: u32) -> tokio::task::JoinHandle<Result<u32, StoreError>> {
+        let b = batcher.clone();
+        tokio::spawn(async move { b.call(job).await })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn staggered_runs_go_one_at_a_time_while_each_is_answered_within_the_stall() {
+        let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = runs.clone();
+        let batcher = Batcher::start_staggered("test", 100, 2, Duration::from_millis(200), move |jobs: Vec<u32>| {
+            seen.lock().expect("lock").push((jobs.len(), tokio::time::Instant::now()));
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(jobs.into_iter().map(|j| Ok(j * 2)).collect())
+            }
+        });
+        let t0 = tokio::time::Instant::now();
+        let first = call_later(&batcher, 1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let rest: Vec<_> = (2..=20).map(|j| call_later(&batcher, j)).collect();
+        assert_eq!(first.await.expect("join").expect("answer"), 2);
+        for (j, task) in (2..=20).zip(rest) {
+            assert_eq!(task.await.expect("join").expect("answer"), j * 2);
+        }
+        // Two runs could have been out at once, but the first was answered within the stall: the
+        // 19 waited for it (50 ms) rather than going out beside it (at 10 ms).
+        let runs = runs.lock().expect("lock");
+        assert_eq!(runs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 19]);
+        assert_eq!(runs[1].1 - t0, Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_run_lets_the_next_go_beside_it_up_to_the_most_out() {
+        const STALL: Duration = Duration::from_millis(20);
+        let started = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = started.clone();
+        let gates = [Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new())];
+        let held = gates.clone();
+        let batcher = Batcher::start_staggered("test", 10, 2, STALL, move |jobs: Vec<u32>| {
+            seen.lock().expect("lock").push((jobs.clone(), tokio::time::Instant::now()));
+            let gate = jobs.first().and_then(|&j| held.get(j as usize - 1)).cloned();
+            async move {
+                if let Some(gate) = gate {
+                    gate.notified().await;
+                }
+                Ok(jobs.into_iter().map(Ok).collect())
+            }
+        });
+        let t0 = tokio::time::Instant::now();
+        let one = call_later(&batcher, 1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let two = call_later(&batcher, 2);
+        // Run 1 is held: run 2 goes out once run 1 has been out for the stall, not before.
+        tokio::time::sleep(10 * STALL).await;
+        let three = call_later(&batcher, 3);
+        // Runs 1 and 2 are both held: a third may not go out beside them, however long they stall.
+        tokio::time::sleep(10 * STALL).await;
+        {
+            let started = started.lock().expect("lock");
+            let runs: Vec<_> = started.iter().map(|(jobs, _)| jobs.clone()).collect();
+            assert_eq!(runs, vec![vec![1], vec![2]]);
+            assert!(started[1].1 - t0 >= STALL, "run 2 started {:?} after run 1", started[1].1 - t0);
+        }
+        gates[0].notify_one();
+        assert_eq!(one.await.expect("join").expect("answer"), 1);
+        assert_eq!(three.await.expect("join").expect("answer"), 3);
+        assert!(!two.is_finished());
+        gates[1].notify_one();
+        assert_eq!(two.await.expect("join").expect("answer"), 2);
     }
 
     #[tokio::test]

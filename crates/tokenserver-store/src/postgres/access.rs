@@ -13,6 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgRow};
 use sqlx::{Postgres, Row};
 use tokenserver_core::access::Grant;
 
+use super::COMMIT_STALL;
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::detached;
@@ -88,7 +89,8 @@ const GET_MANY: &str = "SELECT q.i, t.token, t.app_id, t.user_id, t.expires_at, 
 const MAX_BATCH: usize = 256;
 /// Statements of one kind running at once (the others' calls queue for the next one). Two, not
 /// four: fewer, fuller statements cost PostgreSQL less CPU a call and leave less waiting on
-/// commits (bench/results/postgres-in-flight-ab.md).
+/// commits (bench/results/postgres-in-flight-ab.md). Creations commit: one statement at a time,
+/// two only when the first stalls ([`super::COMMIT_STALL`]).
 const IN_FLIGHT: usize = 2;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = $1 AND token_hash = $2 AND (expires_at IS NULL OR expires_at > $3)";
@@ -259,8 +261,9 @@ impl PgAccess {
         let reads = ReadPool::new(options, settings)?;
         let for_creations = reads.clone();
         let gets = Batcher::start("access_get", MAX_BATCH, IN_FLIGHT, move |keys| get_many(reads.clone(), keys));
-        let creations =
-            Batcher::start("access_create", MAX_BATCH, IN_FLIGHT, move |jobs| create_many(for_creations.clone(), jobs));
+        let creations = Batcher::start_staggered("access_create", MAX_BATCH, IN_FLIGHT, COMMIT_STALL, move |jobs| {
+            create_many(for_creations.clone(), jobs)
+        });
         Ok(Self { pool, listings, gets, creations })
     }
 

@@ -21,6 +21,7 @@ use tokenserver_core::session::{
     ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
+use super::COMMIT_STALL;
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::{transaction, Caller};
 use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
@@ -125,7 +126,8 @@ const CREATE_MANY: &str = "INSERT INTO tokenserver_sessions (token_hash, chain, 
 const MAX_BATCH: usize = 256;
 /// Statements of one kind running at once (the others' calls queue for the next one). Two, not
 /// four: fewer, fuller statements cost PostgreSQL less CPU a call and leave less waiting on
-/// commits (bench/results/postgres-in-flight-ab.md).
+/// commits (bench/results/postgres-in-flight-ab.md). Those that commit go one at a time, two
+/// only when the first stalls ([`super::COMMIT_STALL`]).
 const IN_FLIGHT: usize = 2;
 
 fn record(row: &PgRow, at: usize) -> Result<SessionRecord> {
@@ -398,13 +400,14 @@ impl PgSessions {
         let (for_loads, for_rotations, for_live, for_creations) = (reads.clone(), reads.clone(), reads.clone(), reads);
         let loads =
             Batcher::start("session_load", MAX_BATCH, IN_FLIGHT, move |hashes| load_many(for_loads.clone(), hashes));
-        let rotations = Batcher::start("session_rotate", MAX_BATCH, IN_FLIGHT, move |jobs| {
+        let rotations = Batcher::start_staggered("session_rotate", MAX_BATCH, IN_FLIGHT, COMMIT_STALL, move |jobs| {
             rotate_many(for_rotations.clone(), jobs)
         });
-        let live_rotations = Batcher::start("session_rotate_live", MAX_BATCH, IN_FLIGHT, move |jobs| {
-            rotate_live_many(for_live.clone(), jobs)
-        });
-        let creations = Batcher::start("session_create", MAX_BATCH, IN_FLIGHT, move |jobs| {
+        let live_rotations =
+            Batcher::start_staggered("session_rotate_live", MAX_BATCH, IN_FLIGHT, COMMIT_STALL, move |jobs| {
+                rotate_live_many(for_live.clone(), jobs)
+            });
+        let creations = Batcher::start_staggered("session_create", MAX_BATCH, IN_FLIGHT, COMMIT_STALL, move |jobs| {
             create_many(for_creations.clone(), jobs)
         });
         Ok(Self { pool, loads, rotations, live_rotations, creations })
