@@ -648,16 +648,10 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 let url = match b.as_str() {
                     "memory" => "memory:".to_string(),
                     "sqlite" => format!("sqlite://{}/sessions.db", ctx.work.display()),
-                    "postgres" => {
-                        let url = &ctx.common.postgres_url;
-                        let mut conn =
-                            <sqlx::PgConnection as sqlx::Connection>::connect(url).await.map_err(|e| e.to_string())?;
-                        sqlx::query("DROP TABLE IF EXISTS tokenserver_sessions")
-                            .execute(&mut conn)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        url.clone()
-                    }
+                    // A database of the harness's own, as for access tokens: a table left in the
+                    // server's `postgres` database, or one dropped from whatever database the URL
+                    // names, is not the harness's to leave or to drop.
+                    "postgres" => populate::fresh_database(Backend::Postgres, &ctx.common.postgres_url).await?,
                     "redis" => format!("{redis_url}?prefix={prefix}"),
                     "redis-cluster" => format!("{redis_cluster_url}?prefix={prefix}"),
                     other => return Err(format!("unknown session backend {other:?}")),
