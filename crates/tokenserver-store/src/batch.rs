@@ -116,7 +116,7 @@ async fn dispatch<J, R, F, Fut>(
     let calls = metrics::histogram!("tokenserver_store_batch_calls", "kind" => name);
     // A run holds one of `most` slots until it is answered, and one of `eager` until then or
     // until it has been out for `stall`, whichever comes first.
-    let most = Arc::new(Semaphore::new(flights.most.max(flights.eager)));
+    let most = Arc::new(Semaphore::new(flights.most));
     let eager = Arc::new(Semaphore::new(flights.eager));
     let mut queued = Vec::with_capacity(max_batch);
     loop {
@@ -134,6 +134,7 @@ async fn dispatch<J, R, F, Fut>(
         let work = run(jobs);
         let stall = flights.stall;
         tokio::spawn(async move {
+            let mut eager_slot = Some(eager_slot);
             let answers = match stall {
                 None => work.await,
                 Some(stall) => {
@@ -141,25 +142,16 @@ async fn dispatch<J, R, F, Fut>(
                     tokio::select! {
                         answers = &mut work => answers,
                         () = tokio::time::sleep(stall) => {
-                            drop(eager_slot);
-                            return finish(work.await, slot, replies);
+                            eager_slot = None;
+                            work.await
                         }
                     }
                 }
             };
-            drop(eager_slot);
-            finish(answers, slot, replies);
+            drop((eager_slot, slot));
+            deliver(answers, replies);
         });
     }
-}
-
-fn finish<R>(
-    answers: Result<Vec<Result<R, StoreError>>, StoreError>,
-    slot: tokio::sync::OwnedSemaphorePermit,
-    replies: Vec<Reply<R>>,
-) {
-    drop(slot);
-    deliver(answers, replies);
 }
 
 /// For each of `keys`, whether it is the first with its value: a statement that changes rows
