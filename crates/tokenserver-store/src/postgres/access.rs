@@ -13,11 +13,11 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgRow};
 use sqlx::{Postgres, Row};
 use tokenserver_core::access::Grant;
 
-use super::COMMIT_STALL;
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::detached;
 use crate::sql::read_pool::{read, ReadPool};
+use crate::sql::COMMIT_STALL;
 use crate::{PoolSettings, StoreError};
 
 /// Tokens of up to 1,024 bytes are listed from the covering index (`tokenserver_access_list_idx`),
@@ -90,7 +90,7 @@ const MAX_BATCH: usize = 256;
 /// Statements of one kind running at once (the others' calls queue for the next one). Two, not
 /// four: fewer, fuller statements cost PostgreSQL less CPU a call and leave less waiting on
 /// commits (bench/results/postgres-in-flight-ab.md). Creations commit: one statement at a time,
-/// two only when the first stalls ([`super::COMMIT_STALL`]).
+/// two only when the first stalls ([`crate::sql::COMMIT_STALL`]).
 const IN_FLIGHT: usize = 2;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = $1 AND token_hash = $2 AND (expires_at IS NULL OR expires_at > $3)";

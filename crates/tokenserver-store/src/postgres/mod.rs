@@ -24,14 +24,6 @@ use crate::sql::{UserKey, ROWS_BATCH, ROWS_IN_FLIGHT};
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
-/// The batched statements that commit (session rotations and creations, access-token creations)
-/// go one at a time, so that one commit, one WAL flush, carries every call waiting; a second goes
-/// out beside the first only once the first has been out this long (held by a row lock or a slow
-/// flush). At 64 connections a statement of live session rotations carried ~29 rotations, one
-/// statement every ~1.2 ms; against two at once, rotations +23% and PostgreSQL's CPU a rotation
-/// -25% (bench/results/host-2026-12-07-o.md).
-pub(crate) const COMMIT_STALL: std::time::Duration = std::time::Duration::from_millis(5);
-
 /// Mozilla's single PostgreSQL migration (`2025-09-02-195720_create_schema`).
 const MIGRATIONS: &[Migration] = &[Migration {
     version: "20250902195720",

@@ -21,11 +21,11 @@ use tokenserver_core::session::{
     ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
-use super::COMMIT_STALL;
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::{transaction, Caller};
 use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
 use crate::sql::read_pool::{read, ReadPool};
+use crate::sql::COMMIT_STALL;
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &[&str] = &[
@@ -127,7 +127,7 @@ const MAX_BATCH: usize = 256;
 /// Statements of one kind running at once (the others' calls queue for the next one). Two, not
 /// four: fewer, fuller statements cost PostgreSQL less CPU a call and leave less waiting on
 /// commits (bench/results/postgres-in-flight-ab.md). Those that commit go one at a time, two
-/// only when the first stalls ([`super::COMMIT_STALL`]).
+/// only when the first stalls ([`crate::sql::COMMIT_STALL`]).
 const IN_FLIGHT: usize = 2;
 
 fn record(row: &PgRow, at: usize) -> Result<SessionRecord> {

@@ -27,6 +27,14 @@ pub(crate) const ROWS_BATCH: usize = 64;
 /// not four, costs PostgreSQL half the CPU a read (bench/results/postgres-in-flight-ab.md).
 pub(crate) const ROWS_IN_FLIGHT: usize = 2;
 
+/// The network backends' batched statements that commit (PostgreSQL's session rotations and
+/// creations and access-token creations, MySQL's access-token creations) go one at a time, so
+/// that one commit, one log flush, carries every call waiting; a second goes out beside the first
+/// only once the first has been out this long (held by a row lock or a slow flush). PostgreSQL's
+/// live rotations against two statements at once: +23%, its CPU a rotation -25%
+/// (bench/results/host-2026-12-07-o.md); MariaDB's creates: bench/results/host-2026-12-07-p.md.
+pub(crate) const COMMIT_STALL: Duration = Duration::from_millis(5);
+
 /// The rows of a batch read, `(position in the batch, row)` in position order, dealt back to
 /// the batch's `asked` calls (a position past them, padding, is dropped).
 pub(crate) fn deal_rows(asked: usize, rows: Vec<(i64, UserRow)>) -> Vec<Vec<UserRow>> {
