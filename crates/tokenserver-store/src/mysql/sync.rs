@@ -115,7 +115,8 @@ pub(crate) async fn insert_id<'q>(
 pub(crate) const ROWS_BATCH: usize = 64;
 /// Those statements out at once, as on PostgreSQL: with one join per batch, two in flight of up
 /// to 64 users cost MariaDB 18-21 µs of CPU a request where four of up to 16 cost 29-32, and
-/// their p99 is lower (bench/results/mysql-rows-json-table-ab.md).
+/// their p99 is lower (bench/results/mysql-rows-json-table-ab.md); the second only once the
+/// first has been out [`crate::sql::READ_STALL`].
 pub(crate) const ROWS_IN_FLIGHT: usize = 2;
 /// Users a `UNION ALL` statement ([`user_rows_many`]) carries at most. MariaDB plans each branch
 /// at every execution, so a long one costs far more per user than the join.

@@ -20,7 +20,7 @@ use crate::batch::Batcher;
 use crate::sql::alloc_queue::AllocationQueue;
 use crate::sql::migrate::Migration;
 use crate::sql::read_pool::ReadPool;
-use crate::sql::{UserKey, ROWS_BATCH, ROWS_IN_FLIGHT};
+use crate::sql::{UserKey, READ_STALL, ROWS_BATCH, ROWS_IN_FLIGHT};
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -102,7 +102,7 @@ impl PgStore {
         let reads = ReadPool::new(options.clone(), pool)?;
         let for_rows = user_rows_pool(&options, pool)?;
         let pool = crate::sql::network_pool(pool).connect_lazy_with(options);
-        let user_reads = Batcher::start("user_rows", ROWS_BATCH, ROWS_IN_FLIGHT, move |keys| {
+        let user_reads = Batcher::start_staggered("user_rows", ROWS_BATCH, ROWS_IN_FLIGHT, READ_STALL, move |keys| {
             sync::rows_many(for_rows.clone(), keys)
         });
         let store = Self { pool, reads, user_reads, allocations: None };
