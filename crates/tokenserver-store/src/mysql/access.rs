@@ -23,7 +23,7 @@ use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Res
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::detached;
 use crate::sql::read_pool::{read, ReadPool};
-use crate::sql::COMMIT_STALL;
+use crate::sql::{COMMIT_STALL, READ_STALL};
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS tokenserver_access_tokens (
@@ -58,7 +58,8 @@ const REPLACE_EXPIRED: &str = "UPDATE tokenserver_access_tokens \
 /// Token reads one statement carries at most, statements out at once, and the sizes a statement
 /// is padded to (each one statement text, prepared once per connection): as for the users' rows
 /// (`super::sync`), MariaDB plans each `UNION ALL` branch on every execution. Four out at once,
-/// not eight: fuller statements, 9-16% more reads a second (bench/results/postgres-in-flight-ab.md).
+/// not eight: fuller statements, 9-16% more reads a second (bench/results/postgres-in-flight-ab.md);
+/// one at a time, another only when those out have stalled ([`crate::sql::READ_STALL`]).
 const GETS_BATCH: usize = 16;
 const GETS_IN_FLIGHT: usize = 4;
 const GET_SIZES: [usize; 5] = [1, 2, 4, 8, GETS_BATCH];
@@ -317,7 +318,9 @@ impl MySqlAccess {
         // Single autocommit reads: the write pool's READ COMMITTED makes no difference to them.
         let listings = ReadPool::new(options.clone(), settings)?;
         let reads = ReadPool::new(options, settings)?;
-        let gets = Batcher::start("access_get", GETS_BATCH, GETS_IN_FLIGHT, move |keys| get_many(reads.clone(), keys));
+        let gets = Batcher::start_staggered("access_get", GETS_BATCH, GETS_IN_FLIGHT, READ_STALL, move |keys| {
+            get_many(reads.clone(), keys)
+        });
         let for_creations = pool.clone();
         let creates =
             Batcher::start_staggered("access_create", CREATES_BATCH, CREATES_IN_FLIGHT, COMMIT_STALL, move |jobs| {

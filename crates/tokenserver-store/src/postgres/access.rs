@@ -17,7 +17,7 @@ use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Res
 use crate::batch::{first_of_each, Batcher};
 use crate::caller::detached;
 use crate::sql::read_pool::{read, ReadPool};
-use crate::sql::COMMIT_STALL;
+use crate::sql::{COMMIT_STALL, READ_STALL};
 use crate::{PoolSettings, StoreError};
 
 /// Tokens of up to 1,024 bytes are listed from the covering index (`tokenserver_access_list_idx`),
@@ -89,8 +89,8 @@ const GET_MANY: &str = "SELECT q.i, t.token, t.app_id, t.user_id, t.expires_at, 
 const MAX_BATCH: usize = 256;
 /// Statements of one kind running at once (the others' calls queue for the next one). Two, not
 /// four: fewer, fuller statements cost PostgreSQL less CPU a call and leave less waiting on
-/// commits (bench/results/postgres-in-flight-ab.md). Creations commit: one statement at a time,
-/// two only when the first stalls ([`crate::sql::COMMIT_STALL`]).
+/// commits (bench/results/postgres-in-flight-ab.md). One statement at a time, two only when the
+/// first stalls: creations ([`crate::sql::COMMIT_STALL`]) and reads ([`crate::sql::READ_STALL`]).
 const IN_FLIGHT: usize = 2;
 const DELETE_LIVE: &str = "DELETE FROM tokenserver_access_tokens \
     WHERE service = $1 AND token_hash = $2 AND (expires_at IS NULL OR expires_at > $3)";
@@ -260,7 +260,9 @@ impl PgAccess {
         let listings = ReadPool::new(options.clone(), settings)?;
         let reads = ReadPool::new(options, settings)?;
         let for_creations = reads.clone();
-        let gets = Batcher::start("access_get", MAX_BATCH, IN_FLIGHT, move |keys| get_many(reads.clone(), keys));
+        let gets = Batcher::start_staggered("access_get", MAX_BATCH, IN_FLIGHT, READ_STALL, move |keys| {
+            get_many(reads.clone(), keys)
+        });
         let creations = Batcher::start_staggered("access_create", MAX_BATCH, IN_FLIGHT, COMMIT_STALL, move |jobs| {
             create_many(for_creations.clone(), jobs)
         });
