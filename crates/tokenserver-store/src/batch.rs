@@ -12,9 +12,10 @@
 //! ([`crate::caller`]); a call whose caller has gone before its run starts is left out of it.
 //!
 //! A queue can also send one run at a time and let a second go out beside it only once the first
-//! has been out for a while ([`Batcher::start_staggered`]): one run carries every call, which
-//! matters where each run is a commit (a WAL flush), while a run stalled on a row lock or a slow
-//! flush does not hold up every call of its kind.
+//! has been out for a while ([`Batcher::start_staggered`]): one run carries every call waiting,
+//! which matters where each run is a commit (a log flush) or has a fixed cost large against its
+//! calls' (a read's parse, plan and round trip), while a run stalled on a row lock or a slow flush
+//! does not hold up every call of its kind.
 
 use std::future::Future;
 use std::sync::Arc;

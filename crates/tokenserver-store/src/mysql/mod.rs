@@ -20,7 +20,7 @@ use crate::batch::Batcher;
 use crate::sql::alloc_queue::AllocationQueue;
 use crate::sql::migrate::Migration;
 use crate::sql::read_pool::ReadPool;
-use crate::sql::{UserKey, READ_STALL};
+use crate::sql::{UserKey, READ_STALL, ROWS_BATCH, ROWS_IN_FLIGHT};
 use crate::sync::MigrationReport;
 use crate::{PoolSettings, StoreError};
 
@@ -140,10 +140,9 @@ impl MySqlStore {
             .connect_lazy_with(options);
         let for_rows = reads.clone();
         let reader = std::sync::Arc::new(sync::RowsReader::default());
-        let user_reads =
-            Batcher::start_staggered("user_rows", sync::ROWS_BATCH, sync::ROWS_IN_FLIGHT, READ_STALL, move |keys| {
-                sync::rows_many(for_rows.clone(), reader.clone(), keys)
-            });
+        let user_reads = Batcher::start_staggered("user_rows", ROWS_BATCH, ROWS_IN_FLIGHT, READ_STALL, move |keys| {
+            sync::rows_many(for_rows.clone(), reader.clone(), keys)
+        });
         let store = Self { pool, reads, user_reads, allocations: None };
         let queue = AllocationQueue::start(store.clone());
         Ok(Self { allocations: Some(queue), ..store })

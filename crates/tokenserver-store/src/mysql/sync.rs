@@ -110,14 +110,6 @@ pub(crate) async fn insert_id<'q>(
     i64::try_from(done.last_insert_id()).map_err(|_| StoreError::Backend("insert id out of range".into()))
 }
 
-/// Users' rows reads the request path's batch statement ([`RowsReader`]) carries at most, as on
-/// PostgreSQL.
-pub(crate) const ROWS_BATCH: usize = 64;
-/// Those statements out at once, as on PostgreSQL: with one join per batch, two in flight of up
-/// to 64 users cost MariaDB 18-21 µs of CPU a request where four of up to 16 cost 29-32, and
-/// their p99 is lower (bench/results/mysql-rows-json-table-ab.md); the second only once the
-/// first has been out [`crate::sql::READ_STALL`].
-pub(crate) const ROWS_IN_FLIGHT: usize = 2;
 /// Users a `UNION ALL` statement ([`user_rows_many`]) carries at most. MariaDB plans each branch
 /// at every execution, so a long one costs far more per user than the join.
 const UNION_BATCH: usize = 16;
@@ -466,7 +458,7 @@ mod tests {
         // statements of 16).
         let names = ["mixed@example.com", "MANY@example.com", "other@example.com", "nobody@example.com"];
         let full: Vec<(&str, &str)> =
-            (0..ROWS_BATCH).map(|i| (["sync-1.5", "other-1.0"][i % 2], names[i % names.len()])).collect();
+            (0..crate::sql::ROWS_BATCH).map(|i| (["sync-1.5", "other-1.0"][i % 2], names[i % names.len()])).collect();
         let mut with_long = full.clone();
         with_long[40] = ("sync-1.5", long.as_str());
         let batches: [&[(&str, &str)]; 4] = [
