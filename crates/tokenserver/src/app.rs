@@ -27,10 +27,11 @@ pub enum StartError {
 
 /// What the configuration opens its stores with.
 pub fn store_settings(config: &Config) -> StoreSettings {
-    StoreSettings {
-        pool: config.database.pool.clone(),
-        memory: config.sessions.as_ref().map(|s| s.memory).unwrap_or_default(),
+    let mut pool = config.database.pool.clone();
+    if let Some(access) = &config.access {
+        pool.listing_connections = access.listing_connections;
     }
+    StoreSettings { pool, memory: config.sessions.as_ref().map(|s| s.memory).unwrap_or_default() }
 }
 
 /// The stores the configuration names.
@@ -482,5 +483,17 @@ mod tests {
         assert!(endpoints("sqlite://tokenserver.db").is_empty() && endpoints("memory:").is_empty());
         assert_eq!(store_label(&[Family::Sync]), "Sync database");
         assert_eq!(store_label(&[Family::Sync, Family::Access]), "Sync database and access-token store");
+    }
+
+    #[test]
+    fn the_access_listing_connections_reach_the_store_settings() {
+        let config = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            crate::config::load(None, &vars).unwrap_or_else(|e| unreachable!("{e}"))
+        };
+        let settings = store_settings(&config(&[("TOKENSERVER_ACCESS__LISTING_CONNECTIONS", "7")]));
+        assert_eq!((settings.pool.listing_connections, settings.pool.max_size), (7, 10));
+        let settings = store_settings(&config(&[]));
+        assert_eq!(settings.pool.listing_connections, tokenserver_store::LISTING_CONNECTIONS);
     }
 }

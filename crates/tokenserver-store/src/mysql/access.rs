@@ -292,7 +292,8 @@ async fn cluster_by_application(pool: &MySqlPool) -> Result<()> {
 pub struct MySqlAccess {
     pool: MySqlPool,
     /// Listings: a pool of their own, so that a burst of them cannot hold up authorizations;
-    /// deadpool's rather than sqlx's, which pings each connection taken back.
+    /// deadpool's rather than sqlx's, which pings each connection taken back. Its
+    /// size is [`PoolSettings::listing_connections`], not the store's pool size.
     listings: ReadPool<MySqlConnection>,
     gets: Batcher<Key, Option<AccessToken>>,
     creates: Batcher<CreateJob, ()>,
@@ -316,7 +317,7 @@ impl MySqlAccess {
         sqlx::query(SCHEMA).execute(&pool).await?;
         cluster_by_application(&pool).await?;
         // Single autocommit reads: the write pool's READ COMMITTED makes no difference to them.
-        let listings = ReadPool::new(options.clone(), settings)?;
+        let listings = ReadPool::new(options.clone(), &settings.for_listings())?;
         let reads = ReadPool::new(options, settings)?;
         let gets = Batcher::start_staggered("access_get", GETS_BATCH, GETS_IN_FLIGHT, READ_STALL, move |keys| {
             get_many(reads.clone(), keys)

@@ -241,7 +241,8 @@ fn read_options(url: &str) -> Result<PgConnectOptions> {
 pub struct PgAccess {
     pool: PgPool,
     /// Listings: a pool of their own, so that a burst of them cannot hold up authorizations and
-    /// creations; deadpool's rather than sqlx's, which pings each connection taken back.
+    /// creations; deadpool's rather than sqlx's, which pings each connection taken back. Its
+    /// size is [`PoolSettings::listing_connections`], not the store's pool size.
     listings: ReadPool<PgConnection>,
     gets: Batcher<Key, Option<AccessToken>>,
     creations: Batcher<CreateJob, ()>,
@@ -257,7 +258,7 @@ impl PgAccess {
         }
         tx.commit().await?;
         let options = read_options(url)?;
-        let listings = ReadPool::new(options.clone(), settings)?;
+        let listings = ReadPool::new(options.clone(), &settings.for_listings())?;
         let reads = ReadPool::new(options, settings)?;
         let for_creations = reads.clone();
         let gets = Batcher::start_staggered("access_get", MAX_BATCH, IN_FLIGHT, READ_STALL, move |keys| {

@@ -400,6 +400,8 @@ pub struct AccessFile {
     pub max_ttl: DurationText,
     /// Longest token, bytes (apisonator's `CONFIG_OAUTH_MAX_TOKEN_SIZE`).
     pub max_token_bytes: usize,
+    /// Pages read at once on PostgreSQL or MySQL (the listings' own connections).
+    pub listing_connections: u32,
     /// How often expired tokens are reclaimed.
     pub purge_interval: DurationText,
     /// The v1 API requires `Authorization: Bearer <api_key>` (generated and kept in the database
@@ -420,6 +422,7 @@ impl Default for AccessFile {
             default_ttl: DurationText::Text("1day".into()),
             max_ttl: DurationText::Text("365days".into()),
             max_token_bytes: 3584,
+            listing_connections: tokenserver_store::LISTING_CONNECTIONS,
             purge_interval: DurationText::Text("1min".into()),
             api_key: None,
             require_api_key: true,

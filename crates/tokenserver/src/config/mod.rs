@@ -218,6 +218,8 @@ pub struct AccessConfig {
     pub max_ttl_s: u64,
     /// Longest token, bytes.
     pub max_token_bytes: usize,
+    /// Connections of the listings (PostgreSQL, MySQL).
+    pub listing_connections: u32,
     /// Purge period.
     pub purge_interval: Duration,
     /// Bearer key of the v1 API.
@@ -564,6 +566,7 @@ fn validate_database(ts: &file::SyncFile) -> Result<DatabaseConfig, ConfigError>
         _ => return Err(bad("tokenserver.sqlite_synchronous", "must be normal or full")),
     };
     let pool = PoolSettings {
+        listing_connections: tokenserver_store::LISTING_CONNECTIONS,
         sqlite_durability,
         max_size: ts.database_pool_max_size,
         connection_timeout: seconds(
@@ -745,6 +748,9 @@ fn validate_access(
     if a.max_token_bytes == 0 || a.max_token_bytes > 65_535 {
         return Err(bad("access.max_token_bytes", "must be between 1 and 65535"));
     }
+    if a.listing_connections == 0 {
+        return Err(bad("access.listing_connections", "must be at least 1"));
+    }
     let purge_interval = duration("access.purge_interval", &a.purge_interval)?;
     if purge_interval < Duration::from_millis(100) {
         return Err(bad("access.purge_interval", "must be at least 100ms"));
@@ -780,6 +786,7 @@ fn validate_access(
         default_ttl_s: default_ttl.as_secs(),
         max_ttl_s: max_ttl.as_secs(),
         max_token_bytes: a.max_token_bytes,
+        listing_connections: a.listing_connections,
         purge_interval,
         api_key: match a.api_key.clone().filter(|k| !k.is_empty()) {
             Some(k) => {
@@ -1095,6 +1102,7 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
         assert_eq!(a.url.expose(), "sqlite://tokenserver.db");
         assert_eq!((a.default_ttl_s, a.max_ttl_s, a.max_token_bytes), (86_400, 365 * 86_400, 3584));
         assert_eq!(a.purge_interval, Duration::from_secs(60));
+        assert_eq!(a.listing_connections, 4);
         assert!(a.require_api_key && a.api_key.is_none() && a.services.is_empty());
 
         let toml = r#"
@@ -1102,6 +1110,7 @@ tokenserver.fxa_browserid_audience = "https://token.services.mozilla.com"
 url = "redis://127.0.0.1:6379/?prefix=acc:"
 default_ttl = "1h"
 max_ttl = "30days"
+listing_connections = 12
 
 [access.services."2555417777820"]
 provider_key = "pk-secret"
@@ -1112,7 +1121,7 @@ service_tokens = "st-3"
 "#;
         let c = with_file(toml, &[]).unwrap_or_else(|e| unreachable!("{e}"));
         let a = c.access.clone().unwrap_or_else(|| unreachable!());
-        assert_eq!((a.default_ttl_s, a.max_ttl_s), (3600, 30 * 86_400));
+        assert_eq!((a.default_ttl_s, a.max_ttl_s, a.listing_connections), (3600, 30 * 86_400, 12));
         let svc = &a.services["2555417777820"];
         assert_eq!(svc.provider_key.as_ref().map(|k| k.expose().as_str()), Some("pk-secret"));
         assert_eq!(svc.service_tokens.len(), 2);
@@ -1130,6 +1139,7 @@ service_tokens = "st-3"
             ("TOKENSERVER_ACCESS__DEFAULT_TTL", "400days", "access.default_ttl"),
             ("TOKENSERVER_ACCESS__MAX_TTL", "0", "access.max_ttl"),
             ("TOKENSERVER_ACCESS__MAX_TOKEN_BYTES", "0", "access.max_token_bytes"),
+            ("TOKENSERVER_ACCESS__LISTING_CONNECTIONS", "0", "access.listing_connections"),
             ("TOKENSERVER_ACCESS__PURGE_INTERVAL", "1ms", "access.purge_interval"),
         ] {
             let err = load(None, &vars(&[(key, value)])).err().map(|e| e.to_string()).unwrap_or_default();
