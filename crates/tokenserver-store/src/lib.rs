@@ -55,8 +55,9 @@ pub struct PoolSettings {
 /// [`PoolSettings::listing_connections`] by default. A page is a whole index range read back to
 /// back, so each listing holds a database core while it runs; more at once than the database
 /// has cores only moves the queue into the database, where it is not first come first served.
-/// On the 2-core benchmark host four against ten cut PostgreSQL's p99 of a page by a tenth at
-/// the same rate (bench/results/host-2026-12-07-q.md, host-2026-12-05-b.md).
+/// On the 2-core benchmark host four against ten cut PostgreSQL's p99 of a page by a tenth or
+/// more in most runs, for about 4% fewer pages a second (bench/results/host-2026-12-07-q.md;
+/// hosts b and f alike).
 pub const LISTING_CONNECTIONS: u32 = 4;
 
 impl Default for PoolSettings {

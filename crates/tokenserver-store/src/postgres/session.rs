@@ -25,7 +25,7 @@ use crate::batch::{first_of_each, Batcher};
 use crate::caller::{transaction, Caller};
 use crate::session::{rotate, DumpEntry, DumpPage, Result, RotationSteps, SessionStore};
 use crate::sql::read_pool::{read, ReadPool};
-use crate::sql::COMMIT_STALL;
+use crate::sql::{COMMIT_STALL, READ_STALL};
 use crate::{PoolSettings, StoreError};
 
 const SCHEMA: &[&str] = &[
@@ -398,8 +398,9 @@ impl PgSessions {
             .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
         let reads = ReadPool::new(options, settings)?;
         let (for_loads, for_rotations, for_live, for_creations) = (reads.clone(), reads.clone(), reads.clone(), reads);
-        let loads =
-            Batcher::start("session_load", MAX_BATCH, IN_FLIGHT, move |hashes| load_many(for_loads.clone(), hashes));
+        let loads = Batcher::start_staggered("session_load", MAX_BATCH, IN_FLIGHT, READ_STALL, move |hashes| {
+            load_many(for_loads.clone(), hashes)
+        });
         let rotations = Batcher::start_staggered("session_rotate", MAX_BATCH, IN_FLIGHT, COMMIT_STALL, move |jobs| {
             rotate_many(for_rotations.clone(), jobs)
         });
