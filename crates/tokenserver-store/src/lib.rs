@@ -15,6 +15,10 @@
 //! method that the backend makes atomic; callers never build one from several calls. A URL is
 //! parsed once ([`Backend::from_url`]) and opened once ([`open`]), for every family asked of it.
 
+// The module docs are written for whoever works on the store and link its private parts (the
+// batcher, the group writer, the scripts); `cargo doc --document-private-items` renders them.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod access;
 mod batch;
 mod caller;

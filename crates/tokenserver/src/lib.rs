@@ -2,6 +2,9 @@
 //! configuration, CLI, HTTP routers and the flows that tie `tokenserver-core` rules to
 //! `tokenserver-store` backends and `tokenserver-auth` verifiers.
 
+// Module docs link private items (see tokenserver-store's lib.rs).
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod access;
 pub mod admission;
 pub mod app;

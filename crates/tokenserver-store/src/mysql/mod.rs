@@ -119,7 +119,7 @@ pub struct MySqlStore {
     /// Users' rows reads, one statement for those waiting at that moment
     /// ([`sync::rows_many`]).
     user_reads: Batcher<UserKey, Vec<UserRow>>,
-    /// Allocations go through one task that batches them ([`crate::alloc_queue`]); `None` in
+    /// Allocations go through one task that batches them ([`crate::sql::alloc_queue`]); `None` in
     /// that task's own copy of the store.
     allocations: Option<AllocationQueue>,
 }

@@ -117,7 +117,7 @@ const UNION_BATCH: usize = 16;
 /// connection (a size per number of calls would prepare up to [`UNION_BATCH`]).
 const ROWS_SIZES: [usize; 5] = [1, 2, 4, 8, UNION_BATCH];
 
-/// `n` users' rows in one statement: [`MySqlSql::USER_ROWS`] once per user with its position
+/// `n` users' rows in one statement: [`MySqlSql`]'s `USER_ROWS` once per user with its position
 /// first, joined by `UNION ALL`. Each branch is that query exactly, so emails compare as they
 /// do there (the column's collation), and each user gets at most its 20 newest rows.
 fn user_rows_many(n: usize) -> String {
@@ -328,7 +328,7 @@ impl RowsReader {
     }
 }
 
-/// A user's rows as [`MySqlSql::USER_ROWS`] orders and bounds them: newest first, at most 20.
+/// A user's rows as [`MySqlSql`]'s `USER_ROWS` orders and bounds them: newest first, at most 20.
 fn newest_first(rows: &mut Vec<UserRow>) {
     rows.sort_unstable_by_key(|r| std::cmp::Reverse((r.created_at, r.uid)));
     rows.truncate(20);

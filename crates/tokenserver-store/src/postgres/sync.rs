@@ -158,7 +158,7 @@ pub(crate) async fn insert_id<'q>(
 }
 
 /// Many users' rows in one statement: each asked (service, email) in `unnest` order, with its
-/// position first, then the columns of [`PgSql::USER_ROWS`] (the same rows, the same order, the
+/// position first, then the columns of [`PgSql`]'s `USER_ROWS` (the same rows, the same order, the
 /// same limit of 20 per user, by an index lookup per user).
 pub(super) const USER_ROWS_MANY: &str = "SELECT q.i, users.uid, nodes.id, nodes.node::TEXT, users.generation, \
     users.keys_changed_at, users.client_state::TEXT, users.created_at, users.replaced_at \

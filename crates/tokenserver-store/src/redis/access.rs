@@ -123,7 +123,7 @@ return live
 "
 );
 
-/// Deletes the live token ARGV[2] (ARGV: key prefix, token, now): 1 done, 0 none live (an
+/// Deletes the live token `ARGV[2]` (ARGV: key prefix, token, now): 1 done, 0 none live (an
 /// expired one is left to the sweep).
 const DELETE_LIVE: &str = lua!(
     r"
@@ -136,7 +136,7 @@ return 1
 "
 );
 
-/// The service's due tokens, up to ARGV[3] (ARGV: key prefix, now, max), with their entries.
+/// The service's due tokens, up to `ARGV[3]` (ARGV: key prefix, now, max), with their entries.
 /// Returns how many.
 const SWEEP: &str = lua!(
     r"

@@ -84,8 +84,8 @@ const MAX_LIVE_BATCH: usize = 64;
 /// `ROTATE_LIVE` calls out at once.
 const LIVE_IN_FLIGHT: usize = 4;
 
-/// Deletes KEYS[1] and its successors (ARGV[1]: the chain's key prefix, ARGV[2]: walk bound).
-/// With ARGV[3] (now) set, only an unexpired KEYS[1] starts a walk. Returns 1 when it did.
+/// Deletes `KEYS[1]` and its successors (`ARGV[1]`: the chain's key prefix, `ARGV[2]`: walk bound).
+/// With `ARGV[3]` (now) set, only an unexpired `KEYS[1]` starts a walk. Returns 1 when it did.
 const REVOKE: &str = r"
 local key = KEYS[1]
 if ARGV[3] ~= '' then

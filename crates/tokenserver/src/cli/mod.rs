@@ -133,6 +133,7 @@ pub struct NodeUpdate {
 #[derive(Debug, Args)]
 pub struct NodeAdd {
     /// Node URL, e.g. https://sync-1.example.com
+    #[allow(rustdoc::bare_urls)] // clap prints this line as the argument's help
     pub url: String,
     /// Maximum number of users.
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(1..))]
