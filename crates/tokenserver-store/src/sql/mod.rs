@@ -37,10 +37,11 @@ pub(crate) const ROWS_IN_FLIGHT: usize = 2;
 /// live rotations against two statements at once: +23%, its CPU a rotation -25%
 /// (bench/results/host-2026-12-07-o.md); MariaDB's creates: bench/results/host-2026-12-07-p.md.
 pub(crate) const COMMIT_STALL: Duration = Duration::from_millis(5);
-/// The request path's batched reads (Sync's users' rows, access tokens' `authorize`) go one
-/// statement at a time as well, a second beside the first only once the first has been out this
-/// long: fuller statements, a quarter to a half less of the database's CPU a request on
-/// PostgreSQL and MariaDB (bench/results/host-2026-12-07-p.md).
+/// The request path's batched reads (Sync's users' rows, access tokens' `authorize`, PostgreSQL's
+/// session loads) go one statement at a time as well, a second beside the first only once the
+/// first has been out this long: fuller statements, a quarter to a half less of the database's
+/// CPU a request on PostgreSQL and MariaDB (bench/results/host-2026-12-07-p.md); for session
+/// loads 37% fewer statements at the same rate (host-2026-12-07-q.md).
 pub(crate) const READ_STALL: Duration = Duration::from_millis(2);
 
 /// The rows of a batch read, `(position in the batch, row)` in position order, dealt back to
