@@ -4,7 +4,7 @@
 //! timeout fires. A database driver's future dropped in the middle of a statement or of `BEGIN`
 //! can leave its connection in a state nobody owns (sqlx 0.8 on SQLite: a transaction begun and
 //! never ended, holding the write lock until restart). So a write never runs in the caller's
-//! future: it runs on a task or thread of its own ([`detached`], the SQLite writer thread), which
+//! future: it runs on a task of its own ([`detached`], the SQLite writer's task), which
 //! always completes each statement, and looks at the caller between statements through a
 //! [`Caller`]. Once the caller is gone the write stops at the next step and rolls back; a write
 //! that reached its commit stays committed (as with any client that leaves after sending).

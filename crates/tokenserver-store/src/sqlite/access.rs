@@ -23,8 +23,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokenserver_core::access::Grant;
 
+use super::group::{GroupWriter, Span};
 use super::wal_cache::TokenCache;
-use super::{group::GroupWriter, rusqlite_error as e, ReadConns, SqliteStore};
+use super::{rusqlite_error as e, ReadConns, SqliteStore};
 use crate::access::{token_hash, AccessStore, AccessToken, Listing, NewToken, Result, TokenPage};
 use crate::StoreError;
 
@@ -147,7 +148,7 @@ fn decode_cursor(after: Option<&str>) -> Result<(i64, Vec<u8>)> {
     Ok((created, hash))
 }
 
-/// A [`Listing`] that owns its strings (to cross to the writer thread in memory).
+/// A [`Listing`] that owns its strings (to go to the writer in memory).
 struct ListingOwned {
     service: String,
     app_id: String,
@@ -186,7 +187,7 @@ impl SqliteAccess {
     /// table when missing.
     pub async fn on(db: &SqliteStore) -> Result<Self> {
         let store = Self { writer: db.writer().clone(), reads: db.readers(), cache: db.token_cache() };
-        store.writer.call(|conn| prepare_schema(conn)).await?;
+        store.writer.call(Span::Long, |conn| prepare_schema(conn)).await?;
         Ok(store)
     }
 
@@ -196,7 +197,8 @@ impl SqliteAccess {
     ) -> Result<T> {
         match &self.reads {
             Some(reads) => reads.with(f),
-            None => self.writer.call(move |conn| f(conn).map_err(e)).await,
+            // In memory only: one token or one page.
+            None => self.writer.call(Span::Short, move |conn| f(conn).map_err(e)).await,
         }
     }
 
@@ -206,12 +208,13 @@ impl SqliteAccess {
     /// savepoint ([`GroupWriter::call_atomic`]).
     async fn write<T: Send + 'static>(
         &self,
+        span: Span,
         step: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
         touched: impl FnOnce(&T) -> Option<Touch> + Send + 'static,
     ) -> Result<T> {
         let cache = self.cache.clone();
         self.writer
-            .call_atomic(move |conn| {
+            .call_atomic(span, move |conn| {
                 let out = step(conn);
                 if let (Some(cache), Ok(done)) = (&cache, &out) {
                     match touched(done) {
@@ -244,6 +247,7 @@ impl AccessStore for SqliteAccess {
         // with tokens nobody has read yet and push out the ones being authorized.
         let touch = Touch::Token(service.clone(), hash);
         self.write(
+            Span::Short,
             move |conn| {
                 let g = &stored.grant;
                 let values = params![
@@ -301,6 +305,7 @@ impl AccessStore for SqliteAccess {
         let (service, hash) = (service.to_string(), token_hash(token));
         let touch = Touch::Token(service.clone(), hash);
         self.write(
+            Span::Short,
             move |conn| {
                 let n = conn
                     .prepare_cached(DELETE_LIVE)
@@ -328,6 +333,7 @@ impl AccessStore for SqliteAccess {
     async fn revoke_app_batch(&self, service: &str, app_id: &str, now: u64, max: u64) -> Result<u64> {
         let (service, app_id) = (service.to_string(), app_id.to_string());
         self.write(
+            Span::Long,
             move |conn| {
                 let n = conn
                     .prepare_cached(REVOKE_APP)
@@ -343,6 +349,7 @@ impl AccessStore for SqliteAccess {
     async fn revoke_service_batch(&self, service: &str, now: u64, max: u64) -> Result<u64> {
         let service = service.to_string();
         self.write(
+            Span::Long,
             move |conn| {
                 let n = conn
                     .prepare_cached(REVOKE_SERVICE)
@@ -358,6 +365,7 @@ impl AccessStore for SqliteAccess {
     async fn purge_batch(&self, now: u64, max: u64) -> Result<u64> {
         // Only expired tokens go, which no read answers with: the cache stays as it is.
         self.write(
+            Span::Long,
             move |conn| {
                 let n = conn
                     .prepare_cached(PURGE)

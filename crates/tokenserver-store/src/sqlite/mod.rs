@@ -1,9 +1,9 @@
 //! SQLite backend: the embedded default. Mozilla's node-assignment schema (and the session
 //! table) in one file.
 //!
-//! Every write runs on a group-commit writer thread ([`group`]) that owns the write connection:
-//! calls are batched into one transaction, each in its own savepoint, and a caller that goes away
-//! cannot cut a statement short (the thread finishes it and rolls the call back). Every
+//! Every write runs on a group-commit writer ([`group`]) that owns the write connection: calls
+//! are batched into one transaction, each in its own savepoint, and a caller that goes away
+//! cannot cut a statement short (the writer's task finishes it and rolls the call back). Every
 //! read-modify-write is therefore serialized within this process and takes SQLite's write lock
 //! (`BEGIN IMMEDIATE`) against other processes, such as the CLI.
 //!
@@ -170,7 +170,7 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// A read-write connection of a writer thread (or its checkpointer) to `file`, or to a new
+/// A read-write connection of a writer (or its checkpointer) to `file`, or to a new
 /// in-memory database.
 pub(crate) fn writer_connection(file: Option<&Path>, durability: Durability) -> Result<Connection, StoreError> {
     if let Some(path) = file {

@@ -1,8 +1,8 @@
-//! SQLite session store (the default): durable in WAL mode, every call on one writer thread.
+//! SQLite session store (the default): durable in WAL mode, every call on one writer.
 //!
 //! Session calls are all small writes, so every one goes to the database's group-commit writer
-//! thread ([`super::group`], shared with the Sync store when both live in one file): under load one commit carries many rotations; alone, a call
-//! commits at once. A restart loses nothing that was answered (`synchronous = NORMAL` in WAL
+//! ([`super::group`], shared with the Sync store when both live in one file): under load one
+//! commit carries many rotations; alone, a call commits at once. A restart loses nothing that was answered (`synchronous = NORMAL` in WAL
 //! survives a process crash; a power cut may lose the last commits).
 //!
 //! Rows are keyed by the token hash, which starts with the token's issue time
@@ -18,7 +18,7 @@ use tokenserver_core::session::{
     ChainId, RotateOutcome, RotateRequest, Rotated, RotationPolicy, SessionRecord, SessionToken, TokenHash,
 };
 
-use super::group::GroupWriter;
+use super::group::{GroupWriter, Span};
 use super::SqliteStore;
 use crate::ready::run_now;
 use crate::session::{end_with, revoke_by_walking, rotate, DumpEntry, DumpPage, Result, SessionOps, SessionStore};
@@ -149,15 +149,16 @@ impl SqliteSessions {
     /// and session writes share its commits). Creates the table, or upgrades an earlier layout.
     pub async fn on(db: &SqliteStore) -> Result<Self> {
         let store = Self { writer: db.writer().clone() };
-        store.call(|conn| prepare_schema(conn)).await?;
+        store.call(Span::Long, |conn| prepare_schema(conn)).await?;
         Ok(store)
     }
 
     async fn call<T: Send + 'static>(
         &self,
+        span: Span,
         f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.writer.call(f).await
+        self.writer.call(span, f).await
     }
 }
 
@@ -169,24 +170,25 @@ impl SessionStore for SqliteSessions {
 
     async fn create(&self, token: &SessionToken, record: &SessionRecord) -> Result<()> {
         let (hash, chain, record) = (token.hash(), token.chain(), record.clone());
-        self.call(move |conn| Ops { conn }.insert(&hash, &chain, &record)).await
+        self.call(Span::Short, move |conn| Ops { conn }.insert(&hash, &chain, &record)).await
     }
 
     async fn rotate(&self, req: &RotateRequest, policy: &RotationPolicy) -> Result<RotateOutcome> {
         let (req, policy) = (req.clone(), *policy);
-        self.call(move |conn| run_now(rotate(&mut Ops { conn }, &req, &policy))).await
+        self.call(Span::Short, move |conn| run_now(rotate(&mut Ops { conn }, &req, &policy))).await
     }
 
     async fn end(&self, token: &SessionToken, now: u64) -> Result<bool> {
         let token = token.clone();
-        self.call(move |conn| end_with(&mut Ops { conn }, &token, now)).await
+        self.call(Span::Short, move |conn| end_with(&mut Ops { conn }, &token, now)).await
     }
 
     async fn dump(&self, now: u64, after: Option<&str>, limit: usize) -> Result<DumpPage> {
         let first = after.is_none();
         let from = crate::hash_cursor(after)?;
         let limit = limit.max(1);
-        self.call(move |conn| {
+        // A page, and on the first the count of every record.
+        self.call(Span::Long, move |conn| {
             let mut stmt = conn.prepare_cached(DUMP).map_err(e)?;
             let mut last = None;
             let rows = stmt
@@ -217,7 +219,7 @@ impl SessionStore for SqliteSessions {
 
     async fn purge_batch(&self, now: u64, max: u64) -> Result<u64> {
         let n = self
-            .call(move |conn| {
+            .call(Span::Long, move |conn| {
                 conn.prepare_cached(PURGE).and_then(|mut s| s.execute(params![now as i64, max as i64])).map_err(e)
             })
             .await?;
@@ -225,6 +227,6 @@ impl SessionStore for SqliteSessions {
     }
 
     async fn check(&self) -> Result<()> {
-        self.call(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(e)).await
+        self.call(Span::Short, |conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(e)).await
     }
 }

@@ -1,7 +1,7 @@
 //! `SyncStore` for SQLite. Writes run on the group-commit writer ([`super::group`]) through its
 //! `rusqlite` connection, reusing the transactional logic of `tx.rs`: its steps never suspend
-//! (rusqlite is synchronous), so the futures complete on the first poll, and one thread hop
-//! serves a whole write. Concurrent writes share a commit, each in its own savepoint after the
+//! (rusqlite is synchronous), so the futures complete on the first poll, and one call to the
+//! writer serves a whole write. Concurrent writes share a commit, each in its own savepoint after the
 //! ones before it in the batch, so allocations stay serialized exactly as with one transaction
 //! each. Reads run inline (or, in memory, on the writer).
 
@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension};
 use tokenserver_core::sync::allocation::NodeState;
 use tokenserver_core::sync::users::UserRow;
 
+use super::group::Span;
 use super::{rusqlite_error as e, SqliteStore, MIGRATIONS};
 use crate::ready::run_now;
 use crate::sql::migrate::{Existing, Migration};
@@ -337,12 +338,13 @@ impl SqliteStore {
     /// caller still waits (see [`super::group::GroupWriter::call`]).
     async fn write<T: Send + 'static>(
         &self,
+        span: Span,
         touch: Touch,
         step: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let cache = self.rows.clone();
         self.writer
-            .call(move |conn| {
+            .call(span, move |conn| {
                 let out = step(conn);
                 if let Some(cache) = &cache {
                     match &touch {
@@ -371,7 +373,8 @@ impl SqliteStore {
     ) -> Result<T> {
         match &self.reads {
             Some(reads) => reads.with(f),
-            None => self.writer.call(move |conn| f(conn).map_err(e)).await,
+            // In memory only; some of these reads are of whole tables.
+            None => self.writer.call(Span::Long, move |conn| f(conn).map_err(e)).await,
         }
     }
 }
@@ -379,7 +382,7 @@ impl SqliteStore {
 #[async_trait]
 impl SyncStore for SqliteStore {
     async fn migrate(&self) -> Result<MigrationReport> {
-        self.write(Touch::All, |conn| apply_migrations(conn, MIGRATIONS)).await
+        self.write(Span::Long, Touch::All, |conn| apply_migrations(conn, MIGRATIONS)).await
     }
 
     async fn check(&self) -> Result<()> {
@@ -387,7 +390,7 @@ impl SyncStore for SqliteStore {
     }
 
     async fn check_write(&self) -> Result<()> {
-        self.write(Touch::Nothing, |conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(e)).await
+        self.write(Span::Short, Touch::Nothing, |conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(e)).await
     }
 
     async fn user_rows(&self, service: &str, email: &str) -> Result<Vec<UserRow>> {
@@ -412,7 +415,7 @@ impl SyncStore for SqliteStore {
     async fn allocate_user(&self, req: &Allocate<'_>) -> Result<UserRow> {
         let owned = OwnedAllocate::new(req);
         let touch = Touch::User(req.service.to_string(), req.email.to_string());
-        self.write(touch, move |conn| run_now(tx::allocate(&mut Tx { conn }, &owned.borrow()))).await
+        self.write(Span::Short, touch, move |conn| run_now(tx::allocate(&mut Tx { conn }, &owned.borrow()))).await
     }
 
     async fn change_user(
@@ -426,7 +429,7 @@ impl SyncStore for SqliteStore {
         let change = OwnedUserChange::new(change);
         let (service, email) = (service.to_string(), email.to_string());
         let touch = Touch::User(service.clone(), email.clone());
-        self.write(touch, move |conn| {
+        self.write(Span::Short, touch, move |conn| {
             run_now(tx::change(&mut Tx { conn }, &service, &email, expected_current, &change.borrow(), now_ms))
         })
         .await
@@ -434,7 +437,7 @@ impl SyncStore for SqliteStore {
 
     async fn replace_rows(&self, service: &str, uids: &[i64], replaced_at: i64) -> Result<()> {
         let (service, uids) = (service.to_string(), uids.to_vec());
-        self.write(Touch::All, move |conn| {
+        self.write(Span::Short, Touch::All, move |conn| {
             let mut stmt = conn.prepare_cached(SqliteSql::REPLACE_USER).map_err(e)?;
             for uid in uids {
                 stmt.execute((replaced_at, &service, uid)).map_err(e)?;
@@ -446,7 +449,7 @@ impl SyncStore for SqliteStore {
 
     async fn retire_user(&self, service: &str, email: &str, now_ms: i64) -> Result<u64> {
         let (s, m) = (service.to_string(), email.to_string());
-        self.write(Touch::User(s.clone(), m.clone()), move |conn| {
+        self.write(Span::Short, Touch::User(s.clone(), m.clone()), move |conn| {
             let mut stmt = conn.prepare_cached(SqliteSql::RETIRE_USER).map_err(e)?;
             let n = stmt.execute((tokenserver_core::sync::MAX_GENERATION, now_ms, &s, &m)).map_err(e)?;
             Ok(n as u64)
@@ -462,7 +465,7 @@ impl SyncStore for SqliteStore {
         keys_changed_at: Option<i64>,
     ) -> Result<u64> {
         let (s, m) = (service.to_string(), email.to_string());
-        self.write(Touch::User(s.clone(), m.clone()), move |conn| {
+        self.write(Span::Short, Touch::User(s.clone(), m.clone()), move |conn| {
             let mut stmt = conn.prepare_cached(SqliteSql::UPDATE_USER_GENERATION).map_err(e)?;
             let n = stmt.execute((generation, keys_changed_at, &s, &m, generation, keys_changed_at)).map_err(e)?;
             Ok(n as u64)
@@ -475,7 +478,7 @@ impl SyncStore for SqliteStore {
         let (capacity, available, load) = (node.capacity, node.available, node.current_load);
         let (downed, backoff) = (i64::from(node.downed), i64::from(node.backoff));
         let id = self
-            .write(Touch::Nothing, move |conn| {
+            .write(Span::Long, Touch::Nothing, move |conn| {
                 let service = require_service(conn, &service)?;
                 let mut stmt = conn.prepare_cached(SqliteSql::INSERT_NODE).map_err(e)?;
                 stmt.query_row((service, &url, available, load, capacity, downed, backoff), |r| r.get::<_, i64>(0))
@@ -490,7 +493,7 @@ impl SyncStore for SqliteStore {
 
     async fn init_node(&self, service: &str, node: &str, capacity: i64) -> Result<bool> {
         let (service, node) = (service.to_string(), node.to_string());
-        self.write(Touch::Nothing, move |conn| {
+        self.write(Span::Long, Touch::Nothing, move |conn| {
             let service = require_service(conn, &service)?;
             let n = conn
                 .prepare_cached(SqliteSql::INIT_NODE)
@@ -514,7 +517,7 @@ impl SyncStore for SqliteStore {
 
     async fn update_node(&self, service: &str, node: &str, change: &NodeChange) -> Result<()> {
         let (service, node, c) = (service.to_string(), node.to_string(), change.clone());
-        self.write(Touch::All, move |conn| {
+        self.write(Span::Long, Touch::All, move |conn| {
             let id = node_id(conn, &service, &node)?;
             let flags = (c.downed.map(i64::from), c.backoff.map(i64::from));
             conn.prepare_cached(SqliteSql::UPDATE_NODE)
@@ -527,12 +530,12 @@ impl SyncStore for SqliteStore {
 
     async fn unassign_node(&self, service: &str, node: &str, now_ms: i64) -> Result<u64> {
         let (service, node) = (service.to_string(), node.to_string());
-        self.write(Touch::All, move |conn| unassign(conn, node_id(conn, &service, &node)?, now_ms)).await
+        self.write(Span::Long, Touch::All, move |conn| unassign(conn, node_id(conn, &service, &node)?, now_ms)).await
     }
 
     async fn remove_node(&self, service: &str, node: &str, now_ms: i64) -> Result<u64> {
         let (service, node) = (service.to_string(), node.to_string());
-        self.write(Touch::All, move |conn| {
+        self.write(Span::Long, Touch::All, move |conn| {
             let id = node_id(conn, &service, &node)?;
             let unassigned = unassign(conn, id, now_ms)?;
             conn.prepare_cached(SqliteSql::DELETE_NODE).and_then(|mut s| s.execute([id])).map_err(e)?;
@@ -561,7 +564,10 @@ impl SyncStore for SqliteStore {
     async fn assign_user(&self, service: &str, email: &str, node: &str, now_ms: i64) -> Result<UserRow> {
         let (service, email, node) = (service.to_string(), email.to_string(), node.to_string());
         let touch = Touch::User(service.clone(), email.clone());
-        self.write(touch, move |conn| run_now(tx::assign(&mut Tx { conn }, &service, &email, &node, now_ms))).await
+        self.write(Span::Short, touch, move |conn| {
+            run_now(tx::assign(&mut Tx { conn }, &service, &email, &node, now_ms))
+        })
+        .await
     }
 
     async fn count_users(&self, service: Option<&str>, created_before: i64) -> Result<i64> {
@@ -589,12 +595,13 @@ impl SyncStore for SqliteStore {
 
     async fn delete_user_record(&self, service: &str, uid: i64) -> Result<bool> {
         let service = service.to_string();
-        self.write(Touch::All, move |conn| run_now(tx::delete_record(&mut Tx { conn }, &service, uid))).await
+        self.write(Span::Short, Touch::All, move |conn| run_now(tx::delete_record(&mut Tx { conn }, &service, uid)))
+            .await
     }
 
     async fn bump_replaced_at(&self, service: &str, uid: i64, now_ms: i64) -> Result<()> {
         let service = service.to_string();
-        self.write(Touch::All, move |conn| {
+        self.write(Span::Short, Touch::All, move |conn| {
             conn.prepare_cached(SqliteSql::BUMP_REPLACED)
                 .and_then(|mut s| s.execute((now_ms, &service, uid)))
                 .map_err(e)?;
@@ -604,7 +611,7 @@ impl SyncStore for SqliteStore {
     }
 
     async fn enable_buckets(&self) -> Result<()> {
-        self.write(Touch::Nothing, |conn| conn.execute_batch(SqliteSql::CREATE_BUCKETS).map_err(e)).await
+        self.write(Span::Long, Touch::Nothing, |conn| conn.execute_batch(SqliteSql::CREATE_BUCKETS).map_err(e)).await
     }
 
     async fn buckets(&self, service: &str) -> Result<Vec<BucketRecord>> {
@@ -619,7 +626,7 @@ impl SyncStore for SqliteStore {
 
     async fn move_bucket(&self, service: &str, bucket: i64, total: i64, node: &str, now_ms: i64) -> Result<u64> {
         let (service, node) = (service.to_string(), node.to_string());
-        self.write(Touch::All, move |conn| {
+        self.write(Span::Long, Touch::All, move |conn| {
             run_now(tx::move_bucket(&mut Tx { conn }, &service, bucket, total, &node, now_ms))
         })
         .await
@@ -627,7 +634,7 @@ impl SyncStore for SqliteStore {
 
     async fn ensure_service(&self, service: &str, pattern: &str) -> Result<i64> {
         let (service, pattern) = (service.to_string(), pattern.to_string());
-        self.write(Touch::Nothing, move |conn| {
+        self.write(Span::Long, Touch::Nothing, move |conn| {
             if let Some(id) = service_id(conn, &service)? {
                 return Ok(id);
             }
@@ -646,7 +653,7 @@ impl SyncStore for SqliteStore {
     ) -> Result<Option<(String, bool)>> {
         let (name, fresh) = (name.to_string(), generate());
         let found = self
-            .write(Touch::Nothing, move |conn| {
+            .write(Span::Long, Touch::Nothing, move |conn| {
                 let existing: Option<String> = conn
                     .prepare_cached(GET_META)
                     .and_then(|mut s| s.query_row([&name], |r| r.get(0)).optional())
@@ -664,7 +671,7 @@ impl SyncStore for SqliteStore {
     async fn add_generated_secret(&self, name: &str, fresh: &str) -> Result<Option<Vec<String>>> {
         let (name, fresh) = (name.to_string(), fresh.to_string());
         let list = self
-            .write(Touch::Nothing, move |conn| {
+            .write(Span::Long, Touch::Nothing, move |conn| {
                 let existing: Option<String> = conn
                     .prepare_cached(GET_META)
                     .and_then(|mut s| s.query_row([&name], |r| r.get(0)).optional())

@@ -180,8 +180,7 @@ impl<K: Eq + Hash + Send, V: Clone + Send> WalCache<K, V> {
     }
 
     /// Notes that the writer's current call changes `key` of `service`, whose value is `value`
-    /// once it commits (`None`: gone, or not known). Called on the writer thread, inside the
-    /// batch.
+    /// once it commits (`None`: gone, or not known). Called by the writer, inside the batch.
     pub(crate) fn touch(&self, service: &str, key: K, value: Option<V>) {
         self.touched.lock().push((service.to_string(), key, value));
     }
