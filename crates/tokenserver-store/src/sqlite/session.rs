@@ -2,8 +2,9 @@
 //!
 //! Session calls are all small writes, so every one goes to the database's group-commit writer
 //! ([`super::group`], shared with the Sync store when both live in one file): under load one
-//! commit carries many rotations; alone, a call commits at once. A restart loses nothing that was answered (`synchronous = NORMAL` in WAL
-//! survives a process crash; a power cut may lose the last commits).
+//! commit carries many rotations; alone, a call commits at once. A restart loses nothing that
+//! was answered (`synchronous = NORMAL` in WAL survives a process crash; a power cut may lose
+//! the last commits).
 //!
 //! Rows are keyed by the token hash, which starts with the token's issue time
 //! ([`tokenserver_core::session::token`]): new tokens go to the right edge of the table, and so do

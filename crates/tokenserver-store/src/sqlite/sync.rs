@@ -1,9 +1,11 @@
 //! `SyncStore` for SQLite. Writes run on the group-commit writer ([`super::group`]) through its
 //! `rusqlite` connection, reusing the transactional logic of `tx.rs`: its steps never suspend
 //! (rusqlite is synchronous), so the futures complete on the first poll, and one call to the
-//! writer serves a whole write. Concurrent writes share a commit, each in its own savepoint after the
-//! ones before it in the batch, so allocations stay serialized exactly as with one transaction
-//! each. Reads run inline (or, in memory, on the writer).
+//! writer serves a whole write. Concurrent writes share a commit, each in its own savepoint after
+//! the ones before it in the batch, so allocations stay serialized exactly as with one
+//! transaction each. Reads run inline (or, in memory, on the writer). Each write says whether it
+//! is one user's ([`Span::Short`]: its batch may run on a request worker) or may run long
+//! ([`Span::Long`]: node operations, the schema).
 
 use std::sync::Arc;
 
