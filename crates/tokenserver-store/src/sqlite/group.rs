@@ -130,22 +130,17 @@ fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>, wal_full: Arc<Ato
     }
 }
 
-/// The most calls one commit of `conn` carries: [`MAX_BATCH_SYNCED`] if its commits are fsynced
-/// (`synchronous` FULL or EXTRA), else [`MAX_BATCH`].
-fn max_batch(conn: &Connection) -> usize {
-    match conn.pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0)) {
-        Ok(level) if level >= 2 => MAX_BATCH_SYNCED,
-        _ => MAX_BATCH,
-    }
+/// Whether each commit of `conn` is fsynced (`synchronous` FULL or EXTRA).
+fn commits_fsynced(conn: &Connection) -> bool {
+    matches!(conn.pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0)), Ok(level) if level >= 2)
 }
 
 /// The writer's connection and what goes with it, held by whichever task is running batches.
 struct Core {
     conn: Connection,
     observer: Option<Box<dyn BatchObserver>>,
-    /// Most calls in one batch ([`max_batch`]).
-    max: usize,
-    /// Whether each commit is fsynced: then a batch runs on a blocking thread, not a worker.
+    /// Whether each commit is fsynced: then a batch runs on a blocking thread, not a worker, and
+    /// carries up to [`MAX_BATCH_SYNCED`] calls rather than [`MAX_BATCH`].
     synced: bool,
     wal_full: Arc<AtomicBool>,
     last_end: Option<Instant>,
@@ -157,6 +152,15 @@ struct Core {
 }
 
 impl Core {
+    /// Most calls in one batch.
+    fn max(&self) -> usize {
+        if self.synced {
+            MAX_BATCH_SYNCED
+        } else {
+            MAX_BATCH
+        }
+    }
+
     /// Under load: the last batch ended moments ago.
     fn busy(&self) -> bool {
         self.last_end.is_some_and(|t| t.elapsed() < BUSY_GAP)
@@ -313,7 +317,7 @@ async fn lead(mut leader: Leader, mut core: Core) {
                 leader.done = true;
                 return;
             }
-            let n = queue.jobs.len().min(core.max);
+            let n = queue.jobs.len().min(core.max());
             queue.jobs.drain(..n).collect::<Vec<_>>()
         };
         if core.synced || batch.iter().any(|job| job.span == Span::Long) {
@@ -355,12 +359,10 @@ impl GroupWriter {
                 .spawn(move || checkpoint_loop(cp, stop_rx, wal_full))
                 .map_err(spawn_err)?;
         }
-        let max = max_batch(&conn);
         let core = Core {
+            synced: commits_fsynced(&conn),
             conn,
             observer,
-            max,
-            synced: max == MAX_BATCH_SYNCED,
             wal_full,
             last_end: None,
             batch_calls: metrics::histogram!("tokenserver_sqlite_batch_calls", "writer" => name.to_owned()),
