@@ -150,6 +150,13 @@ pub async fn listing_pages_cover_every_token_once(s: &dyn AccessStore) {
             want_user.push(token);
         }
     }
+    // Generated tokens are keyed by issue time, not by their hash alone: a cursor made from one
+    // must still resume right after it.
+    for i in 0..10 {
+        let token = generate_token(now - i * MIN);
+        s.create(&new("svc", &token, "app", None, None, now)).await.unwrap();
+        want_app.push(token);
+    }
     for i in 0..10 {
         s.create(&new("svc", &format!("other-{i}"), "app-b", None, None, now)).await.unwrap();
         // Expired ones are listed nowhere.
