@@ -17,6 +17,7 @@ Extra server settings for one side: --a-env K=V / --b-env K=V (repeatable).
 import argparse
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -32,11 +33,19 @@ def cpu_us(pid):
     return (int(fields[11]) + int(fields[12])) * TICK_US
 
 
-def pid_of(name):
-    out = subprocess.run(["pgrep", "-o", "-x", name], capture_output=True, text=True).stdout.split()
-    if not out:
-        sys.exit(f"no process named {name}")
-    return int(out[0])
+def pids(name):
+    return subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+
+
+def db_cpu_us(name):
+    """CPU so far of every process named `name` (PostgreSQL runs one a connection), in µs."""
+    total = 0.0
+    for pid in pids(name):
+        try:
+            total += cpu_us(int(pid))
+        except FileNotFoundError:
+            pass  # ended since pgrep listed it
+    return total
 
 
 async def load(port, path, seconds, conns):
@@ -80,9 +89,9 @@ def start(binary, url, port, extra):
     proc = subprocess.Popen([binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
         try:
-            asyncio.run(asyncio.wait_for(asyncio.open_connection("127.0.0.1", port + 1), 0.1))
+            socket.create_connection(("127.0.0.1", port + 1), timeout=0.1).close()
             return proc
-        except (OSError, asyncio.TimeoutError):
+        except OSError:
             time.sleep(0.1)
     proc.kill()
     sys.exit(f"{binary} did not listen on {port + 1}")
@@ -95,7 +104,8 @@ def main():
     p.add_argument("--a-env", action="append", default=[], metavar="K=V")
     p.add_argument("--b-env", action="append", default=[], metavar="K=V")
     p.add_argument("--access-url", required=True, help="the filled access-token database")
-    p.add_argument("--db-process", required=True, help="the database's process name (mariadbd, postgres, redis-server)")
+    p.add_argument("--db-process", required=True,
+                   help="the database's process name: mariadbd, postgres (every process of it is counted), redis-server")
     p.add_argument("--service", default="bench-svc")
     p.add_argument("--app", default="big")
     p.add_argument("--rounds", type=int, default=6)
@@ -104,7 +114,8 @@ def main():
     args = p.parse_args()
 
     path = f"/v1/services/{args.service}/applications/{args.app}/tokens?limit=100"
-    db = pid_of(args.db_process)
+    if not pids(args.db_process):
+        sys.exit(f"no process named {args.db_process}")
     servers = {
         "A": (start(args.a, args.access_url, 18201, args.a_env), 18202),
         "B": (start(args.b, args.access_url, 18211, args.b_env), 18212),
@@ -116,9 +127,9 @@ def main():
         print("|---|---|---:|---:|---:|---:|---:|")
         for round_ in range(1, args.rounds + 1):
             for name, (proc, port) in servers.items():
-                s0, d0 = cpu_us(proc.pid), cpu_us(db)
+                s0, d0 = cpu_us(proc.pid), db_cpu_us(args.db_process)
                 pages, p99, bad = asyncio.run(load(port, path, args.seconds, args.connections))
-                s1, d1 = cpu_us(proc.pid), cpu_us(db)
+                s1, d1 = cpu_us(proc.pid), db_cpu_us(args.db_process)
                 print(f"| {round_} | {name} | {pages} | {p99:.2f} | {bad} | "
                       f"{(s1 - s0) / pages:.0f} | {(d1 - d0) / pages:.0f} |", flush=True)
     finally:
