@@ -116,11 +116,11 @@ def main():
     path = f"/v1/services/{args.service}/applications/{args.app}/tokens?limit=100"
     if not pids(args.db_process):
         sys.exit(f"no process named {args.db_process}")
-    servers = {
-        "A": (start(args.a, args.access_url, 18201, args.a_env), 18202),
-        "B": (start(args.b, args.access_url, 18211, args.b_env), 18212),
-    }
+    servers = {}
     try:
+        # Inside the `try`: if B does not start, A is still stopped.
+        servers["A"] = (start(args.a, args.access_url, 18201, args.a_env), 18202)
+        servers["B"] = (start(args.b, args.access_url, 18211, args.b_env), 18212)
         for name, (_, port) in servers.items():
             asyncio.run(load(port, path, 1, args.connections))  # connections opened, caches warm
         print("| Round | Side | pages | p99 ms | bad | server µs a page | database µs a page |")
