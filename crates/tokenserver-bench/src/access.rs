@@ -12,8 +12,9 @@ use std::time::Duration;
 use hyper::Method;
 use rand::{Rng, SeedableRng};
 
+use crate::ab::{Gens, Sides};
 use crate::load::{self, Expect, Req, ReqGen};
-use crate::{hello_now, measure_at, Ctx, Row};
+use crate::{hello_now, Ctx, Row};
 
 const SERVICE: &str = "bench-svc";
 /// The v1 API's key in the runs.
@@ -164,14 +165,12 @@ pub fn run_backend(ctx: &Ctx, name: &str, url: &str, big: u64, rows: &mut Vec<Ro
     env.push(("TOKENSERVER_ACCESS__URL".into(), url.into()));
     env.push(("TOKENSERVER_ACCESS__API_KEY".into(), API_KEY.into()));
     let log = ctx.work.join(format!("tokenserver-access-{name}.log"));
-    let heads = ctx.servers(&env, &log)?;
-    let internals = heads.internals()?;
-    let pids = heads.pids();
+    let sides = Sides::start(ctx, &env, &log)?;
     let conns = ctx.common.connections;
 
     let started = std::time::Instant::now();
     let gens = fill_gens(conns, AUTH_TOKENS + big, Arc::new(AtomicU64::new(0)));
-    let o = load::run_split(&internals, gens, Duration::ZERO, Duration::from_secs(7200))?;
+    let o = load::run_split(sides.a_addrs(), gens, Duration::ZERO, Duration::from_secs(7200))?;
     if o.unexpected + o.errors > 0 {
         return Err(format!("{name}: {} failed creates while filling", o.unexpected + o.errors));
     }
@@ -185,21 +184,14 @@ pub fn run_backend(ctx: &Ctx, name: &str, url: &str, big: u64, rows: &mut Vec<Ro
     let hello = hello_now(ctx)?;
     eprintln!("hello before {name}: {hello:.0} req/s");
     let big_label = label(big);
-    for (scenario, gens) in [
-        (format!("authorize (of {} tokens)", label(AUTH_TOKENS)), authorize_gens(conns)),
-        ("create (generated token)".to_string(), create_gens(conns)),
-        (format!("list: first page of a {big_label}-token app"), first_page_gens(conns)),
-        (format!("list: walking a {big_label}-token app's pages"), walk_gens(conns)),
-    ]
-    .into_iter()
-    .zip(1..)
-    .filter(|(_, number)| ctx.wants(*number))
-    .map(|(scenario, _)| scenario)
-    {
-        let (o, sample) = measure_at(&pids, &internals, gens, ctx)?;
-        let sample = crate::Sample { hello_rps: Some(hello), ..sample };
-        eprintln!("{name}: {scenario}: {:.0} req/s", o.rps);
-        rows.push(Row { backend: ctx.label(name), scenario, outcome: o, sample });
+    let scenarios: [(String, Gens); 4] = [
+        (format!("authorize (of {} tokens)", label(AUTH_TOKENS)), Box::new(move || authorize_gens(conns))),
+        ("create (generated token)".to_string(), Box::new(move || create_gens(conns))),
+        (format!("list: first page of a {big_label}-token app"), Box::new(move || first_page_gens(conns))),
+        (format!("list: walking a {big_label}-token app's pages"), Box::new(move || walk_gens(conns))),
+    ];
+    for ((scenario, gens), _) in scenarios.into_iter().zip(1..).filter(|(_, number)| ctx.wants(*number)) {
+        sides.measure(ctx, &ctx.label(name), &scenario, hello, gens, rows)?;
     }
     Ok(())
 }

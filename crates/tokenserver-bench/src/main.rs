@@ -3,6 +3,7 @@
 //! `run` benchmarks the Sync scenarios on each backend; `scale` repeats the cached-token scenario
 //! with millions of users in the database. Results are printed and written as a Markdown table.
 
+mod ab;
 mod access;
 mod load;
 mod populate;
@@ -67,6 +68,14 @@ struct Common {
     /// them; figures are their sum (CPU) and largest (RSS).
     #[arg(long, default_value_t = 1)]
     heads: usize,
+    /// A second tokenserver binary (build B) to compare with (access and sessions): started
+    /// beside this harness's tokenserver (A) on the same store, with the same settings, and each
+    /// scenario measured on A and B in turn, `--rounds` pairs; the report adds their summary.
+    #[arg(long, value_name = "TOKENSERVER")]
+    against: Option<PathBuf>,
+    /// Pairs of runs per scenario with `--against` (A B, then B A, …).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(Subcommand)]
@@ -215,6 +224,8 @@ struct Row {
     scenario: String,
     outcome: Outcome,
     sample: Sample,
+    /// With `--against`: the pair (from 0) and the build it was measured on.
+    ab: Option<(usize, ab::Side)>,
 }
 
 fn bearer(t: &str) -> String {
@@ -340,7 +351,7 @@ fn run_hello(ctx: &Ctx, rows: &mut Vec<Row>, label: &str) -> Result<f64, String>
     let (outcome, sample) = measure(&hello, gens, ctx)?;
     let rps = outcome.rps;
     eprintln!("{label}: {:.0} req/s", rps);
-    rows.push(Row { backend: "-".into(), scenario: label.into(), outcome, sample });
+    rows.push(Row { backend: "-".into(), scenario: label.into(), outcome, sample, ab: None });
     Ok(rps)
 }
 
@@ -495,7 +506,7 @@ async fn run_backend(ctx: &Ctx, backend: Backend, p: &Pools, users: usize, rows:
             outcome.p99_ms,
             outcome.unexpected
         );
-        rows.push(Row { backend: ctx.label(backend.name()), scenario: scenario.into(), outcome, sample });
+        rows.push(Row { backend: ctx.label(backend.name()), scenario: scenario.into(), outcome, sample, ab: None });
     };
 
     if ctx.wants(2) {
@@ -554,6 +565,15 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
          else the mean of the hello runs at the start and the end of the run ({:.0} req/s).\n",
         ctx.common.connections, ctx.common.warmup, ctx.common.duration, hello_rps
     );
+    if let Some(b) = &ctx.common.against {
+        let _ = writeln!(
+            md,
+            "A/B: A is `{}`, B `{}`, both up on each store; each scenario measured in {} pairs of runs (A B, then B A, …).\n",
+            ctx.tokenserver().display(),
+            b.display(),
+            ctx.common.rounds.max(1)
+        );
+    }
     if !ctx.common.server_env.is_empty() {
         let set: Vec<String> = ctx.common.server_env.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
         let _ = writeln!(md, "tokenserver started with {}.\n", set.join(", "));
@@ -577,8 +597,14 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
         let _ = writeln!(
             md,
             "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0}% | {:.1} |",
-            r.backend,
-            r.scenario,
+            match r.ab {
+                Some((_, side)) => format!("{}, {}", r.backend, side.name()),
+                None => r.backend.clone(),
+            },
+            match r.ab {
+                Some((pair, _)) => format!("{}, pair {}", r.scenario, pair + 1),
+                None => r.scenario.clone(),
+            },
             o.rps,
             o.rps / hello,
             hello,
@@ -595,6 +621,9 @@ fn report(rows: &[Row], hello_rps: f64, ctx: &Ctx, title: &str) -> String {
             r.sample.rss_kib as f64 / 1024.0
         );
     }
+    if let Some(summary) = ab::summary(rows) {
+        let _ = writeln!(md, "\n{summary}");
+    }
     md
 }
 
@@ -610,6 +639,14 @@ fn write_out(ctx: &Ctx, md: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `--against` is for the access and session runs, whose scenarios share one filled store.
+fn refuse_against(common: &Common, command: &str) -> Result<(), String> {
+    match common.against {
+        Some(_) => Err(format!("--against is for `access` and `sessions`, not `{command}`")),
+        None => Ok(()),
+    }
+}
+
 fn ctx(common: Common) -> Result<Ctx, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let bin_dir = exe.parent().ok_or("no binary directory")?.to_path_buf();
@@ -622,6 +659,7 @@ fn ctx(common: Common) -> Result<Ctx, String> {
 async fn main_async(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Run { common, backends, users, new_users } => {
+            refuse_against(&common, "run")?;
             let ctx = ctx(common)?;
             let backends: Vec<Backend> = backends.iter().map(|b| parse_backend(b)).collect::<Result<_, _>>()?;
             let p = pools(&ctx, users, new_users);
@@ -637,6 +675,10 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Sessions { common, backends, sizes, redis_url, redis_cluster_url, api, hakr } => {
+            // Each process would have a memory store of its own, and B's would stay empty.
+            if common.against.is_some() && backends.iter().any(|b| b == "memory") {
+                return Err("--against needs a store both builds share; memory is per process".into());
+            }
             let ctx = ctx(common)?;
             let mut rows = Vec::new();
             let hello = run_hello(&ctx, &mut rows, HELLO_FIRST)?;
@@ -697,6 +739,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Scale { common, users } => {
+            refuse_against(&common, "scale")?;
             let ctx = ctx(common)?;
             let conns = ctx.common.connections;
             let small = 1000usize;
@@ -712,6 +755,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 scenario: format!("2 cached JWT, {small} users in DB"),
                 outcome: o,
                 sample,
+                ab: None,
             });
             drop(server);
             eprintln!("bulk-loading {users} users");
@@ -733,6 +777,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
                 scenario: format!("2 cached JWT, {users} users in DB"),
                 outcome: o,
                 sample,
+                ab: None,
             });
             drop(server);
             let hello = hello_mean(&ctx, &mut rows, hello)?;
@@ -811,7 +856,9 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_setting, Sample};
+    use clap::Parser;
+
+    use super::{parse_setting, refuse_against, Cli, Command, Sample};
 
     fn sample(server: f64, database: f64, load: f64) -> Sample {
         Sample {
@@ -843,5 +890,22 @@ mod tests {
         assert_eq!(parse_setting("A="), Ok(("A".into(), String::new())));
         assert!(parse_setting("=4").is_err());
         assert!(parse_setting("A").is_err());
+    }
+
+    #[test]
+    fn a_second_build_is_compared_in_access_and_session_runs_only() {
+        let cli = Cli::parse_from(["tokenserver-bench", "access", "--against", "/tmp/B/tokenserver", "--rounds", "4"]);
+        let Command::Access { common, .. } = cli.command else { panic!("not the access command") };
+        assert_eq!(common.against.as_deref(), Some(std::path::Path::new("/tmp/B/tokenserver")));
+        assert_eq!(common.rounds, 4);
+        let Command::Sessions { common, .. } = Cli::parse_from(["tokenserver-bench", "sessions"]).command else {
+            panic!("not the sessions command")
+        };
+        assert_eq!((common.against, common.rounds), (None, 3));
+        let Command::Run { common, .. } = Cli::parse_from(["tokenserver-bench", "run", "--against", "b"]).command
+        else {
+            panic!("not the run command")
+        };
+        assert_eq!(refuse_against(&common, "run"), Err("--against is for `access` and `sessions`, not `run`".into()));
     }
 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use hyper::Method;
 
+use crate::ab::{Gens, Sides};
 use crate::load::{self, Expect, Req, ReqGen};
-use crate::{hello_now, measure_at, procs, Ctx, Row};
+use crate::{hello_now, procs, Ctx, Row};
 
 /// Which session API a run speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -122,32 +123,23 @@ pub fn run_backend(
     // The benchmark's sessions must outlive the run.
     env.push(("TOKENSERVER_SESSIONS__TOKEN_LIFETIME".into(), "2h".into()));
     let log = ctx.work.join(format!("tokenserver-sessions-{name}.log"));
-    let heads = ctx.servers(&env, &log)?;
-    let internals = heads.internals()?;
+    let sides = Sides::start(ctx, &env, &log)?;
     let label = match api {
         Api::V1 => ctx.label(name),
         Api::Hakr => format!("{} (HaKr API)", ctx.label(name)),
     };
-    run_sizes(ctx, &label, &heads.pids(), &internals, api, sizes, rows)
+    run_sizes(ctx, &label, &sides, api, sizes, rows)
 }
 
 /// Runs the three scenarios on HaKr's `token_server` binary, for comparison in the same run.
 pub fn run_hakr(ctx: &Ctx, bin: &std::path::Path, sizes: &[u64], rows: &mut Vec<Row>) -> Result<(), String> {
     let server = procs::hakr(bin, &ctx.work.join("hakr.log"))?;
-    run_sizes(ctx, "HaKr token_server", &[server.child.id()], &[server.addr], Api::Hakr, sizes, rows)
+    run_sizes(ctx, "HaKr token_server", &Sides::alone(server), Api::Hakr, sizes, rows)
 }
 
 /// Fills the store to each size in turn and measures the three scenarios there (those
 /// `--scenarios` names, numbered 1-3 in this order).
-fn run_sizes(
-    ctx: &Ctx,
-    name: &str,
-    pids: &[u32],
-    addrs: &[std::net::SocketAddr],
-    api: Api,
-    sizes: &[u64],
-    rows: &mut Vec<Row>,
-) -> Result<(), String> {
+fn run_sizes(ctx: &Ctx, name: &str, sides: &Sides, api: Api, sizes: &[u64], rows: &mut Vec<Row>) -> Result<(), String> {
     let conns = ctx.common.connections;
     let mut live = 0u64;
     for &size in sizes {
@@ -155,7 +147,7 @@ fn run_sizes(
             let started = std::time::Instant::now();
             let made = Arc::new(AtomicU64::new(0));
             let gens = fill_gens(api, conns, size - live, made);
-            let o = load::run_split(addrs, gens, Duration::ZERO, Duration::from_secs(7200))?;
+            let o = load::run_split(sides.a_addrs(), gens, Duration::ZERO, Duration::from_secs(7200))?;
             if o.unexpected + o.errors > 0 {
                 return Err(format!("{name}: {} failed creates while filling", o.unexpected + o.errors));
             }
@@ -172,28 +164,17 @@ fn run_sizes(
         // their ratios to it.
         let hello = hello_now(ctx)?;
         eprintln!("hello before {name} @ {}: {hello:.0} req/s", label(size));
-        for (scenario, gens) in [
-            ("rotation chain", chain_gens(api, conns, false)),
-            ("rotation + metadata merge", chain_gens(api, conns, true)),
-            ("create", create_gens(api, conns)),
-        ]
-        .into_iter()
-        .zip(1..)
-        .filter(|(_, number)| ctx.wants(*number))
-        .map(|(scenario, _)| scenario)
-        {
-            let (o, sample) = measure_at(pids, addrs, gens, ctx)?;
-            let sample = crate::Sample { hello_rps: Some(hello), ..sample };
-            eprintln!("{name} @ {}: {scenario}: {:.0} req/s", label(size), o.rps);
+        let scenarios: [(&str, Gens); 3] = [
+            ("rotation chain", Box::new(move || chain_gens(api, conns, false))),
+            ("rotation + metadata merge", Box::new(move || chain_gens(api, conns, true))),
+            ("create", Box::new(move || create_gens(api, conns))),
+        ];
+        for ((scenario, gens), _) in scenarios.into_iter().zip(1..).filter(|(_, number)| ctx.wants(*number)) {
+            let at = format!("{scenario}, {} live", label(size));
+            let made = sides.measure(ctx, name, &at, hello, gens, rows)?;
             if scenario == "create" {
-                live += o.requests;
+                live += made;
             }
-            rows.push(Row {
-                backend: name.into(),
-                scenario: format!("{scenario}, {} live", label(size)),
-                outcome: o,
-                sample,
-            });
         }
     }
     Ok(())
