@@ -88,11 +88,12 @@ end
 local a, u, e, c = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local m = entry(tok, u, e, c)
 redis.call('HSET', t, 'a', a, 'c', c)
-redis.call('ZADD', p .. 'app:' .. a, 0, m)
-redis.call('ZADD', p .. 'all', 0, tok)
+-- The scores as text: a Lua number handed to redis.call is printed as a double first.
+redis.call('ZADD', p .. 'app:' .. a, '0', m)
+redis.call('ZADD', p .. 'all', '0', tok)
 if u ~= '' then
   redis.call('HSET', t, 'u', u)
-  redis.call('ZADD', userset(p, a, u), 0, m)
+  redis.call('ZADD', userset(p, a, u), '0', m)
 end
 if e ~= '' then
   redis.call('HSET', t, 'e', e)

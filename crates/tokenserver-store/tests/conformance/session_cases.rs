@@ -62,8 +62,21 @@ pub async fn rotation_chain_carries_metadata_and_consumes_each_token(s: &dyn Ses
         current = next;
     }
     // The head is live; every earlier token is spent.
-    let (_, record) = rotated(rotate(s, &current, now + 60_000).await);
+    let (mut current, record) = rotated(rotate(s, &current, now + 60_000).await);
     assert_eq!(record.meta, r#"{"user":"u1"}"#);
+    // Near the deadline the idle expiry is renewed only up to it, exactly.
+    for at in [9, 18, 27, 36, 45, 54, 59] {
+        let (next, record) = rotated(rotate(s, &current, now + at * MIN).await);
+        assert_eq!(record.expires_at, (now + at * MIN + 10 * MIN).min(now + 60 * MIN), "at {at} min");
+        assert_eq!(record.deadline, now + 60 * MIN);
+        assert_eq!(record.meta, r#"{"user":"u1"}"#);
+        current = next;
+    }
+    assert_eq!(
+        rotate(s, &current, now + 60 * MIN).await,
+        RotateOutcome::Refused(Invalid::Expired),
+        "past the deadline"
+    );
 }
 
 pub async fn unknown_and_expired_tokens_are_refused(s: &dyn SessionStore) {
