@@ -191,7 +191,7 @@ pub fn summary(rows: &[Row]) -> Option<String> {
         "A is this harness's tokenserver, B the `--against` build, both up on one store and measured \
          in turn (pairs A B, B A, …). Means over the pairs; *B ahead* counts the pairs in which B \
          served more requests a second. On this shared host two runs of one build seconds apart can \
-         differ by a fifth: read a difference against the pairs' spread.\n"
+         differ by a quarter or more: read a difference against the pairs' spread.\n"
     );
     let _ = writeln!(
         md,
