@@ -1,5 +1,7 @@
 //! `SyncStore` for MySQL and MariaDB: its SQL; the implementation is [`crate::sql::sync`]'s.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use sqlx::mysql::MySqlArguments;
 use sqlx::{MySql, Row};
 use tokenserver_core::sync::users::UserRow;
@@ -374,8 +376,94 @@ pub(crate) async fn lock_users(
     Ok(())
 }
 
-/// Inserts rows one statement each (`LAST_INSERT_ID()` names one row); their uids in order.
+/// Whether a server this process uses refused `INSERT … RETURNING` (MySQL has none, MariaDB only
+/// from 10.5): new users then go in one statement each ([`insert_each`]). Process-wide, because a
+/// batch's steps see only their connection; another, newer server in the same process would then
+/// take the slower path too, with the same rows.
+static NO_RETURNING: AtomicBool = AtomicBool::new(false);
+
+/// Users one `INSERT … RETURNING` carries: a batch goes in pieces of these sizes, largest first,
+/// so that each connection prepares at most six statement texts.
+const INSERT_SIZES: [usize; 6] = [32, 16, 8, 4, 2, 1];
+
+/// Inserts a batch's new users; their uids in order. In as few statements as the server allows:
+/// each of them runs while the batch holds its nodes' and users' locks, and one statement a user
+/// (one round trip each) made those transactions, not the database's CPU, what limited new users
+/// on MariaDB (`bench/results/host-2026-12-07-x.md`).
 pub(crate) async fn insert_users(
+    conn: &mut sqlx::MySqlConnection,
+    users: &[crate::sql::tx::NewUser<'_>],
+) -> crate::sync::Result<Vec<i64>> {
+    if !NO_RETURNING.load(Ordering::Relaxed) {
+        match insert_returning(conn, users).await {
+            Ok(uids) => return Ok(uids),
+            // Only the first statement can meet this (they all have the same syntax), so no row
+            // went in: the batch is inserted again the other way.
+            Err(sqlx::Error::Database(err)) if unsupported_syntax(&*err) => NO_RETURNING.store(true, Ordering::Relaxed),
+            Err(err) => return Err(err.into()),
+        }
+    }
+    insert_each(conn, users).await
+}
+
+/// `ER_PARSE_ERROR`: the server does not know `RETURNING`.
+fn unsupported_syntax(err: &dyn sqlx::error::DatabaseError) -> bool {
+    err.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().is_some_and(|e| e.number() == 1064)
+}
+
+/// `INSERT … RETURNING` of `n` users.
+fn insert_returning_sql(n: usize) -> String {
+    let rows = vec!["(?, ?, ?, ?, ?, ?, ?, NULL)"; n].join(", ");
+    format!(
+        "INSERT INTO users \
+         (service, email, generation, client_state, created_at, nodeid, keys_changed_at, replaced_at) \
+         VALUES {rows} RETURNING uid"
+    )
+}
+
+/// [`insert_users`] with `INSERT … RETURNING` (MariaDB 10.5+), in pieces of [`INSERT_SIZES`].
+/// MariaDB inserts the rows in the order of `VALUES`, each taking the next uid, and returns them
+/// as it inserts them: a piece's uids must rise, or the answer is not trusted.
+async fn insert_returning(
+    conn: &mut sqlx::MySqlConnection,
+    users: &[crate::sql::tx::NewUser<'_>],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let mut uids = Vec::with_capacity(users.len());
+    let mut rest = users;
+    while !rest.is_empty() {
+        let n = INSERT_SIZES.into_iter().find(|&size| size <= rest.len()).unwrap_or(1);
+        let (piece, tail) = rest.split_at(n);
+        let sql = insert_returning_sql(n);
+        let mut query = sqlx::query(&sql);
+        for u in piece {
+            query = query
+                .bind(u.service_id)
+                .bind(u.email)
+                .bind(u.generation)
+                .bind(u.client_state)
+                .bind(u.created_at)
+                .bind(u.node_id)
+                .bind(u.keys_changed_at);
+        }
+        let rows = query.fetch_all(&mut *conn).await?;
+        if rows.len() != piece.len() {
+            return Err(sqlx::Error::Protocol(format!("{} users inserted, {} returned", piece.len(), rows.len())));
+        }
+        let first = uids.len();
+        for row in &rows {
+            uids.push(row.try_get::<i64, _>(0)?);
+        }
+        if !uids[first..].is_sorted_by(|a, b| a < b) {
+            return Err(sqlx::Error::Protocol("inserted users' uids returned out of order".into()));
+        }
+        rest = tail;
+    }
+    Ok(uids)
+}
+
+/// [`insert_users`] one statement each (`LAST_INSERT_ID()` names one row), for a server without
+/// `RETURNING`.
+async fn insert_each(
     conn: &mut sqlx::MySqlConnection,
     users: &[crate::sql::tx::NewUser<'_>],
 ) -> crate::sync::Result<Vec<i64>> {
@@ -494,6 +582,71 @@ mod tests {
         let many: Vec<(i64, i64)> = first[5].iter().map(|r| (r.created_at, r.generation)).collect();
         assert_eq!(many[..3], [(112, 24), (111, 23), (111, 22)], "newest first, then the higher uid");
         assert_eq!(first[3][0].node_id, None, "a row whose node is gone still comes back");
+        drop(c);
+        db.drop_now().await;
+    }
+
+    /// A batch's new users go in with `RETURNING` in pieces of 32, 16, … (37 = 32 + 4 + 1), each
+    /// answered with its own uid; the one-statement-each path answers alike; and a statement the
+    /// server cannot parse is told apart from other errors (the way back to that path).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_users_go_in_together_each_with_its_uid() {
+        let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
+        let store = crate::mysql::MySqlStore::open(&db.url, &crate::PoolSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        crate::SyncStore::migrate(&store).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut c = sqlx::MySqlConnection::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
+        let service: i64 = sqlx::query_scalar("SELECT id FROM services WHERE service = 'sync-1.5'")
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let emails: Vec<String> = (0..40).map(|i| format!("new-{i}@example.com")).collect();
+        let user = |i: usize| crate::sql::tx::NewUser {
+            service_id: service,
+            email: &emails[i],
+            generation: i as i64,
+            client_state: "aa",
+            created_at: 1_000 + i as i64,
+            node_id: 7,
+            keys_changed_at: i.is_multiple_of(2).then_some(i as i64),
+        };
+        let together: Vec<_> = (0..37).map(user).collect();
+        let version: String =
+            sqlx::query_scalar("SELECT VERSION()").fetch_one(&mut c).await.unwrap_or_else(|e| panic!("{e}"));
+        let uids = match insert_returning(&mut c, &together).await {
+            Ok(uids) => uids,
+            // MySQL has no `RETURNING`; MariaDB (10.5+, the one CI runs) must take it.
+            Err(sqlx::Error::Database(e)) if unsupported_syntax(&*e) && !version.contains("MariaDB") => {
+                insert_each(&mut c, &together).await.unwrap_or_else(|e| panic!("{e}"))
+            }
+            Err(e) => panic!("{version}: {e}"),
+        };
+        let each: Vec<_> = (37..40).map(user).collect();
+        let more = insert_each(&mut c, &each).await.unwrap_or_else(|e| panic!("{e}"));
+        let rows: Vec<(i64, String, i64, i64, Option<i64>)> =
+            sqlx::query_as("SELECT uid, email, generation, created_at, keys_changed_at FROM users ORDER BY uid")
+                .fetch_all(&mut c)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows.len(), 40);
+        for (i, uid) in uids.iter().chain(&more).enumerate() {
+            let row = rows.iter().find(|r| r.0 == *uid).unwrap_or_else(|| panic!("no row {uid}"));
+            let want = (*uid, emails[i].clone(), i as i64, 1_000 + i as i64, i.is_multiple_of(2).then_some(i as i64));
+            assert_eq!(*row, want, "user {i}");
+        }
+        let err = sqlx::query("INSERT INTO users (service) VALUES (1) RETURNNG uid")
+            .execute(&mut c)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("a misspelt statement ran"));
+        assert!(matches!(&err, sqlx::Error::Database(e) if unsupported_syntax(&**e)), "{err}");
+        let err = sqlx::query("INSERT INTO no_such_table (a) VALUES (1)")
+            .execute(&mut c)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("an insert into no table ran"));
+        assert!(!matches!(&err, sqlx::Error::Database(e) if unsupported_syntax(&**e)), "{err}");
         drop(c);
         db.drop_now().await;
     }
