@@ -399,7 +399,11 @@ pub(crate) async fn insert_users(
             Ok(uids) => return Ok(uids),
             // Only the first statement can meet this (they all have the same syntax), so no row
             // went in: the batch is inserted again the other way.
-            Err(sqlx::Error::Database(err)) if unsupported_syntax(&*err) => NO_RETURNING.store(true, Ordering::Relaxed),
+            Err(sqlx::Error::Database(err)) if unsupported_syntax(&*err) => {
+                if !NO_RETURNING.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %err, "new Sync users are inserted one statement each (no INSERT … RETURNING)");
+                }
+            }
             Err(err) => return Err(err.into()),
         }
     }
