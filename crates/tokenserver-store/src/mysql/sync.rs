@@ -425,6 +425,21 @@ fn insert_returning_sql(n: usize) -> String {
     )
 }
 
+/// `u`'s seven values, in the order of [`insert_returning_sql`]'s and `POST_USER`'s columns.
+fn bind_user<'q>(
+    query: sqlx::query::Query<'q, MySql, MySqlArguments>,
+    u: &crate::sql::tx::NewUser<'q>,
+) -> sqlx::query::Query<'q, MySql, MySqlArguments> {
+    query
+        .bind(u.service_id)
+        .bind(u.email)
+        .bind(u.generation)
+        .bind(u.client_state)
+        .bind(u.created_at)
+        .bind(u.node_id)
+        .bind(u.keys_changed_at)
+}
+
 /// [`insert_users`] with `INSERT … RETURNING` (MariaDB 10.5+), in pieces of [`INSERT_SIZES`].
 /// MariaDB inserts the rows in the order of `VALUES`, each taking the next uid, and returns them
 /// as it inserts them: a piece's uids must rise, or the answer is not trusted.
@@ -440,14 +455,7 @@ async fn insert_returning(
         let sql = insert_returning_sql(n);
         let mut query = sqlx::query(&sql);
         for u in piece {
-            query = query
-                .bind(u.service_id)
-                .bind(u.email)
-                .bind(u.generation)
-                .bind(u.client_state)
-                .bind(u.created_at)
-                .bind(u.node_id)
-                .bind(u.keys_changed_at);
+            query = bind_user(query, u);
         }
         let rows = query.fetch_all(&mut *conn).await?;
         if rows.len() != piece.len() {
@@ -474,14 +482,7 @@ async fn insert_each(
     use crate::sql::SyncSql;
     let mut uids = Vec::with_capacity(users.len());
     for u in users {
-        let q = sqlx::query(MySqlSql::POST_USER)
-            .bind(u.service_id)
-            .bind(u.email)
-            .bind(u.generation)
-            .bind(u.client_state)
-            .bind(u.created_at)
-            .bind(u.node_id)
-            .bind(u.keys_changed_at);
+        let q = bind_user(sqlx::query(MySqlSql::POST_USER), u);
         uids.push(insert_id(q, &mut *conn).await?);
     }
     Ok(uids)
@@ -499,6 +500,14 @@ mod tests {
     use super::*;
     use sqlx::Connection;
 
+    /// Creates the store's schema in the database at `url`.
+    async fn migrate(url: &str) {
+        let store = crate::mysql::MySqlStore::open(url, &crate::PoolSettings::default())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        crate::SyncStore::migrate(&store).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// The request path's batch read answers every key exactly as the one-user query does: emails
     /// compared in the column's collation (a key differing only in case finds the row), a key
     /// twice, keys of two services, a user of 25 rows (the newest 20, ties broken by uid), keys
@@ -507,10 +516,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_read_answers_each_user_as_the_one_user_query() {
         let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
-        let store = crate::mysql::MySqlStore::open(&db.url, &crate::PoolSettings::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        crate::SyncStore::migrate(&store).await.unwrap_or_else(|e| panic!("{e}"));
+        migrate(&db.url).await;
         let mut c = sqlx::MySqlConnection::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
         let setup = "INSERT INTO services (service, pattern) VALUES ('other-1.0', '{node}/1.0/{uid}'); \
             INSERT INTO nodes (service, node, available, current_load, capacity, downed, backoff) \
@@ -596,10 +602,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn new_users_go_in_together_each_with_its_uid() {
         let Some(db) = crate::testing::fresh(crate::Backend::MySql).await else { return };
-        let store = crate::mysql::MySqlStore::open(&db.url, &crate::PoolSettings::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        crate::SyncStore::migrate(&store).await.unwrap_or_else(|e| panic!("{e}"));
+        migrate(&db.url).await;
         let mut c = sqlx::MySqlConnection::connect(&db.url).await.unwrap_or_else(|e| panic!("{e}"));
         let service: i64 = sqlx::query_scalar("SELECT id FROM services WHERE service = 'sync-1.5'")
             .fetch_one(&mut c)
@@ -664,10 +667,7 @@ mod tests {
         let keys = [("sync-1.5", "a@example.com"), ("sync-1.5", "b@example.com")];
         assert!(reader.rows(&mut c, &keys).await.is_err(), "no users table yet");
         assert!(reader.joined.get().is_none(), "nothing kept before the schema exists");
-        let store = crate::mysql::MySqlStore::open(&db.url, &crate::PoolSettings::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        crate::SyncStore::migrate(&store).await.unwrap_or_else(|e| panic!("{e}"));
+        migrate(&db.url).await;
         let rows = reader.rows(&mut c, &keys).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows, [Vec::new(), Vec::new()]);
         assert!(reader.joined.get().is_some_and(Option::is_some));
