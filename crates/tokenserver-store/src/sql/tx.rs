@@ -184,7 +184,8 @@ async fn allocate_locked(
 /// every call is decided in memory against those rows and the nodes, and the new rows go in with
 /// one insert (MariaDB: a few, in pieces; MySQL: one a row), the nodes' counters with one update
 /// per node. A conflict writes nothing, so it is that call's answer; any other error ends the
-/// batch, and the caller rolls the transaction back. Batches with bucketed calls take the one-by-one path ([`allocate_batch_each`]).
+/// batch, and the caller rolls the transaction back. Batches with bucketed calls take the
+/// one-by-one path ([`allocate_batch_each`]).
 pub(crate) async fn allocate_batch(tx: &mut impl SyncTx, reqs: &[Allocate<'_>]) -> Result<Vec<Result<UserRow>>> {
     if reqs.iter().any(|r| r.bucket.is_some()) {
         return allocate_batch_each(tx, reqs).await;
